@@ -1,0 +1,35 @@
+# make run   - build into .venv and run the default boot-cost sweep (pyvmm bench)
+# make test  - build into .venv and run the test suite
+# make bench - the same sweep with more repeats
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+STAMP   = $(VENV)/.pyvmm-installed
+SOURCES = $(shell find pyvmm csrc guests -type f \( -name '*.py' -o -name '*.c' -o -name '*.h' \
+            -o -name '*.S' -o -name '*.inc' \) 2>/dev/null) pyproject.toml setup.py buildsteps.py
+
+.PHONY: run test bench info install clean
+
+run: $(STAMP)
+	$(BIN)/pyvmm bench
+
+test: $(STAMP)
+	$(BIN)/pytest -q tests
+
+bench: $(STAMP)
+	$(BIN)/pyvmm bench --repeats 60
+
+info: $(STAMP)
+	$(BIN)/pyvmm info
+
+install: $(STAMP)
+
+$(STAMP): $(SOURCES)
+	@sh scripts/check-build-tools.sh
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check '.[test]'
+	@rm -rf build
+	@touch $@
+
+clean:
+	rm -rf $(VENV) build *.egg-info results

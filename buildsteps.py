@@ -1,0 +1,80 @@
+"""Build steps run by setup.py: assemble guests/*.S into flat binaries and link the
+standalone static pyvmm-bootbench helper. Both land in the package as data."""
+
+import os
+import shutil
+import subprocess
+
+from setuptools.command.build_py import build_py
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+GUESTS = os.path.join(ROOT, "guests")
+CSRC = os.path.join(ROOT, "csrc")
+CODE_GPA = 0x10000
+
+TOOLS = {  # tool -> Debian package that provides it
+    "gcc": "gcc",
+    "ld": "binutils",
+    "objcopy": "binutils",
+}
+
+
+def need_tools():
+    missing = [t for t in TOOLS if shutil.which(t) is None]
+    if missing:
+        pkgs = sorted({TOOLS[t] for t in missing})
+        raise SystemExit(f"pyvmm build: missing {', '.join(missing)}: install them with "
+                         f"'apt-get install {' '.join(pkgs)}'")
+
+
+def run(cmd):
+    subprocess.run(cmd, check=True)
+
+
+def assemble_guest(src, out_bin, tmp):
+    """.S -> flat binary. Real-mode guests (.code16) link at 0 (CS holds the base);
+    64-bit guests link at CODE_GPA, where the VMM loads them."""
+    with open(src) as f:
+        real_mode = ".code16" in f.read()
+    base = 0 if real_mode else CODE_GPA
+    name = os.path.splitext(os.path.basename(src))[0]
+    obj = os.path.join(tmp, name + ".o")
+    elf = os.path.join(tmp, name + ".elf")
+    run(["gcc", "-c", "-x", "assembler-with-cpp", "-I", GUESTS, "-o", obj, src])
+    run(["ld", "-m", "elf_x86_64", f"-Ttext={base:#x}", "-e", "_start", "-o", elf, obj])
+    run(["objcopy", "-O", "binary", elf, out_bin])
+
+
+def build_helper(doorbell_bin, out, tmp):
+    """The standalone static helper, with the doorbell guest embedded."""
+    blob = os.path.join(tmp, "guest_blob.o")
+    run(["gcc", "-c", f'-DDOORBELL_BIN="{doorbell_bin}"', "-o", blob,
+         os.path.join(CSRC, "guest_blob.S")])
+    cmd = ["gcc", "-O2", "-Wall", "-I", CSRC, "-I", GUESTS, "-o", out,
+           os.path.join(CSRC, "main.c"), os.path.join(CSRC, "bootbench.c"), blob]
+    try:
+        run(cmd[:1] + ["-static"] + cmd[1:])
+    except subprocess.CalledProcessError:
+        raise SystemExit("pyvmm build: linking the static pyvmm-bootbench failed: the static C "
+                         "library is missing; install it with 'apt-get install libc6-dev'")
+
+
+def build_all(dest_pkg_dir, tmp):
+    need_tools()
+    gdir = os.path.join(dest_pkg_dir, "guests")
+    bdir = os.path.join(dest_pkg_dir, "bin")
+    os.makedirs(gdir, exist_ok=True)
+    os.makedirs(bdir, exist_ok=True)
+    os.makedirs(tmp, exist_ok=True)
+    for name in sorted(os.listdir(GUESTS)):
+        if name.endswith(".S"):
+            assemble_guest(os.path.join(GUESTS, name),
+                           os.path.join(gdir, name[:-2] + ".bin"), tmp)
+    build_helper(os.path.join(gdir, "doorbell.bin"), os.path.join(bdir, "pyvmm-bootbench"), tmp)
+
+
+class BuildPyWithGuests(build_py):
+    def run(self):
+        super().run()
+        build_all(os.path.join(self.build_lib, "pyvmm"), os.path.join(self.build_lib, "..",
+                                                                       "pyvmm-tmp"))

@@ -1,0 +1,184 @@
+/* pyvmm-bootbench: the standalone boot-cost helper (static; needs no Python).
+ *
+ *   pyvmm-bootbench --recipe 'vm,mem,ioev:100,vcpu:1,run' [--repeat K] [--ioev-len L]
+ *                   [--pin CPU] [--timeout-ms T] [--label TEXT] [--clock-cost]
+ *
+ * Prints one JSON object per boot on stdout (JSON lines); errors go to stderr with
+ * exit code 2 for bad arguments and 1 for a failed boot.
+ */
+#define _GNU_SOURCE
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/utsname.h>
+
+#include "bootbench.h"
+
+extern const uint8_t bb_guest_image[], bb_guest_image_end[];
+
+static void usage(FILE *f)
+{
+    fprintf(f,
+            "usage: pyvmm-bootbench --recipe STEPS [--repeat K] [--ioev-len 0|1|2|4|8]\n"
+            "                       [--pin CPU] [--timeout-ms MS] [--label TEXT] [--clock-cost]\n"
+            "steps: vm, mem, ioev:N, eexist:N, deassign:N, vcpu:K, run[:probe|rung|halt],\n"
+            "       memslot[:K], teardown\n");
+}
+
+static int parse_int(const char *flag, const char *v, long lo, long hi, long *out)
+{
+    char *end;
+    long x = strtol(v ? v : "", &end, 10);
+    if (!v || *end || x < lo || x > hi) {
+        fprintf(stderr, "pyvmm-bootbench: %s wants a number in %ld..%ld, got '%s'\n", flag, lo,
+                hi, v ? v : "");
+        return -1;
+    }
+    *out = x;
+    return 0;
+}
+
+static void json_str(const char *s)
+{
+    putchar('"');
+    for (; *s; s++) {
+        if (*s == '"' || *s == '\\')
+            printf("\\%c", *s);
+        else if ((unsigned char)*s < 0x20)
+            printf("\\u%04x", *s);
+        else
+            putchar(*s);
+    }
+    putchar('"');
+}
+
+static void print_result(const char *label, const char *recipe, int rep,
+                         const struct bb_result *r, const struct bb_sample *s)
+{
+    printf("{\"type\":\"boot\",\"label\":");
+    json_str(label);
+    printf(",\"recipe\":");
+    json_str(recipe);
+    printf(",\"repeat\":%d,\"ok\":%s,\"error\":", rep, r->ok ? "true" : "false");
+    json_str(r->err);
+    printf(",\"errno\":%d,\"failed_step\":%d,\"boot_wall_ns\":%llu,\"boot_cpu_ns\":%llu",
+           r->err_errno, r->failed_step, (unsigned long long)r->boot_wall_ns,
+           (unsigned long long)r->boot_cpu_ns);
+    printf(",\"phases\":[");
+    for (int i = 0; i < r->nphases; i++) {
+        const struct bb_phase *p = &r->phases[i];
+        printf("%s{\"op\":\"%s\",\"count\":%d,\"target\":%d,\"end_marker\":%d,"
+               "\"wall_ns\":%llu,\"cpu_ns\":%llu,\"samples\":[",
+               i ? "," : "", bb_op_name(p->op), p->count, p->target, p->end_marker,
+               (unsigned long long)p->wall_ns, (unsigned long long)p->cpu_ns);
+        for (uint32_t k = 0; k < p->nsamples; k++)
+            printf("%s%llu", k ? "," : "", (unsigned long long)s[p->sample_start + k].wall_ns);
+        printf("]}");
+    }
+    printf("],\"events\":[");
+    for (int i = 0; i < r->nevents; i++)
+        printf("%s[%d,%llu]", i ? "," : "", r->events[i].marker,
+               (unsigned long long)r->events[i].t_ns);
+    printf("],\"doorbells_expected\":%llu,\"doorbells_completed\":%llu,"
+           "\"doorbell_mmio_exits\":%llu,\"other_mmio_exits\":%llu,\"io_exits\":%llu,"
+           "\"exits\":%llu,\"bar_value\":%u,\"halted\":%s,\"cpu_start\":%d,\"cpu_end\":%d,"
+           "\"pinned_cpu\":%d,\"samples_dropped\":%u}\n",
+           (unsigned long long)r->doorbells_expected, (unsigned long long)r->doorbells_completed,
+           (unsigned long long)r->doorbell_mmio_exits, (unsigned long long)r->other_mmio_exits,
+           (unsigned long long)r->io_exits, (unsigned long long)r->exits, r->bar_value,
+           r->halted ? "true" : "false", r->cpu_start, r->cpu_end, r->pinned_cpu,
+           r->samples_dropped);
+    fflush(stdout);
+}
+
+int main(int argc, char **argv)
+{
+    const char *recipe_text = NULL, *label = "";
+    long repeat = 1, ioev_len = 4, pin = -1, timeout_ms = 10000;
+    int clock_cost = 0;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        const char *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (!strcmp(a, "--recipe") && v) {
+            recipe_text = v;
+            i++;
+        } else if (!strcmp(a, "--label") && v) {
+            label = v;
+            i++;
+        } else if (!strcmp(a, "--repeat")) {
+            if (parse_int(a, v, 1, 1000000, &repeat))
+                return 2;
+            i++;
+        } else if (!strcmp(a, "--ioev-len")) {
+            if (parse_int(a, v, 0, 8, &ioev_len))
+                return 2;
+            i++;
+        } else if (!strcmp(a, "--pin")) {
+            if (parse_int(a, v, -1, 4095, &pin))
+                return 2;
+            i++;
+        } else if (!strcmp(a, "--timeout-ms")) {
+            if (parse_int(a, v, 0, 3600000, &timeout_ms))
+                return 2;
+            i++;
+        } else if (!strcmp(a, "--clock-cost")) {
+            clock_cost = 1;
+        } else if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
+            usage(stdout);
+            return 0;
+        } else {
+            fprintf(stderr, "pyvmm-bootbench: unknown or incomplete argument '%s'\n", a);
+            usage(stderr);
+            return 2;
+        }
+    }
+    if (clock_cost) {
+        double w, c;
+        bb_clock_cost(200000, &w, &c);
+        struct utsname u;
+        uname(&u);
+        printf("{\"type\":\"clock_cost\",\"wall_read_ns\":%.2f,\"cpu_read_ns\":%.2f,"
+               "\"kernel\":", w, c);
+        json_str(u.release);
+        printf("}\n");
+        if (!recipe_text)
+            return 0;
+    }
+    if (!recipe_text) {
+        fprintf(stderr, "pyvmm-bootbench: --recipe is required\n");
+        usage(stderr);
+        return 2;
+    }
+    struct bb_recipe recipe;
+    char err[BB_ERR_LEN];
+    if (bb_parse_recipe(recipe_text, &recipe, err, sizeof(err))) {
+        fprintf(stderr, "pyvmm-bootbench: bad recipe: %s\n", err);
+        return 2;
+    }
+    char canon[512];
+    bb_format_recipe(&recipe, canon, sizeof(canon));
+    struct bb_options opt = {
+        .ioev_len = (int)ioev_len, .pin_cpu = (int)pin, .timeout_ms = (int)timeout_ms,
+        .guest = bb_guest_image, .guest_len = (size_t)(bb_guest_image_end - bb_guest_image),
+    };
+    uint32_t cap = 2 * BB_MAX_IOEV + 1000016;
+    struct bb_sample *samples = calloc(cap, sizeof(*samples));
+    struct bb_result *res = calloc(1, sizeof(*res));
+    if (!samples || !res) {
+        fprintf(stderr, "pyvmm-bootbench: out of memory\n");
+        return 1;
+    }
+    int failed = 0;
+    for (long r = 0; r < repeat; r++) {
+        if (bb_run(&recipe, &opt, res, samples, cap) != 0) {
+            fprintf(stderr, "pyvmm-bootbench: boot %ld failed: %s\n", r, res->err);
+            failed = 1;
+        }
+        print_result(label, canon, (int)r, res, samples);
+        if (failed)
+            break;
+    }
+    free(samples);
+    free(res);
+    return failed;
+}

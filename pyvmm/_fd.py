@@ -1,0 +1,76 @@
+"""Shared plumbing for objects that own a KVM file descriptor."""
+
+from __future__ import annotations
+
+import os
+
+from .abi import IOCTLS, ffi, libc
+from .errors import KvmError
+
+
+def raw_ioctl(fd: int, name: str, arg=0) -> tuple[int, int]:
+    """Issue ioctl `name` on `fd`; return (result, errno). Never raises on kernel errors.
+
+    `arg` is an int (passed as unsigned long) or a cffi pointer.
+    """
+    number = IOCTLS[name].number
+    if isinstance(arg, int):
+        arg = ffi.cast("unsigned long", arg)
+    ret = libc.ioctl(fd, number, arg)
+    if ret < 0:
+        return ret, ffi.errno
+    return ret, 0
+
+
+class FdOwner:
+    """Owns one fd; close() is idempotent; usable as a context manager."""
+
+    kind = "fd"
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    @property
+    def closed(self) -> bool:
+        return self.fd < 0
+
+    def _live_fd(self) -> int:
+        if self.fd < 0:
+            raise ValueError(f"{self.kind} is closed")
+        return self.fd
+
+    def _try_ioctl(self, name: str, arg=0) -> tuple[int, int]:
+        """Raw tier: (result, errno) for negative tests."""
+        return raw_ioctl(self._live_fd(), name, arg)
+
+    def _ioctl(self, name: str, arg=0, hint=None) -> int:
+        """Normal tier: raises KvmError naming the ioctl, the errno and a hint.
+
+        `hint` is a string or a callable taking the errno and returning a string.
+        """
+        ret, err = self._try_ioctl(name, arg)
+        if err:
+            text = hint(err) if callable(hint) else (hint or "")
+            raise KvmError(name, err, text or "")
+        return ret
+
+    def _close_fd(self) -> None:
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
+
+    def close(self) -> None:
+        self._close_fd()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        # Last resort only: owners are expected to be closed explicitly.
+        try:
+            self.close()
+        except Exception:
+            pass

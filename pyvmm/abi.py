@@ -1,0 +1,309 @@
+"""The KVM ABI as pyvmm sees it: struct layouts (cffi) and ioctl numbers (ioctl_opt).
+
+This is the only module that knows struct layouts and ioctl numbers. Structs that
+are newer than the oldest header we support (Debian 12 ships 6.1) are declared here
+and checked against their documented sizes by tests/test_abi.py; the others are
+checked field by field against the system <linux/kvm.h>.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cffi
+from ioctl_opt import IOC, IOC_NONE, IOC_READ, IOC_WRITE
+
+CDEF = """
+struct kvm_userspace_memory_region {
+    uint32_t slot;
+    uint32_t flags;
+    uint64_t guest_phys_addr;
+    uint64_t memory_size;
+    uint64_t userspace_addr;
+};
+
+struct kvm_userspace_memory_region2 {
+    uint32_t slot;
+    uint32_t flags;
+    uint64_t guest_phys_addr;
+    uint64_t memory_size;
+    uint64_t userspace_addr;
+    uint64_t guest_memfd_offset;
+    uint32_t guest_memfd;
+    uint32_t pad1;
+    uint64_t pad2[14];
+};
+
+struct kvm_regs {
+    uint64_t rax, rbx, rcx, rdx;
+    uint64_t rsi, rdi, rsp, rbp;
+    uint64_t r8, r9, r10, r11;
+    uint64_t r12, r13, r14, r15;
+    uint64_t rip, rflags;
+};
+
+struct kvm_segment {
+    uint64_t base;
+    uint32_t limit;
+    uint16_t selector;
+    uint8_t type;
+    uint8_t present, dpl, db, s, l, g, avl;
+    uint8_t unusable;
+    uint8_t padding;
+};
+
+struct kvm_dtable {
+    uint64_t base;
+    uint16_t limit;
+    uint16_t padding[3];
+};
+
+struct kvm_sregs {
+    struct kvm_segment cs, ds, es, fs, gs, ss;
+    struct kvm_segment tr, ldt;
+    struct kvm_dtable gdt, idt;
+    uint64_t cr0, cr2, cr3, cr4, cr8;
+    uint64_t efer;
+    uint64_t apic_base;
+    uint64_t interrupt_bitmap[4];
+};
+
+struct kvm_run {
+    uint8_t request_interrupt_window;
+    uint8_t immediate_exit;
+    uint8_t padding1[6];
+    uint32_t exit_reason;
+    uint8_t ready_for_interrupt_injection;
+    uint8_t if_flag;
+    uint16_t flags;
+    uint64_t cr8;
+    uint64_t apic_base;
+    union {
+        struct { uint64_t hardware_exit_reason; } hw;
+        struct { uint64_t hardware_entry_failure_reason; uint32_t cpu; } fail_entry;
+        struct { uint32_t exception; uint32_t error_code; } ex;
+        struct {
+            uint8_t direction;
+            uint8_t size;
+            uint16_t port;
+            uint32_t count;
+            uint64_t data_offset;
+        } io;
+        struct {
+            uint64_t phys_addr;
+            uint8_t data[8];
+            uint32_t len;
+            uint8_t is_write;
+        } mmio;
+        struct { uint32_t suberror; uint32_t ndata; uint64_t data[16]; } internal;
+        struct { uint32_t type; uint32_t ndata; uint64_t data[16]; } system_event;
+        struct { uint64_t flags; uint64_t gpa; uint64_t size; } memory_fault;
+        char padding[256];
+    };
+    uint64_t kvm_valid_regs;
+    uint64_t kvm_dirty_regs;
+    union { char padding[2048]; } s;
+};
+
+struct kvm_ioeventfd {
+    uint64_t datamatch;
+    uint64_t addr;
+    uint32_t len;
+    int32_t fd;
+    uint32_t flags;
+    uint8_t pad[36];
+};
+
+struct kvm_create_guest_memfd {
+    uint64_t size;
+    uint64_t flags;
+    uint64_t reserved[6];
+};
+
+struct kvm_stats_header {
+    uint32_t flags;
+    uint32_t name_size;
+    uint32_t num_desc;
+    uint32_t id_offset;
+    uint32_t desc_offset;
+    uint32_t data_offset;
+};
+
+struct kvm_stats_desc {
+    uint32_t flags;
+    int16_t exponent;
+    uint16_t size;
+    uint32_t offset;
+    uint32_t bucket_size;
+};
+
+struct kvm_cpuid_entry2 {
+    uint32_t function;
+    uint32_t index;
+    uint32_t flags;
+    uint32_t eax, ebx, ecx, edx;
+    uint32_t padding[3];
+};
+
+struct kvm_cpuid2 {
+    uint32_t nent;
+    uint32_t padding;
+    struct kvm_cpuid_entry2 entries[];
+};
+"""
+
+ffi = cffi.FFI()
+ffi.cdef(CDEF)
+
+KVMIO = 0xAE
+
+# --- capabilities (KVM_CHECK_EXTENSION arguments) ---------------------------------
+KVM_CAP_USER_MEMORY = 3
+KVM_CAP_NR_VCPUS = 9
+KVM_CAP_NR_MEMSLOTS = 10
+KVM_CAP_IOEVENTFD = 36
+KVM_CAP_XEN_HVM = 38
+KVM_CAP_MAX_VCPUS = 66
+KVM_CAP_IOEVENTFD_ANY_LENGTH = 122
+KVM_CAP_BINARY_STATS_FD = 203
+KVM_CAP_USER_MEMORY2 = 231
+KVM_CAP_MEMORY_FAULT_INFO = 232
+KVM_CAP_GUEST_MEMFD = 234
+KVM_CAP_GUEST_MEMFD_FLAGS = 244  # returns the supported GUEST_MEMFD_FLAG_* mask
+
+CAP_NAMES = {v: k for k, v in dict(globals()).items() if k.startswith("KVM_CAP_")}
+
+# --- flags --------------------------------------------------------------------------
+KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
+KVM_MEM_READONLY = 1 << 1
+KVM_MEM_GUEST_MEMFD = 1 << 2
+
+KVM_IOEVENTFD_FLAG_DATAMATCH = 1 << 0
+KVM_IOEVENTFD_FLAG_PIO = 1 << 1
+KVM_IOEVENTFD_FLAG_DEASSIGN = 1 << 2
+
+GUEST_MEMFD_FLAG_MMAP = 1 << 0
+GUEST_MEMFD_FLAG_INIT_SHARED = 1 << 1
+
+KVM_EXIT_IO_IN = 0
+KVM_EXIT_IO_OUT = 1
+
+
+@dataclass(frozen=True)
+class Ioctl:
+    """One ioctl: its name, number, the fd kind it is issued on and the cap it needs."""
+
+    name: str
+    number: int
+    fd: str  # "system", "vm" or "vcpu"; "vm+vcpu" where both accept it
+    cap: int | None = None
+
+    @property
+    def cap_name(self) -> str | None:
+        return CAP_NAMES.get(self.cap) if self.cap is not None else None
+
+
+def _io(nr: int) -> int:
+    return IOC(IOC_NONE, KVMIO, nr, 0)
+
+
+def _ior(nr: int, ctype: str) -> int:
+    return IOC(IOC_READ, KVMIO, nr, ffi.sizeof(ctype))
+
+
+def _iow(nr: int, ctype: str) -> int:
+    return IOC(IOC_WRITE, KVMIO, nr, ffi.sizeof(ctype))
+
+
+def _iowr(nr: int, ctype: str) -> int:
+    return IOC(IOC_READ | IOC_WRITE, KVMIO, nr, ffi.sizeof(ctype))
+
+
+_TABLE = [
+    # /dev/kvm
+    Ioctl("KVM_GET_API_VERSION", _io(0x00), "system"),
+    Ioctl("KVM_CREATE_VM", _io(0x01), "system"),
+    Ioctl("KVM_CHECK_EXTENSION", _io(0x03), "system"),
+    Ioctl("KVM_GET_VCPU_MMAP_SIZE", _io(0x04), "system"),
+    Ioctl("KVM_GET_SUPPORTED_CPUID", _iowr(0x05, "struct kvm_cpuid2"), "system"),
+    # VM fd
+    Ioctl("KVM_CREATE_VCPU", _io(0x41), "vm"),
+    Ioctl("KVM_SET_USER_MEMORY_REGION", _iow(0x46, "struct kvm_userspace_memory_region"),
+          "vm", KVM_CAP_USER_MEMORY),
+    Ioctl("KVM_SET_USER_MEMORY_REGION2", _iow(0x49, "struct kvm_userspace_memory_region2"),
+          "vm", KVM_CAP_USER_MEMORY2),
+    Ioctl("KVM_IOEVENTFD", _iow(0x79, "struct kvm_ioeventfd"), "vm", KVM_CAP_IOEVENTFD),
+    Ioctl("KVM_CREATE_GUEST_MEMFD", _iowr(0xD4, "struct kvm_create_guest_memfd"),
+          "vm", KVM_CAP_GUEST_MEMFD),
+    Ioctl("KVM_GET_STATS_FD", _io(0xCE), "vm+vcpu", KVM_CAP_BINARY_STATS_FD),
+    # vCPU fd
+    Ioctl("KVM_RUN", _io(0x80), "vcpu"),
+    Ioctl("KVM_GET_REGS", _ior(0x81, "struct kvm_regs"), "vcpu"),
+    Ioctl("KVM_SET_REGS", _iow(0x82, "struct kvm_regs"), "vcpu"),
+    Ioctl("KVM_GET_SREGS", _ior(0x83, "struct kvm_sregs"), "vcpu"),
+    Ioctl("KVM_SET_SREGS", _iow(0x84, "struct kvm_sregs"), "vcpu"),
+    Ioctl("KVM_SET_CPUID2", _iow(0x90, "struct kvm_cpuid2"), "vcpu"),
+]
+
+IOCTLS: dict[str, Ioctl] = {i.name: i for i in _TABLE}
+
+# Exported as plain module constants too, for call sites and for the header check.
+globals().update({i.name: i.number for i in _TABLE})
+KVM_GET_API_VERSION: int
+KVM_CREATE_VM: int
+KVM_CHECK_EXTENSION: int
+KVM_GET_VCPU_MMAP_SIZE: int
+KVM_GET_SUPPORTED_CPUID: int
+KVM_CREATE_VCPU: int
+KVM_SET_USER_MEMORY_REGION: int
+KVM_SET_USER_MEMORY_REGION2: int
+KVM_IOEVENTFD: int
+KVM_CREATE_GUEST_MEMFD: int
+KVM_GET_STATS_FD: int
+KVM_RUN: int
+KVM_GET_REGS: int
+KVM_SET_REGS: int
+KVM_GET_SREGS: int
+KVM_SET_SREGS: int
+KVM_SET_CPUID2: int
+
+# Exit reasons (kvm_run.exit_reason)
+EXIT_REASONS = {
+    0: "UNKNOWN", 1: "EXCEPTION", 2: "IO", 3: "HYPERCALL", 4: "DEBUG", 5: "HLT", 6: "MMIO",
+    7: "IRQ_WINDOW_OPEN", 8: "SHUTDOWN", 9: "FAIL_ENTRY", 10: "INTR", 17: "INTERNAL_ERROR",
+    24: "SYSTEM_EVENT", 39: "MEMORY_FAULT",
+}
+KVM_EXIT_UNKNOWN = 0
+KVM_EXIT_IO = 2
+KVM_EXIT_HLT = 5
+KVM_EXIT_MMIO = 6
+KVM_EXIT_SHUTDOWN = 8
+KVM_EXIT_FAIL_ENTRY = 9
+KVM_EXIT_INTR = 10
+KVM_EXIT_INTERNAL_ERROR = 17
+KVM_EXIT_SYSTEM_EVENT = 24
+KVM_EXIT_MEMORY_FAULT = 39
+
+# Struct sizes documented in Documentation/virt/kvm/api.rst for structs newer than 6.1.
+DOCUMENTED_SIZES = {
+    "struct kvm_userspace_memory_region2": 160,
+    "struct kvm_create_guest_memfd": 64,
+}
+
+
+def addr(cdata) -> int:
+    """Address of a cffi object, as an int to hand to fcntl.ioctl."""
+    return int(ffi.cast("uintptr_t", cdata))
+
+
+# --- libc entry points used with the structs above -------------------------------------
+# fcntl.ioctl() passes an integer argument as a C int, which truncates pointers, so the
+# raw ioctl(2) is called through cffi instead.
+ffi.cdef("""
+int ioctl(int fd, unsigned long request, ...);
+void *mmap(void *addr, size_t length, int prot, int flags, int fd, long offset);
+int munmap(void *addr, size_t length);
+int madvise(void *addr, size_t length, int advice);
+""")
+libc = ffi.dlopen(None)
+MAP_FAILED = ffi.cast("void *", -1)

@@ -1,0 +1,1 @@
+"""The boot-cost lab: recipes, runners (C helper and Python VMM), stats, reports."""

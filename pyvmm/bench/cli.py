@@ -1,0 +1,231 @@
+"""CLI for the lab: `pyvmm bench`, `pyvmm report`, `pyvmm compare`."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
+from rich.table import Table
+
+from ..errors import PyvmmError
+from . import report, stats
+from .sweep import DEFAULT_NS, DEFAULT_RECIPES, Sweep, SweepConfig, load_run, new_run_dir
+
+console = Console(width=None if sys.stdout.isatty() else 160)
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        vals = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise PyvmmError(f"'{text}' is not a comma-separated list of whole numbers") from None
+    if not vals:
+        raise PyvmmError("the list of N values is empty")
+    return vals
+
+
+def add_parsers(sub) -> None:
+    b = sub.add_parser("bench", help="sweep the registration count and time every boot phase")
+    b.add_argument("--ns", default=",".join(map(str, DEFAULT_NS)),
+                   help="registration counts to sweep (default %(default)s)")
+    b.add_argument("--recipes", default=",".join(DEFAULT_RECIPES),
+                   help="preset names or recipe templates separated by ';' or ',' of presets "
+                        "(default %(default)s)")
+    b.add_argument("--repeats", type=int, default=30)
+    b.add_argument("--warmup", type=int, default=5)
+    b.add_argument("--seed", type=int, default=None)
+    b.add_argument("--ioev-len", type=int, default=4, choices=[0, 1, 2, 4, 8])
+    b.add_argument("--pin", type=int, default=None, metavar="CPU",
+                   help="pin the boot thread to CPU (placement is recorded either way)")
+    b.add_argument("--control-n", type=int, default=32,
+                   help="N for the EEXIST/deassign control recipe (0: skip the verdict)")
+    b.add_argument("--out", default="results", help="parent directory for results")
+    b.add_argument("--python-vs-c", action="store_true",
+                   help="drive the same recipe with the Python VMM and the C helper, "
+                        "interleaved, and print per-phase ratios")
+    b.set_defaults(func=cmd_bench)
+
+    r = sub.add_parser("report", help="re-render tables, CSV and plots from a run.json")
+    r.add_argument("run", help="results directory or run.json")
+    r.set_defaults(func=cmd_report)
+
+    c = sub.add_parser("compare", help="per-N ratios between two runs, with permutation p-values")
+    c.add_argument("a", help="baseline results directory or run.json")
+    c.add_argument("b", help="results directory or run.json to compare against it")
+    c.add_argument("--out", default=None, help="where to write the side-by-side plot "
+                                               "(default: B's directory)")
+    c.set_defaults(func=cmd_compare)
+
+
+def _recipes_arg(text: str) -> tuple[str, ...]:
+    from . import recipe as rmod
+    if ";" in text:
+        parts = [p.strip() for p in text.split(";") if p.strip()]
+    elif all(p.strip() in rmod.PRESETS for p in text.split(",")):
+        parts = [p.strip() for p in text.split(",")]
+    else:
+        parts = [text.strip()]
+    return tuple(parts)
+
+
+def cmd_bench(args) -> int:
+    if args.python_vs_c:
+        ns = _int_list(args.ns) if args.ns != ",".join(map(str, DEFAULT_NS)) else (0, 10)
+        recipes = _recipes_arg(args.recipes) if args.recipes != ",".join(DEFAULT_RECIPES) \
+            else ("during-boot",)
+        cfg = SweepConfig(ns=ns, recipes=recipes, repeats=args.repeats, warmup=args.warmup,
+                          seed=args.seed, ioev_len=args.ioev_len, pin_cpu=args.pin,
+                          control_n=0, drivers=("c", "py"))
+    else:
+        cfg = SweepConfig(ns=_int_list(args.ns), recipes=_recipes_arg(args.recipes),
+                          repeats=args.repeats, warmup=args.warmup, seed=args.seed,
+                          ioev_len=args.ioev_len, pin_cpu=args.pin, control_n=args.control_n)
+    from .. import hostinfo
+    host = hostinfo.collect()
+    if host["kvm_error"]:
+        raise PyvmmError(host["kvm_error"])
+    out = new_run_dir(args.out, host)
+    sweep = Sweep(cfg, out, host)
+    total = len(sweep.cells()) * cfg.repeats
+    console.print(f"pyvmm bench: {total} boots ({len(sweep.cells())} cells x {cfg.repeats} "
+                  f"repeats, interleaved, seed {cfg.seed}, {cfg.warmup} warm-up boots "
+                  f"discarded) -> {out}", highlight=False)
+    t0 = time.monotonic()
+    interrupted = False
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+                  transient=True) as prog:
+        task = prog.add_task("booting", total=total)
+
+        def progress(done, tot, cell):
+            prog.update(task, completed=done,
+                        description=f"booting {cell[0]} N={cell[1]} ({cell[2]})")
+        try:
+            doc = sweep.run(progress)
+        except KeyboardInterrupt:
+            interrupted = True
+            doc = sweep.doc
+    elapsed = time.monotonic() - t0
+    if args.python_vs_c:
+        python_vs_c_table(doc)
+    else:
+        report.write_all(console, doc, out)
+    console.print(f"sweep wall time {elapsed:.1f} s; {len(doc['samples'])} boots recorded in "
+                  f"{os.path.join(out, 'run.json')}", highlight=False)
+    if interrupted:
+        console.print("[yellow]interrupted: run.json holds the samples taken so far[/]")
+        return 130
+    return 0
+
+
+def python_vs_c_table(doc: dict) -> dict:
+    """Per-phase medians of each driver and their ratio, per recipe and N."""
+    c_cells = report.group(doc, "c")
+    py_cells = report.group(doc, "py")
+    ratios = {}
+    for key in sorted(set(c_cells) & set(py_cells)):
+        cr, pr = c_cells[key], py_cells[key]
+        t = Table(title=f"Python VMM vs C helper: {key[0]} N={key[1]} "
+                        f"({len(pr)} / {len(cr)} boots)", title_justify="left")
+        for col in ("phase", "C median ms", "Python median ms", "Python / C"):
+            t.add_column(col, justify="right" if col != "phase" else "left")
+        ops = []
+        for p in cr[0]["phases"]:
+            label = p["op"] if p["op"] != "run" else f"run->{p['end_marker']}"
+            ops.append(label)
+        for i, label in enumerate(ops):
+            cm = stats.median([r["phases"][i]["wall_ns"] for r in cr])
+            pm = stats.median([r["phases"][i]["wall_ns"] for r in pr])
+            t.add_row(label, f"{cm / 1e6:.3f}", f"{pm / 1e6:.3f}", f"{pm / cm:.2f}x" if cm else "-")
+        cb = stats.median([r["boot_wall_ns"] for r in cr])
+        pb = stats.median([r["boot_wall_ns"] for r in pr])
+        t.add_row("[bold]boot total", f"{cb / 1e6:.3f}", f"{pb / 1e6:.3f}", f"[bold]{pb / cb:.2f}x")
+        ratios[key] = pb / cb
+        t.caption = f"target: boot total within 1.15x ({'met' if pb / cb <= 1.15 else 'NOT met'})"
+        t.caption_justify = "left"
+        console.print(t)
+    return ratios
+
+
+def cmd_report(args) -> int:
+    doc = load_run(args.run)
+    out = args.run if os.path.isdir(args.run) else os.path.dirname(os.path.abspath(args.run))
+    if any(s.get("driver") == "py" for s in doc["samples"]):
+        python_vs_c_table(doc)
+    else:
+        report.write_all(console, doc, out)
+    console.print(f"wrote summary.csv and plots in {out}", highlight=False)
+    return 0
+
+
+def compare_docs(a: dict, b: dict) -> list[dict]:
+    """Rows of (recipe, N, median A, median B, ratio B/A, p-value) for cells in both."""
+    ca, cb = report.group(a), report.group(b)
+    rows = []
+    for key in sorted(set(ca) & set(cb)):
+        xa = [r["boot_wall_ns"] for r in ca[key]]
+        xb = [r["boot_wall_ns"] for r in cb[key]]
+        ma, mb = stats.median(xa), stats.median(xb)
+        reg_a = report.cell_summary(ca[key])["registration_share"]
+        reg_b = report.cell_summary(cb[key])["registration_share"]
+        rows.append({"recipe": key[0], "n": key[1], "median_a": ma, "median_b": mb,
+                     "ratio": mb / ma if ma else float("nan"),
+                     "p_value": stats.permutation_pvalue(xa, xb),
+                     "reg_share_a": reg_a, "reg_share_b": reg_b})
+    return rows
+
+
+def cmd_compare(args) -> int:
+    a, b = load_run(args.a), load_run(args.b)
+    rows = compare_docs(a, b)
+    if not rows:
+        raise PyvmmError("the two runs share no (recipe, N) cell to compare")
+    name_a = f"{a['host']['kernel']} ({a.get('environment', 'host')})"
+    name_b = f"{b['host']['kernel']} ({b.get('environment', 'host')})"
+    t = Table(title=f"compare A = {name_a}  vs  B = {name_b}", title_justify="left")
+    for col in ("recipe", "N", "A boot med ms", "B boot med ms", "B / A", "p-value",
+                "A reg. share", "B reg. share"):
+        t.add_column(col, justify="left" if col == "recipe" else "right")
+    for r in rows:
+        t.add_row(r["recipe"], str(r["n"]), f"{r['median_a'] / 1e6:.3f}",
+                  f"{r['median_b'] / 1e6:.3f}", f"{r['ratio']:.2f}", f"{r['p_value']:.4f}",
+                  f"{r['reg_share_a'] * 100:.1f}%", f"{r['reg_share_b'] * 100:.1f}%")
+    console.print(t)
+    for label, doc in (("A", a), ("B", b)):
+        an = report.analyze(doc)
+        console.print(f"{label}: {an['verdict'].text}; {an['verdict'].stall_text}",
+                      highlight=False)
+    out = args.out or (args.b if os.path.isdir(args.b) else os.path.dirname(args.b))
+    _compare_plot(rows, name_a, name_b, out)
+    console.print(f"side-by-side plot: {os.path.join(out, 'compare.png')}", highlight=False)
+    return 0
+
+
+def _compare_plot(rows, name_a, name_b, out):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    recipes = sorted({r["recipe"] for r in rows})
+    fig, axes = plt.subplots(1, len(recipes), figsize=(6 * len(recipes), 4.5), squeeze=False)
+    for ax, rname in zip(axes[0], recipes):
+        rr = [r for r in rows if r["recipe"] == rname]
+        ns = [r["n"] for r in rr]
+        base_a = rr[0]["median_a"]
+        base_b = rr[0]["median_b"]
+        ax.plot(ns, [r["median_a"] / base_a for r in rr], "o-", label=f"A {name_a}")
+        ax.plot(ns, [r["median_b"] / base_b for r in rr], "s-", label=f"B {name_b}")
+        ax.set_xscale("symlog", linthresh=1)
+        ax.set_xlabel("registrations N")
+        ax.set_ylabel(f"boot median / boot median at N={ns[0]}")
+        ax.set_title(rname)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    os.makedirs(out, exist_ok=True)
+    for ext in ("png", "svg"):
+        fig.savefig(os.path.join(out, f"compare.{ext}"), dpi=110)
+    plt.close(fig)

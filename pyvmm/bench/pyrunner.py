@@ -1,0 +1,315 @@
+"""Run a boot recipe with the Python VMM (Kvm/Vm/Vcpu), timing each phase.
+
+Produces the same result dict as the C helper (pyvmm.bench.native), so `pyvmm boot`,
+`pyvmm bench --python-vs-c` and the reports treat both alike. Failures are raised as
+PyvmmError subclasses after everything is torn down.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+import time
+
+from .. import guests, layout
+from ..errors import GuestTimeout, PyvmmError, UnexpectedExit
+from ..exits import (FailEntry, Hlt, InternalError, Interrupted, Io, MemoryFault, Mmio,
+                     Shutdown, describe)
+from ..kvm import Kvm
+from ..memory import GuestMemory
+from ..vcpu import identity_page_tables, install_kick_handler
+from ..vm import check_nofile
+from .recipe import Recipe
+
+MARKER_TARGETS = {"probe": layout.MARK_PROBE, "rung": layout.MARK_RUNG, "halt": 0}
+MAX_BAR_SLOTS = 16
+
+_mono = time.monotonic_ns
+_cpu = time.thread_time_ns
+
+
+class PyBoot:
+    """One boot of `recipe` on the Python VMM."""
+
+    def __init__(self, recipe: Recipe, guest: str = "doorbell", ioev_len: int = 4,
+                 timeout: float | None = 10.0, pin_cpu: int | None = None,
+                 kvm_path: str = "/dev/kvm", on_vm=None):
+        self.recipe = recipe
+        self.guest = guests.info(guest)
+        self.image = guests.load(guest)
+        self.ioev_len = ioev_len
+        self.timeout = timeout
+        self.pin_cpu = pin_cpu
+        self.kvm_path = kvm_path
+        self.on_vm = on_vm      # callback(vm) after the vm step, e.g. to open stats
+        self.kvm = None
+        self.vm = None
+        self.bells = []         # assigned Ioeventfd objects, in registration order
+        self.next_bell = 0
+        self.bar_mem = None
+        self.nbar = 0
+        self.serial = bytearray()
+        self.res: dict = {}
+        self._t0 = 0
+
+    # --- steps -------------------------------------------------------------------------
+    def _vm(self, step, samples):
+        self.kvm = Kvm(self.kvm_path)
+        self.vm = self.kvm.create_vm()
+        if self.on_vm:
+            self.on_vm(self.vm)
+
+    def _mem(self, step, samples):
+        vm = self.vm
+        ram = vm.add_memory(0, layout.RAM_SIZE)
+        if len(self.image) > layout.RAM_SIZE - layout.CODE_GPA - 0x10000:
+            raise PyvmmError(f"guest image of {len(self.image)} bytes does not fit in RAM")
+        ram.memory.write(layout.CODE_GPA, self.image)
+        if self.guest.mode == "long":
+            ram.memory.write(layout.GDT_GPA, struct.pack(
+                "<3Q", 0, 0x00AF9A000000FFFF, 0x00CF92000000FFFF))
+            ram.memory.write(layout.PML4_GPA, identity_page_tables())
+        self._write_params()
+        self.bar_mem = GuestMemory(layout.BAR_SIZE * MAX_BAR_SLOTS)
+        self.vm.memories.append(self.bar_mem)
+        self.bar_mem.write(0, layout.BAR_PATTERN.to_bytes(4, "little"))
+
+    def _write_params(self):
+        addrs = [b.addr for b in self.bells]
+        blob = struct.pack(f"<QQ{len(addrs)}Q", layout.PARAM_MAGIC, len(addrs), *addrs)
+        self.vm.write_guest(layout.PARAM_GPA, blob)
+
+    def _ioev(self, step, samples):
+        check_nofile(step.count + 16, f"ioev:{step.count}")
+        vm = self.vm
+        for _ in range(step.count):
+            addr = layout.DOORBELL_BASE + layout.DOORBELL_STRIDE * self.next_bell
+            io = vm.ioeventfd(addr, self.ioev_len)
+            samples.append(vm.last_ioeventfd_ns)
+            self.bells.append(io)
+            self.next_bell += 1
+        self._write_params()
+
+    def _eexist(self, step, samples):
+        import errno
+        first = self.bells[0]
+        vm = self.vm
+        for _ in range(step.count):
+            t = _mono()
+            err = vm.try_ioeventfd(first.efd, first.addr, first.length)
+            samples.append(_mono() - t)
+            if err != errno.EEXIST:
+                raise PyvmmError(f"duplicate KVM_IOEVENTFD returned errno {err}, expected "
+                                 f"EEXIST")
+
+    def _deassign(self, step, samples):
+        for _ in range(step.count):
+            io = self.bells.pop()
+            io.deassign()
+            samples.append(self.vm.last_ioeventfd_ns)
+            self.res["doorbells_completed"] += io.count()
+            io.close()
+        self._write_params()
+
+    def _vcpu(self, step, samples):
+        for _ in range(step.count):
+            v = self.vm.create_vcpu()
+            if self.guest.mode == "long":
+                v.setup_long_mode(write_tables=False)
+            else:
+                v.setup_real_mode()
+
+    def _memslot(self, step, samples):
+        for _ in range(step.count):
+            if self.nbar >= MAX_BAR_SLOTS:
+                raise PyvmmError(f"more than {MAX_BAR_SLOTS} BAR slots in one boot")
+            t = _mono()
+            self.vm.add_memory(layout.BAR_GPA + layout.BAR_SIZE * self.nbar, layout.BAR_SIZE,
+                               memory=self.bar_mem, offset=layout.BAR_SIZE * self.nbar)
+            samples.append(_mono() - t)
+            self.nbar += 1
+
+    def _run(self, step, samples):
+        res = self.res
+        if res["halted"]:
+            raise PyvmmError("run: the guest has already halted")
+        vcpu = self.vm.vcpus[0]
+        target = MARKER_TARGETS[step.target]
+        deadline = self._deadline
+        if self._kicker is not None:
+            self._kicker.vcpu = vcpu
+        while True:
+            ex = vcpu.run()
+            res["exits"] += 1
+            if isinstance(ex, Io):
+                res["io_exits"] += 1
+                if not ex.is_write:
+                    vcpu.set_io_in_data(ex, 0xFFFFFFFF)
+                elif ex.port == layout.MARKER_PORT:
+                    m = ex.data[0]
+                    res["events"].append([m, _mono() - self._t0])
+                    if m == layout.MARK_RUNG:
+                        res["doorbells_expected"] = len(self.bells)
+                    if m == layout.MARK_ABORT:
+                        raise UnexpectedExit("guest aborted: bad parameter block", ex)
+                    if target and m == target:
+                        return m
+                elif ex.port == layout.SERIAL_PORT:
+                    self.serial += ex.data
+                elif ex.port == layout.DATA_PORT and ex.size == 4:
+                    res["bar_value"] = ex.value
+            elif isinstance(ex, Mmio):
+                lo = layout.DOORBELL_BASE
+                hi = lo + layout.DOORBELL_STRIDE * layout.PARAM_MAX_DOORBELLS
+                if ex.is_write and lo <= ex.addr < hi:
+                    res["doorbell_mmio_exits"] += 1
+                else:
+                    res["other_mmio_exits"] += 1
+                if not ex.is_write:
+                    vcpu.set_mmio_read_data(layout.UNMAPPED_READ, ex.length)
+            elif isinstance(ex, Hlt):
+                res["halted"] = True
+                if target:
+                    raise UnexpectedExit(f"guest halted before reaching marker {target}",
+                                         ex, vcpu.regs_dict())
+                return 0
+            elif isinstance(ex, Interrupted):
+                if deadline is not None and time.monotonic() >= deadline:
+                    regs = vcpu.regs_dict()
+                    raise GuestTimeout(
+                        f"guest did not reach {step.target} within {self.timeout:g} s; "
+                        f"stopped at rip {regs['rip']:#x} (last marker "
+                        f"{_last_marker(res)})", regs)
+            elif isinstance(ex, Shutdown):
+                regs = vcpu.regs_dict()
+                raise UnexpectedExit(
+                    f"guest shut down (KVM_EXIT_SHUTDOWN, triple fault) at rip "
+                    f"{regs['rip']:#x} rsp {regs['rsp']:#x}: {_fmt_regs(regs)}", ex, regs)
+            elif isinstance(ex, InternalError):
+                regs = vcpu.regs_dict()
+                raise UnexpectedExit(
+                    f"KVM_EXIT_INTERNAL_ERROR suberror {ex.suberror} ({ex.suberror_name}) "
+                    f"at rip {regs['rip']:#x}; data {[hex(d) for d in ex.data]}", ex, regs)
+            elif isinstance(ex, (FailEntry, MemoryFault)):
+                raise UnexpectedExit(f"guest stopped: {describe(ex)}", ex)
+            else:
+                raise UnexpectedExit(f"unexpected exit: {describe(ex)}", ex)
+
+    # --- driver ------------------------------------------------------------------------
+    def _teardown(self):
+        for io in self.bells:
+            self.res["doorbells_completed"] += io.count()
+        self.bells = []
+        if self.vm is not None:
+            self.vm.close()
+        if self.kvm is not None:
+            self.kvm.close()
+        self.vm = self.kvm = None
+
+    def run(self) -> dict:
+        res = self.res = {
+            "ok": False, "error": "", "errno": 0, "failed_step": -1, "boot_wall_ns": 0,
+            "boot_cpu_ns": 0, "phases": [], "events": [], "doorbells_expected": 0,
+            "doorbells_completed": 0, "doorbell_mmio_exits": 0, "other_mmio_exits": 0,
+            "io_exits": 0, "exits": 0, "bar_value": 0, "halted": False, "cpu_start": -1,
+            "cpu_end": -1, "pinned_cpu": -1, "samples_dropped": 0,
+        }
+        handlers = {"vm": self._vm, "mem": self._mem, "ioev": self._ioev,
+                    "eexist": self._eexist, "deassign": self._deassign, "vcpu": self._vcpu,
+                    "run": self._run, "memslot": self._memslot}
+        old_aff = None
+        if self.pin_cpu is not None:
+            old_aff = os.sched_getaffinity(0)
+            try:
+                os.sched_setaffinity(0, {self.pin_cpu})
+            except OSError as e:
+                raise PyvmmError(f"cannot pin to CPU {self.pin_cpu}: {e.strerror}") from None
+            res["pinned_cpu"] = self.pin_cpu
+        res["cpu_start"] = os.sched_getcpu() if hasattr(os, "sched_getcpu") else -1
+        error = None
+        self._kicker = None
+        self._deadline = None
+        if self.timeout:
+            # One watchdog per boot, started outside the timed phases.
+            install_kick_handler()
+            self._deadline = time.monotonic() + self.timeout
+            self._kicker = _Kicker(self.timeout)
+        self._t0 = _mono()
+        try:
+            for i, step in enumerate(self.recipe.steps):
+                samples: list[int] = []
+                w0, c0 = _mono(), _cpu()
+                end_marker = 0
+                try:
+                    out = handlers[step.op](step, samples)
+                    if step.op == "run":
+                        end_marker = out
+                except Exception as e:  # recorded, then re-raised after teardown
+                    error = e
+                    res["failed_step"] = i
+                c1, w1 = _cpu(), _mono()
+                res["phases"].append({
+                    "op": step.op, "count": step.count,
+                    "target": MARKER_TARGETS.get(step.target, 0) if step.op == "run" else 0,
+                    "end_marker": end_marker, "wall_ns": w1 - w0, "cpu_ns": c1 - c0,
+                    "samples": samples})
+                res["boot_wall_ns"] += w1 - w0
+                res["boot_cpu_ns"] += c1 - c0
+                if error is not None:
+                    break
+        finally:
+            if self._kicker is not None:
+                self._kicker.cancel()
+            w0, c0 = _mono(), _cpu()
+            self._teardown()
+            c1, w1 = _cpu(), _mono()
+            res["phases"].append({"op": "teardown", "count": 1, "target": 0, "end_marker": 0,
+                                  "wall_ns": w1 - w0, "cpu_ns": c1 - c0, "samples": []})
+            res["cpu_end"] = os.sched_getcpu() if hasattr(os, "sched_getcpu") else -1
+            if old_aff is not None:
+                os.sched_setaffinity(0, old_aff)
+        res["serial"] = self.serial.decode(errors="replace")
+        if error is not None:
+            res["error"] = str(error)
+            res["errno"] = getattr(error, "errno", 0) or 0
+            raise error
+        res["ok"] = True
+        return res
+
+
+class _Kicker:
+    """Kicks a vCPU out of KVM_RUN once its time is up, then every 10 ms until cancelled."""
+
+    def __init__(self, timeout: float):
+        self.vcpu = None
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, args=(timeout,), daemon=True)
+        self.thread.start()
+
+    def _loop(self, timeout: float):
+        if self.stop.wait(timeout):
+            return
+        while not self.stop.is_set():
+            if self.vcpu is not None:
+                self.vcpu.kick()
+            self.stop.wait(0.01)
+
+    def cancel(self):
+        self.stop.set()
+        self.thread.join()
+
+
+def _last_marker(res) -> str:
+    if not res["events"]:
+        return "none"
+    m = res["events"][-1][0]
+    return f"{layout.MARKER_NAMES.get(m, hex(m))}"
+
+
+def _fmt_regs(regs: dict) -> str:
+    return " ".join(f"{k}={v:#x}" for k, v in regs.items())
+
+
+def boot(recipe: Recipe, **kw) -> dict:
+    return PyBoot(recipe, **kw).run()

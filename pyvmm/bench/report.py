@@ -1,0 +1,283 @@
+"""Turn a run.json into tables, a verdict, summary.csv and plots."""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections import defaultdict
+
+from rich.table import Table
+
+from . import stats
+
+PHASE_ORDER = ["vm", "mem", "vcpu", "ioev", "eexist", "deassign", "run", "memslot"]
+
+
+def _phase(res: dict, op: str, index: int = 0):
+    found = [p for p in res["phases"] if p["op"] == op]
+    return found[index] if len(found) > index else None
+
+
+def group(doc: dict, driver: str = "c") -> dict:
+    """{(recipe, n): [result, ...]} of successful boots for one driver."""
+    cells = defaultdict(list)
+    for s in doc["samples"]:
+        if s.get("driver", "c") == driver and s["result"]["ok"]:
+            cells[(s["recipe"], s["n"])].append(s["result"])
+    return cells
+
+
+def cell_summary(results: list[dict]) -> dict:
+    boot = [r["boot_wall_ns"] for r in results]
+    reg = [(_phase(r, "ioev") or {"wall_ns": 0})["wall_ns"] for r in results]
+    share = [g / b for g, b in zip(reg, boot) if b > 0]
+    blocked = [max(0, r["boot_wall_ns"] - r["boot_cpu_ns"]) / r["boot_wall_ns"]
+               for r in results if r["boot_wall_ns"] > 0]
+    per_op = [x for r in results for x in (_phase(r, "ioev") or {"samples": []})["samples"]]
+    memslot = [p["samples"][0] for r in results
+               if (p := _phase(r, "memslot")) is not None and p["samples"]]
+    phases = {}
+    for op in PHASE_ORDER + ["teardown"]:
+        vals = [sum(p["wall_ns"] for p in r["phases"] if p["op"] == op) for r in results]
+        if any(vals):
+            phases[op] = stats.median(vals)
+    doorbells_ok = all(r["doorbells_completed"] == r["doorbells_expected"]
+                       and r["doorbell_mmio_exits"] == 0 for r in results)
+    return {
+        "boots": len(results),
+        "boot": stats.summarize(boot),
+        "registration_median_ns": stats.median(reg),
+        "registration_share": stats.median(share) if share else 0.0,
+        "blocked_share": stats.median(blocked) if blocked else 0.0,
+        "per_op_median_ns": stats.median(per_op) if per_op else None,
+        "memslot_median_ns": stats.median(memslot) if memslot else None,
+        "memslot_samples": memslot,
+        "phases": phases,
+        "doorbells_ok": doorbells_ok,
+        "placement": sorted({(r["cpu_start"], r["cpu_end"]) for r in results}),
+    }
+
+
+def analyze(doc: dict, driver: str = "c") -> dict:
+    """Everything the report shows, computed from the samples alone."""
+    cells = group(doc, driver)
+    hz = doc["host"].get("config_hz")
+    recipes = {}
+    for rname in doc["config"]["recipes"]:
+        if rname == "control":
+            continue
+        ns = sorted(n for (r, n) in cells if r == rname)
+        rows = {n: cell_summary(cells[(rname, n)]) for n in ns}
+        base = rows.get(0, {}).get("memslot_median_ns")
+        for n, row in rows.items():
+            m = row["memslot_median_ns"]
+            row["stall_ns"] = (m - base) if (m is not None and base is not None and n) else None
+        fit = None
+        if len(ns) >= 3:
+            try:
+                fit = stats.fit_quadratic(ns, [rows[n]["boot"]["median"] for n in ns])
+            except ValueError:
+                fit = None
+        crossing = next((n for n in ns if rows[n]["registration_share"] >= 0.25), None)
+        recipes[rname] = {"rows": rows, "fit": fit, "share_25_at": crossing}
+    # Verdict from the control recipe; stall from the sweep recipes (N>0 vs N=0).
+    ctrl = [r for (name, n), rs in cells.items() if name == "control" for r in rs]
+    assign = [x for r in ctrl for x in (_phase(r, "ioev") or {"samples": []})["samples"]]
+    eexist = [x for r in ctrl for x in (_phase(r, "eexist") or {"samples": []})["samples"]]
+    deassign = [x for r in ctrl for x in (_phase(r, "deassign") or {"samples": []})["samples"]]
+    # The stall right after registering: the smallest N > 0 (with many registrations the
+    # grace period has partly elapsed by the time the memslot change comes).
+    positive = sorted({n for rec in recipes.values() for n in rec["rows"] if n > 0})
+    after = [x for name, rec in recipes.items() for n, row in rec["rows"].items()
+             if positive and n == positive[0] for x in row["memslot_samples"]]
+    base = [x for name, rec in recipes.items() for n, row in rec["rows"].items() if n == 0
+            for x in row["memslot_samples"]]
+    verdict = stats.verdict(assign, eexist, deassign, after, base, hz)
+    # Per-op cost against bus occupancy (position of the registration in its boot).
+    occupancy = defaultdict(list)
+    for (rname, n), rs in cells.items():
+        if rname == "control" or n < 10:
+            continue
+        for r in rs:
+            for k, x in enumerate((_phase(r, "ioev") or {"samples": []})["samples"]):
+                occupancy[k].append(x)
+    occ = sorted((k, stats.median(v)) for k, v in occupancy.items())
+    slope = None
+    if len(occ) >= 10:
+        _, slope = stats.fit_linear([k for k, _ in occ], [v for _, v in occ])
+    return {"recipes": recipes, "verdict": verdict, "occupancy": occ,
+            "occupancy_slope_ns": slope, "hz": hz, "failures": doc.get("failures", [])}
+
+
+def _fmt_ms(ns) -> str:
+    return "-" if ns is None else f"{ns / 1e6:.3f}"
+
+
+def _fmt_us(ns) -> str:
+    return "-" if ns is None else f"{ns / 1e3:.2f}"
+
+
+def recipe_table(name: str, rec: dict, template: str) -> Table:
+    t = Table(title=f"recipe {name}: {template}", title_justify="left")
+    for col, j in [("N", "right"), ("boots", "right"), ("boot med ms", "right"),
+                   ("boot p90 ms", "right"), ("reg. med ms", "right"), ("reg. share", "right"),
+                   ("blocked share", "right"), ("per-reg us", "right"),
+                   ("memslot ms", "right"), ("stall ms", "right"), ("doorbells", "center")]:
+        t.add_column(col, justify=j)
+    for n, row in rec["rows"].items():
+        t.add_row(str(n), str(row["boots"]), _fmt_ms(row["boot"]["median"]),
+                  _fmt_ms(row["boot"]["p90"]), _fmt_ms(row["registration_median_ns"]),
+                  f"{row['registration_share'] * 100:.1f}%", f"{row['blocked_share'] * 100:.1f}%",
+                  _fmt_us(row["per_op_median_ns"]), _fmt_ms(row["memslot_median_ns"]),
+                  _fmt_ms(row["stall_ns"]), "ok" if row["doorbells_ok"] else "[red]FAIL")
+    fit = rec["fit"]
+    if fit is not None:
+        t.caption = (f"fit of boot median: cost(N) = {fit.a / 1e6:.3f} ms + "
+                     f"{fit.b / 1e3:.3f} us*N + {fit.c:.4f} ns*N^2 "
+                     f"(RMS residual {fit.rms_residual / 1e6:.3f} ms over {fit.points} N values)")
+        if rec["share_25_at"] is not None:
+            t.caption += f"; registration share reaches 25% at N={rec['share_25_at']}"
+    t.caption_justify = "left"
+    return t
+
+
+def verdict_lines(a: dict) -> list[str]:
+    v = a["verdict"]
+    lines = [f"verdict: {v.text}"]
+    if v.assign_ns is not None:
+        lines.append(
+            f"  evidence: assign {v.assign_ns / 1e3:.2f} us, EEXIST control "
+            f"{v.eexist_ns / 1e3:.2f} us, deassign {v.deassign_ns / 1e3:.2f} us per op; "
+            f"assign/EEXIST = {v.assign_over_eexist:.2f} (pre-6.18 if >= "
+            f"{stats.ASSIGN_OVER_EEXIST_MIN:g}), assign/deassign = {v.assign_over_deassign:.2f} "
+            f"(pre-6.18 if >= {stats.ASSIGN_OVER_DEASSIGN_MIN:g})")
+    lines.append(f"  {v.stall_text}")
+    if a["occupancy_slope_ns"] is not None:
+        lines.append(f"  per-registration cost grows {a['occupancy_slope_ns']:.2f} ns per device "
+                     f"already on the bus (bus array copy)")
+    return lines
+
+
+def render(console, doc: dict, driver: str = "c") -> dict:
+    a = analyze(doc, driver)
+    host = doc["host"]
+    console.print(f"[bold]host[/] {host['hostname']}  kernel {host['kernel']}  "
+                  f"HZ={host.get('config_hz') or 'unknown'}  preemption {host['preemption']}  "
+                  f"backend {host['backend']}  environment {doc.get('environment', 'host')}",
+                  highlight=False)
+    clk = doc.get("clock") or {}
+    if clk:
+        console.print(f"clock read cost: CLOCK_MONOTONIC {clk['wall_read_ns']:.1f} ns, "
+                      f"CLOCK_THREAD_CPUTIME_ID {clk['cpu_read_ns']:.1f} ns "
+                      f"(per-op samples use the monotonic clock only)", highlight=False)
+    for name, rec in a["recipes"].items():
+        console.print(recipe_table(name, rec, doc["config"]["recipes"][name]))
+    for line in verdict_lines(a):
+        console.print(line, highlight=False)
+    if doc.get("kernel_check"):
+        kc = doc["kernel_check"]
+        console.print(f"  kernel-check: {kc.get('summary', kc)}", highlight=False)
+    if a["failures"]:
+        console.print(f"[red]{len(a['failures'])} boot(s) failed[/]; first: "
+                      f"{a['failures'][0]['error']}")
+    if doc.get("status") != "complete":
+        console.print(f"[yellow]run status: {doc.get('status')}[/] (partial results)")
+    return a
+
+
+def write_csv(doc: dict, a: dict, path: str) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["recipe", "n", "boots", "boot_min_ns", "boot_median_ns", "boot_p10_ns",
+                    "boot_p90_ns", "boot_max_ns", "registration_median_ns",
+                    "registration_share", "blocked_share", "per_op_median_ns",
+                    "memslot_median_ns", "stall_ns", "doorbells_ok"])
+        for name, rec in a["recipes"].items():
+            for n, row in rec["rows"].items():
+                b = row["boot"]
+                w.writerow([name, n, row["boots"], b["min"], b["median"], b["p10"], b["p90"],
+                            b["max"], row["registration_median_ns"],
+                            f"{row['registration_share']:.4f}", f"{row['blocked_share']:.4f}",
+                            row["per_op_median_ns"], row["memslot_median_ns"], row["stall_ns"],
+                            row["doorbells_ok"]])
+
+
+def plot(doc: dict, a: dict, out_dir: str) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    title = f"{doc['host']['hostname']} {doc['host']['kernel']}"
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, rec in a["recipes"].items():
+        ns = list(rec["rows"])
+        med = [rec["rows"][n]["boot"]["median"] / 1e6 for n in ns]
+        lo = [rec["rows"][n]["boot"]["p10"] / 1e6 for n in ns]
+        hi = [rec["rows"][n]["boot"]["p90"] / 1e6 for n in ns]
+        line, = ax.plot(ns, med, marker="o", label=f"{name} (median)")
+        ax.fill_between(ns, lo, hi, alpha=0.2, color=line.get_color(), label=f"{name} p10-p90")
+    ax.set_xscale("symlog", linthresh=1)
+    ax.set_xlabel("ioeventfd registrations N")
+    ax.set_ylabel("boot time (ms)")
+    ax.set_title(f"Boot time vs registrations\n{title}")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    written += _save(fig, out_dir, "boot_vs_n")
+
+    recs = list(a["recipes"].items())
+    if recs:
+        fig, axes = plt.subplots(1, len(recs), figsize=(6 * len(recs), 4.5), squeeze=False)
+        for ax, (name, rec) in zip(axes[0], recs):
+            ns = list(rec["rows"])
+            bottom = [0.0] * len(ns)
+            ops = [op for op in PHASE_ORDER if any(op in rec["rows"][n]["phases"] for n in ns)]
+            for op in ops:
+                vals = [rec["rows"][n]["phases"].get(op, 0) / 1e6 for n in ns]
+                ax.bar([str(n) for n in ns], vals, bottom=bottom, label=op)
+                bottom = [b + v for b, v in zip(bottom, vals)]
+            ax.set_title(f"{name}: median phase times")
+            ax.set_xlabel("N")
+            ax.set_ylabel("ms")
+            ax.legend(fontsize=7)
+        fig.suptitle(title)
+        written += _save(fig, out_dir, "phases")
+
+    if a["occupancy"]:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        ks = [k for k, _ in a["occupancy"]]
+        vs = [v / 1e3 for _, v in a["occupancy"]]
+        ax.plot(ks, vs, ".", markersize=3, label="median per-op cost")
+        if a["occupancy_slope_ns"] is not None:
+            a0, b0 = stats.fit_linear(ks, [v * 1e3 for v in vs])
+            ax.plot(ks, [(a0 + b0 * k) / 1e3 for k in ks], "-",
+                    label=f"fit: {b0:.2f} ns per device")
+        ax.set_xlabel("devices already on the bus")
+        ax.set_ylabel("KVM_IOEVENTFD assign (us)")
+        ax.set_title(f"Per-registration cost vs bus occupancy\n{title}")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        written += _save(fig, out_dir, "per_op_vs_occupancy")
+    return written
+
+
+def _save(fig, out_dir: str, stem: str) -> list[str]:
+    import matplotlib.pyplot as plt
+    paths = []
+    fig.tight_layout()
+    for ext in ("png", "svg"):
+        p = os.path.join(out_dir, f"{stem}.{ext}")
+        fig.savefig(p, dpi=110)
+        paths.append(p)
+    plt.close(fig)
+    return paths
+
+
+def write_all(console, doc: dict, out_dir: str) -> dict:
+    """Render to the console and write summary.csv and the plots next to run.json."""
+    a = render(console, doc)
+    if a["recipes"]:
+        write_csv(doc, a, os.path.join(out_dir, "summary.csv"))
+        plot(doc, a, out_dir)
+    return a

@@ -1,0 +1,60 @@
+"""Errors raised by pyvmm. Every message names what failed and what to do about it."""
+
+from __future__ import annotations
+
+import errno as _errno
+import os
+
+
+def errno_name(err: int) -> str:
+    return _errno.errorcode.get(err, f"errno {err}")
+
+
+class PyvmmError(Exception):
+    """Base class: a failure with a one-line, user-facing message."""
+
+
+class KvmError(PyvmmError):
+    """An ioctl on a KVM fd failed.
+
+    Carries the ioctl name, the errno and a hint saying what was wrong and what to do.
+    """
+
+    def __init__(self, ioctl: str, err: int, hint: str = ""):
+        self.ioctl = ioctl
+        self.errno = err
+        self.errno_name = errno_name(err)
+        self.hint = hint
+        msg = f"{ioctl} failed: {self.errno_name} ({os.strerror(err)})"
+        if hint:
+            msg += f": {hint}"
+        super().__init__(msg)
+
+
+class KvmUnavailable(PyvmmError):
+    """/dev/kvm is missing or not accessible."""
+
+
+class GuestError(PyvmmError):
+    """A guest image is unknown, missing or malformed."""
+
+
+class UnexpectedExit(PyvmmError):
+    """The guest stopped in a way the caller did not expect (shutdown, internal error, ...)."""
+
+    def __init__(self, message: str, exit=None, regs=None):
+        self.exit = exit
+        self.regs = regs
+        super().__init__(message)
+
+
+class GuestTimeout(PyvmmError):
+    """The guest did not halt within the time allowed."""
+
+    def __init__(self, message: str, regs=None):
+        self.regs = regs
+        super().__init__(message)
+
+
+class ResourceLimit(PyvmmError):
+    """A request exceeds a process limit (open files) before touching KVM."""

@@ -1,0 +1,64 @@
+"""Find and load the guest images built from guests/*.S (package data)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from importlib import resources
+
+from .errors import GuestError
+
+
+@dataclass(frozen=True)
+class GuestInfo:
+    name: str
+    mode: str          # "real" or "long"
+    description: str
+
+
+GUESTS = {
+    "hello": GuestInfo("hello", "real", "real mode: prints a line on COM1 and halts"),
+    "doorbell": GuestInfo("doorbell", "long",
+                          "64-bit: phase markers, rings the doorbells in the parameter block, "
+                          "reads the BAR window, halts"),
+    "spin": GuestInfo("spin", "long", "64-bit: never halts (timeout handling)"),
+    "triple": GuestInfo("triple", "long", "64-bit: triple-faults (KVM_EXIT_SHUTDOWN)"),
+    "mmiofetch": GuestInfo("mmiofetch", "long",
+                           "64-bit: jumps into MMIO (KVM_EXIT_INTERNAL_ERROR)"),
+}
+
+
+def info(name: str) -> GuestInfo:
+    try:
+        return GUESTS[name]
+    except KeyError:
+        raise GuestError(f"unknown guest '{name}': choose one of {', '.join(sorted(GUESTS))}") \
+            from None
+
+
+def image_path(name: str) -> str:
+    info(name)
+    path = resources.files("pyvmm") / "guests" / f"{name}.bin"
+    if not path.is_file():
+        raise GuestError(f"guest image {name}.bin is not built: reinstall pyvmm "
+                         f"(make run / pip install .) so the build assembles guests/{name}.S")
+    return str(path)
+
+
+def load(name: str) -> bytes:
+    with open(image_path(name), "rb") as f:
+        data = f.read()
+    if not data:
+        raise GuestError(f"guest image {name}.bin is empty")
+    return data
+
+
+def helper_path() -> str:
+    """The standalone static pyvmm-bootbench executable shipped with the package."""
+    path = resources.files("pyvmm") / "bin" / "pyvmm-bootbench"
+    if not path.is_file():
+        raise GuestError("pyvmm-bootbench is not built: reinstall pyvmm (make run)")
+    p = str(path)
+    if not os.access(p, os.X_OK):
+        os.chmod(p, 0o755)
+    return p

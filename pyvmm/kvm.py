@@ -1,0 +1,102 @@
+"""Kvm: the system fd (/dev/kvm)."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+from . import abi
+from ._fd import FdOwner
+from .errors import KvmError, KvmUnavailable
+
+DEFAULT_PATH = "/dev/kvm"
+
+# Capabilities reported by `pyvmm info`, in display order.
+INFO_CAPS = [
+    ("ioeventfd", abi.KVM_CAP_IOEVENTFD),
+    ("ioeventfd any length", abi.KVM_CAP_IOEVENTFD_ANY_LENGTH),
+    ("user memory", abi.KVM_CAP_USER_MEMORY),
+    ("user memory2", abi.KVM_CAP_USER_MEMORY2),
+    ("guest_memfd", abi.KVM_CAP_GUEST_MEMFD),
+    ("guest_memfd flags", abi.KVM_CAP_GUEST_MEMFD_FLAGS),
+    ("memory fault info", abi.KVM_CAP_MEMORY_FAULT_INFO),
+    ("binary stats fd", abi.KVM_CAP_BINARY_STATS_FD),
+    ("nr memslots", abi.KVM_CAP_NR_MEMSLOTS),
+    ("nr vcpus (recommended)", abi.KVM_CAP_NR_VCPUS),
+    ("max vcpus", abi.KVM_CAP_MAX_VCPUS),
+    ("xen hvm", abi.KVM_CAP_XEN_HVM),
+]
+
+
+def open_kvm_fd(path: str = DEFAULT_PATH) -> int:
+    """Open /dev/kvm, turning the two common failures into actionable messages."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise KvmUnavailable(
+            f"{path} does not exist: this host has no KVM. Load the module "
+            "(modprobe kvm_intel or kvm_amd), enable virtualization in the firmware, "
+            "or run on a host/VM with nested virtualization") from None
+    except PermissionError:
+        raise KvmUnavailable(
+            f"{path}: permission denied: run as root or add your user to the 'kvm' group "
+            "(sudo usermod -aG kvm $USER, then log in again)") from None
+    except OSError as e:
+        raise KvmUnavailable(f"cannot open {path}: {e.strerror}") from None
+
+
+class Kvm(FdOwner):
+    """The KVM system fd. `with Kvm() as kvm: vm = kvm.create_vm()`."""
+
+    kind = "/dev/kvm fd"
+
+    def __init__(self, path: str = DEFAULT_PATH):
+        super().__init__(open_kvm_fd(path))
+        self.path = path
+        version = self.get_api_version()
+        if version != 12:
+            self.close()
+            raise KvmUnavailable(f"{path} reports KVM API version {version}, pyvmm needs 12")
+        self.api_version = version
+        self._mmap_size: int | None = None
+
+    def get_api_version(self) -> int:
+        """KVM_GET_API_VERSION."""
+        return self._ioctl("KVM_GET_API_VERSION")
+
+    def check_extension(self, cap: int) -> int:
+        """KVM_CHECK_EXTENSION on the system fd: 0 when absent, else a cap-specific value."""
+        ret, err = self._try_ioctl("KVM_CHECK_EXTENSION", cap)
+        return 0 if err else ret
+
+    def get_vcpu_mmap_size(self) -> int:
+        """KVM_GET_VCPU_MMAP_SIZE: bytes to mmap from each vCPU fd (kvm_run and friends)."""
+        if self._mmap_size is None:
+            self._mmap_size = self._ioctl("KVM_GET_VCPU_MMAP_SIZE")
+        return self._mmap_size
+
+    def caps_summary(self, vm=None) -> dict[str, int]:
+        """Capabilities that matter to pyvmm: {name: value}. Asks the VM fd when given,
+        since some caps (guest_memfd flags, memslots) are per VM type."""
+        target = vm if vm is not None else self
+        return {name: target.check_extension(cap) for name, cap in INFO_CAPS}
+
+    def create_vm(self, vm_type: int = 0):
+        """KVM_CREATE_VM. Returns a Vm that owns the new fd."""
+        from .vm import Vm
+
+        fd = self._ioctl("KVM_CREATE_VM", vm_type, hint=_create_vm_hint)
+        return Vm(self, fd)
+
+
+def _create_vm_hint(err: int) -> str:
+    if err == errno.EMFILE:
+        return "too many open files: raise the limit with ulimit -n"
+    if err == errno.ENOMEM:
+        return "the kernel could not allocate a VM"
+    if err == errno.EINVAL:
+        return "this VM type is not supported by the host"
+    return ""
+
+
+__all__ = ["Kvm", "KvmError", "KvmUnavailable", "open_kvm_fd", "INFO_CAPS"]

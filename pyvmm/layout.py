@@ -1,0 +1,53 @@
+"""Every guest-physical address and port pyvmm uses, in one place.
+
+guests/protocol.inc mirrors these values for the assembly side;
+tests/test_layout.py checks that both agree.
+"""
+
+# Guest-physical memory map (slot 0 is RAM at 0..RAM_SIZE).
+RAM_SIZE = 0x200000          # 2 MiB of RAM in slot 0
+GDT_GPA = 0x1000             # GDT for 64-bit mode (built by the VMM)
+PML4_GPA = 0x2000            # identity page tables (built by the VMM)
+PDPT_GPA = 0x3000
+PD_GPA = 0x4000              # four page directories: 0x4000..0x7fff, 4 GiB of 2 MiB pages
+PARAM_GPA = 0x8000           # parameter block written by the VMM
+CODE_GPA = 0x10000           # guest image load address
+STACK_TOP = 0x1FF000         # initial stack pointer
+
+# Parameter block (at PARAM_GPA), little-endian u64 fields.
+PARAM_MAGIC_OFF = 0x00
+PARAM_COUNT_OFF = 0x08       # number of doorbells to ring
+PARAM_ADDRS_OFF = 0x10       # doorbell addresses, one u64 each
+PARAM_MAGIC = 0x50594D4D      # "PYMM"
+PARAM_AREA_SIZE = 0x8000     # PARAM_GPA..PARAM_GPA+0x8000 (room for 4094 addresses)
+PARAM_MAX_DOORBELLS = (PARAM_AREA_SIZE - PARAM_ADDRS_OFF) // 8
+
+# MMIO windows (not backed by any memory slot unless a recipe maps them).
+DOORBELL_BASE = 0xD0000000   # doorbell i lives at DOORBELL_BASE + i * DOORBELL_STRIDE
+DOORBELL_STRIDE = 8
+BAR_GPA = 0xE0000000         # where the 'memslot' step maps a BAR-like slot
+BAR_SIZE = 0x200000
+BAR_PATTERN = 0xBA5EBA11     # first dword of the BAR slot, read back by the guest
+UNMAPPED_READ = 0xFFFFFFFF   # what the VMM answers for an MMIO read nobody owns
+
+# Ports.
+SERIAL_PORT = 0x3F8          # COM1 data register: one byte per OUT
+MARKER_PORT = 0x80           # phase markers: one byte per OUT
+DATA_PORT = 0x84             # 32-bit values reported by the guest
+
+# Phase markers written to MARKER_PORT.
+MARK_START = 0x01            # guest code began executing
+MARK_PROBE = 0x02            # 'device probe': the VMM may register ioeventfds now
+MARK_RUNG = 0x03             # every doorbell in the parameter block was written
+MARK_BAR = 0x04              # the guest read BAR_GPA and reported it on DATA_PORT
+MARK_DONE = 0x7F             # about to HLT
+MARK_ABORT = 0xEE            # the guest found something wrong (bad parameter block)
+
+MARKER_NAMES = {
+    MARK_START: "start",
+    MARK_PROBE: "probe",
+    MARK_RUNG: "rung",
+    MARK_BAR: "bar",
+    MARK_DONE: "done",
+    MARK_ABORT: "abort",
+}

@@ -1,0 +1,97 @@
+"""Guest memory: host mappings that back memory slots.
+
+A GuestMemory owns one host mapping (anonymous, or of a guest_memfd). It is owned by
+the Vm and outlives any slot that maps it: the Vm unmaps memory only after the VM fd
+is closed, so KVM never holds a slot pointing at unmapped host memory.
+"""
+
+from __future__ import annotations
+
+import mmap as _mmap
+import os
+from dataclasses import dataclass
+
+from .abi import MAP_FAILED, ffi, libc
+from .errors import PyvmmError
+
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
+class GuestMemory:
+    """A host mapping of `size` bytes, anonymous unless `fd` is given (MAP_SHARED of fd)."""
+
+    def __init__(self, size: int, fd: int | None = None, offset: int = 0):
+        if size <= 0 or size % PAGE_SIZE:
+            raise PyvmmError(f"guest memory size {size:#x} must be a positive multiple of "
+                             f"the page size ({PAGE_SIZE:#x})")
+        prot = _mmap.PROT_READ | _mmap.PROT_WRITE
+        if fd is None:
+            flags = _mmap.MAP_PRIVATE | _mmap.MAP_ANONYMOUS | getattr(_mmap, "MAP_NORESERVE", 0)
+            ptr = libc.mmap(ffi.NULL, size, prot, flags, -1, 0)
+        else:
+            ptr = libc.mmap(ffi.NULL, size, prot, _mmap.MAP_SHARED, fd, offset)
+        if ptr == MAP_FAILED:
+            err = ffi.errno
+            raise PyvmmError(f"mmap of {size:#x} bytes of guest memory failed: "
+                             f"{os.strerror(err)}")
+        self.size = size
+        self.fd = fd
+        self._ptr = ptr
+        self.host_addr = int(ffi.cast("uintptr_t", ptr))
+
+    @property
+    def closed(self) -> bool:
+        return self._ptr is None
+
+    def _check(self, offset: int, length: int) -> None:
+        if self._ptr is None:
+            raise PyvmmError("guest memory is already unmapped")
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise PyvmmError(f"access at {offset:#x}+{length:#x} is outside guest memory "
+                             f"of size {self.size:#x}")
+
+    def write(self, offset: int, data: bytes) -> None:
+        self._check(offset, len(data))
+        ffi.memmove(ffi.cast("char *", self._ptr) + offset, data, len(data))
+
+    def read(self, offset: int, length: int) -> bytes:
+        self._check(offset, length)
+        return ffi.buffer(ffi.cast("char *", self._ptr) + offset, length)[:]
+
+    def write_u64(self, offset: int, value: int) -> None:
+        self.write(offset, value.to_bytes(8, "little"))
+
+    def read_u64(self, offset: int) -> int:
+        return int.from_bytes(self.read(offset, 8), "little")
+
+    def close(self) -> None:
+        if self._ptr is not None:
+            libc.munmap(self._ptr, self.size)
+            self._ptr = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+@dataclass
+class MemorySlot:
+    """Bookkeeping for one KVM memory slot."""
+
+    slot: int
+    gpa: int
+    size: int
+    memory: GuestMemory
+    flags: int = 0
+    offset: int = 0               # offset of the slot's start within `memory`
+    guest_memfd: int | None = None
+    guest_memfd_offset: int = 0
+
+    @property
+    def end(self) -> int:
+        return self.gpa + self.size
+
+    def contains(self, gpa: int, length: int = 1) -> bool:
+        return self.gpa <= gpa and gpa + length <= self.end

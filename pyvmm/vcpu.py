@@ -1,0 +1,204 @@
+"""Vcpu: one vCPU fd and its mmap'ed kvm_run page."""
+
+from __future__ import annotations
+
+import errno
+import functools
+import mmap as _mmap
+import signal
+import struct
+import threading
+
+from . import layout
+from ._fd import FdOwner
+from .abi import MAP_FAILED, ffi, libc
+from .errors import KvmError, PyvmmError
+from .exits import Exit, Interrupted, decode
+
+KICK_SIGNAL = signal.SIGUSR1
+
+# Control register and EFER bits used to enter 64-bit mode.
+CR0_PE, CR0_MP, CR0_ET, CR0_NE, CR0_WP, CR0_PG = 1, 2, 0x10, 0x20, 1 << 16, 1 << 31
+CR4_PAE = 1 << 5
+EFER_LME, EFER_LMA = 1 << 8, 1 << 10
+
+# GDT entries for a flat 64-bit code segment and a flat data segment.
+GDT_CODE64 = 0x00AF9A000000FFFF
+GDT_DATA = 0x00CF92000000FFFF
+SEL_CODE, SEL_DATA = 0x08, 0x10
+
+REG_NAMES = ["rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10",
+             "r11", "r12", "r13", "r14", "r15", "rip", "rflags"]
+
+
+def install_kick_handler() -> bool:
+    """Make KICK_SIGNAL interrupt KVM_RUN without killing the process.
+
+    Python can only install handlers from the main thread; returns False elsewhere
+    (kick() then relies on immediate_exit, checked at the next entry).
+    """
+    if signal.getsignal(KICK_SIGNAL) not in (signal.SIG_DFL, None):
+        return True
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    signal.signal(KICK_SIGNAL, lambda *_: None)
+    signal.siginterrupt(KICK_SIGNAL, True)
+    return True
+
+
+@functools.lru_cache(maxsize=1)
+def identity_page_tables() -> bytes:
+    """PML4 + PDPT + four page directories mapping the low 4 GiB with 2 MiB pages,
+    laid out to be written at layout.PML4_GPA."""
+    pml4 = struct.pack("<Q", layout.PDPT_GPA | 0x3) + bytes(4096 - 8)
+    pdpt = b"".join(struct.pack("<Q", (layout.PD_GPA + i * 4096) | 0x3) for i in range(4))
+    pdpt += bytes(4096 - len(pdpt))
+    pds = struct.pack("<2048Q", *(((i << 21) | 0x83) for i in range(2048)))
+    return pml4 + pdpt + pds
+
+
+class Vcpu(FdOwner):
+    """A vCPU fd. run() returns typed exits decoded from kvm_run."""
+
+    kind = "vCPU fd"
+
+    def __init__(self, vm, fd: int, vcpu_id: int, mmap_size: int):
+        super().__init__(fd)
+        self.vm = vm
+        self.id = vcpu_id
+        self.mmap_size = mmap_size
+        ptr = libc.mmap(ffi.NULL, mmap_size, _mmap.PROT_READ | _mmap.PROT_WRITE,
+                        _mmap.MAP_SHARED, fd, 0)
+        if ptr == MAP_FAILED:
+            err = ffi.errno
+            self._close_fd()
+            raise KvmError("mmap(vcpu fd)", err, "cannot map the kvm_run page")
+        self._map = ptr
+        self.run_struct = ffi.cast("struct kvm_run *", ptr)
+        self._page = ffi.buffer(ptr, mmap_size)
+        self.thread_id: int | None = None
+
+    # --- registers ------------------------------------------------------------------
+    def get_regs(self):
+        """KVM_GET_REGS: returns a cffi `struct kvm_regs *`."""
+        regs = ffi.new("struct kvm_regs *")
+        self._ioctl("KVM_GET_REGS", regs)
+        return regs
+
+    def set_regs(self, regs) -> None:
+        """KVM_SET_REGS."""
+        self._ioctl("KVM_SET_REGS", regs)
+
+    def get_sregs(self):
+        """KVM_GET_SREGS: returns a cffi `struct kvm_sregs *`."""
+        sregs = ffi.new("struct kvm_sregs *")
+        self._ioctl("KVM_GET_SREGS", sregs)
+        return sregs
+
+    def set_sregs(self, sregs) -> None:
+        """KVM_SET_SREGS."""
+        self._ioctl("KVM_SET_SREGS", sregs,
+                    hint=lambda e: "the segment/control register state is invalid"
+                    if e == errno.EINVAL else "")
+
+    def regs_dict(self) -> dict[str, int]:
+        r = self.get_regs()
+        return {n: getattr(r, n) for n in REG_NAMES}
+
+    # --- mode set-up -------------------------------------------------------------------
+    def setup_real_mode(self, entry: int = layout.CODE_GPA) -> None:
+        """Start in real mode at `entry` (CS = entry >> 4, IP = 0)."""
+        if entry % 16 or entry >= 1 << 20:
+            raise PyvmmError(f"real-mode entry {entry:#x} must be 16-byte aligned, below 1 MiB")
+        sregs = self.get_sregs()
+        sregs.cs.base, sregs.cs.selector = entry, entry >> 4
+        for seg in (sregs.ds, sregs.es, sregs.ss):
+            seg.base, seg.selector = 0, 0
+        self.set_sregs(sregs)
+        regs = ffi.new("struct kvm_regs *")
+        regs.rip, regs.rflags, regs.rsp = 0, 2, layout.PARAM_GPA - 0x10
+        self.set_regs(regs)
+
+    def setup_long_mode(self, entry: int = layout.CODE_GPA, write_tables: bool = True) -> None:
+        """Enter 64-bit mode at `entry` with identity paging of the low 4 GiB.
+
+        Writes the GDT and page tables into guest memory (once per VM is enough:
+        pass write_tables=False for further vCPUs).
+        """
+        if write_tables:
+            self.vm.write_guest(layout.GDT_GPA, struct.pack("<3Q", 0, GDT_CODE64, GDT_DATA))
+            self.vm.write_guest(layout.PML4_GPA, identity_page_tables())
+        sregs = self.get_sregs()
+        code = sregs.cs
+        code.base, code.limit, code.selector = 0, 0xFFFFFFFF, SEL_CODE
+        code.type, code.present, code.dpl, code.db, code.s, code.l, code.g = 11, 1, 0, 0, 1, 1, 1
+        for seg in (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss):
+            seg.base, seg.limit, seg.selector = 0, 0xFFFFFFFF, SEL_DATA
+            seg.type, seg.present, seg.dpl, seg.db, seg.s, seg.l, seg.g = 3, 1, 0, 1, 1, 0, 1
+        sregs.gdt.base, sregs.gdt.limit = layout.GDT_GPA, 3 * 8 - 1
+        sregs.cr3 = layout.PML4_GPA
+        sregs.cr4 = CR4_PAE
+        sregs.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG
+        sregs.efer = EFER_LME | EFER_LMA
+        self.set_sregs(sregs)
+        regs = ffi.new("struct kvm_regs *")
+        regs.rip, regs.rflags, regs.rsp = entry, 2, layout.STACK_TOP
+        self.set_regs(regs)
+
+    # --- running ------------------------------------------------------------------------
+    def try_run(self) -> int:
+        """Raw KVM_RUN: returns the errno (0 on success)."""
+        return self._try_ioctl("KVM_RUN")[1]
+
+    def run(self) -> Exit:
+        """KVM_RUN once and decode the exit. EINTR becomes an Interrupted exit."""
+        self.thread_id = threading.get_ident()
+        err = self._try_ioctl("KVM_RUN")[1]
+        if err:
+            if err == errno.EINTR:
+                self.run_struct.immediate_exit = 0
+                return Interrupted()
+            raise KvmError("KVM_RUN", err, _run_hint(err))
+        return decode(self.run_struct, self._page)
+
+    def kick(self) -> None:
+        """Make the current or next KVM_RUN return with EINTR (used by timeouts)."""
+        if self._map is None:
+            return
+        self.run_struct.immediate_exit = 1
+        tid = self.thread_id
+        if tid is not None and signal.getsignal(KICK_SIGNAL) not in (signal.SIG_DFL, None):
+            try:
+                signal.pthread_kill(tid, KICK_SIGNAL)
+            except ProcessLookupError:
+                pass
+
+    def set_io_in_data(self, exit, value: int) -> None:
+        """Answer an IN exit: the value KVM hands to the guest on re-entry."""
+        n = exit.size * exit.count
+        self._page[exit.data_offset:exit.data_offset + n] = (
+            (value & ((1 << (8 * exit.size)) - 1)).to_bytes(exit.size, "little") * exit.count)
+
+    def set_mmio_read_data(self, value: int, length: int) -> None:
+        """Answer an MMIO read exit."""
+        data = (value & ((1 << (8 * min(length, 8))) - 1)).to_bytes(8, "little")
+        ffi.memmove(self.run_struct.mmio.data, data, 8)
+
+    # --- lifetime ------------------------------------------------------------------------
+    def close(self) -> None:
+        if self._map is not None:
+            self._page = None
+            self.run_struct = None
+            libc.munmap(self._map, self.mmap_size)
+            self._map = None
+        self._close_fd()
+
+
+def _run_hint(err: int) -> str:
+    if err == errno.EFAULT:
+        return "the guest touched memory that no slot backs, or the run page is gone"
+    if err == errno.ENOEXEC:
+        return "the vCPU state is invalid for entry (check sregs)"
+    if err == errno.EINVAL:
+        return "KVM refused to run this vCPU (registers or mode invalid)"
+    return ""

@@ -1,0 +1,392 @@
+"""Vm: one VM fd, its memory slots, ioeventfds and vCPUs."""
+
+from __future__ import annotations
+
+import errno
+import os
+import resource
+import time
+
+from . import abi
+from ._fd import FdOwner
+from .abi import ffi
+from .errors import KvmError, PyvmmError, ResourceLimit
+from .memory import PAGE_SIZE, GuestMemory, MemorySlot
+
+VALID_IOEVENTFD_LENGTHS = (0, 1, 2, 4, 8)
+_mono = time.monotonic_ns
+
+
+class Ioeventfd:
+    """An eventfd bound to a guest address by KVM_IOEVENTFD. Owns the eventfd."""
+
+    def __init__(self, vm: "Vm", efd: int, addr: int, length: int, pio: bool,
+                 datamatch: int | None):
+        self.vm = vm
+        self.efd = efd
+        self.addr = addr
+        self.length = length
+        self.pio = pio
+        self.datamatch = datamatch
+        self.assigned = True
+
+    def describe(self) -> str:
+        space = "port" if self.pio else "MMIO"
+        dm = f" datamatch {self.datamatch:#x}" if self.datamatch is not None else ""
+        return f"{space} {self.addr:#x} len {self.length}{dm}"
+
+    def count(self) -> int:
+        """Read and reset the eventfd counter (0 if it never fired)."""
+        try:
+            return os.eventfd_read(self.efd)
+        except BlockingIOError:
+            return 0
+
+    def deassign(self) -> None:
+        """KVM_IOEVENTFD with KVM_IOEVENTFD_FLAG_DEASSIGN (waits for an SRCU grace period)."""
+        if self.assigned:
+            self.vm._ioeventfd_ioctl(self.efd, self.addr, self.length, self.pio,
+                                     self.datamatch, deassign=True)
+            self.assigned = False
+            self.vm._ioeventfds.discard(self)
+
+    def close(self) -> None:
+        """Close the eventfd. KVM drops its binding when the VM goes away; closing the fd
+        alone does not deassign."""
+        if self.efd >= 0:
+            os.close(self.efd)
+            self.efd = -1
+        self.vm._ioeventfds.discard(self)
+
+
+class GuestMemfd(FdOwner):
+    """A guest_memfd file (KVM_CREATE_GUEST_MEMFD)."""
+
+    kind = "guest_memfd"
+
+    def __init__(self, fd: int, size: int, flags: int):
+        super().__init__(fd)
+        self.size = size
+        self.flags = flags
+
+
+def check_nofile(needed: int, what: str) -> None:
+    """Fail early, and clearly, when `needed` more fds would exceed RLIMIT_NOFILE."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    in_use = len(os.listdir("/proc/self/fd"))
+    if in_use + needed > soft:
+        raise ResourceLimit(
+            f"{what} needs {needed} more file descriptors but only {soft - in_use} are free "
+            f"(RLIMIT_NOFILE soft limit {soft}, hard {hard}, {in_use} open): raise it with "
+            f"'ulimit -n {in_use + needed + 64}' (or LimitNOFILE= in a systemd unit)")
+
+
+class Vm(FdOwner):
+    """A VM fd. Close order: vCPUs, then the VM fd, then guest memory and eventfds."""
+
+    kind = "VM fd"
+
+    def __init__(self, kvm, fd: int):
+        super().__init__(fd)
+        self.kvm = kvm
+        self.slots: dict[int, MemorySlot] = {}
+        self.memories: list[GuestMemory] = []
+        self.vcpus: list = []
+        self._ioeventfds: set[Ioeventfd] = set()
+        self.guest_memfds: list[GuestMemfd] = []
+        self.last_ioeventfd_ns = 0   # duration of the last KVM_IOEVENTFD ioctl alone
+
+    # --- capabilities -------------------------------------------------------------
+    def check_extension(self, cap: int) -> int:
+        """KVM_CHECK_EXTENSION on the VM fd (answers for this VM's type)."""
+        ret, err = self._try_ioctl("KVM_CHECK_EXTENSION", cap)
+        return 0 if err else ret
+
+    # --- memory slots -------------------------------------------------------------
+    def _slot_hint(self, slot: int, gpa: int, size: int, uaddr: int, flags: int):
+        def hint(err: int) -> str:
+            if err == errno.EEXIST:
+                for s in self.slots.values():
+                    if s.slot != slot and gpa < s.end and s.gpa < gpa + size:
+                        return (f"slot {slot} at {gpa:#x}+{size:#x} overlaps slot {s.slot} "
+                                f"at {s.gpa:#x}+{s.size:#x}: pick a free range")
+                return f"slot {slot} at {gpa:#x}+{size:#x} overlaps an existing slot"
+            if err == errno.EINVAL:
+                if size == 0 and slot not in self.slots:
+                    return f"slot {slot} does not exist, so a zero-sized region cannot delete it"
+                if gpa % PAGE_SIZE or size % PAGE_SIZE or uaddr % PAGE_SIZE:
+                    return (f"gpa {gpa:#x}, size {size:#x} and host address {uaddr:#x} must "
+                            f"all be page-aligned ({PAGE_SIZE:#x})")
+                if flags & ~(abi.KVM_MEM_LOG_DIRTY_PAGES | abi.KVM_MEM_READONLY
+                             | abi.KVM_MEM_GUEST_MEMFD):
+                    return f"unknown flags {flags:#x}"
+                if slot in self.slots and self.slots[slot].size != size:
+                    return "an existing slot can be moved or re-flagged but not resized"
+                return "the kernel rejected the region (slot number, flags or size)"
+            if err == errno.EFAULT:
+                return f"host address {uaddr:#x}+{size:#x} is not mapped in this process"
+            return ""
+        return hint
+
+    def try_set_user_memory_region(self, slot: int, gpa: int, size: int, uaddr: int,
+                                   flags: int = 0) -> int:
+        """Raw KVM_SET_USER_MEMORY_REGION: returns the errno (0 on success)."""
+        region = ffi.new("struct kvm_userspace_memory_region *",
+                         (slot, flags, gpa, size, uaddr))
+        return self._try_ioctl("KVM_SET_USER_MEMORY_REGION", region)[1]
+
+    def set_user_memory_region(self, slot: int, gpa: int, size: int, uaddr: int,
+                               flags: int = 0) -> None:
+        """KVM_SET_USER_MEMORY_REGION (KVM_CAP_USER_MEMORY). Size 0 deletes the slot."""
+        region = ffi.new("struct kvm_userspace_memory_region *",
+                         (slot, flags, gpa, size, uaddr))
+        self._ioctl("KVM_SET_USER_MEMORY_REGION", region,
+                    hint=self._slot_hint(slot, gpa, size, uaddr, flags))
+
+    def try_set_user_memory_region2(self, slot: int, gpa: int, size: int, uaddr: int,
+                                    flags: int = 0, guest_memfd: int = 0,
+                                    guest_memfd_offset: int = 0) -> int:
+        """Raw KVM_SET_USER_MEMORY_REGION2: returns the errno (0 on success)."""
+        region = self._region2(slot, gpa, size, uaddr, flags, guest_memfd, guest_memfd_offset)
+        return self._try_ioctl("KVM_SET_USER_MEMORY_REGION2", region)[1]
+
+    def set_user_memory_region2(self, slot: int, gpa: int, size: int, uaddr: int,
+                                flags: int = 0, guest_memfd: int = 0,
+                                guest_memfd_offset: int = 0) -> None:
+        """KVM_SET_USER_MEMORY_REGION2 (KVM_CAP_USER_MEMORY2): v1 plus guest_memfd binding."""
+        region = self._region2(slot, gpa, size, uaddr, flags, guest_memfd, guest_memfd_offset)
+        self._ioctl("KVM_SET_USER_MEMORY_REGION2", region,
+                    hint=self._slot_hint(slot, gpa, size, uaddr, flags))
+
+    @staticmethod
+    def _region2(slot, gpa, size, uaddr, flags, guest_memfd, guest_memfd_offset):
+        r = ffi.new("struct kvm_userspace_memory_region2 *")
+        r.slot, r.flags, r.guest_phys_addr, r.memory_size = slot, flags, gpa, size
+        r.userspace_addr, r.guest_memfd_offset, r.guest_memfd = (
+            uaddr, guest_memfd_offset, guest_memfd)
+        return r
+
+    def _apply_slot(self, s: MemorySlot, v2: bool) -> None:
+        uaddr = s.memory.host_addr + s.offset
+        if v2 or s.guest_memfd is not None:
+            self.set_user_memory_region2(s.slot, s.gpa, s.size, uaddr, s.flags,
+                                         s.guest_memfd or 0, s.guest_memfd_offset)
+        else:
+            self.set_user_memory_region(s.slot, s.gpa, s.size, uaddr, s.flags)
+
+    def free_slot(self) -> int:
+        n = 0
+        while n in self.slots:
+            n += 1
+        return n
+
+    def add_memory(self, gpa: int, size: int, flags: int = 0, slot: int | None = None,
+                   memory: GuestMemory | None = None, offset: int = 0,
+                   v2: bool = False, guest_memfd: GuestMemfd | None = None,
+                   guest_memfd_offset: int = 0) -> MemorySlot:
+        """Map guest memory at `gpa`. Allocates anonymous memory unless `memory` is given.
+
+        The memory belongs to the VM from then on and outlives the slot.
+        """
+        if size == 0:
+            raise PyvmmError(f"memory slot at {gpa:#x} has size 0: give a positive, "
+                             f"page-aligned size (size 0 means 'delete' to KVM)")
+        slot = self.free_slot() if slot is None else slot
+        if slot in self.slots:
+            raise PyvmmError(f"memory slot {slot} is already in use at "
+                             f"{self.slots[slot].gpa:#x}: delete it first or pick another")
+        own = memory is None
+        if own:
+            alloc = size if size % PAGE_SIZE == 0 else size + PAGE_SIZE - size % PAGE_SIZE
+            memory = GuestMemory(alloc)
+        s = MemorySlot(slot, gpa, size, memory, flags, offset,
+                       guest_memfd.fd if guest_memfd is not None else None, guest_memfd_offset)
+        if guest_memfd is not None:
+            s.flags |= abi.KVM_MEM_GUEST_MEMFD
+        try:
+            self._apply_slot(s, v2)
+        except Exception:
+            if own:
+                memory.close()
+            raise
+        if memory not in self.memories:
+            self.memories.append(memory)
+        self.slots[slot] = s
+        return s
+
+    def delete_slot(self, slot: int) -> None:
+        """Delete a slot (KVM_SET_USER_MEMORY_REGION with size 0). Memory stays mapped."""
+        s = self.slots.get(slot)
+        if s is None:
+            raise PyvmmError(f"memory slot {slot} does not exist")
+        if s.guest_memfd is not None:
+            self.set_user_memory_region2(slot, s.gpa, 0, s.memory.host_addr + s.offset,
+                                         s.flags, s.guest_memfd, s.guest_memfd_offset)
+        else:
+            self.set_user_memory_region(slot, s.gpa, 0, s.memory.host_addr + s.offset, s.flags)
+        del self.slots[slot]
+
+    def move_slot(self, slot: int, new_gpa: int) -> None:
+        """Move a slot to a new guest address (KVM_MR_MOVE)."""
+        s = self.slots[slot]
+        old = s.gpa
+        s.gpa = new_gpa
+        try:
+            self._apply_slot(s, s.guest_memfd is not None)
+        except Exception:
+            s.gpa = old
+            raise
+
+    def set_slot_flags(self, slot: int, flags: int) -> None:
+        """Change a slot's flags (dirty logging; KVM_MR_FLAGS_ONLY)."""
+        s = self.slots[slot]
+        old = s.flags
+        s.flags = flags
+        try:
+            self._apply_slot(s, s.guest_memfd is not None)
+        except Exception:
+            s.flags = old
+            raise
+
+    def slot_at(self, gpa: int, length: int = 1) -> MemorySlot:
+        for s in self.slots.values():
+            if s.contains(gpa, length):
+                return s
+        raise PyvmmError(f"guest address {gpa:#x}+{length:#x} is not backed by a memory slot")
+
+    def write_guest(self, gpa: int, data: bytes) -> None:
+        s = self.slot_at(gpa, len(data))
+        s.memory.write(s.offset + gpa - s.gpa, data)
+
+    def read_guest(self, gpa: int, length: int) -> bytes:
+        s = self.slot_at(gpa, length)
+        return s.memory.read(s.offset + gpa - s.gpa, length)
+
+    # --- guest_memfd -----------------------------------------------------------------
+    def create_guest_memfd(self, size: int, flags: int = 0) -> GuestMemfd:
+        """KVM_CREATE_GUEST_MEMFD (KVM_CAP_GUEST_MEMFD)."""
+        if not self.check_extension(abi.KVM_CAP_GUEST_MEMFD):
+            raise PyvmmError("guest_memfd needs KVM_CAP_GUEST_MEMFD, which this host lacks")
+        arg = ffi.new("struct kvm_create_guest_memfd *")
+        arg.size, arg.flags = size, flags
+        supported = self.check_extension(abi.KVM_CAP_GUEST_MEMFD_FLAGS)
+
+        def hint(err: int) -> str:
+            if err == errno.EINVAL:
+                if flags & ~supported:
+                    return (f"flags {flags:#x} include bits this host does not support "
+                            f"(supported: {supported:#x})")
+                return f"size {size:#x} must be a positive multiple of the page size"
+            return ""
+        fd = self._ioctl("KVM_CREATE_GUEST_MEMFD", arg, hint=hint)
+        g = GuestMemfd(fd, size, flags)
+        self.guest_memfds.append(g)
+        return g
+
+    # --- ioeventfds -------------------------------------------------------------------
+    def _ioeventfd_ioctl(self, efd: int, addr: int, length: int, pio: bool,
+                         datamatch: int | None, deassign: bool) -> None:
+        t = _mono()
+        err = self.try_ioeventfd(efd, addr, length, pio, datamatch, deassign)
+        self.last_ioeventfd_ns = _mono() - t
+        if err:
+            space = "port" if pio else "MMIO"
+            where = f"{space} {addr:#x} len {length}"
+
+            def hint(e: int) -> str:
+                if e == errno.EEXIST:
+                    return f"an ioeventfd already covers {where}"
+                if e == errno.EINVAL:
+                    if length not in VALID_IOEVENTFD_LENGTHS:
+                        return f"length {length} is invalid: use 0, 1, 2, 4 or 8"
+                    if length == 0 and (pio or datamatch is not None):
+                        return "length 0 is only valid for MMIO without datamatch"
+                    if addr + length < addr:
+                        return f"{where} wraps around the address space"
+                    return f"KVM rejected {where}"
+                if e == errno.ENOENT:
+                    return f"no ioeventfd is assigned at {where} for this eventfd"
+                if e == errno.ENOSPC:
+                    return "the KVM I/O bus is full (1000 in-kernel devices)"
+                return ""
+            raise KvmError("KVM_IOEVENTFD", err, hint(err))
+
+    def try_ioeventfd(self, efd: int, addr: int, length: int, pio: bool = False,
+                      datamatch: int | None = None, deassign: bool = False) -> int:
+        """Raw KVM_IOEVENTFD: returns the errno (0 on success)."""
+        arg = ffi.new("struct kvm_ioeventfd *")
+        arg.addr, arg.len, arg.fd = addr, length, efd
+        flags = 0
+        if pio:
+            flags |= abi.KVM_IOEVENTFD_FLAG_PIO
+        if datamatch is not None:
+            flags |= abi.KVM_IOEVENTFD_FLAG_DATAMATCH
+            arg.datamatch = datamatch
+        if deassign:
+            flags |= abi.KVM_IOEVENTFD_FLAG_DEASSIGN
+        arg.flags = flags
+        return self._try_ioctl("KVM_IOEVENTFD", arg)[1]
+
+    def ioeventfd(self, addr: int, length: int = 4, pio: bool = False,
+                  datamatch: int | None = None) -> Ioeventfd:
+        """Bind a new eventfd to `addr` (KVM_IOEVENTFD, KVM_CAP_IOEVENTFD).
+
+        Guest writes there complete in the kernel and increment the eventfd counter.
+        """
+        try:
+            efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE):
+                soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+                raise ResourceLimit(
+                    f"eventfd() failed: {errno.errorcode[e.errno]}: out of file descriptors "
+                    f"after {len(self._ioeventfds)} ioeventfds (RLIMIT_NOFILE soft {soft}, "
+                    f"hard {hard}): raise it with 'ulimit -n'") from None
+            raise
+        try:
+            self._ioeventfd_ioctl(efd, addr, length, pio, datamatch, deassign=False)
+        except Exception:
+            os.close(efd)
+            raise
+        io = Ioeventfd(self, efd, addr, length, pio, datamatch)
+        self._ioeventfds.add(io)
+        return io
+
+    @property
+    def ioeventfds(self) -> list[Ioeventfd]:
+        return sorted(self._ioeventfds, key=lambda i: (i.pio, i.addr))
+
+    # --- vCPUs ------------------------------------------------------------------------
+    def create_vcpu(self, vcpu_id: int | None = None):
+        """KVM_CREATE_VCPU. Maps the vCPU's kvm_run page."""
+        from .vcpu import Vcpu
+
+        vcpu_id = len(self.vcpus) if vcpu_id is None else vcpu_id
+
+        def hint(err: int) -> str:
+            if err == errno.EEXIST:
+                return f"vCPU {vcpu_id} already exists"
+            if err == errno.EINVAL:
+                return (f"vCPU id {vcpu_id} is out of range (max vcpus "
+                        f"{self.check_extension(abi.KVM_CAP_MAX_VCPUS)})")
+            return ""
+        fd = self._ioctl("KVM_CREATE_VCPU", vcpu_id, hint=hint)
+        vcpu = Vcpu(self, fd, vcpu_id, self.kvm.get_vcpu_mmap_size())
+        self.vcpus.append(vcpu)
+        return vcpu
+
+    # --- lifetime ---------------------------------------------------------------------
+    def close(self) -> None:
+        for v in self.vcpus:
+            v.close()
+        self.vcpus = []
+        self._close_fd()
+        for io in list(self._ioeventfds):
+            io.close()
+        for g in self.guest_memfds:
+            g.close()
+        self.guest_memfds = []
+        for m in self.memories:
+            m.close()
+        self.memories = []
+        self.slots = {}

@@ -1,0 +1,141 @@
+"""A short real sweep, report round-trip, interrupted sweeps, and the C helper."""
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from pyvmm import guests
+from pyvmm.bench import native, recipe as rmod, report
+from pyvmm.bench.cli import compare_docs, python_vs_c_table
+from pyvmm.bench.sweep import Sweep, SweepConfig, load_run
+from pyvmm.errors import PyvmmError
+
+pytestmark = pytest.mark.kvm
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    cfg = SweepConfig(ns=(0, 10), repeats=3, warmup=1, seed=1, control_n=8)
+    doc = Sweep(cfg, str(out)).run()
+    return str(out), doc
+
+
+def test_short_sweep_structure_and_doorbells(short_run):
+    out, doc = short_run
+    assert doc["status"] == "complete" and doc["schema"] == "pyvmm.run/1"
+    cells = {(s["recipe"], s["n"]) for s in doc["samples"]}
+    assert cells == {("before-vcpu", 0), ("before-vcpu", 10), ("during-boot", 0),
+                     ("during-boot", 10), ("control", 8)}
+    assert len(doc["samples"]) == 5 * 3
+    for s in doc["samples"]:
+        r = s["result"]
+        assert r["ok"], r["error"]
+        if s["recipe"] != "control":
+            assert r["halted"]
+            assert r["doorbells_expected"] == s["n"]
+            assert r["doorbells_completed"] == s["n"]
+            assert r["doorbell_mmio_exits"] == 0
+            assert r["bar_value"] == 0xBA5EBA11       # the memslot step mapped the BAR
+            ops = [p["op"] for p in r["phases"]]
+            assert ops[-1] == "teardown"
+            ioev = [p for p in r["phases"] if p["op"] == "ioev"][0]
+            assert len(ioev["samples"]) == s["n"]
+            assert sum(p["wall_ns"] for p in r["phases"][:-1]) == r["boot_wall_ns"]
+    assert doc["host"]["kernel"] and doc["clock"]["wall_read_ns"] > 0
+    # The order interleaves cells instead of running them in blocks.
+    first_round = [(s["recipe"], s["n"]) for s in doc["samples"][:5]]
+    assert len(set(first_round)) == 5
+
+
+def test_run_json_round_trips_through_report(short_run, capsys):
+    out, doc = short_run
+    loaded = load_run(out)
+    assert loaded["samples"] == json.loads(json.dumps(doc["samples"]))
+    from rich.console import Console
+    a = report.write_all(Console(width=200), loaded, out)
+    assert set(a["recipes"]) == {"before-vcpu", "during-boot"}
+    assert a["verdict"].behaviour in ("sync", "deferred")
+    for f in ("summary.csv", "boot_vs_n.png", "boot_vs_n.svg", "phases.png",
+              "per_op_vs_occupancy.svg"):
+        assert os.path.getsize(os.path.join(out, f)) > 0, f
+    with open(os.path.join(out, "summary.csv")) as f:
+        lines = f.read().splitlines()
+    assert lines[0].startswith("recipe,n,boots") and len(lines) == 1 + 4
+    rows = compare_docs(loaded, loaded)
+    assert rows and all(abs(r["ratio"] - 1) < 1e-9 and r["p_value"] > 0.5 for r in rows)
+
+
+def test_interrupted_sweep_leaves_valid_partial_json(tmp_path):
+    cfg = SweepConfig(ns=(0, 1), repeats=5, warmup=0, seed=2, control_n=0)
+    sweep = Sweep(cfg, str(tmp_path))
+
+    def progress(done, total, cell):
+        if done == 7:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run(progress)
+    doc = load_run(str(tmp_path))
+    assert doc["status"] == "interrupted"
+    assert len(doc["samples"]) == 7
+    assert not [f for f in os.listdir(tmp_path) if ".tmp." in f]
+
+
+def test_bad_sweep_inputs_fail_before_booting():
+    with pytest.raises(PyvmmError, match="repeats"):
+        SweepConfig(repeats=0)
+    with pytest.raises(PyvmmError, match=">= 0"):
+        SweepConfig(ns=(0, -3))
+    with pytest.raises(rmod.RecipeError):
+        SweepConfig(recipes=("vm,mem,run",))
+
+
+def test_load_run_rejects_other_files(tmp_path):
+    p = tmp_path / "run.json"
+    p.write_text('{"schema": "something-else"}')
+    with pytest.raises(PyvmmError, match="schema"):
+        load_run(str(tmp_path))
+    p.write_text("{not json")
+    with pytest.raises(PyvmmError, match="not valid JSON"):
+        load_run(str(p))
+    with pytest.raises(PyvmmError, match="does not exist"):
+        load_run(str(tmp_path / "missing"))
+
+
+def test_python_and_c_drivers_agree(tmp_path):
+    cfg = SweepConfig(ns=(3,), recipes=("during-boot",), repeats=3, warmup=1, seed=3,
+                      control_n=0, drivers=("c", "py"))
+    doc = Sweep(cfg, str(tmp_path)).run()
+    for s in doc["samples"]:
+        r = s["result"]
+        assert r["ok"] and r["doorbells_completed"] == 3 and r["doorbell_mmio_exits"] == 0
+        assert [p["op"] for p in r["phases"]] == ["vm", "mem", "vcpu", "run", "ioev", "run",
+                                                  "memslot", "run", "teardown"]
+    ratios = python_vs_c_table(doc)
+    assert list(ratios) == [("during-boot", 3)] and ratios[("during-boot", 3)] > 0
+
+
+def test_native_run_reports_errors_cleanly():
+    runner = native.NativeRunner(ioev_len=3)
+    res = runner.run(rmod.parse("vm,mem,ioev:1"))
+    assert not res["ok"] and "length 3 is invalid" in res["error"]
+    assert native.clock_cost(1000)["wall_read_ns"] > 0
+
+
+def test_standalone_helper_prints_json_lines():
+    exe = guests.helper_path()
+    out = subprocess.run([exe, "--recipe", "vm,mem,ioev:2,vcpu:1,run:rung,memslot,run",
+                          "--repeat", "2", "--clock-cost"], capture_output=True, text=True,
+                         check=True).stdout.splitlines()
+    docs = [json.loads(line) for line in out]
+    assert docs[0]["type"] == "clock_cost"
+    boots = docs[1:]
+    assert len(boots) == 2
+    for b in boots:
+        assert b["ok"] and b["doorbells_completed"] == 2 and b["bar_value"] == 0xBA5EBA11
+        assert [p["op"] for p in b["phases"]][-1] == "teardown"
+    bad = subprocess.run([exe, "--recipe", "vm,run"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "needs 'vcpu:K'" in bad.stderr

@@ -1,0 +1,62 @@
+"""The pyvmm command line, run as a user would (subprocess)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.kvm
+
+
+def pyvmm(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "pyvmm", *args], capture_output=True,
+                          text=True, timeout=120, **kw)
+
+
+def test_info_json_reports_this_host():
+    r = pyvmm("info", "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    import platform
+    assert info["kernel"] == platform.release()
+    assert info["kvm_api_version"] == 12
+    assert info["caps"]["ioeventfd"] == 1
+    assert info["rlimit_nofile"]["soft"] > 0
+
+
+def test_info_table():
+    r = pyvmm("info")
+    assert r.returncode == 0 and "KVM capabilities" in r.stdout and "guest_memfd" in r.stdout
+
+
+def test_boot_doorbell_timeline_and_proof():
+    r = pyvmm("boot", "--guest", "doorbell", "--ioeventfds", "16", "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["doorbells_ok"] and res["doorbells_completed"] == 16
+    assert [p["op"] for p in res["phases"]] == ["vm", "mem", "ioev", "vcpu", "run", "teardown"]
+    t = pyvmm("boot", "--guest", "hello")
+    assert t.returncode == 0 and "Hello from a pyvmm real-mode guest" in t.stdout
+    assert "run to HLT" in t.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["boot", "--guest", "nope"], "unknown guest 'nope'"),
+    (["boot", "--guest", "spin", "--timeout", "0.2"], "did not reach halt within 0.2 s"),
+    (["boot", "--guest", "triple"], "KVM_EXIT_SHUTDOWN"),
+    (["boot", "--guest", "mmiofetch"], "KVM_EXIT_INTERNAL_ERROR suberror 1"),
+    (["boot", "--recipe", "vm,run"], "needs 'vcpu:K'"),
+    (["report", "/nonexistent/dir"], "does not exist"),
+])
+def test_bad_input_exits_2_with_one_clear_line(args, message):
+    r = pyvmm(*args)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert message in " ".join(r.stderr.split())
+
+
+def test_ioeventfds_beyond_rlimit_exit_2():
+    r = subprocess.run(["bash", "-c", f"ulimit -n 64; {sys.executable} -m pyvmm boot "
+                        "--ioeventfds 200"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert "RLIMIT_NOFILE" in r.stderr and "ulimit -n" in r.stderr

@@ -1,0 +1,100 @@
+"""Stats, fits and the verdict on synthetic data with known answers, and on recorded
+samples (no KVM needed)."""
+
+import json
+import os
+import random
+
+import pytest
+
+from pyvmm.bench import stats
+
+DATA = os.path.join(os.path.dirname(__file__), "data")
+
+
+def test_percentiles_and_summary():
+    vals = list(range(1, 101))
+    assert stats.median(vals) == pytest.approx(50.5)
+    assert stats.percentile(vals, 90) == pytest.approx(90.1)
+    s = stats.summarize(vals)
+    assert s["n"] == 100 and s["min"] == 1 and s["max"] == 100
+    with pytest.raises(ValueError):
+        stats.percentile([], 50)
+
+
+def test_quadratic_fit_recovers_known_coefficients():
+    ns = [0, 1, 10, 100, 300, 1000]
+    ys = [2_000_000 + 1500 * n + 7 * n * n for n in ns]
+    fit = stats.fit_quadratic(ns, ys)
+    assert fit.a == pytest.approx(2_000_000, rel=1e-6)
+    assert fit.b == pytest.approx(1500, rel=1e-6)
+    assert fit.c == pytest.approx(7, rel=1e-6)
+    assert fit.rms_residual < 1e-3
+    assert fit(50) == pytest.approx(2_000_000 + 1500 * 50 + 7 * 2500)
+
+
+def test_quadratic_fit_reports_residual_for_noisy_data():
+    rng = random.Random(1)
+    ns = list(range(0, 1000, 50))
+    ys = [1000 + 3 * n + rng.gauss(0, 100) for n in ns]
+    fit = stats.fit_quadratic(ns, ys)
+    assert 30 < fit.rms_residual < 200
+    with pytest.raises(ValueError):
+        stats.fit_quadratic([1, 1, 2], [1, 2, 3])
+
+
+def test_linear_fit_slope():
+    a, b = stats.fit_linear([0, 10, 20, 30], [100, 170, 240, 310])
+    assert a == pytest.approx(100) and b == pytest.approx(7)
+
+
+def test_permutation_test_separates_and_does_not_invent():
+    rng = random.Random(3)
+    a = [rng.gauss(100, 5) for _ in range(30)]
+    b = [rng.gauss(130, 5) for _ in range(30)]
+    c = [rng.gauss(100, 5) for _ in range(30)]
+    assert stats.permutation_pvalue(a, b, 1000) < 0.01
+    assert stats.permutation_pvalue(a, c, 1000) > 0.05
+
+
+def test_interleaved_order_is_balanced_and_seeded():
+    cells = [("r", n) for n in (0, 1, 10)]
+    o1 = stats.interleaved_order(cells, 4, seed=9)
+    o2 = stats.interleaved_order(cells, 4, seed=9)
+    assert o1 == o2 and len(o1) == 12
+    for k in range(4):
+        assert sorted(o1[3 * k:3 * k + 3]) == sorted(cells)
+    assert o1 != stats.interleaved_order(cells, 4, seed=10)
+
+
+def test_verdict_on_recorded_host_samples_is_deferred():
+    with open(os.path.join(DATA, "control-host-6.18.json")) as f:
+        rec = json.load(f)
+    v = stats.verdict(rec["assign"], rec["eexist"], rec["deassign"], rec["memslot_n1"],
+                      rec["memslot_n0"], rec["hz"])
+    assert v.behaviour == "deferred" and v.text == stats.DEFERRED_TEXT
+    assert v.assign_over_eexist < stats.ASSIGN_OVER_EEXIST_MIN
+    assert v.stall_ns > 1e6 and "post-registration stall" in v.stall_text
+    assert "HZ=250" in v.stall_text
+
+
+def test_verdict_on_synchronous_registration_samples():
+    # Shape of a pre-6.18 kernel: every assign and deassign waits for an expedited grace
+    # period (~tens of us), EEXIST returns before touching the bus (~1 us). Synthetic.
+    rng = random.Random(5)
+    assign = [rng.gauss(40_000, 3_000) for _ in range(200)]
+    deassign = [rng.gauss(42_000, 3_000) for _ in range(200)]
+    eexist = [rng.gauss(1_000, 100) for _ in range(200)]
+    memslot = [rng.gauss(30_000, 2_000) for _ in range(20)]
+    v = stats.verdict(assign, eexist, deassign, memslot, memslot, 250)
+    assert v.behaviour == "sync" and v.text == stats.SYNC_TEXT
+    assert v.assign_over_eexist > 30
+    assert "no post-registration stall" in v.stall_text
+
+
+def test_verdict_boundaries():
+    # Exactly at both thresholds counts as synchronous; just below one does not.
+    assert stats.verdict([5.0], [1.0], [10.0]).behaviour == "sync"
+    assert stats.verdict([4.9], [1.0], [9.0]).behaviour == "deferred"
+    assert stats.verdict([5.0], [1.0], [10.1]).behaviour == "deferred"
+    assert stats.verdict([], [1.0], [1.0]).behaviour == "unknown"
