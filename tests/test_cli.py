@@ -9,9 +9,13 @@ import pytest
 pytestmark = pytest.mark.kvm
 
 
+# Run from a neutral directory so the installed package is imported, not the source tree.
+NEUTRAL = "/"
+
+
 def pyvmm(*args, **kw):
     return subprocess.run([sys.executable, "-m", "pyvmm", *args], capture_output=True,
-                          text=True, timeout=120, **kw)
+                          text=True, timeout=120, cwd=NEUTRAL, **kw)
 
 
 def test_info_json_reports_this_host():
@@ -57,6 +61,7 @@ def test_bad_input_exits_2_with_one_clear_line(args, message):
 
 def test_ioeventfds_beyond_rlimit_exit_2():
     r = subprocess.run(["bash", "-c", f"ulimit -n 64; {sys.executable} -m pyvmm boot "
-                        "--ioeventfds 200"], capture_output=True, text=True, timeout=60)
+                        "--ioeventfds 200"], capture_output=True, text=True, timeout=60,
+                       cwd=NEUTRAL)
     assert r.returncode == 2
     assert "RLIMIT_NOFILE" in r.stderr and "ulimit -n" in r.stderr
