@@ -81,7 +81,8 @@ class PyBoot:
         self.vm.write_guest(layout.PARAM_GPA, blob)
 
     def _ioev(self, step, samples):
-        check_nofile(step.count + 16, f"ioev:{step.count}")
+        if step.count:
+            check_nofile(step.count + 16, f"ioev:{step.count}")
         vm = self.vm
         for _ in range(step.count):
             addr = layout.DOORBELL_BASE + layout.DOORBELL_STRIDE * self.next_bell

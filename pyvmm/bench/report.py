@@ -158,6 +158,20 @@ def verdict_lines(a: dict) -> list[str]:
     return lines
 
 
+def overhead_line(doc: dict, a: dict) -> str | None:
+    """Timing overhead per timed op (one monotonic clock read) against the cheapest op."""
+    clk = (doc.get("clock") or {}).get("wall_read_ns")
+    v = a["verdict"]
+    ops = [x for x in (v.assign_ns, v.eexist_ns, v.deassign_ns) if x]
+    if not clk or not ops:
+        return None
+    cheapest = min(ops)
+    share = clk / cheapest
+    target = "met" if share < 0.01 else "not met"
+    return (f"  timing overhead per op: one clock read, {clk:.1f} ns = {share * 100:.1f}% of the "
+            f"cheapest op ({cheapest / 1e3:.2f} us); target < 1%: {target}")
+
+
 def render(console, doc: dict, driver: str = "c") -> dict:
     a = analyze(doc, driver)
     host = doc["host"]
@@ -173,6 +187,9 @@ def render(console, doc: dict, driver: str = "c") -> dict:
     for name, rec in a["recipes"].items():
         console.print(recipe_table(name, rec, doc["config"]["recipes"][name]))
     for line in verdict_lines(a):
+        console.print(line, highlight=False)
+    line = overhead_line(doc, a)
+    if line:
         console.print(line, highlight=False)
     if doc.get("kernel_check"):
         kc = doc["kernel_check"]
