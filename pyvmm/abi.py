@@ -304,6 +304,7 @@ int ioctl(int fd, unsigned long request, ...);
 void *mmap(void *addr, size_t length, int prot, int flags, int fd, long offset);
 int munmap(void *addr, size_t length);
 int madvise(void *addr, size_t length, int advice);
+int sched_getcpu(void);
 """)
 libc = ffi.dlopen(None)
 MAP_FAILED = ffi.cast("void *", -1)

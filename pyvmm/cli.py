@@ -97,7 +97,7 @@ def cmd_boot(args) -> int:
         console.print(f"note: guest '{g.name}' does not ring doorbells; the ioeventfds are "
                       f"registered but stay silent")
     boot = pyrunner.PyBoot(rec, guest=g.name, ioev_len=args.ioev_len,
-                           timeout=args.timeout or None, pin_cpu=args.pin)
+                           timeout=args.timeout or None, pin_cpu=args.pin, stats=args.stats)
     try:
         res = boot.run()
     except PyvmmError as e:
@@ -136,6 +136,16 @@ def cmd_boot(args) -> int:
                       f"counts, {res['doorbell_mmio_exits']} doorbell MMIO exits reached "
                       f"userspace: {verdict}")
         console.print(f"BAR read by the guest: {res['bar_value']:#x}")
+    if res.get("stats"):
+        from .stats import interesting
+        st = Table(title="KVM binary stats: change over the boot (KVM_GET_STATS_FD)")
+        st.add_column("fd")
+        st.add_column("statistic")
+        st.add_column("delta", justify="right")
+        for key, delta in res["stats"].items():
+            for name, value in sorted(interesting(delta).items()):
+                st.add_row(key, name, str(value))
+        console.print(st)
     return 0 if doorbell_ok else 1
 
 
@@ -159,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--ioev-len", type=int, default=4, choices=[0, 1, 2, 4, 8])
     b.add_argument("--timeout", type=float, default=10.0, help="seconds (0: none)")
     b.add_argument("--pin", type=int, default=None, metavar="CPU")
+    b.add_argument("--stats", action="store_true",
+                   help="show KVM binary stats deltas of the VM and vCPU 0")
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_boot)
 

@@ -13,6 +13,7 @@ import threading
 import time
 
 from .. import guests, layout
+from ..abi import libc
 from ..errors import GuestTimeout, PyvmmError, UnexpectedExit
 from ..exits import (FailEntry, Hlt, InternalError, Interrupted, Io, MemoryFault, Mmio,
                      Shutdown, describe)
@@ -34,7 +35,7 @@ class PyBoot:
 
     def __init__(self, recipe: Recipe, guest: str = "doorbell", ioev_len: int = 4,
                  timeout: float | None = 10.0, pin_cpu: int | None = None,
-                 kvm_path: str = "/dev/kvm", on_vm=None):
+                 kvm_path: str = "/dev/kvm", on_vm=None, stats: bool = False):
         self.recipe = recipe
         self.guest = guests.info(guest)
         self.image = guests.load(guest)
@@ -42,7 +43,9 @@ class PyBoot:
         self.timeout = timeout
         self.pin_cpu = pin_cpu
         self.kvm_path = kvm_path
-        self.on_vm = on_vm      # callback(vm) after the vm step, e.g. to open stats
+        self.on_vm = on_vm      # callback(vm) after the vm step
+        self.stats = stats      # snapshot KVM binary stats of the VM and vCPU 0
+        self._stats = {}        # "vm"/"vcpu0" -> (StatsReader, values before)
         self.kvm = None
         self.vm = None
         self.bells = []         # assigned Ioeventfd objects, in registration order
@@ -59,6 +62,8 @@ class PyBoot:
         self.vm = self.kvm.create_vm()
         if self.on_vm:
             self.on_vm(self.vm)
+        if self.stats:
+            self._open_stats("vm", self.vm)
 
     def _mem(self, step, samples):
         vm = self.vm
@@ -120,6 +125,8 @@ class PyBoot:
                 v.setup_long_mode(write_tables=False)
             else:
                 v.setup_real_mode()
+            if self.stats and v.id == 0:
+                self._open_stats("vcpu0", v)
 
     def _memslot(self, step, samples):
         for _ in range(step.count):
@@ -198,7 +205,23 @@ class PyBoot:
                 raise UnexpectedExit(f"unexpected exit: {describe(ex)}", ex)
 
     # --- driver ------------------------------------------------------------------------
+    def _open_stats(self, key, owner):
+        from ..stats import StatsReader
+        reader = StatsReader.open(owner)
+        self._stats[key] = (reader, reader.read())
+
+    def _collect_stats(self):
+        from ..stats import diff
+        out = {}
+        for key, (reader, before) in self._stats.items():
+            out[key] = diff(before, reader.read(), reader.layout)
+            reader.close()
+        self._stats = {}
+        if out:
+            self.res["stats"] = out
+
     def _teardown(self):
+        self._collect_stats()
         for io in self.bells:
             self.res["doorbells_completed"] += io.count()
         self.bells = []
@@ -227,7 +250,7 @@ class PyBoot:
             except OSError as e:
                 raise PyvmmError(f"cannot pin to CPU {self.pin_cpu}: {e.strerror}") from None
             res["pinned_cpu"] = self.pin_cpu
-        res["cpu_start"] = os.sched_getcpu() if hasattr(os, "sched_getcpu") else -1
+        res["cpu_start"] = libc.sched_getcpu()
         error = None
         self._kicker = None
         self._deadline = None
@@ -267,7 +290,7 @@ class PyBoot:
             c1, w1 = _cpu(), _mono()
             res["phases"].append({"op": "teardown", "count": 1, "target": 0, "end_marker": 0,
                                   "wall_ns": w1 - w0, "cpu_ns": c1 - c0, "samples": []})
-            res["cpu_end"] = os.sched_getcpu() if hasattr(os, "sched_getcpu") else -1
+            res["cpu_end"] = libc.sched_getcpu()
             if old_aff is not None:
                 os.sched_setaffinity(0, old_aff)
         res["serial"] = self.serial.decode(errors="replace")

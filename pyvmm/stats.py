@@ -1,0 +1,138 @@
+"""KVM binary statistics (KVM_GET_STATS_FD, KVM_CAP_BINARY_STATS_FD).
+
+A stats fd holds a header, an id string, one descriptor per statistic and the data. The
+layout is parsed once (parse_layout, a pure function fed bytes); reads then fetch only the
+data block with pread.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+
+from ._fd import FdOwner
+from .abi import ffi
+
+HEADER_SIZE = ffi.sizeof("struct kvm_stats_header")
+DESC_SIZE = ffi.sizeof("struct kvm_stats_desc")
+
+TYPES = {0: "cumulative", 1: "instant", 2: "peak", 3: "linear_hist", 4: "log_hist"}
+UNITS = {0: "", 1: "bytes", 2: "seconds", 3: "cycles", 4: "boolean"}
+BASES = {0: 10, 1: 2}
+
+# The statistics worth showing after a boot.
+INTERESTING = ("exits", "io_exits", "mmio_exits", "insn_emulation", "insn_emulation_fail",
+               "halt_exits", "halt_successful_poll", "mmu_pte_write", "mmu_flooded",
+               "mmu_shadow_zapped", "mmu_cache_miss", "remote_tlb_flush", "pf_fixed",
+               "pf_taken", "signal_exits", "request_irq_exits", "irq_exits")
+
+
+class StatsFormatError(ValueError):
+    """The stats blob does not have the layout KVM documents."""
+
+
+@dataclass(frozen=True)
+class StatDesc:
+    name: str
+    type: str
+    unit: str
+    base: int
+    exponent: int
+    size: int          # number of u64 values
+    offset: int        # byte offset within the data block
+    bucket_size: int
+
+    def scale(self, value: int) -> float:
+        return value * (self.base ** self.exponent)
+
+
+@dataclass(frozen=True)
+class StatsLayout:
+    id: str
+    descs: tuple[StatDesc, ...]
+    data_offset: int
+    data_size: int
+
+
+def parse_layout(blob: bytes) -> StatsLayout:
+    """Parse header, id and descriptors from the first bytes of a stats fd."""
+    if len(blob) < HEADER_SIZE:
+        raise StatsFormatError(f"stats blob of {len(blob)} bytes is shorter than its header")
+    flags, name_size, num_desc, id_off, desc_off, data_off = struct.unpack_from("<6I", blob)
+    end_desc = desc_off + num_desc * (DESC_SIZE + name_size)
+    if name_size == 0 or id_off + name_size > len(blob) or end_desc > len(blob):
+        raise StatsFormatError(f"stats header points past the {len(blob)} bytes read "
+                               f"(name_size {name_size}, {num_desc} descriptors)")
+    ident = blob[id_off:id_off + name_size].split(b"\0", 1)[0].decode(errors="replace")
+    descs = []
+    data_size = 0
+    for i in range(num_desc):
+        o = desc_off + i * (DESC_SIZE + name_size)
+        dflags, exponent, size, offset, bucket = struct.unpack_from("<IhHII", blob, o)
+        name = blob[o + DESC_SIZE:o + DESC_SIZE + name_size].split(b"\0", 1)[0].decode()
+        descs.append(StatDesc(name, TYPES.get(dflags & 0xF, f"type{dflags & 0xF}"),
+                              UNITS.get((dflags >> 4) & 0xF, "?"),
+                              BASES.get((dflags >> 8) & 0xF, 10), exponent, size, offset,
+                              bucket))
+        data_size = max(data_size, offset + 8 * size)
+    return StatsLayout(ident, tuple(descs), data_off, data_size)
+
+
+def decode_data(layout: StatsLayout, data: bytes) -> dict[str, int | tuple[int, ...]]:
+    """Values by name: an int for single-value stats, a tuple for histograms."""
+    out: dict[str, int | tuple[int, ...]] = {}
+    for d in layout.descs:
+        vals = struct.unpack_from(f"<{d.size}Q", data, d.offset)
+        out[d.name] = vals[0] if d.size == 1 else vals
+    return out
+
+
+def diff(before: dict, after: dict, layout: StatsLayout | None = None) -> dict:
+    """Cumulative stats: after - before. Instant and peak stats: the value after."""
+    kinds = {d.name: d.type for d in layout.descs} if layout else {}
+    out = {}
+    for name, b in after.items():
+        a = before.get(name)
+        if isinstance(b, tuple):
+            out[name] = tuple(y - (x if a else 0) for x, y in zip(a or b, b)) \
+                if kinds.get(name, "cumulative") not in ("instant", "peak") else b
+        elif kinds.get(name, "cumulative") in ("instant", "peak"):
+            out[name] = b
+        else:
+            out[name] = b - (a or 0)
+    return out
+
+
+class StatsReader(FdOwner):
+    """Reads one VM's or vCPU's statistics by name."""
+
+    kind = "stats fd"
+
+    def __init__(self, fd: int):
+        super().__init__(fd)
+        head = os.pread(fd, HEADER_SIZE, 0)
+        _, name_size, num_desc, id_off, desc_off, data_off = struct.unpack("<6I", head)
+        need = max(id_off + name_size, desc_off + num_desc * (DESC_SIZE + name_size), data_off)
+        self.layout = parse_layout(os.pread(fd, need, 0))
+
+    @classmethod
+    def open(cls, owner) -> "StatsReader":
+        """KVM_GET_STATS_FD on a Vm or Vcpu."""
+        return cls(owner._ioctl("KVM_GET_STATS_FD",
+                                hint="this kernel has no binary stats (KVM_CAP_BINARY_STATS_FD)"))
+
+    def read(self) -> dict:
+        data = os.pread(self._live_fd(), self.layout.data_size, self.layout.data_offset)
+        return decode_data(self.layout, data)
+
+    def describe(self, name: str) -> StatDesc:
+        for d in self.layout.descs:
+            if d.name == name:
+                return d
+        raise KeyError(f"no statistic named {name!r} in {self.layout.id}")
+
+
+def interesting(delta: dict) -> dict:
+    """The deltas worth printing: the well-known names, and anything else that moved."""
+    return {k: v for k, v in delta.items() if isinstance(v, int) and (k in INTERESTING or v)}
