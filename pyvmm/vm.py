@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import resource
@@ -226,27 +227,22 @@ class Vm(FdOwner):
             self.set_user_memory_region(slot, s.gpa, 0, s.memory.host_addr + s.offset, s.flags)
         del self.slots[slot]
 
+    def _update_slot(self, slot: int, **changes) -> None:
+        """Re-issue a slot with some fields changed; bookkeeping changes only on success."""
+        s = self.slots.get(slot)
+        if s is None:
+            raise PyvmmError(f"memory slot {slot} does not exist")
+        new = dataclasses.replace(s, **changes)
+        self._apply_slot(new, new.guest_memfd is not None)
+        self.slots[slot] = new
+
     def move_slot(self, slot: int, new_gpa: int) -> None:
         """Move a slot to a new guest address (KVM_MR_MOVE)."""
-        s = self.slots[slot]
-        old = s.gpa
-        s.gpa = new_gpa
-        try:
-            self._apply_slot(s, s.guest_memfd is not None)
-        except Exception:
-            s.gpa = old
-            raise
+        self._update_slot(slot, gpa=new_gpa)
 
     def set_slot_flags(self, slot: int, flags: int) -> None:
         """Change a slot's flags (dirty logging; KVM_MR_FLAGS_ONLY)."""
-        s = self.slots[slot]
-        old = s.flags
-        s.flags = flags
-        try:
-            self._apply_slot(s, s.guest_memfd is not None)
-        except Exception:
-            s.flags = old
-            raise
+        self._update_slot(slot, flags=flags)
 
     def slot_at(self, gpa: int, length: int = 1) -> MemorySlot:
         for s in self.slots.values():
