@@ -97,7 +97,8 @@ def cmd_boot(args) -> int:
         console.print(f"note: guest '{g.name}' does not ring doorbells; the ioeventfds are "
                       f"registered but stay silent")
     boot = pyrunner.PyBoot(rec, guest=g.name, ioev_len=args.ioev_len,
-                           timeout=args.timeout or None, pin_cpu=args.pin, stats=args.stats)
+                           timeout=args.timeout or None, pin_cpu=args.pin, stats=args.stats,
+                           memory=args.memory)
     try:
         res = boot.run()
     except PyvmmError as e:
@@ -169,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--ioev-len", type=int, default=4, choices=[0, 1, 2, 4, 8])
     b.add_argument("--timeout", type=float, default=10.0, help="seconds (0: none)")
     b.add_argument("--pin", type=int, default=None, metavar="CPU")
+    b.add_argument("--memory", choices=["anon", "gmem"], default="anon",
+                   help="back RAM with anonymous memory or a guest_memfd (mmap flags)")
     b.add_argument("--stats", action="store_true",
                    help="show KVM binary stats deltas of the VM and vCPU 0")
     b.add_argument("--json", action="store_true")

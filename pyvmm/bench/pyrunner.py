@@ -35,7 +35,11 @@ class PyBoot:
 
     def __init__(self, recipe: Recipe, guest: str = "doorbell", ioev_len: int = 4,
                  timeout: float | None = 10.0, pin_cpu: int | None = None,
-                 kvm_path: str = "/dev/kvm", on_vm=None, stats: bool = False):
+                 kvm_path: str = "/dev/kvm", on_vm=None, stats: bool = False,
+                 memory: str = "anon"):
+        if memory not in ("anon", "gmem"):
+            raise PyvmmError(f"unknown memory kind '{memory}': use anon or gmem")
+        self.memory = memory
         self.recipe = recipe
         self.guest = guests.info(guest)
         self.image = guests.load(guest)
@@ -67,7 +71,10 @@ class PyBoot:
 
     def _mem(self, step, samples):
         vm = self.vm
-        ram = vm.add_memory(0, layout.RAM_SIZE)
+        if self.memory == "gmem":
+            ram = self._gmem_ram()
+        else:
+            ram = vm.add_memory(0, layout.RAM_SIZE)
         if len(self.image) > layout.RAM_SIZE - layout.CODE_GPA - 0x10000:
             raise PyvmmError(f"guest image of {len(self.image)} bytes does not fit in RAM")
         ram.memory.write(layout.CODE_GPA, self.image)
@@ -79,6 +86,23 @@ class PyBoot:
         self.bar_mem = GuestMemory(layout.BAR_SIZE * MAX_BAR_SLOTS)
         self.vm.memories.append(self.bar_mem)
         self.bar_mem.write(0, layout.BAR_PATTERN.to_bytes(4, "little"))
+
+    def _gmem_ram(self):
+        """RAM from a guest_memfd created mmap-able and shared, bound with
+        KVM_SET_USER_MEMORY_REGION2 and KVM_MEM_GUEST_MEMFD."""
+        from .. import abi
+        vm = self.vm
+        if not vm.check_extension(abi.KVM_CAP_GUEST_MEMFD):
+            raise PyvmmError("--memory gmem requires KVM_CAP_GUEST_MEMFD")
+        want = abi.GUEST_MEMFD_FLAG_MMAP | abi.GUEST_MEMFD_FLAG_INIT_SHARED
+        have = vm.check_extension(abi.KVM_CAP_GUEST_MEMFD_FLAGS)
+        if have & want != want:
+            raise PyvmmError(f"--memory gmem needs guest_memfd flags mmap and init-shared "
+                             f"(KVM_CAP_GUEST_MEMFD_FLAGS reports {have:#x})")
+        gmem = vm.create_guest_memfd(layout.RAM_SIZE, want)
+        mem = GuestMemory(layout.RAM_SIZE, fd=gmem.fd)
+        vm.memories.append(mem)
+        return vm.add_memory(0, layout.RAM_SIZE, memory=mem, guest_memfd=gmem)
 
     def _write_params(self):
         addrs = [b.addr for b in self.bells]
