@@ -55,13 +55,19 @@ class StatsLayout:
     data_size: int
 
 
+def layout_extent(header: bytes) -> int:
+    """How many leading bytes of a stats fd hold its header, id and descriptors."""
+    if len(header) < HEADER_SIZE:
+        raise StatsFormatError(f"stats blob of {len(header)} bytes is shorter than its header")
+    _, name_size, num_desc, id_off, desc_off, _ = struct.unpack_from("<6I", header)
+    return max(id_off + name_size, desc_off + num_desc * (DESC_SIZE + name_size))
+
+
 def parse_layout(blob: bytes) -> StatsLayout:
     """Parse header, id and descriptors from the first bytes of a stats fd."""
-    if len(blob) < HEADER_SIZE:
-        raise StatsFormatError(f"stats blob of {len(blob)} bytes is shorter than its header")
-    flags, name_size, num_desc, id_off, desc_off, data_off = struct.unpack_from("<6I", blob)
-    end_desc = desc_off + num_desc * (DESC_SIZE + name_size)
-    if name_size == 0 or id_off + name_size > len(blob) or end_desc > len(blob):
+    extent = layout_extent(blob)
+    _, name_size, num_desc, id_off, desc_off, data_off = struct.unpack_from("<6I", blob)
+    if name_size == 0 or extent > len(blob):
         raise StatsFormatError(f"stats header points past the {len(blob)} bytes read "
                                f"(name_size {name_size}, {num_desc} descriptors)")
     ident = blob[id_off:id_off + name_size].split(b"\0", 1)[0].decode(errors="replace")
@@ -90,17 +96,16 @@ def decode_data(layout: StatsLayout, data: bytes) -> dict[str, int | tuple[int, 
 
 def diff(before: dict, after: dict, layout: StatsLayout | None = None) -> dict:
     """Cumulative stats: after - before. Instant and peak stats: the value after."""
-    kinds = {d.name: d.type for d in layout.descs} if layout else {}
+    absolute = {d.name for d in layout.descs if d.type in ("instant", "peak")} if layout else set()
     out = {}
     for name, b in after.items():
         a = before.get(name)
-        if isinstance(b, tuple):
-            out[name] = tuple(y - (x if a else 0) for x, y in zip(a or b, b)) \
-                if kinds.get(name, "cumulative") not in ("instant", "peak") else b
-        elif kinds.get(name, "cumulative") in ("instant", "peak"):
+        if a is None or name in absolute:
             out[name] = b
+        elif isinstance(b, tuple):
+            out[name] = tuple(y - x for x, y in zip(a, b))
         else:
-            out[name] = b - (a or 0)
+            out[name] = b - a
     return out
 
 
@@ -111,9 +116,7 @@ class StatsReader(FdOwner):
 
     def __init__(self, fd: int):
         super().__init__(fd)
-        head = os.pread(fd, HEADER_SIZE, 0)
-        _, name_size, num_desc, id_off, desc_off, data_off = struct.unpack("<6I", head)
-        need = max(id_off + name_size, desc_off + num_desc * (DESC_SIZE + name_size), data_off)
+        need = layout_extent(os.pread(fd, HEADER_SIZE, 0))
         self.layout = parse_layout(os.pread(fd, need, 0))
 
     @classmethod

@@ -279,20 +279,18 @@ def test_thousand_boots_leak_no_fds_or_memory():
     assert rss1 - rss0 < 8 * 1024, f"RSS grew by {rss1 - rss0} KiB over 1000 boots"
 
 
-def _gmem_problem():
+@pytest.fixture
+def gmem(vm):
+    """Skip with the reason unless guest_memfd with mmap|init-shared flags is available."""
     from pyvmm import abi
-    with Kvm() as k, k.create_vm() as v:
-        if not v.check_extension(abi.KVM_CAP_GUEST_MEMFD):
-            return "requires KVM_CAP_GUEST_MEMFD"
-        if v.check_extension(abi.KVM_CAP_GUEST_MEMFD_FLAGS) & 3 != 3:
-            return "requires guest_memfd flags mmap|init-shared (KVM_CAP_GUEST_MEMFD_FLAGS)"
-    return None
+    if not vm.check_extension(abi.KVM_CAP_GUEST_MEMFD):
+        pytest.skip("requires KVM_CAP_GUEST_MEMFD")
+    if vm.check_extension(abi.KVM_CAP_GUEST_MEMFD_FLAGS) & 3 != 3:
+        pytest.skip("requires guest_memfd flags mmap|init-shared (KVM_CAP_GUEST_MEMFD_FLAGS)")
+    return vm
 
 
-def test_boot_from_guest_memfd():
-    problem = _gmem_problem()
-    if problem:
-        pytest.skip(problem)
+def test_boot_from_guest_memfd(gmem):
     res = boot("vm,mem,ioev:5,vcpu:1,run:rung,memslot,run", memory="gmem")
     assert res["doorbells_completed"] == 5 and res["doorbell_mmio_exits"] == 0
     assert res["bar_value"] == layout.BAR_PATTERN
@@ -300,9 +298,8 @@ def test_boot_from_guest_memfd():
     assert hello["serial"] == "Hello from a pyvmm real-mode guest\n"
 
 
-def test_guest_memfd_bad_flags_are_explained(vm):
-    if _gmem_problem():
-        pytest.skip(_gmem_problem())
+def test_guest_memfd_bad_flags_are_explained(gmem):
+    vm = gmem
     with pytest.raises(KvmError, match="flags 0x80 include bits this host does not support"):
         vm.create_guest_memfd(layout.RAM_SIZE, 0x80)
     with pytest.raises(KvmError, match="multiple of the page size"):

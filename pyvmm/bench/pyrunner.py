@@ -13,12 +13,14 @@ import threading
 import time
 
 from .. import guests, layout
+from .. import abi
 from ..abi import libc
 from ..errors import GuestTimeout, PyvmmError, UnexpectedExit
 from ..exits import (FailEntry, Hlt, InternalError, Interrupted, Io, MemoryFault, Mmio,
                      Shutdown, describe)
 from ..kvm import Kvm
 from ..memory import GuestMemory
+from ..stats import StatsReader, diff
 from ..vcpu import identity_page_tables, install_kick_handler
 from ..vm import check_nofile
 from .recipe import Recipe
@@ -35,7 +37,7 @@ class PyBoot:
 
     def __init__(self, recipe: Recipe, guest: str = "doorbell", ioev_len: int = 4,
                  timeout: float | None = 10.0, pin_cpu: int | None = None,
-                 kvm_path: str = "/dev/kvm", on_vm=None, stats: bool = False,
+                 kvm_path: str = "/dev/kvm", stats: bool = False,
                  memory: str = "anon"):
         if memory not in ("anon", "gmem"):
             raise PyvmmError(f"unknown memory kind '{memory}': use anon or gmem")
@@ -47,7 +49,6 @@ class PyBoot:
         self.timeout = timeout
         self.pin_cpu = pin_cpu
         self.kvm_path = kvm_path
-        self.on_vm = on_vm      # callback(vm) after the vm step
         self.stats = stats      # snapshot KVM binary stats of the VM and vCPU 0
         self._stats = {}        # "vm"/"vcpu0" -> (StatsReader, values before)
         self.kvm = None
@@ -64,10 +65,6 @@ class PyBoot:
     def _vm(self, step, samples):
         self.kvm = Kvm(self.kvm_path)
         self.vm = self.kvm.create_vm()
-        if self.on_vm:
-            self.on_vm(self.vm)
-        if self.stats:
-            self._open_stats("vm", self.vm)
 
     def _mem(self, step, samples):
         vm = self.vm
@@ -90,10 +87,7 @@ class PyBoot:
     def _gmem_ram(self):
         """RAM from a guest_memfd created mmap-able and shared, bound with
         KVM_SET_USER_MEMORY_REGION2 and KVM_MEM_GUEST_MEMFD."""
-        from .. import abi
         vm = self.vm
-        if not vm.check_extension(abi.KVM_CAP_GUEST_MEMFD):
-            raise PyvmmError("--memory gmem requires KVM_CAP_GUEST_MEMFD")
         want = abi.GUEST_MEMFD_FLAG_MMAP | abi.GUEST_MEMFD_FLAG_INIT_SHARED
         have = vm.check_extension(abi.KVM_CAP_GUEST_MEMFD_FLAGS)
         if have & want != want:
@@ -149,8 +143,6 @@ class PyBoot:
                 v.setup_long_mode(write_tables=False)
             else:
                 v.setup_real_mode()
-            if self.stats and v.id == 0:
-                self._open_stats("vcpu0", v)
 
     def _memslot(self, step, samples):
         for _ in range(step.count):
@@ -229,13 +221,17 @@ class PyBoot:
                 raise UnexpectedExit(f"unexpected exit: {describe(ex)}", ex)
 
     # --- driver ------------------------------------------------------------------------
-    def _open_stats(self, key, owner):
-        from ..stats import StatsReader
-        reader = StatsReader.open(owner)
-        self._stats[key] = (reader, reader.read())
+    def _snapshot_stats(self, step):
+        """After a step, outside its timing: open the VM's and vCPU 0's stats fds and
+        take the 'before' values."""
+        owners = {"vm": self.vm if step.op == "vm" else None,
+                  "vcpu0": self.vm.vcpus[0] if step.op == "vcpu" else None}
+        for key, owner in owners.items():
+            if owner is not None and key not in self._stats:
+                reader = StatsReader.open(owner)
+                self._stats[key] = (reader, reader.read())
 
     def _collect_stats(self):
-        from ..stats import diff
         out = {}
         for key, (reader, before) in self._stats.items():
             out[key] = diff(before, reader.read(), reader.layout)
@@ -245,7 +241,6 @@ class PyBoot:
             self.res["stats"] = out
 
     def _teardown(self):
-        self._collect_stats()
         for io in self.bells:
             self.res["doorbells_completed"] += io.count()
         self.bells = []
@@ -306,9 +301,12 @@ class PyBoot:
                 res["boot_cpu_ns"] += c1 - c0
                 if error is not None:
                     break
+                if self.stats:
+                    self._snapshot_stats(step)
         finally:
             if self._kicker is not None:
                 self._kicker.cancel()
+            self._collect_stats()
             w0, c0 = _mono(), _cpu()
             self._teardown()
             c1, w1 = _cpu(), _mono()
