@@ -1,6 +1,7 @@
 # make run   - build into .venv and run the default boot-cost sweep (pyvmm bench)
 # make test  - build into .venv and run the test suite
 # make bench - the same sweep with more repeats
+# make lab   - the sweep on an older kernel under QEMU (KERNEL=6.1 or 6.12)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
@@ -8,7 +9,9 @@ STAMP   = $(VENV)/.pyvmm-installed
 SOURCES = $(shell find pyvmm csrc guests -type f \( -name '*.py' -o -name '*.c' -o -name '*.h' \
             -o -name '*.S' -o -name '*.inc' \) 2>/dev/null) pyproject.toml setup.py buildsteps.py
 
-.PHONY: run test bench info install clean
+KERNEL ?= 6.1
+
+.PHONY: run test bench lab info install clean
 
 run: $(STAMP)
 	$(BIN)/pyvmm bench
@@ -18,6 +21,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/pyvmm bench --repeats 60
+
+lab: $(STAMP)
+	@sh scripts/lab-tools.sh --install
+	$(BIN)/pyvmm lab oldkernel --kernel $(KERNEL)
 
 info: $(STAMP)
 	$(BIN)/pyvmm info

@@ -482,6 +482,29 @@ static void fill_seg(struct kvm_segment *s, uint16_t sel, uint8_t type, int code
     s->g = 1;
 }
 
+/* The CPUID KVM supports, asked once per process and given to every vCPU: some kernels
+ * (6.12 under nested SVM, for one) refuse 64-bit sregs until the vCPU has a CPUID that
+ * advertises long mode, as any real VMM sets before the first KVM_RUN. */
+#define BB_CPUID_MAX 256
+static union {
+    struct kvm_cpuid2 h;
+    uint8_t raw[sizeof(struct kvm_cpuid2) + BB_CPUID_MAX * sizeof(struct kvm_cpuid_entry2)];
+} supported_cpuid;
+static int have_supported_cpuid;
+
+static int set_cpuid(struct boot *b, int vcpu_fd)
+{
+    if (!have_supported_cpuid) {
+        supported_cpuid.h.nent = BB_CPUID_MAX;
+        if (ioctl(b->kvm, KVM_GET_SUPPORTED_CPUID, &supported_cpuid) < 0)
+            return fail(b, errno, "KVM_GET_SUPPORTED_CPUID failed: %s", strerror(errno));
+        have_supported_cpuid = 1;
+    }
+    if (ioctl(vcpu_fd, KVM_SET_CPUID2, &supported_cpuid) < 0)
+        return fail(b, errno, "KVM_SET_CPUID2 failed: %s", strerror(errno));
+    return 0;
+}
+
 static int step_vcpu(struct boot *b, int k)
 {
     for (int i = 0; i < k; i++) {
@@ -496,6 +519,8 @@ static int step_vcpu(struct boot *b, int k)
             return fail(b, errno, "mmap of kvm_run failed: %s", strerror(errno));
         }
         b->nvcpus++;
+        if (set_cpuid(b, v->fd))
+            return -1;
         struct kvm_sregs sregs;
         if (ioctl(v->fd, KVM_GET_SREGS, &sregs) < 0)
             return fail(b, errno, "KVM_GET_SREGS failed: %s", strerror(errno));

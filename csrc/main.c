@@ -2,9 +2,13 @@
  *
  *   pyvmm-bootbench --recipe 'vm,mem,ioev:100,vcpu:1,run' [--repeat K] [--ioev-len L]
  *                   [--pin CPU] [--timeout-ms T] [--label TEXT] [--clock-cost]
+ *   pyvmm-bootbench --plan FILE [--ioev-len L] [--pin CPU] [--timeout-ms T] [--clock-cost]
  *
  * Prints one JSON object per boot on stdout (JSON lines); errors go to stderr with
- * exit code 2 for bad arguments and 1 for a failed boot.
+ * exit code 2 for bad arguments and 1 for a failed boot.  A plan file holds one boot
+ * per line, "LABEL RECIPE" (blank lines and lines starting with # are skipped); every
+ * line is run once in file order, in one process, and a failed boot does not stop the
+ * plan (the old-kernel lab runs a whole interleaved sweep this way).
  */
 #define _GNU_SOURCE
 #include <stdio.h>
@@ -21,6 +25,8 @@ static void usage(FILE *f)
     fprintf(f,
             "usage: pyvmm-bootbench --recipe STEPS [--repeat K] [--ioev-len 0|1|2|4|8]\n"
             "                       [--pin CPU] [--timeout-ms MS] [--label TEXT] [--clock-cost]\n"
+            "       pyvmm-bootbench --plan FILE [--ioev-len L] [--pin CPU] [--timeout-ms MS]\n"
+            "plan file: one boot per line, 'LABEL RECIPE'\n"
             "steps: vm, mem, ioev:N, eexist:N, deassign:N, vcpu:K, run[:probe|rung|halt],\n"
             "       memslot[:K], teardown\n");
 }
@@ -91,9 +97,54 @@ static void print_result(const char *label, const char *recipe, int rep,
     fflush(stdout);
 }
 
+/* Run every line of a plan file once; returns 0, 1 if any boot failed, 2 on a bad plan. */
+static int run_plan(const char *path, const struct bb_options *opt, struct bb_result *res,
+                    struct bb_sample *samples, uint32_t cap)
+{
+    FILE *f = fopen(path, "r");
+    if (!f) {
+        fprintf(stderr, "pyvmm-bootbench: cannot open plan '%s': %m\n", path);
+        return 2;
+    }
+    char line[1024];
+    int lineno = 0, failed = 0, boots = 0;
+    while (fgets(line, sizeof(line), f)) {
+        lineno++;
+        line[strcspn(line, "\r\n")] = 0;
+        char *label = line + strspn(line, " \t");
+        if (!*label || *label == '#')
+            continue;
+        char *sep = label + strcspn(label, " \t");
+        if (!*sep) {
+            fprintf(stderr, "pyvmm-bootbench: plan line %d has a label but no recipe: '%s'\n",
+                    lineno, label);
+            fclose(f);
+            return 2;
+        }
+        *sep++ = 0;
+        char *text = sep + strspn(sep, " \t");
+        struct bb_recipe recipe;
+        char err[BB_ERR_LEN], canon[512];
+        if (bb_parse_recipe(text, &recipe, err, sizeof(err))) {
+            fprintf(stderr, "pyvmm-bootbench: plan line %d: bad recipe: %s\n", lineno, err);
+            fclose(f);
+            return 2;
+        }
+        bb_format_recipe(&recipe, canon, sizeof(canon));
+        if (bb_run(&recipe, opt, res, samples, cap) != 0) {
+            fprintf(stderr, "pyvmm-bootbench: plan line %d (%s) failed: %s\n", lineno, label,
+                    res->err);
+            failed = 1;
+        }
+        print_result(label, canon, boots++, res, samples);
+    }
+    fclose(f);
+    return failed;
+}
+
 int main(int argc, char **argv)
 {
-    const char *recipe_text = NULL, *label = "";
+    const char *recipe_text = NULL, *label = "", *plan = NULL;
     long repeat = 1, ioev_len = 4, pin = -1, timeout_ms = 10000;
     int clock_cost = 0;
     for (int i = 1; i < argc; i++) {
@@ -101,6 +152,9 @@ int main(int argc, char **argv)
         const char *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(a, "--recipe") && v) {
             recipe_text = v;
+            i++;
+        } else if (!strcmp(a, "--plan") && v) {
+            plan = v;
             i++;
         } else if (!strcmp(a, "--label") && v) {
             label = v;
@@ -141,22 +195,27 @@ int main(int argc, char **argv)
                "\"kernel\":", w, c);
         json_str(u.release);
         printf("}\n");
-        if (!recipe_text)
+        if (!recipe_text && !plan)
             return 0;
     }
-    if (!recipe_text) {
-        fprintf(stderr, "pyvmm-bootbench: --recipe is required\n");
+    if (recipe_text && plan) {
+        fprintf(stderr, "pyvmm-bootbench: give --recipe or --plan, not both\n");
+        return 2;
+    }
+    if (!recipe_text && !plan) {
+        fprintf(stderr, "pyvmm-bootbench: --recipe or --plan is required\n");
         usage(stderr);
         return 2;
     }
     struct bb_recipe recipe;
-    char err[BB_ERR_LEN];
-    if (bb_parse_recipe(recipe_text, &recipe, err, sizeof(err))) {
-        fprintf(stderr, "pyvmm-bootbench: bad recipe: %s\n", err);
-        return 2;
+    char err[BB_ERR_LEN], canon[512];
+    if (recipe_text) {
+        if (bb_parse_recipe(recipe_text, &recipe, err, sizeof(err))) {
+            fprintf(stderr, "pyvmm-bootbench: bad recipe: %s\n", err);
+            return 2;
+        }
+        bb_format_recipe(&recipe, canon, sizeof(canon));
     }
-    char canon[512];
-    bb_format_recipe(&recipe, canon, sizeof(canon));
     struct bb_options opt = {
         .ioev_len = (int)ioev_len, .pin_cpu = (int)pin, .timeout_ms = (int)timeout_ms,
         .guest = bb_guest_image, .guest_len = (size_t)(bb_guest_image_end - bb_guest_image),
@@ -169,6 +228,12 @@ int main(int argc, char **argv)
         return 1;
     }
     int failed = 0;
+    if (plan) {
+        failed = run_plan(plan, &opt, res, samples, cap);
+        free(samples);
+        free(res);
+        return failed;
+    }
     for (long r = 0; r < repeat; r++) {
         if (bb_run(&recipe, &opt, res, samples, cap) != 0) {
             fprintf(stderr, "pyvmm-bootbench: boot %ld failed: %s\n", r, res->err);

@@ -1,4 +1,4 @@
-"""pyvmm command line: info, boot, bench, report, compare."""
+"""pyvmm command line: info, boot, bench, report, compare, lab, kernel-check."""
 
 from __future__ import annotations
 
@@ -179,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .bench import cli as bench_cli
     bench_cli.add_parsers(sub)
+    from .lab import cli as lab_cli
+    lab_cli.add_parsers(sub)
     return p
 
 

@@ -56,6 +56,11 @@ def preemption_model(cfg: dict[str, str]) -> str:
                 return m.group(1) + " (cmdline)"
     except OSError:
         pass
+    return preemption_from_config(cfg)
+
+
+def preemption_from_config(cfg: dict[str, str]) -> str:
+    """The preemption model a kernel config selects (the boot default with PREEMPT_DYNAMIC)."""
     for key, name in [("CONFIG_PREEMPT_RT", "rt"), ("CONFIG_PREEMPT_LAZY", "lazy"),
                       ("CONFIG_PREEMPT", "full"), ("CONFIG_PREEMPT_VOLUNTARY", "voluntary"),
                       ("CONFIG_PREEMPT_NONE", "none")]:

@@ -6,6 +6,7 @@ import errno
 import os
 
 from . import abi
+from .abi import ffi
 from ._fd import FdOwner
 from .errors import KvmError, KvmUnavailable
 
@@ -59,6 +60,7 @@ class Kvm(FdOwner):
             raise KvmUnavailable(f"{path} reports KVM API version {version}, pyvmm needs 12")
         self.api_version = version
         self._mmap_size: int | None = None
+        self._cpuid = None
 
     def get_api_version(self) -> int:
         """KVM_GET_API_VERSION."""
@@ -74,6 +76,21 @@ class Kvm(FdOwner):
         if self._mmap_size is None:
             self._mmap_size = self._ioctl("KVM_GET_VCPU_MMAP_SIZE")
         return self._mmap_size
+
+    def get_supported_cpuid(self):
+        """KVM_GET_SUPPORTED_CPUID, asked once per Kvm object: a `struct kvm_cpuid2 *`
+        ready to hand to Vcpu.set_cpuid()."""
+        if self._cpuid is None:
+            nent = 256
+            buf = ffi.new("uint8_t[]", ffi.sizeof("struct kvm_cpuid2")
+                          + nent * ffi.sizeof("struct kvm_cpuid_entry2"))
+            cpuid = ffi.cast("struct kvm_cpuid2 *", buf)
+            cpuid.nent = nent
+            self._ioctl("KVM_GET_SUPPORTED_CPUID", cpuid,
+                        hint=lambda e: f"more than {nent} CPUID entries" if e == errno.E2BIG
+                        else "")
+            self._cpuid = (buf, cpuid)
+        return self._cpuid[1]
 
     def caps_summary(self, vm=None) -> dict[str, int]:
         """Capabilities that matter to pyvmm: {name: value}. Asks the VM fd when given,

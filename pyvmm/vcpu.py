@@ -119,6 +119,12 @@ class Vcpu(FdOwner):
         regs.rip, regs.rflags, regs.rsp = 0, 2, layout.PARAM_GPA - 0x10
         self.set_regs(regs)
 
+    def set_cpuid(self, cpuid) -> None:
+        """KVM_SET_CPUID2 (a `struct kvm_cpuid2 *`, e.g. Kvm.get_supported_cpuid()). Some
+        kernels refuse 64-bit sregs until the vCPU's CPUID advertises long mode."""
+        self._ioctl("KVM_SET_CPUID2", cpuid,
+                    hint="set CPUID before the first KVM_RUN, with entries KVM supports")
+
     def setup_long_mode(self, entry: int = layout.CODE_GPA, write_tables: bool = True) -> None:
         """Enter 64-bit mode at `entry` with identity paging of the low 4 GiB.
 
@@ -128,6 +134,7 @@ class Vcpu(FdOwner):
         if write_tables:
             self.vm.write_guest(layout.GDT_GPA, struct.pack("<3Q", 0, GDT_CODE64, GDT_DATA))
             self.vm.write_guest(layout.PML4_GPA, identity_page_tables())
+        self.set_cpuid(self.vm.kvm.get_supported_cpuid())
         sregs = self.get_sregs()
         code = sregs.cs
         code.base, code.limit, code.selector = 0, 0xFFFFFFFF, SEL_CODE

@@ -139,3 +139,27 @@ def test_standalone_helper_prints_json_lines():
         assert [p["op"] for p in b["phases"]][-1] == "teardown"
     bad = subprocess.run([exe, "--recipe", "vm,run"], capture_output=True, text=True)
     assert bad.returncode == 2 and "needs 'vcpu:K'" in bad.stderr
+
+
+def test_standalone_helper_runs_a_plan_in_order_and_survives_a_failed_boot(tmp_path):
+    exe = guests.helper_path()
+    plan = tmp_path / "plan"
+    plan.write_text("# the lab writes plans like this\n\n"
+                    "0/before-vcpu/3 vm,mem,ioev:3,vcpu:1,run:rung,memslot,run\n"
+                    "1/too-many/1 vm,mem,memslot:9,memslot:9\n"
+                    "  2/control/4 vm,mem,ioev:4,eexist:4,deassign:4\n")
+    r = subprocess.run([exe, "--plan", str(plan)], capture_output=True, text=True)
+    assert r.returncode == 1                        # one boot failed, the plan went on
+    boots = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [b["label"] for b in boots] == ["0/before-vcpu/3", "1/too-many/1", "2/control/4"]
+    assert boots[0]["ok"] and boots[0]["doorbells_completed"] == 3
+    assert not boots[1]["ok"] and "BAR slots" in boots[1]["error"]
+    assert boots[2]["ok"] and [len(p["samples"]) for p in boots[2]["phases"][2:5]] == [4, 4, 4]
+    assert "plan line 4 (1/too-many/1) failed" in r.stderr
+    bad = tmp_path / "bad"
+    bad.write_text("0/x/1 vm,mem\nlabel-without-recipe\n")
+    r = subprocess.run([exe, "--plan", str(bad)], capture_output=True, text=True)
+    assert r.returncode == 2 and "plan line 2 has a label but no recipe" in r.stderr
+    r = subprocess.run([exe, "--plan", str(plan), "--recipe", "vm"], capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and "not both" in r.stderr

@@ -130,13 +130,27 @@ def recipe_table(name: str, rec: dict, template: str) -> Table:
                   f"{row['registration_share'] * 100:.1f}%", f"{row['blocked_share'] * 100:.1f}%",
                   _fmt_us(row["per_op_median_ns"]), _fmt_ms(row["memslot_median_ns"]),
                   _fmt_ms(row["stall_ns"]), "ok" if row["doorbells_ok"] else "[red]FAIL")
+    parts = []
     fit = rec["fit"]
     if fit is not None:
-        t.caption = (f"fit of boot median: cost(N) = {fit.a / 1e6:.3f} ms + "
+        parts.append(f"fit of boot median: cost(N) = {fit.a / 1e6:.3f} ms + "
                      f"{fit.b / 1e3:.3f} us*N + {fit.c:.4f} ns*N^2 "
                      f"(RMS residual {fit.rms_residual / 1e6:.3f} ms over {fit.points} N values)")
-        if rec["share_25_at"] is not None:
-            t.caption += f"; registration share reaches 25% at N={rec['share_25_at']}"
+    rows = rec["rows"]
+    n25 = rec["share_25_at"]
+    if n25 is not None:
+        text = f"registration share reaches 25% at N={n25} " \
+               f"({rows[n25]['registration_share'] * 100:.1f}%"
+        below = [n for n in rows if n < n25]
+        if below:
+            text += f"; {rows[max(below)]['registration_share'] * 100:.1f}% at N={max(below)}"
+        parts.append(text + ")")
+    elif rows:
+        top = max(rows)
+        parts.append(f"registration share stays under 25% up to N={top} "
+                     f"({rows[top]['registration_share'] * 100:.1f}%)")
+    if parts:
+        t.caption = "; ".join(parts)
     t.caption_justify = "left"
     return t
 
@@ -193,7 +207,12 @@ def render(console, doc: dict, driver: str = "c") -> dict:
         console.print(line, highlight=False)
     if doc.get("kernel_check"):
         kc = doc["kernel_check"]
-        console.print(f"  kernel-check: {kc.get('summary', kc)}", highlight=False)
+        console.print(f"  kernel-check ({kc.get('path', '?')}): {kc.get('summary', kc)}",
+                      highlight=False)
+        if a["verdict"].behaviour in ("sync", "deferred") and "behaviour" in kc:
+            agree = kc["behaviour"] == a["verdict"].behaviour
+            console.print("  kernel-check and measured verdict: " +
+                          ("agree" if agree else "[bold red]DISAGREE[/]"), highlight=False)
     if a["failures"]:
         console.print(f"[red]{len(a['failures'])} boot(s) failed[/]; first: "
                       f"{a['failures'][0]['error']}")
@@ -257,7 +276,8 @@ def plot(doc: dict, a: dict, out_dir: str) -> list[str]:
             ax.set_title(f"{name}: median phase times")
             ax.set_xlabel("N")
             ax.set_ylabel("ms")
-            ax.legend(fontsize=7)
+            if ops:
+                ax.legend(fontsize=7)
         fig.suptitle(title)
         written += _save(fig, out_dir, "phases")
 

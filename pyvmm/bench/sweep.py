@@ -108,6 +108,27 @@ def load_run(path: str) -> dict:
     return doc
 
 
+def sweep_cells(cfg: SweepConfig) -> list[tuple[str, int, str]]:
+    """Every (recipe, N, driver) cell of a sweep, the control recipe included."""
+    cells = [(r, n, d) for r in cfg.recipes for n in cfg.ns for d in cfg.drivers]
+    if cfg.control_n:
+        cells += [("control", cfg.control_n, d) for d in cfg.drivers]
+    return cells
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def new_doc(cfg: SweepConfig, host: dict, environment: str, clock: dict | None) -> dict:
+    """An empty run.json document (status 'running'); samples are appended to it."""
+    return {
+        "schema": SCHEMA, "status": "running", "created": now_iso(), "finished": None,
+        "environment": environment, "host": host, "config": cfg.to_dict(), "clock": clock,
+        "kernel_check": None, "failures": [], "samples": [],
+    }
+
+
 class Sweep:
     """Runs the sweep and owns run.json. `progress(done, total, cell)` is called per boot."""
 
@@ -117,21 +138,11 @@ class Sweep:
         self.host = host or hostinfo.collect()
         self.dir = out_dir
         self.path = os.path.join(out_dir, "run.json")
-        self.doc = {
-            "schema": SCHEMA, "status": "running",
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "finished": None, "environment": environment, "host": self.host,
-            "config": cfg.to_dict(), "clock": native.clock_cost(),
-            "kernel_check": None, "failures": [], "samples": [],
-        }
+        self.doc = new_doc(cfg, self.host, environment, native.clock_cost())
         self._last_save = 0.0
 
     def cells(self) -> list[tuple[str, int, str]]:
-        cells = [(r, n, d) for r in self.cfg.recipes for n in self.cfg.ns
-                 for d in self.cfg.drivers]
-        if self.cfg.control_n:
-            cells += [("control", self.cfg.control_n, d) for d in self.cfg.drivers]
-        return cells
+        return sweep_cells(self.cfg)
 
     def save(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -187,8 +198,7 @@ class Sweep:
             self.doc["status"] = "failed"
             raise
         finally:
-            self.doc["finished"] = _dt.datetime.now(_dt.timezone.utc).isoformat(
-                timespec="seconds")
+            self.doc["finished"] = now_iso()
             self.save(force=True)
         return self.doc
 

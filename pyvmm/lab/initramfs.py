@@ -1,0 +1,138 @@
+"""The lab's initramfs: busybox, the static helper, the KVM modules, a plan and /init.
+
+Written as a gzip-compressed cpio archive in the "newc" format the kernel unpacks
+(Documentation/driver-api/early-userspace/buffer-format.rst). /init loads the modules,
+checks /dev/kvm, runs the plan with pyvmm-bootbench and writes everything the host needs
+to the second serial port (ttyS1) between BEGIN and END markers, then powers off.
+Kernel messages stay on ttyS0, so they never interleave with the data.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shlex
+from dataclasses import dataclass
+
+BEGIN = "PYVMM-LAB-BEGIN"
+END = "PYVMM-LAB-END"
+FACT = "PYVMM-LAB-FACT"
+ERROR = "PYVMM-LAB-ERROR"
+DATA_TTY = "/dev/ttyS1"
+BUSYBOX_APPLETS = ("sh", "mount", "insmod", "cat", "echo", "uname", "nproc", "stty", "poweroff",
+                   "sleep", "ls", "grep", "head")
+
+
+@dataclass(frozen=True)
+class Entry:
+    path: str           # without leading slash
+    mode: int           # full st_mode (type bits included)
+    data: bytes = b""   # file contents or symlink target
+    rdev: tuple[int, int] = (0, 0)   # (major, minor) of a device node
+
+
+def _pad4(n: int) -> int:
+    return (4 - n % 4) % 4
+
+
+def cpio_newc(entries: list[Entry]) -> bytes:
+    """A newc cpio archive of the entries (directories must come before their contents)."""
+    out = bytearray()
+    ino = 1
+    for e in entries + [Entry("TRAILER!!!", 0)]:
+        name = e.path.encode() + b"\0"
+        nlink = 2 if (e.mode & 0o170000) == 0o040000 else 1
+        # ino mode uid gid nlink mtime filesize devmajor devminor rdevmajor rdevminor
+        # namesize check
+        fields = [ino, e.mode, 0, 0, nlink, 0, len(e.data), 0, 0, e.rdev[0], e.rdev[1],
+                  len(name), 0]
+        out += b"070701" + b"".join(b"%08X" % f for f in fields)
+        out += name + b"\0" * _pad4(110 + len(name))
+        out += e.data + b"\0" * _pad4(len(e.data))
+        ino += 1
+    return bytes(out)
+
+
+def read_cpio_newc(blob: bytes) -> dict[str, Entry]:
+    """Parse a newc archive back (used by the tests, and to inspect a built image)."""
+    if blob[:2] == b"\x1f\x8b":
+        blob = gzip.decompress(blob)
+    entries: dict[str, Entry] = {}
+    off = 0
+    while True:
+        if blob[off:off + 6] != b"070701":
+            raise ValueError(f"bad cpio magic at offset {off}")
+        fields = [int(blob[off + 6 + 8 * i: off + 14 + 8 * i], 16) for i in range(13)]
+        mode, size, namesize = fields[1], fields[6], fields[11]
+        name = blob[off + 110: off + 110 + namesize - 1].decode()
+        off += 110 + namesize
+        off += _pad4(off)
+        data = blob[off: off + size]
+        off += size + _pad4(size)
+        if name == "TRAILER!!!":
+            return entries
+        entries[name] = Entry(name, mode, data, (fields[9], fields[10]))
+
+
+def init_script(modules: list[str], timeout_ms: int, ioev_len: int,
+                clock_cost: bool = True) -> str:
+    """The /init shell script (busybox sh). `modules` are file names under /modules,
+    in load order."""
+    q = shlex.quote
+    lines = [
+        "#!/bin/sh",
+        "# pyvmm old-kernel lab: load KVM, run the plan, report on ttyS1, power off.",
+        "export PATH=/bin",
+        "mount -t proc proc /proc",
+        "mount -t sysfs sysfs /sys",
+        "mount -t devtmpfs devtmpfs /dev",
+        f"stty -F {DATA_TTY} raw -echo 2>/dev/null",
+        f"exec 3>{DATA_TTY}",
+        f"say() {{ echo \"$*\" >&3; }}",
+        f"fail() {{ say \"{ERROR} $*\"; echo \"pyvmm-lab: $*\"; say \"{END} rc=3\"; "
+        "poweroff -f; sleep 5; echo o > /proc/sysrq-trigger; }",
+        f"say {BEGIN}",
+        f"say \"{FACT} kernel $(uname -r)\"",
+        f"say \"{FACT} kernel_version $(uname -v)\"",
+        f"say \"{FACT} machine $(uname -m)\"",
+        f"say \"{FACT} cpus $(nproc)\"",
+        f"say \"{FACT} cpu_model $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2-)\"",
+        f"say \"{FACT} cmdline $(cat /proc/cmdline)\"",
+        f"say \"{FACT} clocksource $(cat /sys/devices/system/clocksource/clocksource0/"
+        "current_clocksource)\"",
+    ]
+    for m in modules:
+        lines.append(f"insmod /modules/{q(m)} || fail 'insmod {m} failed'")
+    lines += [
+        "[ -c /dev/kvm ] || fail 'no /dev/kvm after loading the KVM modules'",
+        f"say \"{FACT} modules $(cut -d' ' -f1 /proc/modules | tr '\\n' ' ')\"",
+        # Up to 4094 ioeventfds per boot, one fd each: lift the default limit of 1024.
+        "ulimit -n 16384 || fail 'cannot raise RLIMIT_NOFILE'",
+        "echo 'pyvmm-lab: running the plan'",
+        f"/bin/pyvmm-bootbench --plan /plan --timeout-ms {int(timeout_ms)} "
+        f"--ioev-len {int(ioev_len)}{' --clock-cost' if clock_cost else ''} >&3 2>/tmp/err",
+        "rc=$?",
+        "while read -r l; do say \"" + ERROR + " $l\"; done < /tmp/err",
+        f"say \"{END} rc=$rc\"",
+        "echo \"pyvmm-lab: done (rc=$rc)\"",
+        "poweroff -f",
+        "sleep 5",
+        "echo o > /proc/sysrq-trigger",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def build(busybox: bytes, helper: bytes, modules: dict[str, bytes], plan: str,
+          timeout_ms: int = 60000, ioev_len: int = 4) -> bytes:
+    """The gzip-compressed initramfs. `modules` maps file name -> contents, in load order."""
+    d, f, x = 0o040755, 0o100644, 0o100755
+    entries = [Entry(p, d) for p in ("bin", "dev", "proc", "sys", "tmp", "modules")]
+    entries += [Entry("bin/busybox", x, busybox), Entry("bin/pyvmm-bootbench", x, helper)]
+    applets = BUSYBOX_APPLETS + ("cut", "tr")
+    entries += [Entry(f"bin/{a}", 0o120777, b"busybox") for a in applets]
+    entries += [Entry(f"modules/{name}", f, data) for name, data in modules.items()]
+    entries.append(Entry("plan", f, plan.encode()))
+    entries.append(Entry("init", x, init_script(list(modules), timeout_ms, ioev_len).encode()))
+    # The console device must exist before devtmpfs is mounted, for the kernel to open it.
+    entries.append(Entry("dev/console", 0o020600, b"", (5, 1)))
+    return gzip.compress(cpio_newc(entries), compresslevel=6, mtime=0)

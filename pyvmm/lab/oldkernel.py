@@ -1,0 +1,285 @@
+"""The old-kernel lab: the registration sweep on a Debian kernel from before 6.18.
+
+Steps: make sure QEMU and a static busybox are installed; resolve and download the
+kernel package; unpack it into a kit (kernel, config, KVM modules); check statically
+whether its kvm_io_bus_register_dev waits for a grace period; build an initramfs with
+the static helper and an interleaved plan; boot it under TCG; stream the boots into a
+run.json of the same schema as `pyvmm bench` writes (environment 'qemu-tcg', host facts
+of the inner kernel).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass, field
+
+from .. import guests, hostinfo
+from ..bench import report
+from ..bench.stats import interleaved_order
+from ..bench.sweep import (SweepConfig, new_doc, new_run_dir, now_iso, sweep_cells,
+                           write_json_atomic)
+from . import initramfs, kcheck, kernels, qemu
+from .kernels import LabError
+from .serial import boot_to_sample, plan_label
+
+ENVIRONMENT = "qemu-tcg"
+LAB_REPEATS = 10
+LAB_WARMUP = 2
+BUSYBOX_PATHS = ("/bin/busybox", "/usr/bin/busybox")
+PACKAGES = {"qemu": "qemu-system-x86", "busybox": "busybox-static"}
+SAVE_EVERY_S = 2.0
+HELPER_TIMEOUT_MS = 60000
+
+
+def find_static_busybox() -> str | None:
+    for p in BUSYBOX_PATHS + ((shutil.which("busybox") or ""),):
+        if p and os.path.isfile(p):
+            with open(p, "rb") as f:
+                data = f.read()
+            try:
+                if not kernels.elf_is_dynamic(data):
+                    return p
+            except LabError:
+                continue
+    return None
+
+
+def ensure_tools(log=print, install: bool = True) -> dict[str, str]:
+    """QEMU and a static busybox, installed with apt when missing (guarded: nothing is
+    reinstalled when both are present)."""
+    found = {"qemu": shutil.which(qemu.QEMU), "busybox": find_static_busybox()}
+    missing = [PACKAGES[k] for k, v in found.items() if not v]
+    if not missing:
+        return found
+    what = " and ".join(missing)
+    if not install:
+        raise LabError(f"{what} not installed: apt-get install {' '.join(missing)}")
+    if not shutil.which("apt-get"):
+        raise LabError(f"{what} missing and not installable here (no apt-get): install QEMU "
+                       "(qemu-system-x86_64) and a statically linked busybox by hand")
+    if os.geteuid() != 0:
+        raise LabError(f"{what} missing; installing needs root: "
+                       f"sudo apt-get install -y {' '.join(missing)}")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    cmd = ["apt-get", "install", "-y", "-q", "--no-install-recommends"] + missing
+    log(f"installing {what} with apt-get")
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if p.returncode != 0:
+        log("  apt-get install failed; updating the package lists and trying once more")
+        subprocess.run(["apt-get", "update", "-q"], capture_output=True, text=True, env=env)
+        p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    found = {"qemu": shutil.which(qemu.QEMU), "busybox": find_static_busybox()}
+    if p.returncode != 0 or not all(found.values()):
+        tail = "\n".join((p.stderr or p.stdout).strip().splitlines()[-5:])
+        raise LabError(f"could not install {what}:\n{tail}")
+    return found
+
+
+def make_plan(cfg: SweepConfig) -> list[str]:
+    """Plan lines ('LABEL RECIPE'): warm-up boots, then every cell `repeats` times in
+    seeded interleaved rounds, exactly as `pyvmm bench` orders them."""
+    from ..bench import recipe as rmod
+    lines = []
+    warm_recipe = cfg.recipes[0]
+    warm_n = cfg.ns[min(1, len(cfg.ns) - 1)]
+    warm_text = rmod.parse(cfg.templates[warm_recipe], warm_n).text
+    for _ in range(cfg.warmup):
+        lines.append(f"{plan_label(None, warm_recipe, warm_n)} {warm_text}")
+    order = interleaved_order(sweep_cells(cfg), cfg.repeats, cfg.seed)
+    texts = {}
+    for seq, (rname, n, _driver) in enumerate(order):
+        if (rname, n) not in texts:
+            texts[(rname, n)] = rmod.parse(cfg.templates[rname], n).text
+        lines.append(f"{plan_label(seq, rname, n)} {texts[(rname, n)]}")
+    return lines
+
+
+def inner_host(kit: kernels.Kit, facts: dict[str, str], smp: int) -> dict:
+    """Host facts for the kernel inside QEMU (same keys as hostinfo.collect())."""
+    meta = kit.meta
+    outer = hostinfo.collect(with_kvm=False)
+    return {
+        "hostname": ENVIRONMENT,
+        "kernel": facts.get("kernel", meta["kernel_release"]),
+        "kernel_version": facts.get("kernel_version", ""),
+        "machine": facts.get("machine", "x86_64"),
+        "config_source": meta["config_source"],
+        "config_hz": meta["config_hz"],
+        "preemption": meta["preemption"],
+        "cpu_model": facts.get("cpu_model", "QEMU EPYC (TCG)").strip(),
+        "cpus": int(facts["cpus"]) if facts.get("cpus", "").isdigit() else smp,
+        "backend": "svm (kvm_amd, nested under QEMU TCG)",
+        "rlimit_nofile": None, "python": None, "kvm_api_version": None, "caps": None,
+        "kvm_error": None,
+        "clocksource": facts.get("clocksource"),
+        "modules": facts.get("modules", "").split(),
+        "package": f"{meta['package']} {meta['version']}",
+        "outer_host": {k: outer[k] for k in ("hostname", "kernel", "cpu_model", "cpus",
+                                             "backend")},
+    }
+
+
+@dataclass
+class LabOptions:
+    kernel: str = "6.1"
+    smp: int = 1
+    out: str = "results"
+    retries: int = 1
+    total_timeout_s: float = 1800.0
+    stall_timeout_s: float = 90.0
+    boot_timeout_s: float = 120.0
+    install: bool = True
+    mem_mb: int = 1024
+
+
+@dataclass
+class LabRun:
+    doc: dict
+    out_dir: str
+    timings: dict = field(default_factory=dict)
+
+
+class Ui:
+    """What the lab reports while it works; the CLI renders it with rich."""
+
+    def log(self, msg: str) -> None:
+        print(msg)
+
+    def stage(self, name: str, total: int | None = None) -> None:
+        pass
+
+    def boot(self, done: int, total: int, label: str) -> None:
+        pass
+
+
+def run_lab(opts: LabOptions, cfg: SweepConfig, ui: Ui | None = None) -> LabRun:
+    ui = ui or Ui()
+    if opts.smp not in (1, 2):
+        raise LabError(f"--smp {opts.smp}: the lab runs with 1 or 2 emulated CPUs")
+    t_start = time.monotonic()
+    timings = {}
+    ui.stage("tools")
+    ensure_tools(ui.log, opts.install)
+    busybox = find_static_busybox()
+    helper = guests.helper_path()
+    ui.stage("download")
+    t = time.monotonic()
+    deb = kernels.resolve(opts.kernel, log=ui.log)
+    timings["download_s"] = time.monotonic() - t
+    ui.stage("unpack")
+    t = time.monotonic()
+    kit = kernels.build_kit(deb, log=ui.log)
+    kc = kcheck.check(kit.kvm_ko)
+    kc["path"] = f"{kit.meta['package']}: {kit.meta['kvm_module_file'].split('-', 1)[1]}"
+    ui.log(f"kernel-check: {kc['summary']}")
+    plan = make_plan(cfg)
+    modules = {os.path.basename(p): open(p, "rb").read() for p in kit.modules()}
+    with open(busybox, "rb") as f:
+        bb = f.read()
+    with open(helper, "rb") as f:
+        helper_bin = f.read()
+    image = initramfs.build(bb, helper_bin, modules, "\n".join(plan) + "\n",
+                            timeout_ms=HELPER_TIMEOUT_MS, ioev_len=cfg.ioev_len)
+    timings["build_s"] = time.monotonic() - t
+
+    host = inner_host(kit, {}, opts.smp)
+    out = new_run_dir(opts.out, host)
+    work = os.path.join(out, "lab")
+    os.makedirs(work)
+    initrd = os.path.join(work, "initramfs.cpio.gz")
+    with open(initrd, "wb") as f:
+        f.write(image)
+    with open(os.path.join(work, "plan.txt"), "w") as f:
+        f.write("\n".join(plan) + "\n")
+    doc = new_doc(cfg, host, ENVIRONMENT, None)
+    doc["kernel_check"] = kc
+    qcfg = qemu.QemuConfig(kernel=kit.vmlinuz, initrd=initrd, smp=opts.smp, mem_mb=opts.mem_mb,
+                           boot_timeout_s=opts.boot_timeout_s,
+                           stall_timeout_s=opts.stall_timeout_s,
+                           total_timeout_s=opts.total_timeout_s)
+    doc["lab"] = {"kernel_spec": opts.kernel, "package": host["package"], "smp": opts.smp,
+                  "qemu": qemu.qemu_version(), "command": qemu.command(qcfg, "console.log",
+                                                                      "data.log"),
+                  "plan_boots": len(plan), "warmup": cfg.warmup, "attempts": [],
+                  "timings": timings}
+    path = os.path.join(out, "run.json")
+    total = len(plan) - cfg.warmup
+    last_save = [0.0]
+
+    def save(force=False):
+        now = time.monotonic()
+        if force or now - last_save[0] >= SAVE_EVERY_S:
+            write_json_atomic(path, doc)
+            last_save[0] = now
+
+    save(force=True)
+    attempt = 0
+    try:
+        while True:
+            attempt += 1
+            doc["samples"], doc["failures"] = [], []
+            done = [0]
+
+            def on_boot(line):
+                sample = boot_to_sample(line)
+                done[0] += 1
+                ui.boot(done[0], len(plan), line["label"])
+                if sample is None:
+                    return
+                doc["samples"].append(sample)
+                if not sample["result"]["ok"]:
+                    doc["failures"].append({"recipe": sample["recipe"], "n": sample["n"],
+                                            "driver": "c", "seq": sample["seq"],
+                                            "error": sample["result"]["error"]})
+                save()
+
+            def on_stage(name):
+                ui.stage("boot kernel" if name == "kernel" else "sweep",
+                         len(plan) if name == "sweep" else None)
+            t = time.monotonic()
+            try:
+                stream, qemu_s = qemu.run(qcfg, work, on_boot, on_stage)
+            except qemu.LabHang as hang:
+                first = str(hang).splitlines()[0]
+                doc["lab"]["attempts"].append({"attempt": attempt, "ok": False,
+                                               "error": str(hang),
+                                               "boots": len(hang.stream.boots),
+                                               "wall_s": time.monotonic() - t})
+                if attempt <= opts.retries:
+                    ui.log(f"[attempt {attempt}] {first}; retrying "
+                           f"(attempt {attempt + 1} of {opts.retries + 1})")
+                    save(force=True)
+                    continue
+                raise
+            doc["lab"]["attempts"].append({"attempt": attempt, "ok": True,
+                                           "boots": len(stream.boots), "wall_s": qemu_s})
+            break
+        timings["qemu_s"] = qemu_s
+        doc["host"] = inner_host(kit, stream.facts, opts.smp)
+        doc["clock"] = stream.clock
+        doc["lab"]["errors"] = stream.errors
+        doc["lab"]["garbage_lines"] = len(stream.garbage)
+        got = len(doc["samples"])
+        if got != total or stream.rc not in (0, 1):
+            doc["status"] = "failed"
+            raise LabError(f"the lab recorded {got} of {total} boots (helper exit status "
+                           f"{stream.rc}); errors: {'; '.join(stream.errors[-3:]) or 'none'}; "
+                           f"logs in {work}")
+        doc["status"] = "complete"
+        a = report.analyze(doc)
+        kc["agrees"] = kc["behaviour"] == a["verdict"].behaviour
+    except KeyboardInterrupt:
+        doc["status"] = "interrupted"
+        raise
+    except BaseException:
+        if doc["status"] == "running":
+            doc["status"] = "failed"
+        raise
+    finally:
+        timings["total_s"] = time.monotonic() - t_start
+        doc["finished"] = now_iso()
+        save(force=True)
+    return LabRun(doc, out, timings)

@@ -1,0 +1,21 @@
+#!/bin/sh
+# Tools the old-kernel lab needs: QEMU, a static busybox (it runs inside the initramfs),
+# dpkg-deb (unpacks the kernel package) and objdump (kernel-check).
+# Says what is missing and fails; with --install (as root, with apt) installs it instead.
+# Nothing is reinstalled when everything is present.
+missing=""
+command -v qemu-system-x86_64 >/dev/null 2>&1 || missing="$missing qemu-system-x86"
+dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q "ok installed" \
+    || missing="$missing busybox-static"
+command -v dpkg-deb >/dev/null 2>&1 || missing="$missing dpkg"
+command -v objdump >/dev/null 2>&1 || missing="$missing binutils"
+if [ -z "$missing" ]; then exit 0; fi
+if [ "$1" = "--install" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "installing lab packages:$missing"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -q --no-install-recommends $missing \
+        || { apt-get update -q && apt-get install -y -q --no-install-recommends $missing; }
+    exit $?
+fi
+echo "pyvmm lab: missing tools; install them with: sudo apt-get install$missing" >&2
+exit 1
