@@ -8,7 +8,7 @@ import pytest
 
 from pyvmm import guests
 from pyvmm.bench import native, recipe as rmod, report
-from pyvmm.bench.cli import compare_docs, python_vs_c_table
+from pyvmm.bench.cli import behaviour_rows, compare_docs, python_vs_c_table
 from pyvmm.bench.sweep import Sweep, SweepConfig, load_run
 from pyvmm.errors import PyvmmError
 
@@ -66,6 +66,11 @@ def test_run_json_round_trips_through_report(short_run, capsys):
     assert lines[0].startswith("recipe,n,boots") and len(lines) == 1 + 4
     rows = compare_docs(loaded, loaded)
     assert rows and all(abs(r["ratio"] - 1) < 1e-9 and r["p_value"] > 0.5 for r in rows)
+    assert all(r["growth_a"] == r["growth_b"] for r in rows)
+    assert all(r["growth_a"] == 1.0 for r in rows if r["n"] == r["base_n"])
+    evidence = behaviour_rows(loaded)
+    assert evidence["verdict"] in ("deferred free", "waits for a grace period")
+    assert evidence["assign per op"].endswith(" us") and evidence["kernel-check"] == "not run"
 
 
 def test_interrupted_sweep_leaves_valid_partial_json(tmp_path):

@@ -176,7 +176,38 @@ def compare_docs(a: dict, b: dict) -> list[dict]:
                      "ratio": mb / ma if ma else float("nan"),
                      "p_value": stats.permutation_pvalue(xa, xb),
                      "reg_share_a": reg_a, "reg_share_b": reg_b})
+    # Growth: each run's boot median against its own smallest N of the same recipe, so
+    # runs in different environments (host vs TCG) can be set side by side.
+    for r in rows:
+        first = min((x for x in rows if x["recipe"] == r["recipe"]), key=lambda x: x["n"])
+        r["growth_a"] = r["median_a"] / first["median_a"] if first["median_a"] else None
+        r["growth_b"] = r["median_b"] / first["median_b"] if first["median_b"] else None
+        r["base_n"] = first["n"]
     return rows
+
+
+def behaviour_rows(doc: dict) -> dict[str, str]:
+    """The verdict evidence of one run as printable values."""
+    v = report.analyze(doc)["verdict"]
+
+    def us(x):
+        return "-" if x is None else f"{x / 1e3:.2f} us"
+
+    def ratio(x):
+        return "-" if x is None else f"{x:.2f}"
+    kc = doc.get("kernel_check") or {}
+    return {
+        "verdict": {"sync": "waits for a grace period", "deferred": "deferred free"}.get(
+            v.behaviour, v.behaviour),
+        "assign per op": us(v.assign_ns), "EEXIST per op": us(v.eexist_ns),
+        "deassign per op": us(v.deassign_ns),
+        "assign / EEXIST": ratio(v.assign_over_eexist),
+        "assign / deassign": ratio(v.assign_over_deassign),
+        "post-registration stall": "-" if v.stall_ns is None else f"{v.stall_ns / 1e6:.2f} ms",
+        "kernel-check": {"sync": "calls synchronize_srcu_expedited",
+                         "deferred": "no synchronize_srcu_expedited"}.get(
+            kc.get("behaviour"), "not run"),
+    }
 
 
 def cmd_compare(args) -> int:
@@ -188,13 +219,30 @@ def cmd_compare(args) -> int:
     name_b = f"{b['host']['kernel']} ({b.get('environment', 'host')})"
     t = Table(title=f"compare A = {name_a}  vs  B = {name_b}", title_justify="left")
     for col in ("recipe", "N", "A boot med ms", "B boot med ms", "B / A", "p-value",
-                "A reg. share", "B reg. share"):
+                "A growth", "B growth", "A reg. share", "B reg. share"):
         t.add_column(col, justify="left" if col == "recipe" else "right")
+
+    def growth(x):
+        return "-" if x is None else f"{x:.2f}x"
     for r in rows:
         t.add_row(r["recipe"], str(r["n"]), f"{r['median_a'] / 1e6:.3f}",
                   f"{r['median_b'] / 1e6:.3f}", f"{r['ratio']:.2f}", f"{r['p_value']:.4f}",
+                  growth(r["growth_a"]), growth(r["growth_b"]),
                   f"{r['reg_share_a'] * 100:.1f}%", f"{r['reg_share_b'] * 100:.1f}%")
+    t.caption = "growth: boot median over the same run's median at the recipe's smallest N"
+    if a.get("environment", "host") != b.get("environment", "host"):
+        t.caption += (f". A and B ran in different environments ({a.get('environment', 'host')}"
+                      f" vs {b.get('environment', 'host')}): B / A mostly measures the "
+                      "emulation; compare growth, shares and the behaviour table")
+    t.caption_justify = "left"
     console.print(t)
+    ba, bb = behaviour_rows(a), behaviour_rows(b)
+    bt = Table(title="behaviour side by side", title_justify="left")
+    for col in ("", "A", "B"):
+        bt.add_column(col)
+    for k in ba:
+        bt.add_row(k, ba[k], bb[k])
+    console.print(bt)
     for label, doc in (("A", a), ("B", b)):
         an = report.analyze(doc)
         console.print(f"{label}: {an['verdict'].text}; {an['verdict'].stall_text}",
