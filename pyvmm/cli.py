@@ -1,4 +1,4 @@
-"""pyvmm command line: info, boot, bench, report, compare, lab, kernel-check."""
+"""pyvmm command line: info, boot, bench, report, compare, lab, kernel-check, check."""
 
 from __future__ import annotations
 
@@ -181,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench_cli.add_parsers(sub)
     from .lab import cli as lab_cli
     lab_cli.add_parsers(sub)
+    from .checks import cli as check_cli
+    check_cli.add_parsers(sub)
     return p
 
 

@@ -25,6 +25,12 @@ GUESTS = {
     "triple": GuestInfo("triple", "long", "64-bit: triple-faults (KVM_EXIT_SHUTDOWN)"),
     "mmiofetch": GuestInfo("mmiofetch", "long",
                            "64-bit: jumps into MMIO (KVM_EXIT_INTERNAL_ERROR)"),
+    "ringloop": GuestInfo("ringloop", "long",
+                          "64-bit: rings doorbell 0 forever, one marker exit per write "
+                          "(pyvmm check ioeventfd-ordering)"),
+    "readloop": GuestInfo("readloop", "long",
+                          "64-bit: reads, reports and writes back PROBE_GPA forever "
+                          "(pyvmm check memslot-coherence, guest-memfd)"),
 }
 
 

@@ -30,6 +30,12 @@ BAR_SIZE = 0x200000
 BAR_PATTERN = 0xBA5EBA11     # first dword of the BAR slot, read back by the guest
 UNMAPPED_READ = 0xFFFFFFFF   # what the VMM answers for an MMIO read nobody owns
 
+# The address the check guests hammer (pyvmm check), and where memslot-coherence moves
+# its slot to.
+PROBE_GPA = 0xE0000000
+PROBE_ALT_GPA = 0xE0200000
+PROBE_PATTERN = 0xC0DEC0DE   # what the check slots hold, and what readloop writes back
+
 # Ports.
 SERIAL_PORT = 0x3F8          # COM1 data register: one byte per OUT
 MARKER_PORT = 0x80           # phase markers: one byte per OUT
@@ -42,6 +48,7 @@ MARK_RUNG = 0x03             # every doorbell in the parameter block was written
 MARK_BAR = 0x04              # the guest read BAR_GPA and reported it on DATA_PORT
 MARK_DONE = 0x7F             # about to HLT
 MARK_ABORT = 0xEE            # the guest found something wrong (bad parameter block)
+MARK_LOOP = 0x05             # check guests: one loop iteration done
 
 MARKER_NAMES = {
     MARK_START: "start",
@@ -50,4 +57,5 @@ MARKER_NAMES = {
     MARK_BAR: "bar",
     MARK_DONE: "done",
     MARK_ABORT: "abort",
+    MARK_LOOP: "loop",
 }

@@ -154,8 +154,13 @@ class Vcpu(FdOwner):
 
     # --- running ------------------------------------------------------------------------
     def try_run(self) -> int:
-        """Raw KVM_RUN: returns the errno (0 on success)."""
+        """Raw KVM_RUN: returns the errno (0 on success); last_exit() decodes kvm_run."""
         return self._try_ioctl("KVM_RUN")[1]
+
+    def last_exit(self) -> Exit:
+        """Decode what kvm_run holds now (after try_run, including a failed one: an EFAULT
+        from KVM_RUN may come with a memory-fault exit)."""
+        return decode(self.run_struct, self._page)
 
     def run(self) -> Exit:
         """KVM_RUN once and decode the exit. EINTR becomes an Interrupted exit."""

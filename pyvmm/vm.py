@@ -104,8 +104,23 @@ class Vm(FdOwner):
         return 0 if err else ret
 
     # --- memory slots -------------------------------------------------------------
-    def _slot_hint(self, slot: int, gpa: int, size: int, uaddr: int, flags: int):
+    def _slot_hint(self, slot: int, gpa: int, size: int, uaddr: int, flags: int,
+                   gmem_fd: int | None = None, gmem_off: int = 0):
         def hint(err: int) -> str:
+            if err == errno.EINVAL and gmem_fd is not None and size:
+                for s in self.slots.values():
+                    if (s.slot != slot and s.guest_memfd == gmem_fd
+                            and gmem_off < s.guest_memfd_offset + s.size
+                            and s.guest_memfd_offset < gmem_off + size):
+                        return (f"guest_memfd range {gmem_off:#x}+{size:#x} is already bound "
+                                f"to slot {s.slot}: a range binds to one slot at a time; "
+                                "delete that slot first")
+                g = next((g for g in self.guest_memfds if g.fd == gmem_fd), None)
+                if g is not None and gmem_off + size > g.size:
+                    return (f"guest_memfd offset {gmem_off:#x}+{size:#x} runs past its size "
+                            f"{g.size:#x}")
+                if gmem_off % PAGE_SIZE:
+                    return f"guest_memfd offset {gmem_off:#x} must be page-aligned"
             if err == errno.EEXIST:
                 for s in self.slots.values():
                     if s.slot != slot and gpa < s.end and s.gpa < gpa + size:
@@ -156,8 +171,10 @@ class Vm(FdOwner):
                                 guest_memfd_offset: int = 0) -> None:
         """KVM_SET_USER_MEMORY_REGION2 (KVM_CAP_USER_MEMORY2): v1 plus guest_memfd binding."""
         region = self._region2(slot, gpa, size, uaddr, flags, guest_memfd, guest_memfd_offset)
+        gmem = guest_memfd if flags & abi.KVM_MEM_GUEST_MEMFD else None
         self._ioctl("KVM_SET_USER_MEMORY_REGION2", region,
-                    hint=self._slot_hint(slot, gpa, size, uaddr, flags))
+                    hint=self._slot_hint(slot, gpa, size, uaddr, flags, gmem,
+                                         guest_memfd_offset))
 
     @staticmethod
     def _region2(slot, gpa, size, uaddr, flags, guest_memfd, guest_memfd_offset):
