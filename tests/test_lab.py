@@ -386,3 +386,61 @@ def test_lab_boots_debian_6_1_and_sees_the_pre_618_behaviour(tmp_path):
     assert report.analyze(doc)["verdict"].behaviour == "sync"
     assert "registration waits for a grace period" in r.stdout
     assert "kernel-check and measured verdict: agree" in r.stdout
+
+
+# --- the QEMU driver, with a stand-in emulator (a script that writes the data port) ------
+
+FAKE_QEMU = r'''#!{python}
+import sys, time
+args = sys.argv[1:]
+files = [a[5:] for a in args if a.startswith("file:")]
+console, data = files
+open(console, "w").write("[    0.1] fake kernel booting\n[    0.2] fake kernel: last words\n")
+mode = "{mode}"
+with open(data, "w") as f:
+    f.write("PYVMM-LAB-BEGIN\r\nPYVMM-LAB-FACT kernel 9.9.9-fake\r\n")
+    f.flush()
+    if mode == "hang":
+        f.write({line!r} + "\r\n")
+        f.flush()
+        time.sleep(60)
+    # Everything at once, right before exiting: nothing may be lost.
+    for i in range(3):
+        f.write({line!r}.replace("0/a/1", f"{{i}}/a/1") + "\r\n")
+    if mode != "noend":
+        f.write("PYVMM-LAB-END rc=0\r\n")
+'''
+
+
+def _fake(tmp_path, mode):
+    line = _boot_line("0/a/1")
+    p = tmp_path / f"qemu-{mode}"
+    p.write_text(FAKE_QEMU.format(python=sys.executable, mode=mode, line=line))
+    p.chmod(0o755)
+    return str(p)
+
+
+def test_qemu_driver_keeps_the_last_burst_before_exit(tmp_path):
+    seen, stages = [], []
+    cfg = qemu.QemuConfig("vmlinuz", "initrd")
+    stream, _ = qemu.run(cfg, str(tmp_path), seen.append, stages.append,
+                         qemu=_fake(tmp_path, "burst"))
+    assert [b["label"] for b in seen] == ["0/a/1", "1/a/1", "2/a/1"]
+    assert stream.ended and stream.rc == 0 and stream.facts["kernel"] == "9.9.9-fake"
+    assert stages == ["kernel", "sweep"]
+    assert (tmp_path / "qemu.cmd").read_text().startswith(str(tmp_path / "qemu-burst"))
+
+
+def test_qemu_driver_kills_a_hang_and_reports_the_last_lines(tmp_path):
+    cfg = qemu.QemuConfig("vmlinuz", "initrd", stall_timeout_s=1.0)
+    with pytest.raises(qemu.LabHang) as e:
+        qemu.run(cfg, str(tmp_path), qemu=_fake(tmp_path, "hang"))
+    text = str(e.value)
+    assert "no output from the sweep for 1 s" in text and "(1 boots recorded)" in text
+    assert "fake kernel: last words" in text and len(e.value.stream.boots) == 1
+
+
+def test_qemu_driver_reports_an_exit_without_the_end_marker(tmp_path):
+    with pytest.raises(qemu.LabHang, match="exited .* before the lab finished"):
+        qemu.run(qemu.QemuConfig("vmlinuz", "initrd"), str(tmp_path),
+                 qemu=_fake(tmp_path, "noend"))

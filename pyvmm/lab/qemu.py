@@ -75,10 +75,13 @@ class LabHang(LabError):
         self.stream = stream
 
 
-def run(cfg: QemuConfig, workdir: str, on_boot=None, on_stage=None) -> tuple[LabStream, float]:
+def run(cfg: QemuConfig, workdir: str, on_boot=None, on_stage=None,
+        qemu: str | None = None) -> tuple[LabStream, float]:
     """Boot and stream the data port. on_boot(line) per boot line; on_stage(name) when
-    the stage changes ('kernel', 'sweep'). Returns the stream and QEMU's wall time."""
-    qemu = shutil.which(QEMU)
+    the stage changes ('kernel', 'sweep'). Returns the stream and QEMU's wall time.
+    `qemu` overrides the emulator binary (the tests use a stand-in that writes the data
+    port file and exits, or hangs)."""
+    qemu = qemu or shutil.which(QEMU)
     if not qemu:
         raise LabError(f"{QEMU} not found: apt-get install qemu-system-x86")
     console_log = os.path.join(workdir, "console.log")
@@ -95,21 +98,30 @@ def run(cfg: QemuConfig, workdir: str, on_boot=None, on_stage=None) -> tuple[Lab
     last_data = t0
     if on_stage:
         on_stage("kernel")
+
+    def pump(data) -> bool:
+        """Feed whatever the data port wrote since the last call; True if anything."""
+        chunk = data.read()
+        if not chunk:
+            return False
+        was_begun = stream.begun
+        for line in stream.feed(chunk.decode(errors="replace")):
+            if on_boot:
+                on_boot(line)
+        if stream.begun and not was_begun and on_stage:
+            on_stage("sweep")
+        return True
+
     try:
         with open(data_log, "rb") as data:
             while True:
-                chunk = data.read()
+                exited = proc.poll() is not None
+                got = pump(data)
                 now = time.monotonic()
-                if chunk:
-                    was_begun = stream.begun
-                    for line in stream.feed(chunk.decode(errors="replace")):
-                        if on_boot:
-                            on_boot(line)
-                    if stream.begun and not was_begun and on_stage:
-                        on_stage("sweep")
+                if got:
                     last_data = now
-                if proc.poll() is not None:
-                    stream.feed(data.read().decode(errors="replace"))
+                if exited:
+                    pump(data)
                     stream.close()
                     break
                 why = None
@@ -121,7 +133,7 @@ def run(cfg: QemuConfig, workdir: str, on_boot=None, on_stage=None) -> tuple[Lab
                     why = f"the lab ran longer than {cfg.total_timeout_s:.0f} s"
                 if why:
                     _kill(proc)
-                    stream.feed(data.read().decode(errors="replace"))
+                    pump(data)
                     stream.close()
                     raise LabHang(_hang_text(why, stream, console_log, data_log, workdir), stream)
                 time.sleep(0.1)
