@@ -137,6 +137,24 @@ struct kvm_stats_desc {
     uint32_t bucket_size;
 };
 
+struct kvm_dirty_log {
+    uint32_t slot;
+    uint32_t padding1;
+    union {
+        void *dirty_bitmap;      /* one bit per page of the slot */
+        uint64_t padding2;
+    };
+};
+
+struct kvm_coalesced_mmio_zone {
+    uint64_t addr;
+    uint32_t size;
+    union {
+        uint32_t pad;
+        uint32_t pio;
+    };
+};
+
 struct kvm_cpuid_entry2 {
     uint32_t function;
     uint32_t index;
@@ -159,6 +177,7 @@ KVMIO = 0xAE
 
 # --- capabilities (KVM_CHECK_EXTENSION arguments) ---------------------------------
 KVM_CAP_USER_MEMORY = 3
+KVM_CAP_COALESCED_MMIO = 15
 KVM_CAP_NR_VCPUS = 9
 KVM_CAP_NR_MEMSLOTS = 10
 KVM_CAP_IOEVENTFD = 36
@@ -234,6 +253,11 @@ _TABLE = [
     Ioctl("KVM_SET_USER_MEMORY_REGION2", _iow(0x49, "struct kvm_userspace_memory_region2"),
           "vm", KVM_CAP_USER_MEMORY2),
     Ioctl("KVM_IOEVENTFD", _iow(0x79, "struct kvm_ioeventfd"), "vm", KVM_CAP_IOEVENTFD),
+    Ioctl("KVM_GET_DIRTY_LOG", _iow(0x42, "struct kvm_dirty_log"), "vm"),
+    Ioctl("KVM_REGISTER_COALESCED_MMIO", _iow(0x67, "struct kvm_coalesced_mmio_zone"), "vm",
+          KVM_CAP_COALESCED_MMIO),
+    Ioctl("KVM_UNREGISTER_COALESCED_MMIO", _iow(0x68, "struct kvm_coalesced_mmio_zone"),
+          "vm", KVM_CAP_COALESCED_MMIO),
     Ioctl("KVM_CREATE_GUEST_MEMFD", _iowr(0xD4, "struct kvm_create_guest_memfd"),
           "vm", KVM_CAP_GUEST_MEMFD),
     Ioctl("KVM_GET_STATS_FD", _io(0xCE), "vm+vcpu", KVM_CAP_BINARY_STATS_FD),
@@ -267,6 +291,9 @@ KVM_SET_REGS: int
 KVM_GET_SREGS: int
 KVM_SET_SREGS: int
 KVM_SET_CPUID2: int
+KVM_GET_DIRTY_LOG: int
+KVM_REGISTER_COALESCED_MMIO: int
+KVM_UNREGISTER_COALESCED_MMIO: int
 
 # Exit reasons (kvm_run.exit_reason)
 EXIT_REASONS = {

@@ -183,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     lab_cli.add_parsers(sub)
     from .checks import cli as check_cli
     check_cli.add_parsers(sub)
+    from . import stress_cli
+    stress_cli.add_parsers(sub)
     return p
 
 

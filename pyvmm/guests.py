@@ -31,6 +31,9 @@ GUESTS = {
     "readloop": GuestInfo("readloop", "long",
                           "64-bit: reads, reports and writes back PROBE_GPA forever "
                           "(pyvmm check memslot-coherence, guest-memfd)"),
+    "stressloop": GuestInfo("stressloop", "long",
+                            "64-bit: doorbell, port, coalesced-MMIO writes and a probe read, "
+                            "forever (pyvmm stress)"),
 }
 
 

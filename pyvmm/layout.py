@@ -35,6 +35,7 @@ UNMAPPED_READ = 0xFFFFFFFF   # what the VMM answers for an MMIO read nobody owns
 PROBE_GPA = 0xE0000000
 PROBE_ALT_GPA = 0xE0200000
 PROBE_PATTERN = 0xC0DEC0DE   # what the check slots hold, and what readloop writes back
+COALESCED_GPA = 0xE0400000   # pyvmm stress: the coalesced MMIO zone the guest writes
 
 # Ports.
 SERIAL_PORT = 0x3F8          # COM1 data register: one byte per OUT

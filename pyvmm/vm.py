@@ -275,6 +275,41 @@ class Vm(FdOwner):
         s = self.slot_at(gpa, length)
         return s.memory.read(s.offset + gpa - s.gpa, length)
 
+    def get_dirty_log(self, slot: int) -> bytes:
+        """KVM_GET_DIRTY_LOG: one bit per page of the slot, set for pages written since
+        the last call (the slot needs KVM_MEM_LOG_DIRTY_PAGES)."""
+        s = self.slots.get(slot)
+        if s is None:
+            raise PyvmmError(f"memory slot {slot} does not exist")
+        pages = (s.size + PAGE_SIZE - 1) // PAGE_SIZE
+        nbytes = ((pages + 63) // 64) * 8
+        bitmap = ffi.new("uint8_t[]", nbytes)
+        arg = ffi.new("struct kvm_dirty_log *")
+        arg.slot, arg.dirty_bitmap = slot, bitmap
+
+        def hint(err: int) -> str:
+            if err == errno.ENOENT:
+                return f"slot {slot} does not log dirty pages: set KVM_MEM_LOG_DIRTY_PAGES"
+            return ""
+        self._ioctl("KVM_GET_DIRTY_LOG", arg, hint=hint)
+        return bytes(ffi.buffer(bitmap, nbytes))
+
+    def coalesced_mmio(self, addr: int, size: int, register: bool = True,
+                       pio: bool = False) -> None:
+        """KVM_(UN)REGISTER_COALESCED_MMIO: guest writes to the zone are queued in the
+        ring instead of exiting (KVM_CAP_COALESCED_MMIO)."""
+        zone = ffi.new("struct kvm_coalesced_mmio_zone *")
+        zone.addr, zone.size, zone.pio = addr, size, int(pio)
+        name = "KVM_REGISTER_COALESCED_MMIO" if register else "KVM_UNREGISTER_COALESCED_MMIO"
+
+        def hint(err: int) -> str:
+            if err == errno.ENOBUFS:
+                return "too many coalesced MMIO zones (KVM allows 100)"
+            if err == errno.ENOENT:
+                return f"no coalesced zone registered at {addr:#x}"
+            return ""
+        self._ioctl(name, zone, hint=hint)
+
     # --- guest_memfd -----------------------------------------------------------------
     def create_guest_memfd(self, size: int, flags: int = 0) -> GuestMemfd:
         """KVM_CREATE_GUEST_MEMFD (KVM_CAP_GUEST_MEMFD)."""

@@ -32,16 +32,20 @@ CHECKED = {
                                 "data_offset"],
     "struct kvm_stats_desc": ["flags", "exponent", "size", "offset", "bucket_size"],
     "struct kvm_cpuid_entry2": ["function", "index", "flags", "eax", "edx", "padding"],
+    "struct kvm_dirty_log": ["slot", "dirty_bitmap"],
+    "struct kvm_coalesced_mmio_zone": ["addr", "size", "pio"],
 }
 
 IOCTLS_IN_61 = ["KVM_GET_API_VERSION", "KVM_CREATE_VM", "KVM_CHECK_EXTENSION",
                 "KVM_GET_VCPU_MMAP_SIZE", "KVM_GET_SUPPORTED_CPUID", "KVM_CREATE_VCPU",
                 "KVM_SET_USER_MEMORY_REGION", "KVM_IOEVENTFD", "KVM_GET_STATS_FD", "KVM_RUN",
                 "KVM_GET_REGS", "KVM_SET_REGS", "KVM_GET_SREGS", "KVM_SET_SREGS",
-                "KVM_SET_CPUID2"]
+                "KVM_SET_CPUID2", "KVM_GET_DIRTY_LOG", "KVM_REGISTER_COALESCED_MMIO",
+                "KVM_UNREGISTER_COALESCED_MMIO"]
 CAPS_IN_61 = ["KVM_CAP_USER_MEMORY", "KVM_CAP_NR_VCPUS", "KVM_CAP_NR_MEMSLOTS",
               "KVM_CAP_IOEVENTFD", "KVM_CAP_XEN_HVM", "KVM_CAP_MAX_VCPUS",
-              "KVM_CAP_IOEVENTFD_ANY_LENGTH", "KVM_CAP_BINARY_STATS_FD"]
+              "KVM_CAP_IOEVENTFD_ANY_LENGTH", "KVM_CAP_BINARY_STATS_FD",
+              "KVM_CAP_COALESCED_MMIO", "KVM_CAP_READONLY_MEM"]
 
 
 def _offset(ctype: str, path: str) -> int:

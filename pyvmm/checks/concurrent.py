@@ -144,6 +144,8 @@ def _classify(ex) -> tuple[str, int]:
 
 def _vcpu_loop(vcpu, mutator: Mutator, iterations: int, duration_s: float, progress,
                efd: int | None = None, on_mmio_read=None) -> tuple[list, int, str]:
+    from ..vcpu import install_kick_handler
+    install_kick_handler()
     runs: list[attr.Run] = []
     done = 0
     deadline = time.monotonic() + duration_s

@@ -1,0 +1,88 @@
+"""CLI: `pyvmm stress`."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .bench.cli import console
+from .bench.sweep import write_json_atomic
+from .stress import EXPECTED_OPS, Stress, StressConfig
+
+
+def add_parsers(sub) -> None:
+    s = sub.add_parser("stress", help="concurrent ioctls on one VM with a hang watchdog")
+    s.add_argument("--duration", type=float, default=10.0, metavar="S")
+    s.add_argument("--seed", type=int, default=1,
+                   help="same seed, same operation sequence per worker (default 1)")
+    s.add_argument("--vcpus", type=int, default=2, help="vCPU threads running the guest")
+    s.add_argument("--extra-vcpus", type=int, default=6,
+                   help="vCPUs created while the others run (default 6)")
+    s.add_argument("--bound", type=float, default=10.0, metavar="S",
+                   help="report an ioctl that has not returned after this long (default 10)")
+    s.add_argument("--out", default="results", help="directory for the JSON report")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_stress)
+
+
+def _fmt(ns: float) -> str:
+    return f"{ns / 1e6:.2f} ms" if ns >= 1e6 else f"{ns / 1e3:.1f} us"
+
+
+def cmd_stress(args) -> int:
+    cfg = StressConfig(duration_s=args.duration, seed=args.seed, vcpus=args.vcpus,
+                       extra_vcpus=args.extra_vcpus, bound_s=args.bound)
+    os.makedirs(args.out, exist_ok=True)
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = os.path.join(args.out, f"stress-{stamp}.json")
+
+    def on_hang(report):
+        # Written from the watchdog thread at once: the stuck threads may never return.
+        write_json_atomic(path, {"status": "hang", "config": cfg.__dict__, "hang": report})
+
+    stress = Stress(cfg, on_hang)
+    with Progress(TextColumn("stress"), BarColumn(), TimeElapsedColumn(), console=console,
+                  transient=True) as prog:
+        task = prog.add_task("stress", total=cfg.duration_s)
+        res = stress.run(lambda done, total: prog.update(task, completed=done))
+    doc = res.to_dict()
+    doc["status"] = "hang" if res.hang else "ok"
+    write_json_atomic(path, doc)
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    if res.hang:
+        for s in res.hang["stuck"]:
+            k = s["kernel"]
+            console.print(f"[bold red]HANG[/]: thread {s['thread']} (tid {s['tid']}) has been "
+                          f"in {s['operation']} ({s['arguments']}) for {s['elapsed_s']} s; "
+                          f"kernel: state {k.get('state', '?')}, wchan {k.get('wchan')}",
+                          highlight=False)
+            if not k.get("stack", "").startswith("unreadable"):
+                console.print("  stack:\n    " + k["stack"].replace("\n", "\n    "),
+                              highlight=False)
+        console.print(f"report written to {path}", highlight=False)
+        console.file.flush()
+        os._exit(3)     # the stuck threads cannot be joined
+    if not args.json:
+        t = Table(title=f"pyvmm stress: {res.elapsed_s:.1f} s, seed {cfg.seed}, "
+                        f"{cfg.vcpus} running vCPUs", title_justify="left")
+        for col in ("operation", "count", "ops/s", "p50", "p99", "max", "errors"):
+            t.add_column(col, justify="left" if col in ("operation", "errors") else "right")
+        for name, o in res.ops.items():
+            errs = ", ".join(f"{k} x{v}" for k, v in o["errors"].items()) or "-"
+            t.add_row(name, str(o["count"]), f"{o['per_s']:.0f}", _fmt(o["p50_ns"]),
+                      _fmt(o["p99_ns"]), _fmt(o["max_ns"]), errs)
+        console.print(t)
+        exits = ", ".join(f"{k} {v}" for k, v in sorted(res.guest_exits.items()))
+        console.print(f"guest exits seen by the vCPU threads: {exits}", highlight=False)
+        for line in res.skipped:
+            console.print(line, highlight=False)
+        missing = [op for op in EXPECTED_OPS if op not in res.ops]
+        if missing:
+            console.print(f"[yellow]operations that never ran: {', '.join(missing)}[/]")
+        console.print(f"no hang (bound {cfg.bound_s:g} s); report in {path}", highlight=False)
+    return 0
