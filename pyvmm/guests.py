@@ -34,6 +34,9 @@ GUESTS = {
     "stressloop": GuestInfo("stressloop", "long",
                             "64-bit: doorbell, port, coalesced-MMIO writes and a probe read, "
                             "forever (pyvmm stress)"),
+    "ptwrite": GuestInfo("ptwrite", "long",
+                         "64-bit: builds its own page tables, then times PTE writes against "
+                         "data writes (pyvmm bench ptwrite)"),
 }
 
 

@@ -37,6 +37,21 @@ PROBE_ALT_GPA = 0xE0200000
 PROBE_PATTERN = 0xC0DEC0DE   # what the check slots hold, and what readloop writes back
 COALESCED_GPA = 0xE0400000   # pyvmm stress: the coalesced MMIO zone the guest writes
 
+# The ptwrite guest (pyvmm bench ptwrite) builds its own page tables here: a PML4, a
+# PDPT, a PD and one 4 KiB page table for the first 2 MiB. It rewrites PTE number
+# PTW_PTE_INDEX of that table and PDE number PTW_PDE_INDEX of the PD, writes ordinary data at PTW_DATA_GPA, and its second entry
+# point (CODE_GPA + PTW_TOUCH_OFFSET, for vCPU 1) keeps faulting in PTW_TOUCH_PAGES pages.
+PTW_PML4_GPA = 0x40000
+PTW_PDPT_GPA = 0x41000
+PTW_PD_GPA = 0x42000
+PTW_PT_GPA = 0x43000
+PTW_PTE_INDEX = 384
+PTW_PDE_INDEX = 300
+PTW_DATA_GPA = 0x100000
+PTW_TOUCH_GPA = 0x120000
+PTW_TOUCH_PAGES = 64
+PTW_TOUCH_OFFSET = 0x800
+
 # Ports.
 SERIAL_PORT = 0x3F8          # COM1 data register: one byte per OUT
 MARKER_PORT = 0x80           # phase markers: one byte per OUT

@@ -61,3 +61,22 @@ def test_short_stress_run_exercises_every_operation_without_hanging():
         n = min(len(a), len(b))
         assert n > 5 and a[:n] == b[:n], worker          # same seed, same sequence
     assert other.sequences["ioeventfd"][:20] != res.sequences["ioeventfd"][:20]
+
+
+@pytest.mark.kvm
+def test_ptwrite_guest_and_its_stats_deltas():
+    from pyvmm.bench import ptwrite
+    alone = ptwrite.run_once(500, second_vcpu=False)
+    pte, data = alone["pte"], alone["data"]
+    # Every PTE write reached KVM's write tracking (the page table is write-protected).
+    assert pte["stats"]["mmu_pte_write"] >= 500
+    assert pte["per_write_ns"] > 0 and data["per_write_ns"] > 0
+    # A data write reaches the tracker only if KVM emulated it: zero where the guest runs
+    # natively, one per write on backends that emulate every instruction (kvm_pvm here).
+    assert data["stats"]["mmu_pte_write"] <= data["stats"]["insn_emulation"]
+    assert data["stats"]["mmu_pte_write"] <= 500
+    both = ptwrite.run_once(300, second_vcpu=True)
+    assert both["toucher_passes"] > 0
+    assert sum(both["pte"]["toucher_stats"].values()) > 0
+    with pytest.raises(Exception, match="--count must be at least 1"):
+        ptwrite.run_once(0, second_vcpu=False)

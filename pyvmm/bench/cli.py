@@ -29,7 +29,12 @@ def _int_list(text: str) -> tuple[int, ...]:
 
 
 def add_parsers(sub) -> None:
-    b = sub.add_parser("bench", help="sweep the registration count and time every boot phase")
+    b = sub.add_parser("bench", help="sweep the registration count and time every boot phase "
+                                     "(or: bench ptwrite)")
+    b.add_argument("workload", nargs="?", default="sweep", choices=["sweep", "ptwrite"],
+                   help="sweep (default) or ptwrite: shadow-MMU page-table writes")
+    b.add_argument("--count", type=int, default=2000,
+                   help="ptwrite: writes per phase (default %(default)s)")
     b.add_argument("--ns", default=",".join(map(str, DEFAULT_NS)),
                    help="registration counts to sweep (default %(default)s)")
     b.add_argument("--recipes", default=",".join(DEFAULT_RECIPES),
@@ -73,6 +78,8 @@ def _recipes_arg(text: str) -> tuple[str, ...]:
 
 
 def cmd_bench(args) -> int:
+    if args.workload == "ptwrite":
+        return cmd_ptwrite(args)
     if args.python_vs_c:
         ns = _int_list(args.ns) if args.ns != ",".join(map(str, DEFAULT_NS)) else (0, 10)
         recipes = _recipes_arg(args.recipes) if args.recipes != ",".join(DEFAULT_RECIPES) \
@@ -277,3 +284,31 @@ def _compare_plot(rows, name_a, name_b, out):
     for ext in ("png", "svg"):
         fig.savefig(os.path.join(out, f"compare.{ext}"), dpi=110)
     plt.close(fig)
+
+
+def cmd_ptwrite(args) -> int:
+    from . import ptwrite
+    repeats = 5 if args.repeats == 30 else args.repeats
+    with Progress(TextColumn("ptwrite"), BarColumn(), MofNCompleteColumn(), console=console,
+                  transient=True) as prog:
+        task = prog.add_task("ptwrite", total=2 * repeats)
+        res = ptwrite.run(args.count, repeats, lambda d, t: prog.update(task, completed=d))
+    os.makedirs(args.out, exist_ok=True)
+    from .sweep import write_json_atomic
+    path = os.path.join(args.out, f"ptwrite-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    write_json_atomic(path, res)
+    t = Table(title=f"pyvmm bench ptwrite: {args.count} writes per phase, median of "
+                    f"{repeats} boots each", title_justify="left")
+    for col in ("vCPUs", "phase", "per write", "KVM stats deltas of the phase (vCPU 0 + VM)",
+                "second vCPU's deltas"):
+        t.add_column(col, justify="right" if col == "per write" else "left")
+    for key, phases in res["summary"].items():
+        for phase in ptwrite.PHASES:
+            p = phases[phase]
+            moved = ", ".join(f"{k} {v:g}" for k, v in p["stats"].items() if v)
+            tmoved = ", ".join(f"{k} {v:g}" for k, v in p.get("toucher_stats", {}).items()
+                               if v) or "-"
+            t.add_row(key, phase, f"{p['per_write_ns'] / 1e3:.2f} us", moved or "-", tmoved)
+    console.print(t)
+    console.print(f"results in {path}", highlight=False)
+    return 0
