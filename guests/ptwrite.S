@@ -12,6 +12,21 @@
  * invalidate and touch PTW_TOUCH_PAGES pages, so its shadow entries keep being rebuilt;
  * MARK_LOOP on the marker port after each pass lets the VMM stop it. */
 #include "protocol.inc"
+
+/* COUNT (parameter block) writes of a qword at ADDR, toggling bit 5 of VALUE each time,
+ * then REPORT on the data port. */
+.macro WRITES addr, value, report
+    mov     (PARAM_GPA + PARAM_COUNT_OFF), %ecx
+    movq    $\value, %rax
+    mov     $\addr, %edi
+1:  xor     $0x20, %rax
+    movq    %rax, (%rdi)
+    dec     %ecx
+    jnz     1b
+    mov     $\report, %eax
+    outl    %eax, $DATA_PORT
+.endm
+
     .code64
     .text
     .globl _start
@@ -52,36 +67,12 @@ _start:
     mov     %rax, %cr3
     mov     $1, %eax
     outl    %eax, $DATA_PORT
-    /* PTE writes. */
-    mov     (PARAM_GPA + PARAM_COUNT_OFF), %ecx
-    movq    $((PTW_PTE_INDEX << 12) | 3), %rax
-    mov     $(PTW_PT_GPA + PTW_PTE_INDEX * 8), %edi
-3:  xor     $0x20, %rax
-    movq    %rax, (%rdi)
-    dec     %ecx
-    jnz     3b
-    mov     $2, %eax
-    outl    %eax, $DATA_PORT
-    /* PDE writes: an unused 2 MiB entry of the page directory (a level-2 shadow page,
-     * where KVM's write-flooding detection applies; it skips 4 KiB page tables). */
-    mov     (PARAM_GPA + PARAM_COUNT_OFF), %ecx
-    movq    $((PTW_PDE_INDEX << 21) | 0x83), %rax
-    mov     $(PTW_PD_GPA + PTW_PDE_INDEX * 8), %edi
-7:  xor     $0x20, %rax
-    movq    %rax, (%rdi)
-    dec     %ecx
-    jnz     7b
-    mov     $3, %eax
-    outl    %eax, $DATA_PORT
-    /* Data writes. */
-    mov     (PARAM_GPA + PARAM_COUNT_OFF), %ecx
-    mov     $PTW_DATA_GPA, %edi
-4:  xor     $0x20, %rax
-    movq    %rax, (%rdi)
-    dec     %ecx
-    jnz     4b
-    mov     $4, %eax
-    outl    %eax, $DATA_PORT
+    /* PTE writes, PDE writes (an unused 2 MiB entry of the page directory: a level-2
+     * shadow page, where KVM's write-flooding detection applies; it skips 4 KiB page
+     * tables), then ordinary data writes. */
+    WRITES  (PTW_PT_GPA + PTW_PTE_INDEX * 8), ((PTW_PTE_INDEX << 12) | 3), 2
+    WRITES  (PTW_PD_GPA + PTW_PDE_INDEX * 8), ((PTW_PDE_INDEX << 21) | 0x83), 3
+    WRITES  PTW_DATA_GPA, 0, 4
     mov     $MARK_DONE, %al
     outb    %al, $MARKER_PORT
 5:  hlt

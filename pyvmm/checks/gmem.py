@@ -132,6 +132,12 @@ class _Env:
         self.vm.close()
         self.kvm.close()
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
 
 def _expect(case: Case, what: str, outcomes: list[str], want: str) -> None:
     ok = bool(outcomes) and all(o.startswith(want) for o in outcomes)
@@ -142,15 +148,12 @@ def case_close_fd_keep_mapping(reads: int) -> Case:
     c = Case("close-fd-while-bound",
              "close() of the guest_memfd fd succeeds while the slot uses it; the VMM's "
              "mapping still holds the file, so the guest keeps reading the pattern")
-    env = _Env()
-    try:
+    with _Env() as env:
         env.bind()
         _expect(c, "reads before close", env.probe.reads(reads), "memory")
         env.gmem.close()
         c.see("close(guest_memfd fd): ok")
         _expect(c, "reads after close", env.probe.reads(reads), "memory")
-    finally:
-        env.close()
     return c
 
 
@@ -160,8 +163,7 @@ def case_last_reference_gone(reads: int) -> Case:
              "invalidates the binding: no guest read returns the freed contents; each access "
              "exits to userspace (as MMIO, or as KVM_RUN failing with EFAULT and a memory-"
              "fault exit), and nothing hangs")
-    env = _Env()
-    try:
+    with _Env() as env:
         env.bind()
         _expect(c, "reads before", env.probe.reads(reads), "memory")
         env.gmem.close()
@@ -171,8 +173,6 @@ def case_last_reference_gone(reads: int) -> Case:
         after = env.probe.reads(reads)
         stale = [o for o in after if o == "memory" or o.startswith("corrupt")]
         c.see(f"reads after: {_summary(after)}", bool(after) and not stale)
-    finally:
-        env.close()
     return c
 
 
@@ -180,8 +180,7 @@ def case_delete_then_close(reads: int) -> Case:
     c = Case("delete-slot-then-close",
              "deleting the slot succeeds and the range becomes MMIO; closing the fd "
              "afterwards succeeds and changes nothing for the guest")
-    env = _Env()
-    try:
+    with _Env() as env:
         s = env.bind()
         _expect(c, "reads while bound", env.probe.reads(reads), "memory")
         env.vm.delete_slot(s.slot)
@@ -190,8 +189,6 @@ def case_delete_then_close(reads: int) -> Case:
         env.gmem.close()
         c.see("close(guest_memfd fd): ok")
         _expect(c, "reads after close", env.probe.reads(reads), "mmio")
-    finally:
-        env.close()
     return c
 
 
@@ -201,8 +198,7 @@ def case_rebind(reads: int) -> Case:
              "fails with EINVAL (pyvmm names the slot holding it); after deleting the first "
              "slot the range binds to a new slot, and the guest reads the same contents "
              "through it")
-    env = _Env()
-    try:
+    with _Env() as env:
         first = env.bind()
         other = env.vm.free_slot()
         try:
@@ -218,8 +214,6 @@ def case_rebind(reads: int) -> Case:
         env.bind(slot=other)
         c.see(f"bind the range to slot {other}: ok")
         _expect(c, "reads through the new slot", env.probe.reads(reads), "memory")
-    finally:
-        env.close()
     return c
 
 
@@ -227,8 +221,7 @@ def case_delete_while_running(reads: int) -> Case:
     c = Case("delete-slot-while-vcpu-runs",
              "deleting the slot while the vCPU thread is inside its read loop returns 0 "
              "within the bound; the vCPU's later reads exit as MMIO; nothing hangs")
-    env = _Env()
-    try:
+    with _Env() as env:
         s = env.bind()
         outcomes: list[str] = []
         stop = threading.Event()
@@ -268,8 +261,6 @@ def case_delete_while_running(reads: int) -> Case:
         _expect(c, "reads done before the delete began", before, "memory")
         c.see(f"reads while the delete ran (either outcome allowed): {_summary(during)}")
         _expect(c, "reads begun after the delete returned", after, "mmio")
-    finally:
-        env.close()
     return c
 
 
