@@ -27,7 +27,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from . import abi, guests, layout
+from . import abi, layout
 from .bench.stats import percentile
 from .errors import KvmError, PyvmmError
 from .exits import Interrupted, Mmio
@@ -246,19 +246,18 @@ class Stress:
 
     def _coalesced_worker(self, vm):
         rng, t = self._rng("coalesced"), self.tracker
-        registered = False
+        registered = 0          # size of the registered zone, 0 when none
         while not self.stop.is_set():
-            size = rng.choice([0x1000, 0x2000])
+            size = registered or rng.choice([0x1000, 0x2000])
             name = ("KVM_UNREGISTER_COALESCED_MMIO" if registered
                     else "KVM_REGISTER_COALESCED_MMIO")
             self._note("coalesced", name.split("_")[1].lower())
             with t.op(name, f"zone {layout.COALESCED_GPA:#x}+{size:#x}"):
-                vm.coalesced_mmio(layout.COALESCED_GPA, size if not registered else 0x1000,
-                                  register=not registered)
-                registered = not registered
+                vm.coalesced_mmio(layout.COALESCED_GPA, size, register=not registered)
+                registered = 0 if registered else size
             time.sleep(rng.random() * 0.0005)
         if registered:
-            vm.coalesced_mmio(layout.COALESCED_GPA, 0x1000, register=False)
+            vm.coalesced_mmio(layout.COALESCED_GPA, registered, register=False)
 
     def _vcpu_creator(self, vm, readers):
         rng, t = self._rng("vcpu-create"), self.tracker
@@ -309,8 +308,7 @@ class Stress:
                                    "present but pyvmm has no Xen support yet")
             vm = kvm.create_vm()
             try:
-                vm.add_memory(0, layout.RAM_SIZE)
-                vm.write_guest(layout.CODE_GPA, guests.load("stressloop"))
+                vm.add_ram_with_guest("stressloop")
                 vcpus = []
                 for i in range(cfg.vcpus):
                     v = vm.create_vcpu(i)

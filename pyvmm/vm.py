@@ -232,6 +232,14 @@ class Vm(FdOwner):
         self.slots[slot] = s
         return s
 
+    def add_ram_with_guest(self, guest: str) -> MemorySlot:
+        """RAM at 0 (layout.RAM_SIZE) holding the named guest image at CODE_GPA: what the
+        64-bit check, stress and ptwrite guests start from."""
+        from . import guests, layout
+        ram = self.add_memory(0, layout.RAM_SIZE)
+        self.write_guest(layout.CODE_GPA, guests.load(guest))
+        return ram
+
     def delete_slot(self, slot: int) -> None:
         """Delete a slot (KVM_SET_USER_MEMORY_REGION with size 0). Memory stays mapped."""
         s = self.slots.get(slot)

@@ -40,7 +40,9 @@ def add_parsers(sub) -> None:
     b.add_argument("--recipes", default=",".join(DEFAULT_RECIPES),
                    help="preset names or recipe templates separated by ';' or ',' of presets "
                         "(default %(default)s)")
-    b.add_argument("--repeats", type=int, default=30)
+    b.add_argument("--repeats", type=int, default=None,
+                   help="boots per cell (default 30; ptwrite: boots per configuration, "
+                        "default 5)")
     b.add_argument("--warmup", type=int, default=5)
     b.add_argument("--seed", type=int, default=None)
     b.add_argument("--ioev-len", type=int, default=4, choices=[0, 1, 2, 4, 8])
@@ -80,6 +82,8 @@ def _recipes_arg(text: str) -> tuple[str, ...]:
 def cmd_bench(args) -> int:
     if args.workload == "ptwrite":
         return cmd_ptwrite(args)
+    if args.repeats is None:
+        args.repeats = 30
     if args.python_vs_c:
         ns = _int_list(args.ns) if args.ns != ",".join(map(str, DEFAULT_NS)) else (0, 10)
         recipes = _recipes_arg(args.recipes) if args.recipes != ",".join(DEFAULT_RECIPES) \
@@ -288,7 +292,7 @@ def _compare_plot(rows, name_a, name_b, out):
 
 def cmd_ptwrite(args) -> int:
     from . import ptwrite
-    repeats = 5 if args.repeats == 30 else args.repeats
+    repeats = 5 if args.repeats is None else args.repeats
     with Progress(TextColumn("ptwrite"), BarColumn(), MofNCompleteColumn(), console=console,
                   transient=True) as prog:
         task = prog.add_task("ptwrite", total=2 * repeats)

@@ -13,7 +13,7 @@ import struct
 import threading
 import time
 
-from .. import guests, layout
+from .. import layout
 from ..errors import PyvmmError
 from ..exits import Hlt, Interrupted, Io
 from ..kvm import Kvm
@@ -50,8 +50,7 @@ def run_once(count: int, second_vcpu: bool) -> dict:
     from ..vcpu import install_kick_handler
     install_kick_handler()
     with Kvm() as kvm, kvm.create_vm() as vm:
-        vm.add_memory(0, layout.RAM_SIZE)
-        vm.write_guest(layout.CODE_GPA, guests.load("ptwrite"))
+        vm.add_ram_with_guest("ptwrite")
         vm.write_guest(layout.PARAM_GPA, struct.pack("<QQ", layout.PARAM_MAGIC, count))
         v0 = vm.create_vcpu()
         v0.setup_long_mode()

@@ -14,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from .. import guests, layout
+from .. import layout
 from ..bench.stats import percentile
 from ..errors import PyvmmError
 from ..exits import Interrupted, Io, Mmio
@@ -94,12 +94,12 @@ class Mutator(threading.Thread):
             self.error = e
 
 
-def _long_mode_vm(guest: str):
+def long_mode_vm(guest: str):
+    """A new Kvm, VM and vCPU 0 in long mode at the start of `guest`."""
     kvm = Kvm()
     try:
         vm = kvm.create_vm()
-        vm.add_memory(0, layout.RAM_SIZE)
-        vm.write_guest(layout.CODE_GPA, guests.load(guest))
+        vm.add_ram_with_guest(guest)
         vcpu = vm.create_vcpu()
         vcpu.setup_long_mode()
     except BaseException:
@@ -202,7 +202,7 @@ def _stats_snapshot(owner):
 
 
 def _run_with_mutator(name, vcpu, vm, ops, op_names, iterations, duration_s, progress,
-                      efd=None, on_mmio_read=None, pause_s=0.0) -> CheckResult:
+                      efd=None, on_mmio_read=None, pause_s=0.0) -> tuple[CheckResult, list]:
     res = CheckResult(name)
     vm_stats, vcpu_stats = _stats_snapshot(vm), _stats_snapshot(vcpu)
     before = (vm_stats.read() if vm_stats else None, vcpu_stats.read() if vcpu_stats else None)
@@ -228,8 +228,7 @@ def _run_with_mutator(name, vcpu, vm, ops, op_names, iterations, duration_s, pro
         if reader and snap is not None:
             res.stats[label] = interesting(diff(snap, reader.read(), reader.layout))
             reader.close()
-    res.extra["_runs"] = runs
-    return res
+    return res, runs
 
 
 DEFAULT_HOLD_S = 0.0005
@@ -239,7 +238,7 @@ def ioeventfd_ordering(iterations: int = 100_000, duration_s: float = 60.0,
                        progress=None, hold_s: float = DEFAULT_HOLD_S) -> CheckResult:
     """See docs/checks.md: assign/deassign one MMIO ioeventfd on the doorbell the guest
     keeps writing; every settled write must be absorbed (assigned) or exit (not)."""
-    kvm, vm, vcpu = _long_mode_vm("ringloop")
+    kvm, vm, vcpu = long_mode_vm("ringloop")
     efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
     addr = layout.DOORBELL_BASE
     try:
@@ -250,7 +249,7 @@ def ioeventfd_ordering(iterations: int = 100_000, duration_s: float = 60.0,
                     raise CheckError(f"KVM_IOEVENTFD {'deassign' if deassign else 'assign'} "
                                      f"failed: {errno.errorcode.get(err, err)}")
             return f
-        res = _run_with_mutator("ioeventfd-ordering", vcpu, vm, [op(False), op(True)],
+        res, runs = _run_with_mutator("ioeventfd-ordering", vcpu, vm, [op(False), op(True)],
                                 ["assign", "deassign"], iterations, duration_s, progress,
                                 efd=efd, pause_s=hold_s)
         if vm.try_ioeventfd(efd, addr, 4, deassign=True) not in (0, errno.ENOENT):
@@ -260,7 +259,6 @@ def ioeventfd_ordering(iterations: int = 100_000, duration_s: float = 60.0,
         vm.close()
         kvm.close()
         os.close(efd)
-    runs = res.extra.pop("_runs")
     res.verdict = attr.judge_ordering(runs)
     return res
 
@@ -270,12 +268,14 @@ def memslot_coherence(iterations: int = 100_000, duration_s: float = 60.0,
     """See docs/checks.md: a slot at PROBE_GPA is added read-write, deleted, added
     read-only, moved away and back, deleted, over and over, while the guest reads and
     writes PROBE_GPA; every settled access must match the slot state."""
-    from ..abi import KVM_MEM_READONLY
+    from ..abi import KVM_CAP_READONLY_MEM, KVM_MEM_READONLY
     from ..memory import GuestMemory
-    if not vm_readonly_supported():
+    kvm, vm, vcpu = long_mode_vm("readloop")
+    if not kvm.check_extension(KVM_CAP_READONLY_MEM):
+        for owner in (vcpu, vm, kvm):
+            owner.close()
         raise CheckError("KVM_CAP_READONLY_MEM is missing: the read-only half of the check "
                          "cannot run")
-    kvm, vm, vcpu = _long_mode_vm("readloop")
     mem = GuestMemory(PROBE_SLOT_SIZE)
     mem.write(0, PATTERN.to_bytes(4, "little"))
     vm.memories.append(mem)
@@ -292,7 +292,7 @@ def memslot_coherence(iterations: int = 100_000, duration_s: float = 60.0,
 
         def answer(ex):
             vcpu.set_mmio_read_data(SENTINEL, ex.length)
-        res = _run_with_mutator("memslot-coherence", vcpu, vm, ops, attr.COHERENCE_OP_NAMES,
+        res, runs = _run_with_mutator("memslot-coherence", vcpu, vm, ops, attr.COHERENCE_OP_NAMES,
                                 iterations, duration_s, progress, on_mmio_read=answer,
                                 pause_s=hold_s)
         corrupted = mem.read(0, 4) != PATTERN.to_bytes(4, "little")
@@ -300,13 +300,6 @@ def memslot_coherence(iterations: int = 100_000, duration_s: float = 60.0,
         vcpu.close()
         vm.close()
         kvm.close()
-    runs = res.extra.pop("_runs")
     res.verdict = attr.judge_coherence(runs, PATTERN, SENTINEL)
     res.extra["pattern_intact"] = not corrupted
     return res
-
-
-def vm_readonly_supported() -> bool:
-    from ..abi import KVM_CAP_READONLY_MEM
-    with Kvm() as kvm:
-        return bool(kvm.check_extension(KVM_CAP_READONLY_MEM))

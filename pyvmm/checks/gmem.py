@@ -21,7 +21,7 @@ from .. import abi, layout
 from ..errors import KvmError, PyvmmError
 from ..exits import Io, MemoryFault, Mmio
 from ..memory import GuestMemory
-from .concurrent import SENTINEL, CheckError, _long_mode_vm
+from .concurrent import SENTINEL, CheckError, long_mode_vm
 
 GMEM_SIZE = 0x200000
 FLAGS_MMAP, FLAGS_INIT_SHARED = 1, 2
@@ -116,7 +116,7 @@ class _Env:
     """A VM running readloop, with a filled guest_memfd ready to bind at PROBE_GPA."""
 
     def __init__(self):
-        self.kvm, self.vm, self.vcpu = _long_mode_vm("readloop")
+        self.kvm, self.vm, self.vcpu = long_mode_vm("readloop")
         self.gmem = self.vm.create_guest_memfd(GMEM_SIZE, FLAGS_MMAP | FLAGS_INIT_SHARED)
         self.mem = GuestMemory(GMEM_SIZE, fd=self.gmem.fd)
         self.mem.write(0, layout.PROBE_PATTERN.to_bytes(4, "little"))

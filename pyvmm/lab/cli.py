@@ -65,7 +65,6 @@ class RichUi(oldkernel.Ui):
         self.prog.console.print(msg, highlight=False)
 
     def stage(self, name: str, total: int | None = None) -> None:
-        self.prog.update(self.task, description=name, total=total, completed=0)
         self.prog.reset(self.task, total=total, description=name)
 
     def boot(self, done: int, total: int, label: str) -> None:

@@ -20,7 +20,7 @@ FACT = "PYVMM-LAB-FACT"
 ERROR = "PYVMM-LAB-ERROR"
 DATA_TTY = "/dev/ttyS1"
 BUSYBOX_APPLETS = ("sh", "mount", "insmod", "cat", "echo", "uname", "nproc", "stty", "poweroff",
-                   "sleep", "ls", "grep", "head")
+                   "sleep", "ls", "grep", "head", "cut", "tr")
 
 
 @dataclass(frozen=True)
@@ -128,8 +128,7 @@ def build(busybox: bytes, helper: bytes, modules: dict[str, bytes], plan: str,
     d, f, x = 0o040755, 0o100644, 0o100755
     entries = [Entry(p, d) for p in ("bin", "dev", "proc", "sys", "tmp", "modules")]
     entries += [Entry("bin/busybox", x, busybox), Entry("bin/pyvmm-bootbench", x, helper)]
-    applets = BUSYBOX_APPLETS + ("cut", "tr")
-    entries += [Entry(f"bin/{a}", 0o120777, b"busybox") for a in applets]
+    entries += [Entry(f"bin/{a}", 0o120777, b"busybox") for a in BUSYBOX_APPLETS]
     entries += [Entry(f"modules/{name}", f, data) for name, data in modules.items()]
     entries.append(Entry("plan", f, plan.encode()))
     entries.append(Entry("init", x, init_script(list(modules), timeout_ms, ioev_len).encode()))

@@ -97,10 +97,10 @@ def make_plan(cfg: SweepConfig) -> list[str]:
     return lines
 
 
-def inner_host(kit: kernels.Kit, facts: dict[str, str], smp: int) -> dict:
-    """Host facts for the kernel inside QEMU (same keys as hostinfo.collect())."""
+def inner_host(kit: kernels.Kit, facts: dict[str, str], smp: int, outer: dict) -> dict:
+    """Host facts for the kernel inside QEMU (same keys as hostinfo.collect()); `outer` is
+    hostinfo.collect() of the machine running QEMU."""
     meta = kit.meta
-    outer = hostinfo.collect(with_kvm=False)
     return {
         "hostname": ENVIRONMENT,
         "kernel": facts.get("kernel", meta["kernel_release"]),
@@ -185,7 +185,8 @@ def run_lab(opts: LabOptions, cfg: SweepConfig, ui: Ui | None = None) -> LabRun:
                             timeout_ms=HELPER_TIMEOUT_MS, ioev_len=cfg.ioev_len)
     timings["build_s"] = time.monotonic() - t
 
-    host = inner_host(kit, {}, opts.smp)
+    outer = hostinfo.collect(with_kvm=False)
+    host = inner_host(kit, {}, opts.smp, outer)
     out = new_run_dir(opts.out, host)
     work = os.path.join(out, "lab")
     os.makedirs(work)
@@ -258,7 +259,7 @@ def run_lab(opts: LabOptions, cfg: SweepConfig, ui: Ui | None = None) -> LabRun:
                                            "boots": len(stream.boots), "wall_s": qemu_s})
             break
         timings["qemu_s"] = qemu_s
-        doc["host"] = inner_host(kit, stream.facts, opts.smp)
+        doc["host"] = inner_host(kit, stream.facts, opts.smp, outer)
         doc["clock"] = stream.clock
         doc["lab"]["errors"] = stream.errors
         doc["lab"]["garbage_lines"] = len(stream.garbage)
