@@ -7,7 +7,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.pyvmm-installed
 SOURCES = $(shell find pyvmm csrc guests -type f \( -name '*.py' -o -name '*.c' -o -name '*.h' \
-            -o -name '*.S' -o -name '*.inc' \) 2>/dev/null) pyproject.toml setup.py buildsteps.py
+            -o -name '*.S' -o -name '*.inc' -o -name '*.patch' -o -name INDEX \) 2>/dev/null) pyproject.toml setup.py buildsteps.py
 
 KERNEL ?= 6.1
 
@@ -24,7 +24,7 @@ bench: $(STAMP)
 
 lab: $(STAMP)
 	@sh scripts/lab-tools.sh --install
-	$(BIN)/pyvmm lab oldkernel --kernel $(KERNEL)
+	$(BIN)/pyvmm lab kernel --kernel $(KERNEL)
 
 info: $(STAMP)
 	$(BIN)/pyvmm info

@@ -129,6 +129,14 @@ class StressConfig:
     vcpus: int = 2
     extra_vcpus: int = 6
     bound_s: float = 10.0
+    # Keep going past duration_s until every worker has logged this many steps and every
+    # expected operation has run at least once (0: stop at duration_s). This lets a test
+    # synchronise on work done rather than on how fast the host runs; it is capped at
+    # EXTRA_CAP_S more seconds.
+    min_each: int = 0
+
+
+EXTRA_CAP_S = 120.0
 
 
 @dataclass
@@ -346,7 +354,9 @@ class Stress:
                 for w in workers:
                     w.start()
                 end = t0 + cfg.duration_s
-                while not self.stop.is_set() and time.monotonic() < end:
+                cap = end + EXTRA_CAP_S
+                while not self.stop.is_set() and (time.monotonic() < end
+                                                  or not self._enough(cap)):
                     time.sleep(0.1)
                     if progress:
                         progress(min(time.monotonic() - t0, cfg.duration_s), cfg.duration_s)
@@ -379,6 +389,16 @@ class Stress:
         res.sequences = self.sequences
         res.guest_exits = dict(self.exits)
         return res
+
+    def _enough(self, cap: float) -> bool:
+        """True when min_each is met (or unset), or the cap has passed."""
+        n = self.cfg.min_each
+        if n <= 0 or time.monotonic() >= cap:
+            return True
+        if any(len(seq) < n for seq in list(self.sequences.values())):
+            return False
+        lat = self.tracker.lat
+        return all(lat.get(op) for op in EXPECTED_OPS)
 
     def _op_table(self, elapsed: float) -> dict:
         out = {}

@@ -1,6 +1,8 @@
 #!/bin/sh
-# Tools the old-kernel lab needs: QEMU, a static busybox (it runs inside the initramfs),
-# dpkg-deb (unpacks the kernel package) and objdump (kernel-check).
+# Tools the kernel lab needs: QEMU, a static busybox (it runs inside the initramfs),
+# dpkg-deb (unpacks kernel packages), objdump (kernel-check), and for rebuilt KVM
+# modules (--kvm-patch, lab matrix) make, patch, xz and the compiler Debian built the
+# kernel with (gcc-12 for bookworm's 6.1).
 # Says what is missing and fails; with --install (as root, with apt) installs it instead.
 # Nothing is reinstalled when everything is present.
 missing=""
@@ -9,6 +11,10 @@ dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q "ok installed"
     || missing="$missing busybox-static"
 command -v dpkg-deb >/dev/null 2>&1 || missing="$missing dpkg"
 command -v objdump >/dev/null 2>&1 || missing="$missing binutils"
+command -v make >/dev/null 2>&1 || missing="$missing make"
+command -v patch >/dev/null 2>&1 || missing="$missing patch"
+command -v xz >/dev/null 2>&1 || missing="$missing xz-utils"
+command -v gcc-12 >/dev/null 2>&1 || missing="$missing gcc-12"
 if [ -z "$missing" ]; then exit 0; fi
 if [ "$1" = "--install" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "installing lab packages:$missing"

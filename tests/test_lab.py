@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from pyvmm.bench.sweep import SweepConfig, sweep_cells
-from pyvmm.lab import initramfs, kcheck, kernels, oldkernel, qemu, serial
+from pyvmm.lab import initramfs, kcheck, kernel_lab, kernels, qemu, serial
 from pyvmm.lab.kernels import LabError
 
 # --- initramfs ----------------------------------------------------------------------------
@@ -119,7 +119,7 @@ def test_boot_to_sample_maps_labels_and_drops_warmups():
 
 def test_plan_has_warmups_then_every_cell_repeats_times_and_is_seeded():
     cfg = SweepConfig(ns=(0, 10), repeats=3, warmup=2, seed=7)
-    plan = oldkernel.make_plan(cfg)
+    plan = kernel_lab.make_plan(cfg)
     assert len(plan) == 2 + 3 * len(sweep_cells(cfg))
     assert all(l.startswith("warmup/") for l in plan[:2])
     samples = [serial.parse_label(l.split()[0]) for l in plan[2:]]
@@ -130,8 +130,8 @@ def test_plan_has_warmups_then_every_cell_repeats_times_and_is_seeded():
     assert set(cells.values()) == {3} and ("control", 32) in cells
     first = next(l for l in plan[2:] if "/control/" in l)
     assert first.split(" ", 1)[1] == "vm,mem,ioev:32,eexist:32,deassign:32"
-    assert oldkernel.make_plan(SweepConfig(ns=(0, 10), repeats=3, warmup=2, seed=7)) == plan
-    assert oldkernel.make_plan(SweepConfig(ns=(0, 10), repeats=3, warmup=2, seed=8)) != plan
+    assert kernel_lab.make_plan(SweepConfig(ns=(0, 10), repeats=3, warmup=2, seed=7)) == plan
+    assert kernel_lab.make_plan(SweepConfig(ns=(0, 10), repeats=3, warmup=2, seed=8)) != plan
 
 
 def test_qemu_command_uses_single_threaded_tcg_for_two_cpus():
@@ -174,25 +174,75 @@ Description: Linux for 64-bit PCs (meta-package)
 Package: linux-image-amd64
 Version: 6.12.117-1
 Depends: linux-image-6.12.117+deb13-amd64 (= 6.12.117-1)
+
+Package: linux-image-amd64
+Version: 7.3.4-1~bpo13+1
+Depends: linux-base-amd64 (= 7.3.4-1~bpo13+1), linux-image-7.3.4+deb13-amd64 (= 7.3.4-1~bpo13+1), linux-modules-amd64 (= 7.3.4-1~bpo13+1)
+
+Package: linux-image-amd64
+Version: 7.2.13-1
+Depends: linux-base-amd64 (= 7.2.13-1), linux-image-7.2.13+deb14-amd64 (= 7.2.13-1)
 """
+
+SPLIT_IMAGE_DEPENDS = ("dracut | initramfs-tools (>= 0.120+deb8u2) | linux-initramfs-tool, "
+                       "linux-base-7.3.4+deb13-amd64 (= 7.3.4-1~bpo13+1), "
+                       "linux-binary-7.3.4+deb13-amd64 (= 7.3.4-1~bpo13+1), "
+                       "linux-modules-7.3.4+deb13-amd64 (= 7.3.4-1~bpo13+1)")
 
 
 def test_pick_kernel_takes_the_newest_of_the_series():
     recs = kernels.parse_records(RECORDS)
-    assert len(recs) == 3 and "latest Linux" in recs[1]["Description"]
+    assert len(recs) == 5 and "latest Linux" in recs[1]["Description"]
     p = kernels.pick_kernel(recs, "6.1")
     assert (p.name, p.version) == ("linux-image-6.1.0-56-amd64", "6.1.192-2")
     assert p.filename == "linux-image-6.1.0-56-amd64_6.1.192-2_amd64.deb"
     assert kernels.pick_kernel(recs, "6.12").name == "linux-image-6.12.117+deb13-amd64"
-    with pytest.raises(LabError, match=r"unknown kernel version '5.10'.*6\.1, 6\.12"):
+    with pytest.raises(LabError, match=r"unknown kernel version '5.10'.*6\.1, 6\.12, 7\.2, "
+                                       r"7\.3"):
         kernels.pick_kernel(recs, "5.10")
+    # 7.x metapackages list linux-base-amd64 before the image; 'latest' is the newest.
+    p73 = kernels.pick_kernel(recs, "7.3")
+    assert (p73.name, p73.series) == ("linux-image-7.3.4+deb13-amd64", "7.3")
+    assert kernels.pick_kernel(recs, "latest") == p73
+    assert kernels.pick_kernel(recs, "7.2").version == "7.2.13-1"
+
+
+def test_split_image_parts_are_pinned_to_the_version():
+    parts = kernels.split_parts(SPLIT_IMAGE_DEPENDS, "7.3.4-1~bpo13+1")
+    assert parts == ["linux-base-7.3.4+deb13-amd64", "linux-binary-7.3.4+deb13-amd64",
+                     "linux-modules-7.3.4+deb13-amd64"]
+    assert kernels.split_parts(SPLIT_IMAGE_DEPENDS, "7.3.5-1") == []
+    assert kernels.split_parts("linux-base (>= 4.3~), kmod", "6.1.192-2") == []
 
 
 def test_resolve_rejects_bad_specs_before_touching_the_network(tmp_path):
-    with pytest.raises(LabError, match="unknown kernel version 'latest'"):
-        kernels.resolve("latest", log=lambda m: None)
+    for bad in ("banana", "6", "6.1.2", "7.3-rc1", ""):
+        with pytest.raises(LabError, match=f"unknown kernel version '{bad}'.*latest"):
+            kernels.resolve(bad, log=lambda m: None)
     with pytest.raises(LabError, match="does not exist"):
         kernels.resolve(str(tmp_path / "nope.deb"), log=lambda m: None)
+    assert kernels.check_spec("latest") == "latest" and kernels.check_spec("7.3") == "7.3"
+
+
+def test_variants_parse_kernel_and_patch_before_anything_runs(tmp_path):
+    v = kernel_lab.parse_variant("6.1+defer-free-expedited")
+    assert (v.kernel, v.patch, v.label) == ("6.1", "defer-free-expedited",
+                                            "6.1+defer-free-expedited")
+    assert kernel_lab.parse_variant("latest") == kernel_lab.Variant("latest")
+    with pytest.raises(LabError, match="unknown KVM patch 'nope'.*defer-free"):
+        kernel_lab.parse_variant("6.1+nope")
+    with pytest.raises(LabError, match="unknown kernel version 'foo'"):
+        kernel_lab.parse_variant("foo+rebuild")
+    # A .deb path may hold '+' (Debian's 7.x file names do): only a known patch splits it.
+    deb = tmp_path / "linux-image-7.3.4+deb13-amd64_7.3.4-1~bpo13+1_amd64.deb"
+    deb.write_bytes(b"")
+    assert kernel_lab.parse_variant(str(deb)).patch is None
+    assert kernel_lab.parse_variant(f"{deb}+rebuild") == kernel_lab.Variant(str(deb), "rebuild")
+    from pyvmm.lab import matrix
+    vs = matrix.parse_variants(",".join(matrix.DEFAULT_VARIANTS))
+    assert [x.label for x in vs] == list(matrix.DEFAULT_VARIANTS)
+    with pytest.raises(LabError, match="given twice"):
+        matrix.parse_variants("6.1,6.1")
 
 
 def test_load_order_puts_dependencies_first_and_names_what_is_missing():
@@ -326,16 +376,48 @@ int other(void) { synchronize_srcu_expedited(srcu); return 1; }
 """
 
 
+# The remedy as the project's defer-free-expedited patch does it: a work item.
+WORK_ITEM = """
+extern void *kmalloc_stub(unsigned long);
+extern int queue_delayed_work_on(int, void *, void *, unsigned long);
+extern void synchronize_srcu_expedited(void *);
+void *bus; void *srcu; void *wq; char work[64];
+int kvm_io_bus_register_dev(void *a) {
+    void *n = kmalloc_stub(64); bus = n; queue_delayed_work_on(0, wq, work, 1); return 0; }
+void kvm_swap_active_memslots(void *k) { synchronize_srcu_expedited(srcu); }
+"""
+SWAP = "\nvoid kvm_swap_active_memslots(void *k) { synchronize_srcu_expedited(srcu); }\n"
+
+
 @pytest.mark.skipif(not shutil.which("objdump"), reason="objdump not installed")
-@pytest.mark.parametrize("source,behaviour", [(PRE_618, "sync"), (POST_618, "deferred")])
-def test_kernel_check_reads_the_calls_of_the_function_only(tmp_path, source, behaviour):
+@pytest.mark.parametrize("source,behaviour,mechanism,stall", [
+    (PRE_618, "sync", "synchronize_srcu_expedited", False),
+    (POST_618, "deferred", "call_srcu", None),              # no swap function: no prediction
+    (POST_618 + SWAP, "deferred", "call_srcu", True),       # 6.18+: the fix's regression
+    (POST_618.replace("call_srcu", "call_srcu_expedited") + SWAP, "deferred",
+     "call_srcu_expedited", False),                         # the RFC remedy
+    (WORK_ITEM, "deferred", "work item", None)])
+def test_kernel_check_reads_the_calls_of_the_function_only(tmp_path, source, behaviour,
+                                                           mechanism, stall):
     obj = _cc(tmp_path, "kvm", source, "-fno-inline")
     res = kcheck.check(str(obj))
-    assert res["behaviour"] == behaviour
+    assert res["behaviour"] == behaviour and res["mechanism"] == mechanism
     assert res["calls_wait"] == (behaviour == "sync")
-    assert "kmalloc_stub" in res["calls"]
-    if behaviour == "deferred":           # the call in other() must not count
-        assert res["grace_calls"] == ["call_srcu"] and "without waiting" in res["summary"]
+    assert res["stall_expected"] is stall
+    assert ("kmalloc_stub" in res["calls"])
+    if mechanism == "call_srcu":           # the call in other() must not count
+        assert res["grace_calls"] == ["call_srcu"] and "does not wait" in res["summary"]
+    if "kvm_swap_active_memslots" in source:
+        assert res["memslot_swap_waits"] is True and "synchronizes" in res["summary"]
+    else:
+        assert res["memslot_swap_waits"] is None
+    # Agreement: the behaviour, and the stall where the check predicts one.
+    want_stall_ns = 5e6 if stall else None
+    assert kcheck.agreement(res, behaviour, want_stall_ns)["agrees"]
+    other = "deferred" if behaviour == "sync" else "sync"
+    assert not kcheck.agreement(res, other, want_stall_ns)["agrees"]
+    if stall is not None:
+        assert not kcheck.agreement(res, behaviour, None if stall else 5e6)["agrees"]
 
 
 def test_kernel_check_errors(tmp_path):
@@ -358,10 +440,23 @@ def test_kernel_check_cli_bad_path_is_one_line():
     assert r.stderr.strip().count("\n") == 0 and "does not exist" in r.stderr
 
 
-def test_lab_cli_rejects_an_unknown_kernel_spec():
-    r = subprocess.run([sys.executable, "-m", "pyvmm", "lab", "oldkernel", "--kernel",
-                        "latest", "--no-install"], capture_output=True, text=True, cwd="/")
-    assert r.returncode == 2 and "unknown kernel version 'latest'" in r.stderr
+@pytest.mark.parametrize("argv,message", [
+    (["lab", "oldkernel", "--kernel", "banana", "--no-install"], "unknown kernel version 'banana'"),
+    (["lab", "kernel", "--kernel", "6.1", "--kvm-patch", "nope", "--no-install"],
+     "unknown KVM patch 'nope'"),
+    (["lab", "matrix", "--variants", "6.1,6.1+bogus", "--no-install"], "unknown KVM patch 'bogus'"),
+    (["lab", "kernel", "--kernel", "6.1", "--smp", "2", "--repeats", "0", "--no-install"],
+     "--repeats must be at least 1"),
+])
+def test_lab_cli_checks_arguments_before_tools_or_downloads(argv, message, tmp_path):
+    # Arguments are checked before the environment: the answer is the same whether or
+    # not QEMU is installed, and nothing is downloaded (an empty cache stays empty).
+    env = dict(os.environ, PYVMM_CACHE=str(tmp_path / "cache"))
+    r = subprocess.run([sys.executable, "-m", "pyvmm", *argv], capture_output=True, text=True,
+                       cwd="/", env=env)
+    assert r.returncode == 2 and message in r.stderr, r.stderr
+    assert "not installed" not in r.stderr
+    assert not (tmp_path / "cache" / "debs").exists()
 
 
 # --- the real thing -----------------------------------------------------------------------

@@ -98,3 +98,52 @@ def test_verdict_boundaries():
     assert stats.verdict([4.9], [1.0], [9.0]).behaviour == "deferred"
     assert stats.verdict([5.0], [1.0], [10.1]).behaviour == "deferred"
     assert stats.verdict([], [1.0], [1.0]).behaviour == "unknown"
+
+
+# --- where the post-registration stall lands ---------------------------------------------
+
+def _boots(k, base_us, extra_us=0.0):
+    return [(base_us + extra_us + 0.01 * i) * 1e3 for i in range(k)]
+
+
+@pytest.mark.parametrize("shape,paid_by", [
+    ("memslot", "memslot"),     # this host and AMD: the memslot step after the registrations
+    ("vcpu", "vcpu"),           # Intel VMX: the first KVM_CREATE_VCPU makes a memslot
+    ("teardown", "teardown"),   # no later memslot change: VM destruction pays it
+])
+def test_the_stall_is_attributed_to_the_step_that_paid_it(shape, paid_by):
+    base = {"r/vcpu": _boots(10, 40), "r/memslot": _boots(10, 20), "r/teardown": _boots(10, 300)}
+    after = {k: list(v) for k, v in base.items()}
+    after[f"r/{shape}"] = _boots(10, {"vcpu": 40, "memslot": 20, "teardown": 300}[shape], 5600)
+    if shape != "teardown":
+        after["r/teardown"] = _boots(10, 300, 200)      # a little slower, not a stall
+    v = stats.verdict([2e3], [1e3], [10e3], hz=250, phases_after=after, phases_base=base)
+    assert v.behaviour == "deferred"
+    assert v.stall_phase == paid_by and v.stall_recipe == "r"
+    assert 5.5e6 < v.stall_ns < 5.7e6
+    assert "about 1.4 jiffies at HZ=250" in v.stall_text
+    assert stats.STALL_PHASES[paid_by] in v.stall_text
+
+
+def test_no_stall_when_nothing_grew_and_the_biggest_qualifying_step_wins():
+    base = {"a/memslot": _boots(5, 20), "b/memslot": _boots(5, 20), "a/teardown": _boots(5, 2000)}
+    v = stats.verdict([30e3], [1e3], [25e3], phases_after=base, phases_base=base)
+    assert v.behaviour == "sync" and v.stall_phase is None and v.stall_ns is None
+    assert v.stall_text.startswith("no post-registration stall (memslot change")
+    # teardown grew by more in absolute terms but not by the ratio: the memslot step of
+    # recipe b is the stall.
+    after = {"a/memslot": _boots(5, 20, 700), "b/memslot": _boots(5, 20, 4000),
+             "a/teardown": _boots(5, 2000, 4500)}
+    v = stats.verdict([2e3], [1e3], [10e3], phases_after=after, phases_base=base)
+    assert (v.stall_recipe, v.stall_phase) == ("b", "memslot")
+
+
+def test_first_deassign_after_a_burst_is_reported():
+    slow_first = [[6e6] + [20e3] * 9 for _ in range(5)]
+    v = stats.verdict([2e3], [1e3], [20e3], hz=250, deassigns_per_boot=slow_first)
+    assert v.first_deassign_excess_ns == pytest.approx(6e6 - 20e3)
+    assert "first deassign after the assigns waits 5.98 ms" in v.stall_text
+    flat = [[20e3] * 10 for _ in range(5)]
+    v = stats.verdict([30e3], [1e3], [20e3], hz=250, deassigns_per_boot=flat)
+    assert v.first_deassign_excess_ns == 0 and "first deassign" not in v.stall_text
+    assert stats.first_deassign_excess([[1.0, 2.0]]) is None      # too few to tell

@@ -84,7 +84,10 @@ def run_once(count: int, second_vcpu: bool) -> dict:
         vm_stats, cpu_stats = StatsReader.open(vm), StatsReader.open(v0)
         t_stats = StatsReader.open(v1) if toucher is not None else None
 
+        passes_at = []
+
         def snap():
+            passes_at.append(passes[0])
             return (vm_stats.read(), cpu_stats.read(), t_stats.read() if t_stats else None)
         try:
             snaps, times = [], []
@@ -116,6 +119,9 @@ def run_once(count: int, second_vcpu: bool) -> dict:
             if t_stats:
                 out[phase]["toucher_stats"] = _pick(diff(snaps[i][2], snaps[i + 1][2],
                                                          t_stats.layout))
+                # Passes the second vCPU reported while this phase ran (the guest's own
+                # count, so a reader can tell a quiet phase from one that was too short).
+                out[phase]["toucher_passes"] = passes_at[i + 1] - passes_at[i]
         return out
 
 

@@ -58,6 +58,34 @@ def cell_summary(results: list[dict]) -> dict:
     }
 
 
+def after_registration(res: dict) -> list[str]:
+    """The steps of a boot that come after its first registration step, in order."""
+    ops = [p["op"] for p in res["phases"]]
+    return ops[ops.index("ioev") + 1:] if "ioev" in ops else []
+
+
+def stall_samples(cells: dict, recipes: list[str], n1: int | None) -> tuple[dict, dict]:
+    """Per-step wall times (ns), one per boot, of the steps that may pay a grace period
+    left by the registrations: at N=n1 and at N=0, keyed 'recipe/step', for every sweep
+    recipe in which the step follows the registrations."""
+    after: dict[str, list] = defaultdict(list)
+    base: dict[str, list] = defaultdict(list)
+    if n1 is None:
+        return after, base
+    for rname in recipes:
+        with_regs, without = cells.get((rname, n1), []), cells.get((rname, 0), [])
+        if not with_regs or not without:
+            continue
+        steps = {op for op in after_registration(with_regs[0]) if op in stats.STALL_PHASES}
+        for op in steps:
+            for res, into in ((with_regs, after), (without, base)):
+                for r in res:
+                    found = [p for p in r["phases"] if p["op"] == op]
+                    if found:
+                        into[f"{rname}/{op}"].append(found[0]["wall_ns"])
+    return after, base
+
+
 def analyze(doc: dict, driver: str = "c") -> dict:
     """Everything the report shows, computed from the samples alone."""
     cells = group(doc, driver)
@@ -86,13 +114,12 @@ def analyze(doc: dict, driver: str = "c") -> dict:
     eexist = [x for r in ctrl for x in (_phase(r, "eexist") or {"samples": []})["samples"]]
     deassign = [x for r in ctrl for x in (_phase(r, "deassign") or {"samples": []})["samples"]]
     # The stall right after registering: the smallest N > 0 (with many registrations the
-    # grace period has partly elapsed by the time the memslot change comes).
+    # grace period has partly elapsed by the time a later step comes), step by step.
     positive = sorted({n for rec in recipes.values() for n in rec["rows"] if n > 0})
-    after = [x for name, rec in recipes.items() for n, row in rec["rows"].items()
-             if positive and n == positive[0] for x in row["memslot_samples"]]
-    base = [x for name, rec in recipes.items() for n, row in rec["rows"].items() if n == 0
-            for x in row["memslot_samples"]]
-    verdict = stats.verdict(assign, eexist, deassign, after, base, hz)
+    after, base = stall_samples(cells, [r for r in recipes], positive[0] if positive else None)
+    per_boot = [(_phase(r, "deassign") or {"samples": []})["samples"] for r in ctrl]
+    verdict = stats.verdict(assign, eexist, deassign, hz=hz, phases_after=after,
+                            phases_base=base, deassigns_per_boot=per_boot)
     # Per-op cost against bus occupancy (position of the registration in its boot).
     occupancy = defaultdict(list)
     for (rname, n), rs in cells.items():
@@ -210,7 +237,9 @@ def render(console, doc: dict, driver: str = "c") -> dict:
         console.print(f"  kernel-check ({kc.get('path', '?')}): {kc.get('summary', kc)}",
                       highlight=False)
         if a["verdict"].behaviour in ("sync", "deferred") and "behaviour" in kc:
-            agree = kc["behaviour"] == a["verdict"].behaviour
+            agree = kc.get("agrees")
+            if agree is None:
+                agree = kc["behaviour"] == a["verdict"].behaviour
             console.print("  kernel-check and measured verdict: " +
                           ("agree" if agree else "[bold red]DISAGREE[/]"), highlight=False)
     if a["failures"]:

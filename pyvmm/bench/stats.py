@@ -100,6 +100,14 @@ class Verdict:
     assign_over_deassign: float | None
     stall_ns: float | None
     stall_text: str
+    # Which step paid the stall: "memslot" (a memslot change), "vcpu" (KVM_CREATE_VCPU,
+    # where VMX makes its APIC-access memslot), "teardown" (no later synchronous grace
+    # period until the VM is destroyed); None without a stall.
+    stall_phase: str | None = None
+    # The first KVM_IOEVENTFD deassign after a burst of assigns, against the later ones
+    # (the control recipe): a deferred free's pending grace period is paid there too.
+    first_deassign_excess_ns: float | None = None
+    stall_recipe: str | None = None
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -107,15 +115,62 @@ class Verdict:
 
 SYNC_TEXT = "registration waits for a grace period (pre-6.18 behaviour)"
 DEFERRED_TEXT = "deferred free (6.18+)"
+# Steps that can pay a grace period left pending by the registrations (in recipe order,
+# after the registrations), with how the report names them.
+STALL_PHASES = {"vcpu": "vCPU creation (KVM_CREATE_VCPU)",
+                "memslot": "the memslot step (KVM_SET_USER_MEMORY_REGION)",
+                "teardown": "VM teardown"}
+BEHAVIOUR_NAMES = {"sync": "sync-on-register", "deferred": "deferred-free",
+                   "unknown": "unknown"}
+
+
+def attribute_stall(after: dict, base: dict) -> tuple[str | None, float | None, dict]:
+    """The step that paid a post-registration stall.
+
+    `after` and `base` map a step to per-boot wall times (ns) with a few registrations
+    and with none. A step is a key of STALL_PHASES, optionally prefixed by the recipe it
+    belongs to ('during-boot/memslot'). Returns (step key or None, its excess in ns or
+    None, {step: (excess, after median, base median)}); a step counts only when its
+    excess is at least STALL_MIN_NS and it grew by STALL_MIN_RATIO; of those that count,
+    the largest excess wins.
+    """
+    excess = {}
+    for key in after:
+        if key.rpartition("/")[2] in STALL_PHASES and after[key] and base.get(key):
+            a, b = median(after[key]), median(base[key])
+            excess[key] = (a - b, a, b)
+    real = [k for k, (d, a, b) in excess.items()
+            if d >= STALL_MIN_NS and a >= STALL_MIN_RATIO * max(b, 1.0)]
+    if not real:
+        return None, None, excess
+    best = max(real, key=lambda k: excess[k][0])
+    return best, excess[best][0], excess
+
+
+def first_deassign_excess(per_boot_deassigns) -> float | None:
+    """Median over boots of (first deassign - median of that boot's later deassigns)."""
+    diffs = [xs[0] - median(xs[1:]) for xs in per_boot_deassigns if len(xs) >= 3]
+    return median(diffs) if diffs else None
+
+
+def _stall_words(stall: float, hz: int | None) -> str:
+    if hz:
+        return f"{stall / 1e6:.2f} ms (about {stall / (1e9 / hz):.1f} jiffies at HZ={hz})"
+    return f"{stall / 1e6:.2f} ms (HZ unknown)"
 
 
 def verdict(assign_samples, eexist_samples, deassign_samples,
-            memslot_after=None, memslot_base=None, hz: int | None = None) -> Verdict:
+            memslot_after=None, memslot_base=None, hz: int | None = None,
+            phases_after: dict | None = None, phases_base: dict | None = None,
+            deassigns_per_boot=None) -> Verdict:
     """Classify the kernel from per-operation costs (ns).
 
     assign/EEXIST >= 5 and assign/deassign >= 0.5 means every registration waits for a
-    grace period; otherwise the free is deferred. The memslot samples (first memslot
-    change after registrations, and the same change with none) give the stall.
+    grace period; otherwise the free is deferred. The stall is the step after the
+    registrations that grew most against the same recipe with none (`phases_after` /
+    `phases_base`, per step); with only memslot samples it is the memslot step.
+    `deassigns_per_boot` (the control recipe's deassign samples, one list per boot) adds
+    the first deassign's excess.
     """
     if not assign_samples or not eexist_samples or not deassign_samples:
         behaviour, text = "unknown", "not enough control samples for a verdict"
@@ -128,22 +183,33 @@ def verdict(assign_samples, eexist_samples, deassign_samples,
             behaviour, text = "sync", SYNC_TEXT
         else:
             behaviour, text = "deferred", DEFERRED_TEXT
-    stall = None
-    stall_text = "no post-registration stall measured"
+    after = dict(phases_after or {})
+    base = dict(phases_base or {})
     if memslot_after and memslot_base:
-        after, base = median(memslot_after), median(memslot_base)
-        stall = after - base
-        if stall >= STALL_MIN_NS and after >= STALL_MIN_RATIO * base:
-            if hz:
-                jiffy = 1e9 / hz
-                stall_text = (f"post-registration stall: {stall / 1e6:.2f} ms "
-                              f"(about {stall / jiffy:.1f} jiffies at HZ={hz})")
-            else:
-                stall_text = f"post-registration stall: {stall / 1e6:.2f} ms (HZ unknown)"
-        else:
-            stall_text = (f"no post-registration stall (memslot change {after / 1e3:.1f} us "
-                          f"after registrations vs {base / 1e3:.1f} us without)")
-    return Verdict(behaviour, text, a, e, d, r1, r2, stall, stall_text)
+        after.setdefault("memslot", list(memslot_after))
+        base.setdefault("memslot", list(memslot_base))
+    phase, stall, excess = attribute_stall(after, base)
+    first = first_deassign_excess(deassigns_per_boot or [])
+    memslots = [k for k in excess if k.rpartition("/")[2] == "memslot"]
+    recipe = None
+    if phase is not None:
+        recipe, _, phase = phase.rpartition("/")
+        stall_text = (f"post-registration stall: {_stall_words(stall, hz)}, paid by "
+                      f"{STALL_PHASES[phase]}" + (f" in {recipe}" if recipe else ""))
+    elif memslots:
+        worst = max(memslots, key=lambda k: excess[k][0])
+        _, m_after, m_base = excess[worst]
+        stall_text = (f"no post-registration stall (memslot change {m_after / 1e3:.1f} us "
+                      f"after registrations vs {m_base / 1e3:.1f} us without)")
+    elif excess:
+        stall_text = "no post-registration stall in " + ", ".join(
+            f"{p} ({x[1] / 1e3:.1f} vs {x[2] / 1e3:.1f} us)" for p, x in excess.items())
+    else:
+        stall_text = "no post-registration stall measured"
+    if first is not None and first >= STALL_MIN_NS:
+        stall_text += f"; the first deassign after the assigns waits {_stall_words(first, hz)}"
+    return Verdict(behaviour, text, a, e, d, r1, r2, stall, stall_text, phase, first,
+                   recipe or None)
 
 
 def interleaved_order(cells, repeats: int, seed: int) -> list:

@@ -1,4 +1,5 @@
-"""CLI: `pyvmm lab oldkernel` and `pyvmm kernel-check`."""
+"""CLI: `pyvmm lab kernel` (alias `lab oldkernel`), `pyvmm lab matrix` and
+`pyvmm kernel-check`."""
 
 from __future__ import annotations
 
@@ -12,26 +13,18 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColum
 from ..bench import report
 from ..bench.cli import _int_list, _recipes_arg, console
 from ..bench.sweep import DEFAULT_NS, DEFAULT_RECIPES, SweepConfig
-from . import kcheck, oldkernel
+from . import kcheck, kernel_lab, kernels, matrix, modbuild
 
 
-def add_parsers(sub) -> None:
-    lab = sub.add_parser("lab", help="labs that need more than this host (e.g. an older kernel)")
-    labs = lab.add_subparsers(dest="lab", required=True)
-    o = labs.add_parser(
-        "oldkernel", help="run the registration sweep on a Debian 6.1 or 6.12 kernel under "
-                          "QEMU (TCG, emulated SVM) and show the same table and verdict")
-    o.add_argument("--kernel", default="6.1",
-                   help="kernel series from Debian (6.1, 6.12) or a linux-image .deb path "
-                        "(default %(default)s)")
+def _sweep_args(o, repeats_default: int) -> None:
     o.add_argument("--smp", type=int, default=1, choices=[1, 2],
                    help="emulated CPUs (2 uses single-threaded TCG; default 1)")
     o.add_argument("--ns", default=",".join(map(str, DEFAULT_NS)),
                    help="registration counts to sweep (default %(default)s)")
     o.add_argument("--recipes", default=",".join(DEFAULT_RECIPES),
                    help="preset names or recipe templates (default %(default)s)")
-    o.add_argument("--repeats", type=int, default=oldkernel.LAB_REPEATS)
-    o.add_argument("--warmup", type=int, default=oldkernel.LAB_WARMUP)
+    o.add_argument("--repeats", type=int, default=repeats_default)
+    o.add_argument("--warmup", type=int, default=kernel_lab.LAB_WARMUP)
     o.add_argument("--seed", type=int, default=None)
     o.add_argument("--ioev-len", type=int, default=4, choices=[0, 1, 2, 4, 8])
     o.add_argument("--control-n", type=int, default=32,
@@ -45,17 +38,58 @@ def add_parsers(sub) -> None:
                    help="boot again this many times after a hang (each retry is reported)")
     o.add_argument("--no-install", action="store_true",
                    help="fail instead of installing qemu-system-x86 / busybox-static")
-    o.set_defaults(func=cmd_oldkernel)
+
+
+def add_parsers(sub) -> None:
+    lab = sub.add_parser("lab", help="labs that need more than this host (another kernel, "
+                                     "rebuilt KVM modules)")
+    labs = lab.add_subparsers(dest="lab", required=True)
+    for name in ("kernel", "oldkernel"):
+        o = labs.add_parser(
+            name, help="run the registration sweep on a Debian kernel (6.1 ... latest) under "
+                       "QEMU (TCG, emulated SVM), optionally with rebuilt KVM modules, and "
+                       "show the same table and verdict" + (" (old name of 'lab kernel')"
+                                                            if name == "oldkernel" else ""))
+        o.add_argument("--kernel", default="6.1",
+                       help=f"{kernels.KERNEL_SPEC_FORMS} (default %(default)s)")
+        o.add_argument("--kvm-patch", default=None, metavar="NAME",
+                       help="rebuild kvm.ko and kvm-amd.ko from the kernel's Debian source "
+                            "with this patch of the project's (pyvmm/lab/patches/INDEX: "
+                            f"{', '.join(modbuild.load_patches())})")
+        _sweep_args(o, kernel_lab.LAB_REPEATS)
+        o.set_defaults(func=cmd_kernel)
+
+    m = labs.add_parser("matrix", help="the same seeded sweep on several kernels and patched "
+                                       "KVM builds, one table with a row per variant")
+    m.add_argument("--variants", default=",".join(matrix.DEFAULT_VARIANTS),
+                   help="comma-separated KERNEL[+PATCH] (default %(default)s)")
+    m.add_argument("--json", action="store_true",
+                   help="print the table as one JSON object on stdout (progress on stderr)")
+    _sweep_args(m, kernel_lab.LAB_REPEATS)
+    m.set_defaults(func=cmd_matrix)
 
     k = sub.add_parser("kernel-check",
-                       help="does kvm_io_bus_register_dev in this kvm.ko wait for a grace "
-                            "period? (objdump)")
+                       help="how does kvm_io_bus_register_dev in this kvm.ko free the old bus, "
+                            "and does a memslot change synchronize? (objdump)")
     k.add_argument("module", help="path of kvm.ko (or kvm.ko.xz) or a vmlinux with symbols")
     k.add_argument("--json", action="store_true")
     k.set_defaults(func=cmd_kernel_check)
 
 
-class RichUi(oldkernel.Ui):
+def _sweep_config(args) -> SweepConfig:
+    return SweepConfig(ns=_int_list(args.ns), recipes=_recipes_arg(args.recipes),
+                       repeats=args.repeats, warmup=args.warmup, seed=args.seed,
+                       ioev_len=args.ioev_len, control_n=args.control_n)
+
+
+def _lab_options(args, **kw) -> kernel_lab.LabOptions:
+    return kernel_lab.LabOptions(smp=args.smp, out=args.out, retries=max(0, args.retries),
+                                 total_timeout_s=args.timeout,
+                                 stall_timeout_s=args.stall_timeout,
+                                 install=not args.no_install, **kw)
+
+
+class RichUi(kernel_lab.Ui):
     def __init__(self, prog: Progress):
         self.prog = prog
         self.task = prog.add_task("starting", total=None)
@@ -72,29 +106,27 @@ class RichUi(oldkernel.Ui):
                          description=f"sweep: {label.split('/', 1)[1]}")
 
 
-def cmd_oldkernel(args) -> int:
-    cfg = SweepConfig(ns=_int_list(args.ns), recipes=_recipes_arg(args.recipes),
-                      repeats=args.repeats, warmup=args.warmup, seed=args.seed,
-                      ioev_len=args.ioev_len, control_n=args.control_n)
-    opts = oldkernel.LabOptions(kernel=args.kernel, smp=args.smp, out=args.out,
-                                retries=max(0, args.retries), total_timeout_s=args.timeout,
-                                stall_timeout_s=args.stall_timeout,
-                                install=not args.no_install)
-    boots = len(oldkernel.make_plan(cfg)) - cfg.warmup
-    console.print(f"pyvmm lab oldkernel: kernel {args.kernel}, {boots} boots "
+def cmd_kernel(args) -> int:
+    opts = _lab_options(args, kernel=args.kernel, kvm_patch=args.kvm_patch)
+    kernel_lab.check_options(opts)      # bad arguments fail before any tool or download
+    cfg = _sweep_config(args)
+    boots = len(kernel_lab.make_plan(cfg)) - cfg.warmup
+    variant = kernel_lab.Variant(opts.kernel, opts.kvm_patch).label
+    console.print(f"pyvmm lab kernel: {variant}, {boots} boots "
                   f"({boots // cfg.repeats} cells x {cfg.repeats} repeats, interleaved, seed "
                   f"{cfg.seed}, {cfg.warmup} warm-up boots discarded), QEMU TCG -smp {args.smp}",
                   highlight=False)
     t0 = time.monotonic()
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-                  MofNCompleteColumn(), TimeElapsedColumn(), console=console,
-                  transient=True) as prog:
-        run = oldkernel.run_lab(opts, cfg, RichUi(prog))
+    with _progress(console) as prog:
+        run = kernel_lab.run_lab(opts, cfg, RichUi(prog))
     doc, out = run.doc, run.out_dir
     report.write_all(console, doc, out)
     t = run.timings
+    mods = (f", modules {t['modules_s']:.1f} s" + (" (cached)" if t.get("modules_cached") else "")
+            if "modules_s" in t else "")
     console.print(f"lab wall time {time.monotonic() - t0:.1f} s (download {t['download_s']:.1f} "
-                  f"s, unpack+initramfs {t['build_s']:.1f} s, QEMU {t['qemu_s']:.1f} s); "
+                  f"s{mods}, unpack+initramfs {t['build_s'] + t.get('unpack_s', 0):.1f} s, "
+                  f"QEMU {t['qemu_s']:.1f} s); "
                   f"{len(doc['samples'])} boots in {os.path.join(out, 'run.json')}",
                   highlight=False)
     retries = [a for a in doc["lab"]["attempts"] if not a["ok"]]
@@ -102,6 +134,42 @@ def cmd_oldkernel(args) -> int:
         console.print(f"[yellow]{len(retries)} attempt(s) hung and were retried[/]")
     kc = doc["kernel_check"]
     return 0 if kc.get("agrees", True) and not doc["failures"] else 1
+
+
+def _progress(con):
+    return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                    MofNCompleteColumn(), TimeElapsedColumn(), console=con, transient=True)
+
+
+def cmd_matrix(args) -> int:
+    variants = matrix.parse_variants(args.variants)
+    base = _lab_options(args)
+    for v in variants:
+        kernel_lab.check_options(kernel_lab.LabOptions(kernel=v.kernel, kvm_patch=v.patch,
+                                                       smp=args.smp))
+    cfg = _sweep_config(args)
+    out_con = console
+    if args.json:                       # stdout carries only the JSON object
+        from rich.console import Console
+        out_con = Console(stderr=True)
+    boots = len(kernel_lab.make_plan(cfg)) - cfg.warmup
+    out_con.print(f"pyvmm lab matrix: {len(variants)} variants ({', '.join(v.label for v in variants)})"
+                  f", {boots} boots each, seed {cfg.seed}", highlight=False)
+    t0 = time.monotonic()
+    with _progress(out_con) as prog:
+        run = matrix.run_matrix(variants, cfg, base, RichUi(prog))
+    doc = run.doc
+    paths = matrix.plot(doc, run.out_dir) if doc["rows"] else []
+    out_con.print(matrix.table(doc))
+    for f in doc["failed"]:
+        out_con.print(f"[red]variant {f['variant']} failed:[/] {f['error']}", highlight=False)
+    out_con.print(f"matrix wall time {time.monotonic() - t0:.1f} s; "
+                  f"{os.path.join(run.out_dir, 'matrix.json')}"
+                  + (f", plot {paths[0]}" if paths else ""), highlight=False)
+    if args.json:
+        print(json.dumps(matrix.json_rows(doc), indent=1))
+    ok = not doc["failed"] and all(r["agrees"] is not False for r in doc["rows"])
+    return 0 if ok else 1
 
 
 def cmd_kernel_check(args) -> int:
@@ -112,4 +180,7 @@ def cmd_kernel_check(args) -> int:
         console.print(f"{res['path']}: {res['summary']}", highlight=False)
         console.print(f"  {kcheck.FUNCTION} calls: {', '.join(res['calls']) or 'nothing'}",
                       highlight=False)
+        if res.get("memslot_calls") is not None:
+            console.print(f"  {kcheck.MEMSLOT_FUNCTION} calls: "
+                          f"{', '.join(res['memslot_calls']) or 'nothing'}", highlight=False)
     return 0

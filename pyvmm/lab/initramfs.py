@@ -20,7 +20,7 @@ FACT = "PYVMM-LAB-FACT"
 ERROR = "PYVMM-LAB-ERROR"
 DATA_TTY = "/dev/ttyS1"
 BUSYBOX_APPLETS = ("sh", "mount", "insmod", "cat", "echo", "uname", "nproc", "stty", "poweroff",
-                   "sleep", "ls", "grep", "head", "cut", "tr")
+                   "sleep", "ls", "grep", "head", "cut", "tr", "dmesg", "tail")
 
 
 @dataclass(frozen=True)
@@ -102,7 +102,12 @@ def init_script(modules: list[str], timeout_ms: int, ioev_len: int,
         "current_clocksource)\"",
     ]
     for m in modules:
-        lines.append(f"insmod /modules/{q(m)} || fail 'insmod {m} failed'")
+        # A module that will not load: the insmod line, what it said and the kernel's
+        # last words go back to the host.
+        lines.append(f"insmod /modules/{q(m)} 2>/tmp/insmod || {{ "
+                     f"say \"{ERROR} insmod /modules/{m}: $(cat /tmp/insmod)\"; "
+                     f"dmesg | tail -n 8 | while read -r l; do say \"{ERROR} dmesg: $l\"; done; "
+                     f"fail 'insmod {m} failed'; }}")
     lines += [
         "[ -c /dev/kvm ] || fail 'no /dev/kvm after loading the KVM modules'",
         f"say \"{FACT} modules $(cut -d' ' -f1 /proc/modules | tr '\\n' ' ')\"",

@@ -1,10 +1,14 @@
-"""Static check of a KVM build: does kvm_io_bus_register_dev wait for a grace period?
+"""Static check of a KVM build: does kvm_io_bus_register_dev wait for a grace period,
+and if not, how is the old bus freed and will the next memslot change wait for it?
 
 Before Linux 6.18 the function ends by publishing the new bus and calling
 synchronize_srcu_expedited() before freeing the old one; from 6.18 the old bus is freed
-after a grace period without waiting. The check disassembles the function with objdump
-and lists what it calls: in a module the calls show up as relocations, in a linked
-image (vmlinux) as call targets.
+from a call_srcu() callback (a normal grace period, which the next
+synchronize_srcu_expedited() on kvm->srcu, e.g. in kvm_swap_active_memslots, waits
+behind: the fix's regression). The proposed remedy uses call_srcu_expedited(); this
+project's defer-free-expedited patch hands the bus to a work item instead. The check
+disassembles the functions with objdump and lists what they call: in a module the calls
+show up as relocations, in a linked image (vmlinux) as call targets.
 """
 
 from __future__ import annotations
@@ -18,7 +22,11 @@ import tempfile
 from .kernels import LabError, decompress_module
 
 FUNCTION = "kvm_io_bus_register_dev"
+MEMSLOT_FUNCTION = "kvm_swap_active_memslots"
 WAIT_SYMBOL = "synchronize_srcu_expedited"
+WAIT_SYMBOLS = ("synchronize_srcu_expedited", "synchronize_srcu")
+WORK_SYMBOLS = ("queue_delayed_work_on", "queue_work_on", "mod_delayed_work_on",
+                "schedule_work", "schedule_delayed_work")
 # Other ways a grace period could be waited for or deferred, reported when seen.
 GRACE_SYMBOLS = ("synchronize_srcu", "synchronize_srcu_expedited", "synchronize_rcu",
                  "synchronize_rcu_expedited", "call_srcu", "call_rcu", "kvfree_call_rcu",
@@ -46,20 +54,53 @@ def function_calls(disassembly: str, function: str = FUNCTION) -> list[str] | No
     return seen
 
 
-def classify(calls: list[str]) -> dict:
-    waits = WAIT_SYMBOL in calls
-    grace = [s for s in calls if s in GRACE_SYMBOLS]
+def classify(calls: list[str], memslot_calls: list[str] | None = None) -> dict:
+    """What the calls of kvm_io_bus_register_dev (and of kvm_swap_active_memslots, when
+    given) say about the build."""
+    waits = any(w in calls for w in WAIT_SYMBOLS)
+    grace = [s for s in calls if s in GRACE_SYMBOLS or s == "call_srcu_expedited"]
+    if waits:
+        mechanism = next(w for w in WAIT_SYMBOLS if w in calls)
+    elif "call_srcu_expedited" in calls:
+        mechanism = "call_srcu_expedited"
+    elif "call_srcu" in calls:
+        mechanism = "call_srcu"
+    elif any(w in calls for w in WORK_SYMBOLS):
+        mechanism = "work item"
+    else:
+        mechanism = "none"
+    memslot_waits = None if memslot_calls is None else any(
+        w in memslot_calls for w in WAIT_SYMBOLS)
+    # A normal grace period left pending by call_srcu is what a later synchronous one
+    # waits behind; an expedited one (or none) leaves nothing slow. A work item: the
+    # check cannot see what the worker does, so it does not predict.
+    if mechanism == "call_srcu":
+        stall = bool(memslot_waits) if memslot_waits is not None else None
+    elif mechanism == "work item":
+        stall = None
+    else:
+        stall = False
     if waits:
         behaviour = "sync"
-        summary = (f"{FUNCTION} calls {WAIT_SYMBOL}: every registration waits for a grace "
+        summary = (f"{FUNCTION} calls {mechanism}: every registration waits for a grace "
                    "period (pre-6.18)")
     else:
         behaviour = "deferred"
-        extra = f" (grace-period calls: {', '.join(grace)})" if grace else ""
-        summary = (f"{FUNCTION} does not call {WAIT_SYMBOL}{extra}: the old bus is freed "
-                   "without waiting (6.18+)")
+        how = {"call_srcu": "from a call_srcu callback (6.18+)",
+               "call_srcu_expedited": "from a call_srcu_expedited callback (the proposed "
+                                      "remedy)",
+               "work item": "by a work item",
+               "none": "without a grace-period call in the function"}[mechanism]
+        summary = f"{FUNCTION} does not wait: the old bus is freed {how}"
+    if memslot_waits is not None:
+        summary += (f"; {MEMSLOT_FUNCTION} " + ("synchronizes" if memslot_waits
+                                                 else "does not synchronize"))
+    if stall is True:
+        summary += ", so the next memslot change waits for the pending grace period"
     return {"function": FUNCTION, "calls_wait": waits, "grace_calls": grace,
-            "behaviour": behaviour, "summary": summary}
+            "behaviour": behaviour, "mechanism": mechanism,
+            "memslot_swap_waits": memslot_waits, "stall_expected": stall,
+            "summary": summary}
 
 
 def check(path: str) -> dict:
@@ -90,7 +131,20 @@ def check(path: str) -> dict:
     calls = function_calls(p.stdout)
     if calls is None:
         raise LabError(f"{path} has no {FUNCTION}: is it kvm.ko (the KVM core module)?")
-    out = classify(calls)
+    memslot_calls = function_calls(p.stdout, MEMSLOT_FUNCTION)
+    out = classify(calls, memslot_calls)
     out["path"] = os.path.abspath(path)
     out["calls"] = calls
+    out["memslot_calls"] = memslot_calls
     return out
+
+
+def agreement(kc: dict, behaviour: str, stall_ns: float | None) -> dict:
+    """Does the static check agree with what was measured? Compares the behaviour and,
+    where the check predicts one, whether there was a post-registration stall."""
+    same = kc.get("behaviour") == behaviour
+    stall_seen = stall_ns is not None
+    predicted = kc.get("stall_expected")
+    stall_ok = predicted is None or predicted == stall_seen
+    return {"agrees": same and stall_ok, "behaviour_agrees": same,
+            "stall_predicted": predicted, "stall_seen": stall_seen}

@@ -8,7 +8,10 @@ download or unpack never leaves a half-written entry behind.
 
 Packages come from a private apt state under the cache (its own sources list and
 package lists), so the host's apt configuration is neither used nor changed: Debian 12
-(bookworm) carries 6.1 and Debian 13 (trixie) carries 6.12.
+(bookworm) carries 6.1, Debian 13 (trixie) 6.12, trixie-backports 7.3 and sid 7.2.
+From 7.x Debian splits the image package: linux-image-R only depends on linux-binary-R
+(vmlinuz), linux-modules-R (the .ko.xz files) and linux-base-R (config, System.map),
+so a kernel is a set of packages of one version, unpacked into one tree.
 """
 
 from __future__ import annotations
@@ -33,8 +36,12 @@ SECURITY = "http://deb.debian.org/debian-security"
 KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
 SOURCES = [
     (MIRROR, "bookworm"), (SECURITY, "bookworm-security"),
-    (MIRROR, "trixie"), (SECURITY, "trixie-security"),
+    (MIRROR, "trixie"), (SECURITY, "trixie-security"), (MIRROR, "trixie-backports"),
+    (MIRROR, "sid"),
 ]
+SUITES = "bookworm, trixie, trixie-backports, sid"
+# Packages a split (7.x) image depends on that hold its files.
+SPLIT_PARTS = ("linux-binary-", "linux-modules-", "linux-base-")
 METAPACKAGE = "linux-image-amd64"
 LISTS_MAX_AGE_S = 24 * 3600
 # The module that makes /dev/kvm inside QEMU's emulated AMD CPU (-cpu EPYC,+svm).
@@ -232,25 +239,66 @@ class KernelPackage:
         return f"{self.name}_{self.version.replace(':', '%3a')}_amd64.deb"
 
 
+def _image_dep(depends: str) -> str | None:
+    """The versioned linux-image-R package a metapackage depends on (7.x lists
+    linux-base-amd64 first)."""
+    for part in depends.split(","):
+        m = re.match(r"\s*(linux-image-[\w.+-]+)", part)
+        if m and m.group(1) != METAPACKAGE:
+            return m.group(1)
+    return None
+
+
 def pick_kernel(records: list[dict[str, str]], series: str) -> KernelPackage:
-    """From metapackage records, the newest whose version is in `series` (e.g. '6.1')."""
+    """From metapackage records, the newest whose version is in `series` (e.g. '6.1'),
+    or the newest of all for 'latest'."""
     found = []
     for r in records:
         ver = r.get("Version", "")
         upstream = ver.split(":")[-1]
-        if not upstream.startswith(series + "."):
+        if series != "latest" and not upstream.startswith(series + "."):
             continue
-        m = re.match(r"\s*(linux-image-[\w.+-]+)", r.get("Depends", ""))
-        if m:
-            found.append(KernelPackage(m.group(1), ver, series))
+        name = _image_dep(r.get("Depends", ""))
+        if name:
+            found.append(KernelPackage(name, ver, ".".join(upstream.split(".")[:2])))
     if not found:
         have = sorted({".".join(r.get("Version", "").split(":")[-1].split(".")[:2])
-                       for r in records if r.get("Version")})
+                       for r in records if r.get("Version")},
+                      key=lambda v: tuple(int(x) for x in v.split(".") if x.isdigit()))
         raise LabError(f"unknown kernel version '{series}': the Debian archives offer "
-                       f"{', '.join(have) or 'none'}; give one of those or a path to a "
-                       "linux-image .deb")
+                       f"{', '.join(have) or 'none'}; give one of those, 'latest' or a path "
+                       "to a linux-image .deb")
     return max(found, key=functools.cmp_to_key(lambda a, b: compare_versions(a.version,
                                                                             b.version)))
+
+
+def split_parts(depends: str, version: str) -> list[str]:
+    """The linux-binary/modules/base packages of a split image record, pinned to its
+    version (empty for an image package that holds everything itself)."""
+    out = []
+    for part in depends.split(","):
+        for alt in part.split("|"):
+            m = re.match(r"\s*([\w.+-]+)\s*(?:\(=\s*([^)]+)\))?", alt)
+            if m and m.group(1).startswith(SPLIT_PARTS) and (m.group(2) or version) == version:
+                out.append(m.group(1))
+    return out
+
+
+KERNEL_SPEC_FORMS = ("a Debian series such as 6.1, 6.12, 7.2 or 7.3, 'latest' (the newest "
+                     "in the archives), or a path to a linux-image .deb")
+
+
+def check_spec(spec: str) -> str:
+    """Validate a kernel spec without touching the network or the disk beyond a stat;
+    returns it normalised. Raises LabError naming the accepted forms."""
+    spec = spec.strip()
+    if spec.endswith(".deb") or os.sep in spec:
+        if not os.path.isfile(spec):
+            raise LabError(f"kernel package {spec} does not exist")
+        return spec
+    if spec == "latest" or re.fullmatch(r"\d+\.\d+", spec):
+        return spec
+    raise LabError(f"unknown kernel version '{spec}': give {KERNEL_SPEC_FORMS}")
 
 
 # --- apt (private state) ----------------------------------------------------------------
@@ -267,6 +315,10 @@ class Apt:
             with open(self.sources + ".tmp", "w") as f:
                 f.write(text)
             os.replace(self.sources + ".tmp", self.sources)
+            try:                # new suites: the lists must be fetched again
+                os.unlink(self._stamp)
+            except FileNotFoundError:
+                pass
 
     def _opts(self) -> list[str]:
         r = self.root
@@ -302,7 +354,7 @@ class Apt:
         age = self.lists_age()
         if not force and age is not None and age < LISTS_MAX_AGE_S:
             return
-        self.log("updating the lab's package lists (bookworm, trixie)")
+        self.log(f"updating the lab's package lists ({SUITES})")
         try:
             self._run(["apt-get", "update", "-q"], "update the package lists from "
                       f"{MIRROR} (is deb.debian.org reachable?)")
@@ -317,34 +369,57 @@ class Apt:
         return parse_records(self._run(["apt-cache", "show", METAPACKAGE],
                                        f"find {METAPACKAGE} in the package lists"))
 
+    def record(self, name: str, version: str) -> dict[str, str]:
+        """The package record of NAME at VERSION."""
+        recs = parse_records(self._run(["apt-cache", "show", f"{name}={version}"],
+                                       f"find {name} {version} in the package lists"))
+        if not recs:
+            raise LabError(f"{name} {version} is not in the package lists")
+        return recs[0]
+
     def download(self, pkg: KernelPackage, dest_dir: str) -> str:
         """Download the package into dest_dir (temp directory, then rename)."""
-        final = os.path.join(dest_dir, pkg.filename)
-        if os.path.exists(final):
-            return final
+        return self.download_named(pkg.name, pkg.version, dest_dir)
+
+    def download_named(self, name: str, version: str, dest_dir: str) -> str:
+        """Download NAME=VERSION into dest_dir, unless a finished copy is there."""
         os.makedirs(dest_dir, exist_ok=True)
+        stem = f"{name}_{version.replace(':', '%3a')}_"
+        have = [f for f in os.listdir(dest_dir) if f.startswith(stem) and f.endswith(".deb")]
+        if have:
+            return os.path.join(dest_dir, have[0])
         tmp = tempfile.mkdtemp(prefix=".download-", dir=dest_dir)
         try:
-            self._run(["apt-get", "download", "-q", f"{pkg.name}={pkg.version}"],
-                      f"download {pkg.name} {pkg.version}", cwd=tmp)
+            self._run(["apt-get", "download", "-q", f"{name}={version}"],
+                      f"download {name} {version}", cwd=tmp)
             debs = [f for f in os.listdir(tmp) if f.endswith(".deb")]
             if len(debs) != 1:
-                raise LabError(f"apt-get download of {pkg.name} left {debs!r}, expected one .deb")
+                raise LabError(f"apt-get download of {name} left {debs!r}, expected one .deb")
+            final = os.path.join(dest_dir, debs[0])
             os.replace(os.path.join(tmp, debs[0]), final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return final
 
 
-def resolve(spec: str, log=print) -> str:
-    """A kernel spec ('6.1', '6.12' or PATH.deb) to a local .deb path (downloading it)."""
+@dataclass(frozen=True)
+class KernelDebs:
+    """The packages of one kernel: the image package first, then (7.x) its parts."""
+    image: str
+    parts: tuple[str, ...] = ()
+    package: KernelPackage | None = None
+
+    @property
+    def all(self) -> list[str]:
+        return [self.image, *self.parts]
+
+
+def resolve(spec: str, log=print) -> KernelDebs:
+    """A kernel spec ('6.1', '7.3', 'latest' or PATH.deb) to local .deb paths
+    (downloading them)."""
+    spec = check_spec(spec)
     if spec.endswith(".deb") or os.sep in spec:
-        if not os.path.isfile(spec):
-            raise LabError(f"kernel package {spec} does not exist")
-        return os.path.abspath(spec)
-    if not re.fullmatch(r"\d+\.\d+", spec):
-        raise LabError(f"unknown kernel version '{spec}': give a series such as 6.1 or 6.12, "
-                       "or a path to a linux-image .deb")
+        return KernelDebs(os.path.abspath(spec))
     apt = Apt(log=log)
     apt.update()
     try:
@@ -354,10 +429,16 @@ def resolve(spec: str, log=print) -> str:
         log("  retrying with fresh package lists")
         pkg = pick_kernel(apt.metapackage_records(), spec)
     debs = os.path.join(cache_dir(), "debs")
-    cached = os.path.exists(os.path.join(debs, pkg.filename))
-    log(f"kernel {spec}: {pkg.name} {pkg.version}" + (" (cached)" if cached else
-                                                      " (downloading)"))
-    return apt.download(pkg, debs)
+    rec = apt.record(pkg.name, pkg.version)
+    parts = split_parts(rec.get("Depends", ""), pkg.version)
+    names = [pkg.name] + parts
+    cached = all(any(f.startswith(f"{n}_{pkg.version.replace(':', '%3a')}_")
+                     for f in (os.listdir(debs) if os.path.isdir(debs) else []))
+                 for n in names)
+    log(f"kernel {spec}: {pkg.name} {pkg.version}" + (f" + {len(parts)} parts" if parts else "")
+        + (" (cached)" if cached else " (downloading)"))
+    paths = [apt.download_named(n, pkg.version, debs) for n in names]
+    return KernelDebs(paths[0], tuple(paths[1:]), pkg)
 
 
 # --- kits -------------------------------------------------------------------------------
@@ -378,6 +459,15 @@ class Kit:
     def modules(self) -> list[str]:
         return [os.path.join(self.path, "modules", f) for f in self.meta["modules"]]
 
+    def module_names(self) -> list[str]:
+        """Kernel module names in load order (kvm, kvm_amd, ...)."""
+        return self.meta.get("module_names") or [
+            norm_module(f.split("-", 1)[1]) for f in self.meta["modules"]]
+
+    @property
+    def series(self) -> str:
+        return ".".join(self.meta["version"].split(":")[-1].split(".")[:2])
+
 
 def _deb_field(deb: str, field: str) -> str:
     p = subprocess.run(["dpkg-deb", "-f", deb, field], capture_output=True, text=True)
@@ -386,10 +476,13 @@ def _deb_field(deb: str, field: str) -> str:
     return p.stdout.strip()
 
 
-def build_kit(deb: str, log=print) -> Kit:
-    """Unpack the kernel image, config and KVM modules of a linux-image .deb (cached)."""
+def build_kit(debs: KernelDebs | str, log=print) -> Kit:
+    """Unpack the kernel image, config and KVM modules of a kernel's packages (cached)."""
+    if isinstance(debs, str):
+        debs = KernelDebs(debs)
     if not shutil.which("dpkg-deb"):
         raise LabError("dpkg-deb not found: it unpacks the kernel package (apt-get install dpkg)")
+    deb = debs.image
     name, version = _deb_field(deb, "Package"), _deb_field(deb, "Version")
     kits = os.path.join(cache_dir(), "kits")
     final = os.path.join(kits, re.sub(r"[^\w.+-]", "_", f"{name}_{version}"))
@@ -399,11 +492,12 @@ def build_kit(deb: str, log=print) -> Kit:
     os.makedirs(kits, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".kit-", dir=kits)
     try:
-        log(f"unpacking {os.path.basename(deb)}")
         x = os.path.join(tmp, "x")
-        p = subprocess.run(["dpkg-deb", "-x", deb, x], capture_output=True, text=True)
-        if p.returncode != 0:
-            raise LabError(f"dpkg-deb could not unpack {deb}: {p.stderr.strip()}")
+        for d in debs.all:
+            log(f"unpacking {os.path.basename(d)}")
+            p = subprocess.run(["dpkg-deb", "-x", d, x], capture_output=True, text=True)
+            if p.returncode != 0:
+                raise LabError(f"dpkg-deb could not unpack {d}: {p.stderr.strip()}")
         meta = _assemble_kit(x, tmp, name, version)
         shutil.rmtree(x)
         with open(os.path.join(tmp, "kit.json"), "w") as f:
@@ -416,17 +510,38 @@ def build_kit(deb: str, log=print) -> Kit:
     return Kit(final, meta)
 
 
-def _assemble_kit(x: str, out: str, name: str, version: str) -> dict:
+def _kernel_files(x: str) -> tuple[str, str, str | None]:
+    """(release, vmlinuz path, config path or None) of an unpacked kernel: /boot in the
+    classic layout, /usr/lib/modules/R/{vmlinuz,config} in the split one."""
     boot = os.path.join(x, "boot")
     images = sorted(f for f in os.listdir(boot) if f.startswith("vmlinuz-")) \
         if os.path.isdir(boot) else []
-    if not images:
-        raise LabError(f"{name} {version} holds no /boot/vmlinuz-*: is it a linux-image package?")
-    release = images[0][len("vmlinuz-"):]
-    shutil.copy(os.path.join(boot, images[0]), os.path.join(out, "vmlinuz"))
-    cfg_path = os.path.join(boot, f"config-{release}")
+    if images:
+        release = images[0][len("vmlinuz-"):]
+        cfg = os.path.join(boot, f"config-{release}")
+        return release, os.path.join(boot, images[0]), cfg if os.path.exists(cfg) else None
+    for base in ("usr/lib/modules", "lib/modules"):
+        root = os.path.join(x, base)
+        if not os.path.isdir(root):
+            continue
+        for release in sorted(os.listdir(root)):
+            vmlinuz = os.path.join(root, release, "vmlinuz")
+            if os.path.isfile(vmlinuz):
+                cfg = os.path.join(root, release, "config")
+                return release, vmlinuz, cfg if os.path.exists(cfg) else None
+    raise LabError("the package holds no /boot/vmlinuz-* nor usr/lib/modules/*/vmlinuz: is it a "
+                   "linux-image package (for 7.x, with its linux-binary and linux-modules "
+                   "parts)?")
+
+
+def _assemble_kit(x: str, out: str, name: str, version: str) -> dict:
+    try:
+        release, vmlinuz, cfg_path = _kernel_files(x)
+    except LabError as e:
+        raise LabError(f"{name} {version}: {e}") from None
+    shutil.copy(vmlinuz, os.path.join(out, "vmlinuz"))
     config = {}
-    if os.path.exists(cfg_path):
+    if cfg_path:
         shutil.copy(cfg_path, os.path.join(out, "config"))
         with open(cfg_path) as f:
             for line in f:
@@ -469,6 +584,9 @@ def _assemble_kit(x: str, out: str, name: str, version: str) -> dict:
         files.append(fname)
     from ..hostinfo import config_hz, preemption_from_config
     return {"package": name, "version": version, "kernel_release": release,
-            "modules": files, "kvm_module_file": files[order.index("kvm")],
+            "modules": files, "module_names": order,
+            "kvm_module_file": files[order.index("kvm")],
             "config_hz": config_hz(config), "preemption": preemption_from_config(config),
-            "config_source": f"{name} {version}: boot/config-{release}"}
+            "config_source": f"{name} {version}: {os.path.relpath(cfg_path, x)}"
+            if cfg_path else f"{name} {version}: no config",
+            "vermagic": (modinfo(data["kvm"]).get("vermagic") or [""])[0]}

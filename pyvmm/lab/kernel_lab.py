@@ -1,9 +1,12 @@
-"""The old-kernel lab: the registration sweep on a Debian kernel from before 6.18.
+"""The kernel lab: the registration sweep on any Debian kernel (6.1 ... latest), with
+its stock KVM modules or with kvm.ko and kvm-amd.ko rebuilt with one of the project's
+patches (a *variant*, e.g. 6.1+defer-free).
 
-Steps: make sure QEMU and a static busybox are installed; resolve and download the
-kernel package; unpack it into a kit (kernel, config, KVM modules); check statically
-whether its kvm_io_bus_register_dev waits for a grace period; build an initramfs with
-the static helper and an interleaved plan; boot it under TCG; stream the boots into a
+Steps: check the arguments; make sure QEMU and a static busybox are installed; resolve
+and download the kernel's packages; unpack them into a kit (kernel, config, KVM
+modules); rebuild the KVM modules with the patch when one is asked for; check
+statically how kvm_io_bus_register_dev frees the old bus; build an initramfs with the
+static helper and an interleaved plan; boot it under TCG; stream the boots into a
 run.json of the same schema as `pyvmm bench` writes (environment 'qemu-tcg', host facts
 of the inner kernel).
 """
@@ -21,7 +24,7 @@ from ..bench import report
 from ..bench.stats import interleaved_order
 from ..bench.sweep import (SweepConfig, new_doc, new_run_dir, now_iso, sweep_cells,
                            write_json_atomic)
-from . import initramfs, kcheck, kernels, qemu
+from . import initramfs, kcheck, kernels, modbuild, qemu
 from .kernels import LabError
 from .serial import boot_to_sample, plan_label
 
@@ -122,9 +125,40 @@ def inner_host(kit: kernels.Kit, facts: dict[str, str], smp: int, outer: dict) -
     }
 
 
+@dataclass(frozen=True)
+class Variant:
+    """A kernel spec and an optional KVM patch: '6.1', '6.1+defer-free', 'latest'."""
+    kernel: str
+    patch: str | None = None
+
+    @property
+    def label(self) -> str:
+        return self.kernel + (f"+{self.patch}" if self.patch else "")
+
+
+def parse_variant(text: str, patches: dict | None = None) -> Variant:
+    """'KERNEL[+PATCH]', checked without touching the network (a .deb path may itself
+    hold '+', so only a known patch name after the last '+' splits it)."""
+    text = text.strip()
+    if not text:
+        raise LabError("empty variant: give KERNEL or KERNEL+PATCH, e.g. 6.1+defer-free")
+    patches = modbuild.load_patches() if patches is None else patches
+    kernel, patch = text, None
+    if "+" in text and not text.endswith(".deb"):
+        head, _, tail = text.rpartition("+")
+        if tail in patches:
+            kernel, patch = head, tail
+        elif not (os.sep in text):
+            raise LabError(f"unknown KVM patch '{tail}' in variant '{text}': the project has "
+                           f"{', '.join(patches) or 'none'} (see pyvmm/lab/patches/INDEX)")
+    kernels.check_spec(kernel)
+    return Variant(kernel, patch)
+
+
 @dataclass
 class LabOptions:
     kernel: str = "6.1"
+    kvm_patch: str | None = None
     smp: int = 1
     out: str = "results"
     retries: int = 1
@@ -155,10 +189,18 @@ class Ui:
         pass
 
 
-def run_lab(opts: LabOptions, cfg: SweepConfig, ui: Ui | None = None) -> LabRun:
-    ui = ui or Ui()
+def check_options(opts: LabOptions) -> modbuild.Patch | None:
+    """Everything about the arguments that can be checked before any tool is installed
+    or anything downloaded; returns the patch asked for."""
     if opts.smp not in (1, 2):
         raise LabError(f"--smp {opts.smp}: the lab runs with 1 or 2 emulated CPUs")
+    kernels.check_spec(opts.kernel)
+    return modbuild.get_patch(opts.kvm_patch) if opts.kvm_patch else None
+
+
+def run_lab(opts: LabOptions, cfg: SweepConfig, ui: Ui | None = None) -> LabRun:
+    ui = ui or Ui()
+    patch = check_options(opts)
     t_start = time.monotonic()
     timings = {}
     ui.stage("tools")
@@ -172,11 +214,25 @@ def run_lab(opts: LabOptions, cfg: SweepConfig, ui: Ui | None = None) -> LabRun:
     ui.stage("unpack")
     t = time.monotonic()
     kit = kernels.build_kit(deb, log=ui.log)
-    kc = kcheck.check(kit.kvm_ko)
-    kc["path"] = f"{kit.meta['package']}: {kit.meta['kvm_module_file'].split('-', 1)[1]}"
+    timings["unpack_s"] = time.monotonic() - t
+    built = None
+    if patch is not None:
+        ui.stage(f"modules ({patch.name})")
+        t = time.monotonic()
+        builder = modbuild.ModuleBuilder(kit, log=ui.log)
+        was_cached = builder.cached(patch) is not None
+        built = builder.build(patch)
+        timings["modules_s"] = time.monotonic() - t
+        timings["modules_cached"] = was_cached
+        kc = kcheck.check(built.module("kvm"))
+        kc["path"] = f"{kit.meta['package']}: kvm.ko rebuilt with patch {patch.name}"
+    else:
+        kc = kcheck.check(kit.kvm_ko)
+        kc["path"] = f"{kit.meta['package']}: {kit.meta['kvm_module_file'].split('-', 1)[1]}"
     ui.log(f"kernel-check: {kc['summary']}")
+    t = time.monotonic()
     plan = make_plan(cfg)
-    modules = {os.path.basename(p): open(p, "rb").read() for p in kit.modules()}
+    modules = modbuild.kit_modules(kit, built)
     with open(busybox, "rb") as f:
         bb = f.read()
     with open(helper, "rb") as f:
@@ -201,7 +257,10 @@ def run_lab(opts: LabOptions, cfg: SweepConfig, ui: Ui | None = None) -> LabRun:
                            boot_timeout_s=opts.boot_timeout_s,
                            stall_timeout_s=opts.stall_timeout_s,
                            total_timeout_s=opts.total_timeout_s)
-    doc["lab"] = {"kernel_spec": opts.kernel, "package": host["package"], "smp": opts.smp,
+    variant = Variant(opts.kernel, patch.name if patch else None)
+    doc["lab"] = {"kernel_spec": opts.kernel, "variant": variant.label,
+                  "kvm_patch": None if built is None else dict(built.meta),
+                  "package": host["package"], "smp": opts.smp,
                   "qemu": qemu.qemu_version(), "command": qemu.command(qcfg, "console.log",
                                                                       "data.log"),
                   "plan_boots": len(plan), "warmup": cfg.warmup, "attempts": [],
@@ -266,12 +325,12 @@ def run_lab(opts: LabOptions, cfg: SweepConfig, ui: Ui | None = None) -> LabRun:
         got = len(doc["samples"])
         if got != total or stream.rc not in (0, 1):
             doc["status"] = "failed"
-            raise LabError(f"the lab recorded {got} of {total} boots (helper exit status "
-                           f"{stream.rc}); errors: {'; '.join(stream.errors[-3:]) or 'none'}; "
-                           f"logs in {work}")
+            errs = stream.errors[-12:]
+            raise LabError(f"the lab recorded {got} of {total} boots (exit status {stream.rc}); "
+                           f"logs in {work}; errors:\n  " + ("\n  ".join(errs) or "none"))
         doc["status"] = "complete"
         a = report.analyze(doc)
-        kc["agrees"] = kc["behaviour"] == a["verdict"].behaviour
+        kc.update(kcheck.agreement(kc, a["verdict"].behaviour, a["verdict"].stall_ns))
     except KeyboardInterrupt:
         doc["status"] = "interrupted"
         raise

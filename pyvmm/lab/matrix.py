@@ -1,0 +1,214 @@
+"""`pyvmm lab matrix`: the same seeded sweep on several lab variants, one table.
+
+A variant is a kernel and an optional KVM patch ('6.1', '6.1+defer-free', 'latest').
+Every variant runs the same plan (same seed, same interleaved order) under the same
+QEMU, so the rows differ only by the kernel or the patch. Each variant writes its own
+run.json (in the matrix directory); matrix.json holds the table and is rewritten after
+every variant, so an interrupted matrix keeps the rows it finished, marked as such.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field, replace
+
+from ..bench import report, stats
+from ..bench.sweep import SweepConfig, now_iso, write_json_atomic
+from . import kernel_lab, modbuild
+from .kernel_lab import LabOptions, Variant, parse_variant
+from .kernels import LabError
+
+SCHEMA = "pyvmm-lab-matrix/1"
+DEFAULT_VARIANTS = ("6.1", "6.1+rebuild", "6.1+defer-free", "6.1+defer-free-expedited",
+                    "latest")
+SHARE_NS = (100, 300, 1000)
+
+
+def parse_variants(text: str) -> list[Variant]:
+    """Comma-separated variants, all checked before anything runs."""
+    patches = modbuild.load_patches()
+    items = [t for t in (x.strip() for x in text.split(",")) if t]
+    if not items:
+        raise LabError("no variants given: e.g. --variants 6.1,6.1+defer-free,latest")
+    out = [parse_variant(t, patches) for t in items]
+    labels = [v.label for v in out]
+    dup = sorted({x for x in labels if labels.count(x) > 1})
+    if dup:
+        raise LabError(f"variant {', '.join(dup)} given twice")
+    return out
+
+
+def _median_or_none(xs):
+    return stats.median(xs) if xs else None
+
+
+def row_from_doc(variant: Variant, doc: dict, run_dir: str) -> dict:
+    """One table row from a variant's finished run.json."""
+    a = report.analyze(doc)
+    v = a["verdict"]
+    hz = a["hz"]
+    recipes = [r for r in doc["config"]["recipes"] if r != "control"]
+    first = a["recipes"][recipes[0]]["rows"] if recipes else {}
+    kc = doc.get("kernel_check") or {}
+    agree = kc.get("agrees")
+    lab = doc.get("lab") or {}
+    return {
+        "variant": variant.label,
+        "kernel": doc["host"].get("kernel"),
+        "package": doc["host"].get("package"),
+        "patch": variant.patch,
+        "verdict": stats.BEHAVIOUR_NAMES.get(v.behaviour, v.behaviour),
+        "assign_us": None if v.assign_ns is None else v.assign_ns / 1e3,
+        "eexist_us": None if v.eexist_ns is None else v.eexist_ns / 1e3,
+        "deassign_us": None if v.deassign_ns is None else v.deassign_ns / 1e3,
+        "stall_ms": None if v.stall_ns is None else v.stall_ns / 1e6,
+        "stall_jiffies": (None if v.stall_ns is None or not hz else v.stall_ns / (1e9 / hz)),
+        "stall_phase": v.stall_phase,
+        "first_deassign_excess_ms": (None if v.first_deassign_excess_ns is None
+                                     else v.first_deassign_excess_ns / 1e6),
+        "share_recipe": recipes[0] if recipes else None,
+        "reg_share": {str(n): first[n]["registration_share"] for n in SHARE_NS if n in first},
+        "boot_ms": {str(n): first[n]["boot"]["median"] / 1e6 for n in sorted(first)},
+        "hz": hz,
+        "kernel_check": kc.get("mechanism") or kc.get("behaviour"),
+        "kernel_check_summary": kc.get("summary"),
+        "agrees": agree,
+        "modules_cached": (lab.get("timings") or {}).get("modules_cached"),
+        "run": os.path.join(run_dir, "run.json"),
+    }
+
+
+@dataclass
+class MatrixRun:
+    doc: dict
+    out_dir: str
+    timings: dict = field(default_factory=dict)
+
+
+def run_matrix(variants: list[Variant], cfg: SweepConfig, base: LabOptions,
+               ui: kernel_lab.Ui | None = None, out_dir: str | None = None) -> MatrixRun:
+    """Run every variant with the same plan; returns the matrix document."""
+    ui = ui or kernel_lab.Ui()
+    for v in variants:         # everything checked before the first download
+        kernel_lab.check_options(replace(base, kernel=v.kernel, kvm_patch=v.patch))
+    if out_dir is None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        out_dir = os.path.join(base.out, f"matrix-{stamp}")
+        n = 1
+        while os.path.exists(out_dir):
+            n += 1
+            out_dir = os.path.join(base.out, f"matrix-{stamp}-{n}")
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "matrix.json")
+    doc = {"schema": SCHEMA, "status": "running", "created": now_iso(), "finished": None,
+           "variants": [v.label for v in variants], "config": cfg.to_dict(),
+           "rows": [], "failed": [], "timings": {}}
+    t0 = time.monotonic()
+    write_json_atomic(path, doc)
+    try:
+        for i, v in enumerate(variants):
+            ui.log(f"[{i + 1}/{len(variants)}] variant {v.label}")
+            tv = time.monotonic()
+            opts = replace(base, kernel=v.kernel, kvm_patch=v.patch, out=out_dir)
+            try:
+                run = kernel_lab.run_lab(opts, cfg, ui)
+            except LabError as e:
+                doc["failed"].append({"variant": v.label, "error": str(e)})
+                ui.log(f"variant {v.label} failed: {str(e).splitlines()[0]}")
+                write_json_atomic(path, doc)
+                continue
+            row = row_from_doc(v, run.doc, run.out_dir)
+            row["wall_s"] = round(time.monotonic() - tv, 1)
+            row["timings"] = {k: (round(x, 1) if isinstance(x, float) else x)
+                              for k, x in run.timings.items()}
+            doc["rows"].append(row)
+            write_json_atomic(path, doc)
+        doc["status"] = "complete" if not doc["failed"] else "failed"
+    except KeyboardInterrupt:
+        doc["status"] = "interrupted"
+        raise
+    except BaseException:
+        doc["status"] = "failed"
+        raise
+    finally:
+        doc["finished"] = now_iso()
+        doc["timings"]["total_s"] = round(time.monotonic() - t0, 1)
+        write_json_atomic(path, doc)
+    return MatrixRun(doc, out_dir, doc["timings"])
+
+
+# --- output -----------------------------------------------------------------------------
+
+def _f(x, fmt="{:.2f}", none="-"):
+    return none if x is None else fmt.format(x)
+
+
+def table(doc: dict):
+    from rich.table import Table
+    t = Table(title=f"pyvmm lab matrix: {len(doc['rows'])} variant(s), seed "
+                    f"{doc['config']['seed']}, {doc['config']['repeats']} repeats per cell",
+              title_justify="left")
+    cols = ["variant", "kernel", "verdict", "assign us", "EEXIST us", "deassign us"]
+    cols += [f"reg. share N={n}" for n in SHARE_NS]
+    cols += ["stall ms (jiffies)", "stall paid by", "first deassign +ms", "boot ms N=0",
+             "boot ms N=max", "kernel-check", "agree"]
+    for c in cols:
+        t.add_column(c, justify="left" if c in ("variant", "kernel", "verdict", "kernel-check",
+                                                "stall paid by") else "right")
+    for r in doc["rows"]:
+        boots = r["boot_ms"]
+        nmax = max(boots, key=int) if boots else None
+        stall = "-" if r["stall_ms"] is None else (
+            f"{r['stall_ms']:.2f} ({_f(r['stall_jiffies'], '{:.1f}', '?')})")
+        t.add_row(r["variant"], r["kernel"] or "?", r["verdict"], _f(r["assign_us"]),
+                  _f(r["eexist_us"]), _f(r["deassign_us"]),
+                  *[_f(r["reg_share"].get(str(n)), "{:.1%}") for n in SHARE_NS],
+                  stall, r["stall_phase"] or "-", _f(r["first_deassign_excess_ms"]),
+                  _f(boots.get("0"), "{:.3f}"),
+                  "-" if nmax is None else f"{boots[nmax]:.3f} (N={nmax})",
+                  r["kernel_check"] or "-",
+                  {True: "yes", False: "[bold red]NO[/]", None: "-"}[r["agrees"]])
+    shares = {r.get("share_recipe") for r in doc["rows"]}
+    t.caption = (f"reg. share and boot medians from recipe {', '.join(sorted(s for s in shares if s))}; "
+                 "per-op costs from the control recipe; stall = the step after the "
+                 "registrations that grew most at the smallest N > 0 against N = 0")
+    t.caption_justify = "left"
+    return t
+
+
+def plot(doc: dict, out_dir: str) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in doc["rows"]:
+        ns = sorted(int(n) for n in r["boot_ms"])
+        if not ns:
+            continue
+        ax.plot(ns, [r["boot_ms"][str(n)] for n in ns], "o-", label=r["variant"])
+    ax.set_xscale("symlog", linthresh=1)
+    ax.set_yscale("log")
+    ax.set_xlabel("ioeventfd registrations N")
+    ax.set_ylabel("boot median (ms, QEMU TCG)")
+    ax.set_title("boot vs N, one line per variant (same plan, same emulator)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = []
+    for ext in ("png", "svg"):
+        p = os.path.join(out_dir, f"matrix_boot_vs_n.{ext}")
+        fig.savefig(p, dpi=110)
+        out.append(p)
+    plt.close(fig)
+    return out
+
+
+def json_rows(doc: dict) -> dict:
+    """The table as one JSON object (what `--json` prints)."""
+    keep = ("variant", "kernel", "patch", "verdict", "assign_us", "eexist_us", "deassign_us",
+            "stall_ms", "stall_jiffies", "stall_phase", "first_deassign_excess_ms",
+            "reg_share", "boot_ms", "kernel_check", "kernel_check_summary", "agrees", "run")
+    return {"schema": doc["schema"], "status": doc["status"], "seed": doc["config"]["seed"],
+            "rows": [{k: r.get(k) for k in keep} for r in doc["rows"]],
+            "failed": doc["failed"]}

@@ -1,0 +1,391 @@
+"""Rebuilt KVM modules for a lab kernel, with one of the project's patches applied.
+
+kvm.ko and kvm-amd.ko are built out of tree against Debian's headers package of the
+same kernel (linux-headers-R + -common + linux-kbuild-S), from the matching
+linux-source-S, with the compiler that built the kernel. Only virt/kvm, arch/x86/kvm
+and include/linux/kvm_host.h are taken from the source tarball; the patched copy of
+kvm_host.h is put ahead of the headers' own on the include path, so a patch may change
+structs that only the two KVM modules use.
+
+Everything downloaded, unpacked or built is cached under <cache>/modbuild, each entry
+written under a temporary name and renamed when complete, so a second run rebuilds
+nothing and an interrupted or failed build leaves nothing half-built behind. A build is
+keyed by kernel release, package version and the patch's content (a changed patch is a
+new build).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+
+from .kernels import Apt, Kit, LabError, cache_dir, modinfo
+
+PATCH_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "patches")
+# What the lab takes from linux-source, relative to the tree's top; patches may touch
+# nothing else.
+SOURCE_SUBSET = ("virt/kvm", "arch/x86/kvm", "include/linux/kvm_host.h")
+KVM_DIR = "arch/x86/kvm"
+BUILT = {"kvm": "kvm.ko", "kvm_amd": "kvm-amd.ko"}
+# tool -> Debian package
+TOOLS = {"make": "make", "patch": "patch", "tar": "tar", "xz": "xz-utils"}
+
+
+# --- patches (pure) -----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Patch:
+    name: str
+    series: tuple[str, ...]
+    summary: str
+    text: str = ""              # the diff with its header; "" changes nothing
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(self.text.encode()).hexdigest()[:12]
+
+    def files(self) -> list[str]:
+        """Paths the diff changes (from its '+++ b/PATH' lines)."""
+        out = []
+        for line in self.text.splitlines():
+            if line.startswith("+++ "):
+                path = line[4:].split("\t")[0].strip()
+                path = path.split("/", 1)[1] if "/" in path else path
+                if path not in out:
+                    out.append(path)
+        return out
+
+    def has_diff(self) -> bool:
+        return bool(self.files())
+
+
+def parse_index(text: str) -> list[tuple[str, tuple[str, ...], str]]:
+    """INDEX lines 'name series[,series] summary...' ('#' starts a comment)."""
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split(None, 2)
+        if len(parts) < 3:
+            raise LabError(f"patches/INDEX line {n}: expected 'name series summary', got "
+                           f"{line!r}")
+        out.append((parts[0], tuple(parts[1].split(",")), parts[2]))
+    return out
+
+
+def load_patches(folder: str = PATCH_DIR) -> dict[str, Patch]:
+    with open(os.path.join(folder, "INDEX")) as f:
+        index = parse_index(f.read())
+    out = {}
+    for name, series, summary in index:
+        path = os.path.join(folder, f"{name}.patch")
+        text = open(path).read() if os.path.exists(path) else ""
+        out[name] = Patch(name, series, summary, text)
+    return out
+
+
+def get_patch(name: str, folder: str = PATCH_DIR) -> Patch:
+    patches = load_patches(folder)
+    if name not in patches:
+        raise LabError(f"unknown KVM patch '{name}': the project has "
+                       f"{', '.join(patches) or 'none'} (see pyvmm/lab/patches/INDEX)")
+    return patches[name]
+
+
+def check_patch_scope(patch: Patch) -> None:
+    outside = [p for p in patch.files()
+               if not any(p == s or p.startswith(s + "/") for s in SOURCE_SUBSET)]
+    if outside:
+        raise LabError(f"patch {patch.name} changes {', '.join(outside)}: the lab rebuilds "
+                       f"only {', '.join(SOURCE_SUBSET)}")
+
+
+def patch_failure(output: str, patch: str) -> str:
+    """One message naming the file and hunk that did not apply, from `patch` output."""
+    cur, failed = None, []
+    for line in output.splitlines():
+        m = re.match(r"(?:checking|patching) file (\S+)", line)
+        if m:
+            cur = m.group(1)
+        m = re.match(r"Hunk #(\d+) FAILED at (\d+)", line)
+        if m:
+            failed.append(f"{cur}: hunk #{m.group(1)} (at line {m.group(2)})")
+        m = re.search(r"can't find file to patch|No file to patch", line)
+        if m:
+            failed.append(f"{cur or 'a file'}: not in the source")
+    if not failed:
+        last = output.strip().splitlines()[-1:] or ["no output"]
+        return f"patch {patch} does not apply: {last[0]}"
+    return f"patch {patch} does not apply: " + "; ".join(failed)
+
+
+# --- headers (pure) -------------------------------------------------------------------------
+
+def header_packages(depends: str) -> list[str]:
+    """The -common headers and linux-kbuild packages an arch headers package needs."""
+    out = []
+    for part in depends.split(","):
+        m = re.match(r"\s*([\w.+-]+)", part)
+        if m and (m.group(1).startswith("linux-kbuild-") or
+                  (m.group(1).startswith("linux-headers-") and m.group(1).endswith("-common"))):
+            out.append(m.group(1))
+    return out
+
+
+def kernel_cc(kernelvariables: str) -> str:
+    """The compiler a Debian headers package says the kernel was built with."""
+    for line in kernelvariables.splitlines():
+        m = re.match(r"\s*CC\s*=\s*(.*)", line)
+        if m:
+            words = [w for w in m.group(1).split() if not w.startswith("$(")]
+            for w in words:
+                w = w.replace("$(CROSS_COMPILE)", "")
+                if w:
+                    return w
+            tail = m.group(1).rsplit(")", 1)[-1].strip()
+            if tail:
+                return tail
+    return "gcc"
+
+
+def kbuild_file(makefile: str, tree: str) -> str:
+    """The module directory's Kbuild: the source's Makefile with $(srctree) pointing at
+    our tree, and our include directories ahead of the headers' (the patched kvm_host.h;
+    a directory two levels down so that trace.h's relative TRACE_INCLUDE_PATH finds
+    arch/x86/kvm)."""
+    return (f"# written by pyvmm: {KVM_DIR}/Makefile with $(srctree) -> {tree}\n"
+            f"LINUXINCLUDE := -I{tree}/include -I{tree}/.pyvmm/inc $(LINUXINCLUDE)\n"
+            + makefile.replace("$(srctree)", tree))
+
+
+# --- the build ---------------------------------------------------------------------------
+
+@dataclass
+class BuiltModules:
+    path: str
+    meta: dict
+
+    def module(self, name: str) -> str:
+        return os.path.join(self.path, BUILT[name])
+
+
+def _atomic_dir(parent: str, final: str, fill, prefix: str) -> str:
+    """Create `final` by filling a temporary sibling and renaming it."""
+    if os.path.isdir(final):
+        return final
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
+    try:
+        fill(tmp)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _run(cmd: list[str], what: str, cwd: str | None = None, log_path: str | None = None):
+    if log_path:
+        with open(log_path, "ab") as f:
+            p = subprocess.run(cmd, cwd=cwd, stdout=f, stderr=subprocess.STDOUT)
+    else:
+        p = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    if p.returncode != 0:
+        tail = "" if log_path else "\n".join((p.stderr or p.stdout).strip().splitlines()[-5:])
+        raise LabError(f"{what} failed (exit {p.returncode})" + (f":\n{tail}" if tail else ""))
+    return p
+
+
+def check_tools(cc: str | None = None) -> None:
+    missing = sorted({pkg for tool, pkg in TOOLS.items() if not shutil.which(tool)})
+    if cc and not shutil.which(cc):
+        missing.append(cc if cc.startswith("gcc-") else "build-essential")
+    if missing:
+        raise LabError("building KVM modules needs " + ", ".join(missing) +
+                       f": apt-get install {' '.join(missing)} (or scripts/lab-tools.sh "
+                       "--install)")
+
+
+class ModuleBuilder:
+    def __init__(self, kit: Kit, log=print):
+        self.kit = kit
+        self.log = log
+        self.release = kit.meta["kernel_release"]
+        self.version = kit.meta["version"]
+        self.root = os.path.join(cache_dir(), "modbuild")
+        self.debs = os.path.join(cache_dir(), "debs")
+        self._apt = None
+
+    @property
+    def apt(self) -> Apt:
+        if self._apt is None:
+            self._apt = Apt(log=self.log)
+            self._apt.update()
+        return self._apt
+
+    def key(self, patch: Patch) -> str:
+        return os.path.join(self.root, "modules", f"{self.release}_{self.version}",
+                            f"{patch.name}-{patch.digest}")
+
+    def cached(self, patch: Patch) -> BuiltModules | None:
+        final = self.key(patch)
+        meta = os.path.join(final, "build.json")
+        if os.path.exists(meta):
+            with open(meta) as f:
+                return BuiltModules(final, json.load(f))
+        return None
+
+    # Each step below is cached on its own.
+    def headers(self) -> str:
+        final = os.path.join(self.root, "headers", f"{self.release}_{self.version}")
+
+        def fill(tmp):
+            name = f"linux-headers-{self.release}"
+            rec = self.apt.record(name, self.version)
+            names = [name] + header_packages(rec.get("Depends", ""))
+            for n in names:
+                deb = self.apt.download_named(n, self.version, self.debs)
+                self.log(f"unpacking {os.path.basename(deb)}")
+                _run(["dpkg-deb", "-x", deb, tmp], f"unpacking {os.path.basename(deb)}")
+            arch = os.path.join(tmp, "usr", "src", name)
+            mk = os.path.join(arch, "Makefile")
+            if not os.path.exists(mk):
+                raise LabError(f"{name} {self.version} holds no usr/src/{name}/Makefile")
+            # Debian's arch Makefile includes the -common tree by absolute /usr/src path.
+            text = open(mk).read()
+            fixed = re.sub(r"include\s+/usr/src/", f"include {final}/usr/src/", text)
+            with open(mk, "w") as f:
+                f.write(fixed)
+        _atomic_dir(os.path.dirname(final), final, fill, ".headers-")
+        return os.path.join(final, "usr", "src", f"linux-headers-{self.release}")
+
+    def source(self) -> str:
+        series = self.kit.series
+        final = os.path.join(self.root, "source", f"{series}_{self.version}")
+
+        def fill(tmp):
+            name = f"linux-source-{series}"
+            try:
+                deb = self.apt.download_named(name, self.version, self.debs)
+            except LabError as e:
+                raise LabError(f"no {name} {self.version} in the archives, so the modules of "
+                               f"{self.release} cannot be rebuilt: {e}") from None
+            self.log(f"extracting {', '.join(SOURCE_SUBSET)} from {os.path.basename(deb)}")
+            x = os.path.join(tmp, ".deb")
+            _run(["dpkg-deb", "-x", deb, x], f"unpacking {os.path.basename(deb)}")
+            src = os.path.join(x, "usr", "src")
+            tars = [f for f in os.listdir(src) if f.startswith("linux-source") and ".tar" in f]
+            if not tars:
+                raise LabError(f"{os.path.basename(deb)} holds no source tarball")
+            top = tars[0].split(".tar")[0]
+            _run(["tar", "-xf", os.path.join(src, tars[0]), "-C", tmp, "--strip-components=1"]
+                 + [f"{top}/{p}" for p in SOURCE_SUBSET], "extracting the KVM sources")
+            shutil.rmtree(x)
+        _atomic_dir(os.path.dirname(final), final, fill, ".source-")
+        return final
+
+    def build(self, patch: Patch) -> BuiltModules:
+        """The rebuilt modules (from the cache when built before)."""
+        if patch.series and self.kit.series not in patch.series:
+            raise LabError(f"patch {patch.name} is for {', '.join(patch.series)}, not "
+                           f"{self.kit.series} ({self.release})")
+        check_patch_scope(patch)
+        hit = self.cached(patch)
+        if hit:
+            return hit
+        t0 = time.monotonic()
+        hdr = self.headers()
+        with open(os.path.join(hdr, ".kernelvariables")) as f:
+            cc = kernel_cc(f.read())
+        check_tools(cc)
+        src = self.source()
+        t_fetch = time.monotonic() - t0
+        final = self.key(patch)
+        log_keep = os.path.join(self.root, "logs", f"{self.release}-{patch.name}.log")
+        os.makedirs(os.path.dirname(log_keep), exist_ok=True)
+
+        def fill(tmp):
+            tree = os.path.join(tmp, "tree")
+            for p in SOURCE_SUBSET:
+                dst = os.path.join(tree, p)
+                os.makedirs(os.path.dirname(dst), exist_ok=True)
+                (shutil.copytree if os.path.isdir(os.path.join(src, p)) else shutil.copy)(
+                    os.path.join(src, p), dst)
+            os.makedirs(os.path.join(tree, ".pyvmm", "inc"))
+            if patch.has_diff():
+                pf = os.path.join(tmp, f"{patch.name}.patch")
+                with open(pf, "w") as f:
+                    f.write(patch.text)
+                for dry in (True, False):
+                    p = subprocess.run(["patch", "-p1", "--forward", "--batch", "-i", pf]
+                                       + (["--dry-run"] if dry else []), cwd=tree,
+                                       capture_output=True, text=True)
+                    if p.returncode != 0:
+                        raise LabError(patch_failure(p.stdout + p.stderr, patch.name))
+            kdir = os.path.join(tree, KVM_DIR)
+            with open(os.path.join(kdir, "Makefile")) as f:
+                kb = kbuild_file(f.read(), tree)
+            with open(os.path.join(kdir, "Kbuild"), "w") as f:
+                f.write(kb)
+            log = os.path.join(tmp, "build.log")
+            self.log(f"building kvm.ko and kvm-amd.ko for {self.release} with {cc} "
+                     f"(patch {patch.name})")
+            tb = time.monotonic()
+            try:
+                _run(["make", "-C", hdr, f"M={kdir}", f"-j{os.cpu_count() or 1}",
+                      "CONFIG_KVM_INTEL=", "modules"], "make", log_path=log)
+            except LabError:
+                shutil.copy(log, log_keep)
+                errs = [l for l in open(log, errors="replace").read().splitlines()
+                        if "error" in l.lower()][:5]
+                raise LabError(f"building the KVM modules of {self.release} with patch "
+                               f"{patch.name} failed:\n" + "\n".join(errs or ["(no error line)"])
+                               + f"\nfull log: {log_keep}") from None
+            build_s = time.monotonic() - tb
+            want = self.kit_vermagic()
+            for mod, fname in BUILT.items():
+                built = os.path.join(kdir, fname)
+                with open(built, "rb") as f:
+                    vm = (modinfo(f.read()).get("vermagic") or [""])[0]
+                if want and vm != want:
+                    raise LabError(f"rebuilt {fname} has vermagic '{vm}' but the kernel's is "
+                                   f"'{want}': it would not load")
+                shutil.copy(built, os.path.join(tmp, fname))
+            shutil.rmtree(tree)             # build.log stays beside the modules
+            meta = {"patch": patch.name, "patch_digest": patch.digest,
+                    "patch_files": patch.files(), "summary": patch.summary,
+                    "kernel_release": self.release, "version": self.version, "cc": cc,
+                    "vermagic": want, "build_s": round(build_s, 1),
+                    "fetch_s": round(t_fetch, 1),
+                    "built": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            with open(os.path.join(tmp, "build.json"), "w") as f:
+                json.dump(meta, f, indent=1)
+        _atomic_dir(os.path.dirname(final), final, fill, ".build-")
+        hit = self.cached(patch)
+        assert hit is not None
+        return hit
+
+    def kit_vermagic(self) -> str:
+        vm = self.kit.meta.get("vermagic")
+        if vm is None:
+            with open(self.kit.kvm_ko, "rb") as f:
+                vm = (modinfo(f.read()).get("vermagic") or [""])[0]
+        return vm
+
+
+def kit_modules(kit: Kit, built: BuiltModules | None) -> dict[str, bytes]:
+    """File name -> contents of the modules the lab loads, in order: the kit's own, with
+    kvm and kvm_amd swapped for the rebuilt ones when there are."""
+    out = {}
+    for path, name in zip(kit.modules(), kit.module_names()):
+        src = built.module(name) if built is not None and name in BUILT else path
+        with open(src, "rb") as f:
+            out[os.path.basename(path)] = f.read()
+    return out
