@@ -1,7 +1,8 @@
 # make run   - build into .venv and run the default boot-cost sweep (pyvmm bench)
 # make test  - build into .venv and run the test suite
 # make bench - the same sweep with more repeats
-# make lab   - the sweep on an older kernel under QEMU (KERNEL=6.1 or 6.12)
+# make lab   - the sweep on another Debian kernel under QEMU (KERNEL=6.1, 6.12, 7.3, latest)
+# make fuzz  - fuzz every input parser (libFuzzer + sanitizers for C, Hypothesis for Python)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
@@ -11,7 +12,7 @@ SOURCES = $(shell find pyvmm csrc guests -type f \( -name '*.py' -o -name '*.c' 
 
 KERNEL ?= 6.1
 
-.PHONY: run test bench lab info install clean
+.PHONY: run test bench lab fuzz info install clean
 
 run: $(STAMP)
 	$(BIN)/pyvmm bench
@@ -25,6 +26,10 @@ bench: $(STAMP)
 lab: $(STAMP)
 	@sh scripts/lab-tools.sh --install
 	$(BIN)/pyvmm lab kernel --kernel $(KERNEL)
+
+fuzz: $(STAMP)
+	@sh scripts/fuzz-tools.sh --install
+	$(BIN)/python fuzz/run.py
 
 info: $(STAMP)
 	$(BIN)/pyvmm info

@@ -72,14 +72,35 @@ void bb_clock_cost(int iters, double *wall_read_ns, double *cpu_read_ns)
 
 /* ---- recipe parsing ------------------------------------------------------------ */
 
+/* Write an error message; the user's own text may appear in it, so control bytes are
+ * shown as '?' to keep every message on one printable line. */
 static int perr(char *err, size_t len, const char *fmt, ...)
 {
     va_list ap;
     va_start(ap, fmt);
-    if (err && len)
+    if (err && len) {
         vsnprintf(err, len, fmt, ap);
+        for (char *c = err; *c; c++)
+            if ((unsigned char)*c < 0x20 || *c == 0x7f)
+                *c = '?';
+    }
     va_end(ap);
     return -1;
+}
+
+int bb_parse_plan_line(char *line, char **label, char **text, char *err, size_t errlen)
+{
+    line[strcspn(line, "\r\n")] = 0;
+    char *l = line + strspn(line, " \t");
+    if (!*l || *l == '#')
+        return 1;
+    char *sep = l + strcspn(l, " \t");
+    if (!*sep)
+        return perr(err, errlen, "a label but no recipe: '%.64s'", l);
+    *sep++ = 0;
+    *label = l;
+    *text = sep + strspn(sep, " \t");
+    return 0;
 }
 
 static int lookup_op(const char *name, size_t n)

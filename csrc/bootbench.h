@@ -106,4 +106,10 @@ int bb_run(const struct bb_recipe *recipe, const struct bb_options *opt,
 void bb_clock_cost(int iters, double *wall_read_ns, double *cpu_read_ns);
 /* cdef-end */
 
+/* One line of a plan file ('LABEL RECIPE'), split in place: 0 with *label and *text
+ * set, 1 for a blank or comment line, -1 with a one-line message in err. */
+int bb_parse_plan_line(char *line, char **label, char **text, char *err, size_t errlen);
+/* Longest plan line the helper reads, newline excluded. */
+#define BB_PLAN_LINE_MAX 1022
+
 #endif

@@ -3,7 +3,10 @@
  *   pyvmm-bootbench --recipe 'vm,mem,ioev:100,vcpu:1,run' [--repeat K] [--ioev-len L]
  *                   [--pin CPU] [--timeout-ms T] [--label TEXT] [--clock-cost]
  *   pyvmm-bootbench --plan FILE [--ioev-len L] [--pin CPU] [--timeout-ms T] [--clock-cost]
+ *   pyvmm-bootbench --check (--recipe STEPS | --plan FILE)
  *
+ * --check parses only (no KVM): prints the canonical recipe (LABEL RECIPE per plan
+ * line) and exits 0, or prints one error line and exits 2.
  * Prints one JSON object per boot on stdout (JSON lines); errors go to stderr with
  * exit code 2 for bad arguments and 1 for a failed boot.  A plan file holds one boot
  * per line, "LABEL RECIPE" (blank lines and lines starting with # are skipped); every
@@ -26,6 +29,7 @@ static void usage(FILE *f)
             "usage: pyvmm-bootbench --recipe STEPS [--repeat K] [--ioev-len 0|1|2|4|8]\n"
             "                       [--pin CPU] [--timeout-ms MS] [--label TEXT] [--clock-cost]\n"
             "       pyvmm-bootbench --plan FILE [--ioev-len L] [--pin CPU] [--timeout-ms MS]\n"
+            "       pyvmm-bootbench --check (--recipe STEPS | --plan FILE)\n"
             "plan file: one boot per line, 'LABEL RECIPE'\n"
             "steps: vm, mem, ioev:N, eexist:N, deassign:N, vcpu:K, run[:probe|rung|halt],\n"
             "       memslot[:K], teardown\n");
@@ -97,40 +101,57 @@ static void print_result(const char *label, const char *recipe, int rep,
     fflush(stdout);
 }
 
-/* Run every line of a plan file once; returns 0, 1 if any boot failed, 2 on a bad plan. */
+/* Run every line of a plan file once (or, with check_only, parse every line and print
+ * the canonical recipes); returns 0, 1 if any boot failed, 2 on a bad plan. */
 static int run_plan(const char *path, const struct bb_options *opt, struct bb_result *res,
-                    struct bb_sample *samples, uint32_t cap)
+                    struct bb_sample *samples, uint32_t cap, int check_only)
 {
     FILE *f = fopen(path, "r");
     if (!f) {
         fprintf(stderr, "pyvmm-bootbench: cannot open plan '%s': %m\n", path);
         return 2;
     }
-    char line[1024];
-    int lineno = 0, failed = 0, boots = 0;
-    while (fgets(line, sizeof(line), f)) {
+    char *line = NULL;
+    size_t linecap = 0;
+    ssize_t got;
+    int lineno = 0, failed = 0, boots = 0, bad = 0;
+    while (!bad && (got = getline(&line, &linecap, f)) >= 0) {
         lineno++;
-        line[strcspn(line, "\r\n")] = 0;
-        char *label = line + strspn(line, " \t");
-        if (!*label || *label == '#')
-            continue;
-        char *sep = label + strcspn(label, " \t");
-        if (!*sep) {
-            fprintf(stderr, "pyvmm-bootbench: plan line %d has a label but no recipe: '%s'\n",
-                    lineno, label);
-            fclose(f);
-            return 2;
+        size_t len = (size_t)got;
+        if (len && line[len - 1] == '\n')
+            len--;
+        if (len > BB_PLAN_LINE_MAX) {
+            fprintf(stderr, "pyvmm-bootbench: plan line %d is longer than %d characters\n",
+                    lineno, BB_PLAN_LINE_MAX);
+            bad = 1;
+            break;
         }
-        *sep++ = 0;
-        char *text = sep + strspn(sep, " \t");
+        if (strlen(line) < (size_t)got) {
+            fprintf(stderr, "pyvmm-bootbench: plan line %d holds a NUL byte\n", lineno);
+            bad = 1;
+            break;
+        }
+        char *label, *text;
         struct bb_recipe recipe;
         char err[BB_ERR_LEN], canon[512];
+        int r = bb_parse_plan_line(line, &label, &text, err, sizeof(err));
+        if (r == 1)
+            continue;
+        if (r < 0) {
+            fprintf(stderr, "pyvmm-bootbench: plan line %d has %s\n", lineno, err);
+            bad = 1;
+            break;
+        }
         if (bb_parse_recipe(text, &recipe, err, sizeof(err))) {
             fprintf(stderr, "pyvmm-bootbench: plan line %d: bad recipe: %s\n", lineno, err);
-            fclose(f);
-            return 2;
+            bad = 1;
+            break;
         }
         bb_format_recipe(&recipe, canon, sizeof(canon));
+        if (check_only) {
+            printf("%s %s\n", label, canon);
+            continue;
+        }
         if (bb_run(&recipe, opt, res, samples, cap) != 0) {
             fprintf(stderr, "pyvmm-bootbench: plan line %d (%s) failed: %s\n", lineno, label,
                     res->err);
@@ -138,15 +159,16 @@ static int run_plan(const char *path, const struct bb_options *opt, struct bb_re
         }
         print_result(label, canon, boots++, res, samples);
     }
+    free(line);
     fclose(f);
-    return failed;
+    return bad ? 2 : failed;
 }
 
 int main(int argc, char **argv)
 {
     const char *recipe_text = NULL, *label = "", *plan = NULL;
     long repeat = 1, ioev_len = 4, pin = -1, timeout_ms = 10000;
-    int clock_cost = 0;
+    int clock_cost = 0, check_only = 0;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         const char *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -177,6 +199,8 @@ int main(int argc, char **argv)
             i++;
         } else if (!strcmp(a, "--clock-cost")) {
             clock_cost = 1;
+        } else if (!strcmp(a, "--check")) {
+            check_only = 1;
         } else if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
             usage(stdout);
             return 0;
@@ -215,6 +239,10 @@ int main(int argc, char **argv)
             return 2;
         }
         bb_format_recipe(&recipe, canon, sizeof(canon));
+        if (check_only) {
+            printf("%s\n", canon);
+            return 0;
+        }
     }
     struct bb_options opt = {
         .ioev_len = (int)ioev_len, .pin_cpu = (int)pin, .timeout_ms = (int)timeout_ms,
@@ -229,7 +257,7 @@ int main(int argc, char **argv)
     }
     int failed = 0;
     if (plan) {
-        failed = run_plan(plan, &opt, res, samples, cap);
+        failed = run_plan(plan, &opt, res, samples, cap, check_only);
         free(samples);
         free(res);
         return failed;

@@ -60,11 +60,12 @@ def add_parsers(sub) -> None:
     r.add_argument("run", help="results directory or run.json")
     r.set_defaults(func=cmd_report)
 
-    c = sub.add_parser("compare", help="per-N ratios between two runs, with permutation p-values")
-    c.add_argument("a", help="baseline results directory or run.json")
-    c.add_argument("b", help="results directory or run.json to compare against it")
+    c = sub.add_parser("compare", help="per-N ratios between runs (two, or more: a row per "
+                                       "run against the first), with permutation p-values")
+    c.add_argument("runs", nargs="+", metavar="RUN",
+                   help="results directories or run.json files; the first is the baseline")
     c.add_argument("--out", default=None, help="where to write the side-by-side plot "
-                                               "(default: B's directory)")
+                                               "(default: the last run's directory)")
     c.set_defaults(func=cmd_compare)
 
 
@@ -215,13 +216,68 @@ def behaviour_rows(doc: dict) -> dict[str, str]:
         "assign / EEXIST": ratio(v.assign_over_eexist),
         "assign / deassign": ratio(v.assign_over_deassign),
         "post-registration stall": "-" if v.stall_ns is None else f"{v.stall_ns / 1e6:.2f} ms",
-        "kernel-check": {"sync": "calls synchronize_srcu_expedited",
-                         "deferred": "no synchronize_srcu_expedited"}.get(
-            kc.get("behaviour"), "not run"),
+        "post-registration stall paid by": v.stall_phase or "-",
+        "kernel-check": kc.get("mechanism") or {
+            "sync": "calls synchronize_srcu_expedited",
+            "deferred": "no synchronize_srcu_expedited"}.get(kc.get("behaviour"), "not run"),
     }
 
 
+def run_label(doc: dict) -> str:
+    lab = doc.get("lab") or {}
+    name = lab.get("variant") or doc["host"]["kernel"]
+    return f"{name} ({doc.get('environment', 'host')})"
+
+
+def compare_many(docs: list[dict], paths: list[str], out: str | None) -> int:
+    """More than two runs: for each run, the sweep cells against the first run's, and
+    the verdict evidence with a row per run."""
+    base = docs[0]
+    t = Table(title=f"compare {len(docs)} runs against the first: {run_label(base)}",
+              title_justify="left")
+    for col in ("run", "recipe", "N", "boot med ms", "vs first", "p-value", "growth",
+                "reg. share"):
+        t.add_column(col, justify="left" if col in ("run", "recipe") else "right")
+    all_rows = []
+    for i, doc in enumerate(docs):
+        rows = compare_docs(base, doc)
+        if not rows:
+            raise PyvmmError(f"{paths[i]} shares no (recipe, N) cell with {paths[0]}")
+        all_rows.append(rows)
+        for r in rows:
+            t.add_row(run_label(doc) if r is rows[0] else "", r["recipe"], str(r["n"]),
+                      f"{r['median_b'] / 1e6:.3f}", "-" if i == 0 else f"{r['ratio']:.2f}x",
+                      "-" if i == 0 else f"{r['p_value']:.4f}",
+                      "-" if r["growth_b"] is None else f"{r['growth_b']:.2f}x",
+                      f"{r['reg_share_b'] * 100:.1f}%")
+        t.add_section()
+    envs = {d.get("environment", "host") for d in docs}
+    t.caption = ("growth: boot median over the same run's median at the recipe's smallest N"
+                 + ("; the runs come from different environments: 'vs first' mostly measures "
+                    "the emulation, compare growth and the behaviour table" if len(envs) > 1
+                    else ""))
+    t.caption_justify = "left"
+    console.print(t)
+    bt = Table(title="behaviour, a row per run", title_justify="left")
+    evidence = [behaviour_rows(d) for d in docs]
+    bt.add_column("run")
+    for k in evidence[0]:
+        bt.add_column(k, justify="left" if k in ("verdict", "kernel-check") else "right")
+    for d, ev in zip(docs, evidence):
+        bt.add_row(run_label(d), *ev.values())
+    console.print(bt)
+    out = out or (paths[-1] if os.path.isdir(paths[-1]) else os.path.dirname(paths[-1]))
+    _compare_plot_many(all_rows, [run_label(d) for d in docs], out)
+    console.print(f"plot: {os.path.join(out, 'compare.png')}", highlight=False)
+    return 0
+
+
 def cmd_compare(args) -> int:
+    if len(args.runs) < 2:
+        raise PyvmmError("compare needs at least two runs (the first is the baseline)")
+    if len(args.runs) > 2:
+        return compare_many([load_run(p) for p in args.runs], args.runs, args.out)
+    args.a, args.b = args.runs
     a, b = load_run(args.a), load_run(args.b)
     rows = compare_docs(a, b)
     if not rows:
@@ -262,6 +318,32 @@ def cmd_compare(args) -> int:
     _compare_plot(rows, name_a, name_b, out)
     console.print(f"side-by-side plot: {os.path.join(out, 'compare.png')}", highlight=False)
     return 0
+
+
+def _compare_plot_many(all_rows, names, out):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    recipes = sorted({r["recipe"] for rows in all_rows for r in rows})
+    fig, axes = plt.subplots(1, len(recipes), figsize=(6 * len(recipes), 4.5), squeeze=False)
+    for ax, rname in zip(axes[0], recipes):
+        for rows, name in zip(all_rows, names):
+            rr = [r for r in rows if r["recipe"] == rname]
+            if not rr:
+                continue
+            ax.plot([r["n"] for r in rr], [r["growth_b"] or float("nan") for r in rr], "o-",
+                    label=name)
+        ax.set_xscale("symlog", linthresh=1)
+        ax.set_xlabel("registrations N")
+        ax.set_ylabel("boot median / boot median at the smallest N")
+        ax.set_title(rname)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    os.makedirs(out, exist_ok=True)
+    for ext in ("png", "svg"):
+        fig.savefig(os.path.join(out, f"compare.{ext}"), dpi=110)
+    plt.close(fig)
 
 
 def _compare_plot(rows, name_a, name_b, out):

@@ -91,20 +91,40 @@ def write_json_atomic(path: str, doc: dict) -> None:
     os.replace(tmp, path)
 
 
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def load_run(path: str) -> dict:
-    """Load a run.json (or the run.json inside a directory), checking its schema."""
+    """Load a run.json (or the run.json inside a directory), checking it against the
+    schema (runschema.RUN): any problem is one PyvmmError naming the file and the field."""
     if os.path.isdir(path):
         path = os.path.join(path, "run.json")
     try:
-        with open(path) as f:
-            doc = json.load(f)
+        with open(path, "rb") as f:
+            raw = f.read()
     except FileNotFoundError:
         raise PyvmmError(f"{path} does not exist: give a results directory or its run.json") \
             from None
-    except json.JSONDecodeError as e:
-        raise PyvmmError(f"{path} is not valid JSON ({e})") from None
+    except OSError as e:
+        raise PyvmmError(f"{path} cannot be read: {e.strerror}") from None
+    try:
+        doc = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+    except UnicodeDecodeError as e:
+        raise PyvmmError(f"{path} is not UTF-8 text (byte {e.start}): is it a run.json?") \
+            from None
+    except (ValueError, RecursionError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise PyvmmError(f"{path} is not valid JSON ({msg})") from None
+    if not isinstance(doc, dict):
+        raise PyvmmError(f"{path} holds a JSON {type(doc).__name__}, not a run.json object")
     if doc.get("schema") != SCHEMA:
-        raise PyvmmError(f"{path} has schema {doc.get('schema')!r}, expected {SCHEMA!r}")
+        raise PyvmmError(f"{path} has schema {str(doc.get('schema'))[:60]!r}, expected "
+                         f"{SCHEMA!r}")
+    from .runschema import first_error
+    problem = first_error(doc)
+    if problem:
+        raise PyvmmError(f"{path} is not a valid run.json: {problem}")
     return doc
 
 

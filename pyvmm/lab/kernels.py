@@ -27,6 +27,7 @@ import struct
 import subprocess
 import tempfile
 import time
+import zlib
 from dataclasses import dataclass
 
 from ..errors import PyvmmError
@@ -64,40 +65,66 @@ def cache_dir() -> str:
 
 # --- ELF and module metadata (pure) ---------------------------------------------------
 
-def elf_section(data: bytes, name: str) -> bytes | None:
-    """Contents of the named section of a 64-bit little-endian ELF file, or None."""
+def _unpack(fmt: str, data: bytes, off: int, what: str) -> tuple:
+    if off < 0 or off + struct.calcsize(fmt) > len(data):
+        raise LabError(f"truncated or damaged ELF file: its {what} at offset {off:#x} lies "
+                       f"beyond the file's {len(data)} bytes")
+    return struct.unpack_from(fmt, data, off)
+
+
+def _elf_ident(data: bytes) -> None:
     if data[:4] != b"\x7fELF":
         raise LabError("not an ELF file")
-    if data[4] != 2 or data[5] != 1:
+    if len(data) < 6 or data[4] != 2 or data[5] != 1:
         raise LabError("only 64-bit little-endian ELF files are supported")
-    shoff, = struct.unpack_from("<Q", data, 0x28)
-    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
+
+
+def elf_section(data: bytes, name: str) -> bytes | None:
+    """Contents of the named section of a 64-bit little-endian ELF file, or None.
+    A damaged file raises LabError, never anything else."""
+    _elf_ident(data)
+    shoff, = _unpack("<Q", data, 0x28, "section header offset")
+    shentsize, shnum, shstrndx = _unpack("<HHH", data, 0x3A, "section header counts")
     if shoff == 0 or shnum == 0:
         return None
+    if shentsize < 64:
+        raise LabError(f"damaged ELF file: section headers of {shentsize} bytes (64 expected)")
+    if shstrndx >= shnum:
+        raise LabError(f"damaged ELF file: section name table {shstrndx} of {shnum} sections")
 
     def header(i):
         # sh_name, sh_type, sh_flags, sh_addr, sh_offset, sh_size
-        return struct.unpack_from("<IIQQQQ", data, shoff + i * shentsize)
+        return _unpack("<IIQQQQ", data, shoff + i * shentsize, f"section header {i}")
 
-    str_off, str_size = header(shstrndx)[4:6]
-    names = data[str_off:str_off + str_size]
+    def contents(h, what):
+        off, size = h[4], h[5]
+        if h[1] == 8:               # SHT_NOBITS: no bytes in the file
+            return b""
+        if off + size > len(data):
+            raise LabError(f"truncated or damaged ELF file: {what} ends at {off + size:#x}, "
+                           f"beyond the file's {len(data)} bytes")
+        return data[off:off + size]
+
+    names = contents(header(shstrndx), "the section name table")
     want = name.encode()
     for i in range(shnum):
         h = header(i)
         end = names.find(b"\0", h[0])
-        if names[h[0]:end] == want:
-            return data[h[4]:h[4] + h[5]]
+        if h[0] < len(names) and end >= 0 and names[h[0]:end] == want:
+            return contents(h, f"section {name}")
     return None
 
 
 def elf_is_dynamic(data: bytes) -> bool:
     """True when an ELF executable asks for a program interpreter (is not static)."""
-    if data[:4] != b"\x7fELF" or data[4] != 2:
+    if data[:4] != b"\x7fELF" or len(data) < 5 or data[4] != 2:
         raise LabError("not a 64-bit ELF file")
-    phoff, = struct.unpack_from("<Q", data, 0x20)
-    phentsize, phnum = struct.unpack_from("<HH", data, 0x36)
+    phoff, = _unpack("<Q", data, 0x20, "program header offset")
+    phentsize, phnum = _unpack("<HH", data, 0x36, "program header counts")
+    if phnum and phentsize < 56:
+        raise LabError(f"damaged ELF file: program headers of {phentsize} bytes (56 expected)")
     for i in range(phnum):
-        p_type, = struct.unpack_from("<I", data, phoff + i * phentsize)
+        p_type, = _unpack("<I", data, phoff + i * phentsize, f"program header {i}")
         if p_type == 3:     # PT_INTERP
             return True
     return False
@@ -134,15 +161,22 @@ def norm_module(name: str) -> str:
 def decompress_module(path: str) -> bytes:
     with open(path, "rb") as f:
         raw = f.read()
-    if path.endswith(".xz"):
-        return lzma.decompress(raw)
-    if path.endswith(".gz"):
-        return gzip.decompress(raw)
+    try:
+        if path.endswith(".xz"):
+            return lzma.decompress(raw)
+        if path.endswith(".gz"):
+            return gzip.decompress(raw)
+    except (lzma.LZMAError, OSError, EOFError, zlib.error) as e:
+        raise LabError(f"{os.path.basename(path)} is damaged: cannot decompress it "
+                       f"({' '.join(str(e).split())})") from None
     if path.endswith(".zst"):
         if not shutil.which("zstd"):
             raise LabError(f"{os.path.basename(path)} is zstd-compressed and zstd is not "
                            "installed: apt-get install zstd")
-        return subprocess.run(["zstd", "-dc", path], check=True, capture_output=True).stdout
+        p = subprocess.run(["zstd", "-dc", path], capture_output=True)
+        if p.returncode != 0:
+            raise LabError(f"{os.path.basename(path)} is damaged: zstd cannot decompress it")
+        return p.stdout
     return raw
 
 
@@ -200,9 +234,12 @@ def _cmp_part(a: str, b: str) -> int:
 def compare_versions(a: str, b: str) -> int:
     """Debian version comparison (epoch, upstream, revision), as dpkg does it."""
     def split(v):
-        epoch, _, rest = v.rpartition(":") if ":" in v else ("0", "", v)
+        epoch, _, rest = v.partition(":") if ":" in v else ("0", "", v)
+        if not epoch.isdigit():
+            raise LabError(f"{' '.join(v.split())[:60]!r} is not a Debian version "
+                           "(the epoch before ':' must be a number)")
         up, _, rev = rest.rpartition("-") if "-" in rest else (rest, "", "0")
-        return int(epoch or 0), up, rev
+        return int(epoch), up, rev
     ea, ua, ra = split(a)
     eb, ub, rb = split(b)
     if ea != eb:
@@ -262,9 +299,9 @@ def pick_kernel(records: list[dict[str, str]], series: str) -> KernelPackage:
         if name:
             found.append(KernelPackage(name, ver, ".".join(upstream.split(".")[:2])))
     if not found:
-        have = sorted({".".join(r.get("Version", "").split(":")[-1].split(".")[:2])
-                       for r in records if r.get("Version")},
-                      key=lambda v: tuple(int(x) for x in v.split(".") if x.isdigit()))
+        have = sorted({m.group(0) for r in records
+                       if (m := re.match(r"\d+\.\d+", r.get("Version", "").split(":")[-1]))},
+                      key=lambda v: tuple(int(x) for x in v.split(".")))
         raise LabError(f"unknown kernel version '{series}': the Debian archives offer "
                        f"{', '.join(have) or 'none'}; give one of those, 'latest' or a path "
                        "to a linux-image .deb")
@@ -543,7 +580,7 @@ def _assemble_kit(x: str, out: str, name: str, version: str) -> dict:
     config = {}
     if cfg_path:
         shutil.copy(cfg_path, os.path.join(out, "config"))
-        with open(cfg_path) as f:
+        with open(cfg_path, errors="replace") as f:
             for line in f:
                 m = re.match(r"(CONFIG_\w+)=(.*)", line)
                 if m:

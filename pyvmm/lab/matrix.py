@@ -144,34 +144,45 @@ def _f(x, fmt="{:.2f}", none="-"):
     return none if x is None else fmt.format(x)
 
 
+def _short_kernel(r: dict) -> str:
+    k = r.get("kernel") or "?"
+    return k.replace("-amd64", "")
+
+
 def table(doc: dict):
+    """The matrix as a rich table, compact enough for an 80-column terminal's worth of
+    columns: related figures share a cell."""
     from rich.table import Table
     t = Table(title=f"pyvmm lab matrix: {len(doc['rows'])} variant(s), seed "
                     f"{doc['config']['seed']}, {doc['config']['repeats']} repeats per cell",
               title_justify="left")
-    cols = ["variant", "kernel", "verdict", "assign us", "EEXIST us", "deassign us"]
-    cols += [f"reg. share N={n}" for n in SHARE_NS]
-    cols += ["stall ms (jiffies)", "stall paid by", "first deassign +ms", "boot ms N=0",
-             "boot ms N=max", "kernel-check", "agree"]
-    for c in cols:
-        t.add_column(c, justify="left" if c in ("variant", "kernel", "verdict", "kernel-check",
-                                                "stall paid by") else "right")
+    for c, left in (("variant", True), ("kernel", True), ("verdict", True),
+                    ("assign / EEXIST / deassign us", False),
+                    ("reg. share N=" + "/".join(map(str, SHARE_NS)), False),
+                    ("stall ms (jiffies) paid by", False), ("first deassign +ms", False),
+                    ("boot ms N=0 -> max", False), ("kernel-check", True), ("agree", False)):
+        t.add_column(c, justify="left" if left else "right",
+                     no_wrap=c in ("variant", "verdict", "kernel"))
     for r in doc["rows"]:
         boots = r["boot_ms"]
         nmax = max(boots, key=int) if boots else None
         stall = "-" if r["stall_ms"] is None else (
-            f"{r['stall_ms']:.2f} ({_f(r['stall_jiffies'], '{:.1f}', '?')})")
-        t.add_row(r["variant"], r["kernel"] or "?", r["verdict"], _f(r["assign_us"]),
-                  _f(r["eexist_us"]), _f(r["deassign_us"]),
-                  *[_f(r["reg_share"].get(str(n)), "{:.1%}") for n in SHARE_NS],
-                  stall, r["stall_phase"] or "-", _f(r["first_deassign_excess_ms"]),
-                  _f(boots.get("0"), "{:.3f}"),
-                  "-" if nmax is None else f"{boots[nmax]:.3f} (N={nmax})",
-                  r["kernel_check"] or "-",
+            f"{r['stall_ms']:.2f} ({_f(r['stall_jiffies'], '{:.1f}', '?')}) "
+            f"{r['stall_phase'] or ''}".rstrip())
+        shares = " / ".join(_f(r["reg_share"].get(str(n)), "{:.1%}") for n in SHARE_NS)
+        boot = ("-" if nmax is None else
+                f"{_f(boots.get('0'), '{:.1f}')} -> {boots[nmax]:.1f}")
+        t.add_row(r["variant"], _short_kernel(r), r["verdict"],
+                  f"{_f(r['assign_us'])} / {_f(r['eexist_us'])} / {_f(r['deassign_us'])}",
+                  shares, stall, _f(r["first_deassign_excess_ms"]), boot,
+                  (r["kernel_check"] or "-").replace("synchronize_srcu_expedited",
+                                                     "synchronize_srcu_exp."),
                   {True: "yes", False: "[bold red]NO[/]", None: "-"}[r["agrees"]])
     shares = {r.get("share_recipe") for r in doc["rows"]}
-    t.caption = (f"reg. share and boot medians from recipe {', '.join(sorted(s for s in shares if s))}; "
-                 "per-op costs from the control recipe; stall = the step after the "
+    ns = sorted({int(n) for r in doc["rows"] for n in r["boot_ms"]})
+    t.caption = (f"reg. share and boot medians from recipe "
+                 f"{', '.join(sorted(s for s in shares if s))} (max N = {ns[-1] if ns else '-'}); "
+                 "per-op costs from the control recipe; stall: the step after the "
                  "registrations that grew most at the smallest N > 0 against N = 0")
     t.caption_justify = "left"
     return t

@@ -1,0 +1,308 @@
+"""Fuzz targets for every parser that reads what a user or another machine hands pyvmm,
+driven by Hypothesis: tests/test_fuzz.py runs each briefly inside `make test`, and
+`make fuzz` (fuzz/run.py) runs each for thousands of cases and counts them.
+
+Each target states its contract: the input is either accepted or refused with the
+parser's own error (one line); any other exception is a finding.
+  - run.json: load_run (schema), then the report (tables, verdict, CSV) and compare;
+  - .ko files: the ELF section reader, .modinfo and dependencies, the static-binary test;
+  - Debian metadata: apt-cache records, the kernel picker, split-package parts,
+    headers dependencies, the compiler line;
+  - kit finder: an unpacked kernel package tree -> kernel, config and modules in load
+    order.
+The C recipe and plan parser is fuzzed by libFuzzer (fuzz/fuzz_recipe.c).
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+
+from hypothesis import strategies as st
+
+from pyvmm.errors import PyvmmError
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RUN_JSON = os.path.join(HERE, "data", "lab-6.1-defer-free-run.json")
+COUNTS: dict[str, int] = {}
+
+
+def _count(name: str) -> None:
+    COUNTS[name] = COUNTS.get(name, 0) + 1
+
+
+def one_line(e: BaseException) -> None:
+    msg = str(e)
+    assert msg and "\n" not in msg.strip() and "Traceback" not in msg, repr(msg)
+
+
+# --- run.json -----------------------------------------------------------------------------
+
+with open(RUN_JSON) as f:
+    BASE_DOC = json.load(f)
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**63, 2**64) |
+    st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20),
+    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=8), kids,
+                                                              max_size=4),
+    max_leaves=8)
+
+
+def _paths(doc, prefix=()):
+    """Every path into a JSON document (samples thinned, so mutations spread out)."""
+    yield prefix
+    if isinstance(doc, dict):
+        for k, v in doc.items():
+            yield from _paths(v, prefix + (k,))
+    elif isinstance(doc, list):
+        idx = range(len(doc)) if len(doc) <= 8 else (0, 1, len(doc) // 2, len(doc) - 1)
+        for i in idx:
+            yield from _paths(doc[i], prefix + (i,))
+
+
+PATHS = list(_paths(BASE_DOC))
+
+
+@st.composite
+def run_json_mutants(draw) -> bytes:
+    doc = copy.deepcopy(BASE_DOC)
+    for _ in range(draw(st.integers(1, 3))):
+        path = draw(st.sampled_from(PATHS))
+        if not path:
+            continue
+        parent = doc
+        try:
+            for p in path[:-1]:
+                parent = parent[p]
+            key = path[-1]
+            parent[key]
+        except (KeyError, IndexError, TypeError):
+            continue
+        action = draw(st.sampled_from(["replace", "delete", "replace", "number"]))
+        if action == "delete":
+            del parent[key]
+        elif action == "number":
+            parent[key] = draw(st.sampled_from([0, -1, 1, 2**70, 0.5, -1e300, 1e300]))
+        else:
+            parent[key] = draw(json_values)
+    text = json.dumps(doc).encode()
+    how = draw(st.sampled_from(["whole", "whole", "truncate", "flip", "nan"]))
+    if how == "truncate":
+        text = text[:draw(st.integers(0, len(text)))]
+    elif how == "flip":
+        pos = draw(st.integers(0, len(text) - 1))
+        text = text[:pos] + bytes([draw(st.integers(0, 255))]) + text[pos + 1:]
+    elif how == "nan":
+        text = text.replace(b'"wall_ns": 1', b'"wall_ns": NaN', 1)
+    return text
+
+
+def check_run_json(data: bytes) -> None:
+    """load_run refuses the file with one line, or report and compare handle it."""
+    from rich.console import Console
+
+    from pyvmm.bench import report
+    from pyvmm.bench.cli import behaviour_rows, compare_docs
+    from pyvmm.bench.sweep import load_run
+    _count("run.json")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "run.json")
+        with open(path, "wb") as f:
+            f.write(data)
+        try:
+            doc = load_run(path)
+        except PyvmmError as e:
+            one_line(e)
+            return
+        con = Console(file=io.StringIO(), width=120)
+        a = report.render(con, doc)
+        report.write_csv(doc, a, os.path.join(tmp, "summary.csv"))
+        compare_docs(BASE_DOC, doc)
+        compare_docs(doc, doc)
+        behaviour_rows(doc)
+
+
+def run_cli(argv: list[str], cwd: str) -> subprocess.CompletedProcess:
+    import sys
+    return subprocess.run([sys.executable, "-m", "pyvmm", *argv], capture_output=True,
+                          text=True, cwd=cwd, timeout=120)
+
+
+def check_run_json_cli(data: bytes) -> None:
+    """`pyvmm report` and `pyvmm compare` on the file: exit 0, or exit 2 with one line,
+    never a traceback (a subprocess each: slow, so fewer cases)."""
+    _count("run.json via the CLI")
+    with tempfile.TemporaryDirectory() as tmp:
+        os.makedirs(os.path.join(tmp, "a"))
+        with open(os.path.join(tmp, "a", "run.json"), "wb") as f:
+            f.write(data)
+        shutil.copy(RUN_JSON, os.path.join(tmp, "base.json"))
+        for argv in (["report", "a"], ["compare", "base.json", "a/run.json"]):
+            r = run_cli(argv, tmp)
+            assert "Traceback" not in r.stderr, r.stderr[-2000:]
+            assert r.returncode in (0, 2), (argv, r.returncode, r.stderr[-500:])
+            if r.returncode == 2:
+                assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+# --- ELF / .modinfo -----------------------------------------------------------------------
+
+_KO: bytes | None = None
+
+
+def sample_ko() -> bytes | None:
+    """A small relocatable object with a .modinfo section, built with gcc (None
+    without gcc)."""
+    global _KO
+    if _KO is None and shutil.which("gcc"):
+        with tempfile.TemporaryDirectory() as tmp:
+            src = os.path.join(tmp, "m.c")
+            with open(src, "w") as f:
+                f.write('const char mi[] __attribute__((section(".modinfo"))) = '
+                        '"license=GPL\\0depends=kvm,ccp\\0vermagic=6.1.0-56-amd64 SMP\\0'
+                        'name=kvm_amd";\nint f(void) { return 1; }\n')
+            subprocess.run(["gcc", "-O2", "-c", src, "-o", os.path.join(tmp, "m.o")],
+                           check=True)
+            with open(os.path.join(tmp, "m.o"), "rb") as f:
+                _KO = f.read()
+    return _KO
+
+
+@st.composite
+def ko_mutants(draw) -> bytes:
+    data = bytearray(sample_ko() or b"\x7fELF\x02\x01" + bytes(58))
+    for _ in range(draw(st.integers(0, 6))):
+        kind = draw(st.sampled_from(["byte", "u16", "truncate", "splice"]))
+        if kind == "truncate":
+            del data[draw(st.integers(0, len(data))):]
+        elif not data:
+            break
+        elif kind == "byte":
+            data[draw(st.integers(0, len(data) - 1))] = draw(st.integers(0, 255))
+        elif kind == "u16":
+            # The header fields the reader trusts: offsets and counts.
+            pos = draw(st.sampled_from([0x20, 0x28, 0x36, 0x38, 0x3A, 0x3C, 0x3E]))
+            if pos + 2 <= len(data):
+                data[pos:pos + 2] = draw(st.integers(0, 0xFFFF)).to_bytes(2, "little")
+        else:
+            pos = draw(st.integers(0, len(data)))
+            data[pos:pos] = draw(st.binary(max_size=16))
+    return bytes(data)
+
+
+def check_ko(data: bytes) -> None:
+    from pyvmm.lab import kernels
+    _count(".ko ELF/.modinfo")
+    for fn in (kernels.modinfo, kernels.module_depends, kernels.elf_is_dynamic):
+        try:
+            fn(data)
+        except kernels.LabError as e:
+            one_line(e)
+
+
+# --- Debian metadata ------------------------------------------------------------------------
+
+RECORD_LINES = [
+    "Package: linux-image-amd64", "Version: 6.1.192-2", "Version: 7.3.4-1~bpo13+1",
+    "Version: 1:2.0~rc1-3", "Version: ", "Version: 6.1", "Version: 6..1-1",
+    "Depends: linux-image-6.1.0-56-amd64 (= 6.1.192-2)",
+    "Depends: linux-base-amd64 (= 7.3.4-1~bpo13+1), linux-image-7.3.4+deb13-amd64 "
+    "(= 7.3.4-1~bpo13+1)",
+    "Depends: dracut | initramfs-tools (>= 0.120), linux-binary-7.3.4+deb13-amd64 "
+    "(= 7.3.4-1~bpo13+1), linux-modules-7.3.4+deb13-amd64 (= 7.3.4-1~bpo13+1)",
+    "Description: Linux", " continued line", "\tcontinued", "", "", "no colon here",
+    ": empty key", "Depends: linux-image-", "Depends: (= 1)",
+]
+
+
+@st.composite
+def apt_text(draw) -> str:
+    lines = draw(st.lists(st.sampled_from(RECORD_LINES) | st.text(max_size=40), max_size=20))
+    return "\n".join(lines)
+
+
+def check_deb_metadata(text: str, series: str, version: str) -> None:
+    from pyvmm.lab import kernels, modbuild
+    _count("Debian metadata")
+    recs = kernels.parse_records(text)
+    assert all(isinstance(r, dict) for r in recs)
+    for r in recs:
+        kernels.split_parts(r.get("Depends", ""), version)
+        modbuild.header_packages(r.get("Depends", ""))
+    try:
+        pkg = kernels.pick_kernel(recs, series)
+        assert pkg.name.startswith("linux-image-")
+    except kernels.LabError as e:
+        one_line(e)
+    modbuild.kernel_cc(text)
+    for a in (version, series):
+        try:
+            kernels.compare_versions(version, a)
+        except kernels.LabError as e:
+            one_line(e)
+
+
+# --- kit finder -----------------------------------------------------------------------------
+
+@st.composite
+def package_trees(draw) -> dict[str, bytes | str]:
+    """An unpacked kernel package: path -> contents (bytes) or symlink target (str)."""
+    release = draw(st.sampled_from(["6.1.0-56-amd64", "7.3.4+deb13-amd64", "x", ""]))
+    layout = draw(st.sampled_from(["classic", "split", "none"]))
+    files: dict[str, bytes | str] = {}
+    if layout == "classic":
+        files[f"boot/vmlinuz-{release}"] = b"kernel"
+        if draw(st.booleans()):
+            files[f"boot/config-{release}"] = draw(st.sampled_from(
+                [b"CONFIG_HZ=250\nCONFIG_PREEMPT_VOLUNTARY=y\n", b"CONFIG_HZ=\n", b"\xff\xfe",
+                 b"CONFIG_HZ=abc\n", b""]))
+        mods = f"lib/modules/{release}/kernel"
+    elif layout == "split":
+        files[f"usr/lib/modules/{release}/vmlinuz"] = b"kernel"
+        if draw(st.booleans()):
+            files[f"usr/lib/modules/{release}/config"] = b"CONFIG_HZ=1000\n"
+        mods = f"usr/lib/modules/{release}/kernel"
+    else:
+        mods = "lib/modules/x"
+    ko = sample_ko() or b""
+    names = draw(st.lists(st.sampled_from(["kvm", "kvm-amd", "kvm_amd", "ccp", "irqbypass",
+                                           "other"]), max_size=5, unique=True))
+    for n in names:
+        ext = draw(st.sampled_from([".ko", ".ko.xz", ".ko.gz", ".ko"]))
+        body = draw(st.sampled_from([ko, ko[:100], b"", b"\x7fELF"]))
+        if ext == ".ko.xz" and draw(st.booleans()):
+            import lzma
+            body = lzma.compress(body)
+        elif ext == ".ko.gz" and draw(st.booleans()):
+            import gzip
+            body = gzip.compress(body)
+        files[f"{mods}/{n}{ext}"] = body
+    return files
+
+
+def check_kit_tree(files: dict) -> None:
+    from pyvmm.lab import kernels
+    _count("kit finder")
+    with tempfile.TemporaryDirectory() as tmp:
+        x = os.path.join(tmp, "x")
+        out = os.path.join(tmp, "out")
+        os.makedirs(x)
+        os.makedirs(out)
+        for path, body in files.items():
+            full = os.path.join(x, path)
+            os.makedirs(os.path.dirname(full), exist_ok=True)
+            with open(full, "wb") as f:
+                f.write(body)
+        try:
+            meta = kernels._assemble_kit(x, out, "linux-image-test", "1.0-1")
+        except kernels.LabError as e:
+            one_line(e)
+            return
+        assert meta["kvm_module_file"] in meta["modules"]
+        assert meta["module_names"][-1] == kernels.KVM_VENDOR_MODULE
