@@ -143,3 +143,20 @@ def guest_memfd_flags_text(value: int) -> str:
     if rest:
         names.append(f"{rest:#x}")
     return f"{value:#x} ({', '.join(names)})" if names else "0"
+
+
+def process_facts() -> dict:
+    """This process's open file descriptors, resident memory (current and peak, KiB) and
+    threads, from /proc/self: what a soak run compares at its start and end."""
+    out = {"open_fds": len(os.listdir("/proc/self/fd")), "rss_kib": None, "rss_peak_kib": None,
+           "threads": None}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, val = line.partition(":")
+            if key == "VmRSS":
+                out["rss_kib"] = int(val.split()[0])
+            elif key == "VmHWM":
+                out["rss_peak_kib"] = int(val.split()[0])
+            elif key == "Threads":
+                out["threads"] = int(val.split()[0])
+    return out

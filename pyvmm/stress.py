@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from . import abi, layout
 from .bench.stats import percentile
 from .errors import KvmError, PyvmmError
+from .hostinfo import process_facts
 from .exits import Interrupted, Mmio
 from .kvm import Kvm
 from .stats import StatsReader
@@ -148,9 +149,12 @@ class StressResult:
     skipped: list = field(default_factory=list)
     hang: dict | None = None
     guest_exits: dict = field(default_factory=dict)
+    # Open fds, RSS and threads of this process before and after (hostinfo.process_facts).
+    process: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"config": self.config.__dict__, "elapsed_s": round(self.elapsed_s, 3),
+                "process": self.process,
                 "ops": self.ops, "skipped": self.skipped, "hang": self.hang,
                 "guest_exits": self.guest_exits,
                 "sequences": {k: v[:50] for k, v in self.sequences.items()}}
@@ -306,6 +310,7 @@ class Stress:
     def run(self, progress=None) -> StressResult:
         cfg = self.cfg
         res = StressResult(cfg)
+        res.process["start"] = process_facts()
         from .vcpu import install_kick_handler
         install_kick_handler()
         with Kvm() as kvm:
@@ -383,6 +388,7 @@ class Stress:
             finally:
                 if res.hang is None:
                     vm.close()
+        res.process["end"] = process_facts()
         if self.failures:
             raise PyvmmError("stress worker failed: " + "; ".join(self.failures))
         res.ops = self._op_table(res.elapsed_s)

@@ -54,6 +54,13 @@ def cmd_stress(args) -> int:
     write_json_atomic(path, doc)
     if args.json:
         print(json.dumps(doc, indent=2))
+    proc = res.process
+    if not args.json and proc.get("start") and proc.get("end"):
+        a, b = proc["start"], proc["end"]
+        console.print(f"process: open fds {a['open_fds']} -> {b['open_fds']}, RSS "
+                      f"{a['rss_kib'] / 1024:.1f} -> {b['rss_kib'] / 1024:.1f} MiB (peak "
+                      f"{b['rss_peak_kib'] / 1024:.1f} MiB), threads {a['threads']} -> "
+                      f"{b['threads']}", highlight=False)
     if res.hang:
         for s in res.hang["stuck"]:
             k = s["kernel"]

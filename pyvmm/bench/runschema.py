@@ -66,7 +66,7 @@ RUN = {
         "environment": {"type": "string"},
         "host": {
             "type": "object",
-            "required": ["hostname", "kernel"],
+            "required": ["hostname", "kernel", "preemption", "backend"],
             "properties": {
                 "hostname": {"type": "string"},
                 "kernel": {"type": "string"},
@@ -87,6 +87,7 @@ RUN = {
         },
         "clock": {
             "type": ["object", "null"],
+            "required": ["wall_read_ns", "cpu_read_ns"],
             "properties": {"wall_read_ns": _NS, "cpu_read_ns": _NS},
         },
         "kernel_check": {"type": ["object", "null"],
