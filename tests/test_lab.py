@@ -568,3 +568,64 @@ def test_qemu_driver_reports_an_exit_without_the_end_marker(tmp_path):
     with pytest.raises(qemu.LabHang, match="exited .* before the lab finished"):
         qemu.run(qemu.QemuConfig("vmlinuz", "initrd"), str(tmp_path),
                  qemu=_fake(tmp_path, "noend"))
+
+
+# --- pyvmm inside the lab kernel -----------------------------------------------------------
+
+def test_lab_jobs_and_module_arguments_are_checked_before_anything_runs():
+    from pyvmm.lab import inner, jobs
+    assert inner.parse_job("ptwrite:2000:3") == ("ptwrite", ["2000", "3"])
+    assert inner.parse_job("check:memslot-coherence") == ("check", ["memslot-coherence"])
+    for bad, msg in (("bogus", "unknown lab job 'bogus'"), ("ptwrite:x", "takes numbers"),
+                     ("stress::1", "empty or spaced")):
+        with pytest.raises(Exception, match=msg):
+            inner.parse_job(bad)
+    assert jobs.parse_kvm_args(["kvm_amd:npt=0", "kvm_amd:avic=0", "kvm:x=1"]) == {
+        "kvm_amd": "npt=0 avic=0", "kvm": "x=1"}
+    with pytest.raises(LabError, match="MODULE:NAME=VALUE"):
+        jobs.parse_kvm_args(["npt=0"])
+
+
+def test_init_runs_python_jobs_and_passes_module_parameters():
+    init = initramfs.init_script(["01-kvm.ko", "03-kvm_amd.ko"], 1000, 4,
+                                 module_args={"03-kvm_amd.ko": "npt=0"},
+                                 python=["env", "A=1", "/x/python3", "-m", "pyvmm.lab.inner",
+                                         "ptwrite:10"])
+    assert "insmod /modules/03-kvm_amd.ko npt=0 " in init
+    assert "insmod /modules/01-kvm.ko  " in init
+    assert "env A=1 /x/python3 -m pyvmm.lab.inner ptwrite:10 >&3" in init
+    assert "pyvmm-bootbench --plan" not in init
+    # Concatenated archives: the runtime is appended as is.
+    img = initramfs.build(b"BB", b"H", {"01-kvm.ko": b"K"}, "", extra=b"EXTRA")
+    assert img.endswith(b"EXTRA")
+
+
+def test_inner_runner_reports_each_job_as_one_json_line(capsys):
+    from pyvmm.lab import inner
+    rc = inner.main(["check:nonsense"])
+    line = json.loads(capsys.readouterr().out.strip())
+    assert rc == 1 and line["type"] == "result" and not line["ok"]
+    assert "unknown check 'nonsense'" in line["error"]
+    s = serial.LabStream()
+    s.feed("PYVMM-LAB-BEGIN\n" + json.dumps(line) + "\nPYVMM-LAB-END rc=1\n")
+    assert s.results == [line] and s.ended
+
+
+@pytest.mark.lab
+@pytest.mark.skipif(os.environ.get("PYVMM_LAB") != "1",
+                    reason="set PYVMM_LAB=1 to run pyvmm's ptwrite inside Debian's 6.1 under "
+                           "QEMU with kvm_amd npt=0 (shadow paging)")
+def test_lab_runs_python_ptwrite_on_a_shadow_mmu(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "pyvmm", "lab", "run", "--kernel", "6.1",
+                        "--kvm-arg", "kvm_amd:npt=0", "ptwrite:200:1", "--out", str(tmp_path),
+                        "--json"], capture_output=True, text=True, cwd="/", timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    doc = json.loads(r.stdout)
+    assert doc["status"] == "complete" and doc["lab"]["kvm_args"] == {"kvm_amd": "npt=0"}
+    (res,) = doc["results"]
+    alone = res["data"]["summary"]["alone"]
+    # Under shadow paging a write to the guest's page directory is trapped and emulated
+    # once per write; an ordinary data write never reaches KVM's write tracking.
+    assert alone["pde"]["stats"]["mmu_pte_write"] >= 200
+    assert alone["data"]["stats"].get("mmu_pte_write", 0) == 0
+    assert doc["lab"]["runtime_files"] > 100 and doc["lab"]["initramfs_bytes"] > 1e6

@@ -386,18 +386,26 @@ def cmd_ptwrite(args) -> int:
     from .sweep import write_json_atomic
     path = os.path.join(args.out, f"ptwrite-{time.strftime('%Y%m%d-%H%M%S')}.json")
     write_json_atomic(path, res)
-    t = Table(title=f"pyvmm bench ptwrite: {args.count} writes per phase, median of "
-                    f"{repeats} boots each", title_justify="left")
+    t = ptwrite_table(res, f"pyvmm bench ptwrite: {args.count} writes per phase, median of "
+                           f"{repeats} boots each")
+    console.print(t)
+    console.print(f"results in {path}", highlight=False)
+    return 0
+
+
+def ptwrite_table(res: dict, title: str) -> Table:
+    """The ptwrite summary (pyvmm.bench.ptwrite.run's) as a table: per phase and
+    configuration, the cost per write and the KVM stats that moved."""
+    from .ptwrite import PHASES
+    t = Table(title=title, title_justify="left")
     for col in ("vCPUs", "phase", "per write", "KVM stats deltas of the phase (vCPU 0 + VM)",
                 "second vCPU's deltas"):
         t.add_column(col, justify="right" if col == "per write" else "left")
     for key, phases in res["summary"].items():
-        for phase in ptwrite.PHASES:
+        for phase in PHASES:
             p = phases[phase]
             moved = ", ".join(f"{k} {v:g}" for k, v in p["stats"].items() if v)
             tmoved = ", ".join(f"{k} {v:g}" for k, v in p.get("toucher_stats", {}).items()
                                if v) or "-"
             t.add_row(key, phase, f"{p['per_write_ns'] / 1e3:.2f} us", moved or "-", tmoved)
-    console.print(t)
-    console.print(f"results in {path}", highlight=False)
-    return 0
+    return t

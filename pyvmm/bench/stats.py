@@ -7,7 +7,6 @@ import math
 import random
 from dataclasses import dataclass
 
-import numpy as np
 
 # Verdict thresholds (justified in docs/methodology.md).
 ASSIGN_OVER_EEXIST_MIN = 5.0     # pre-6.18: every assign waits for a grace period
@@ -16,11 +15,24 @@ STALL_MIN_NS = 500_000           # a post-registration memslot stall worth repor
 STALL_MIN_RATIO = 5.0
 
 
+def _sorted_floats(values) -> list[float]:
+    return sorted(float(v) for v in values)
+
+
+def _pct_sorted(xs: list[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default method)."""
+    pos = (len(xs) - 1) * q / 100.0
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
 def percentile(values, q: float) -> float:
-    """Linear-interpolated percentile (q in 0..100) of a non-empty sequence."""
+    """Linear-interpolated percentile (q in 0..100) of a non-empty sequence. Pure Python,
+    so that the VMM, stress and the lab's inner runner need no numpy."""
     if len(values) == 0:
         raise ValueError("percentile of an empty sequence")
-    return float(np.percentile(np.asarray(values, dtype=float), q))
+    return _pct_sorted(_sorted_floats(values), q)
 
 
 def median(values) -> float:
@@ -29,12 +41,12 @@ def median(values) -> float:
 
 def summarize(values) -> dict:
     """min/median/p10/p90/max/mean and count."""
-    v = np.asarray(values, dtype=float)
-    if v.size == 0:
+    xs = _sorted_floats(values)
+    if not xs:
         return {"n": 0}
-    return {"n": int(v.size), "min": float(v.min()), "p10": float(np.percentile(v, 10)),
-            "median": float(np.median(v)), "p90": float(np.percentile(v, 90)),
-            "max": float(v.max()), "mean": float(v.mean())}
+    return {"n": len(xs), "min": xs[0], "p10": _pct_sorted(xs, 10),
+            "median": _pct_sorted(xs, 50), "p90": _pct_sorted(xs, 90),
+            "max": xs[-1], "mean": math.fsum(xs) / len(xs)}
 
 
 @dataclass(frozen=True)
@@ -51,6 +63,8 @@ class QuadFit:
 
 def fit_quadratic(xs, ys) -> QuadFit:
     """Least-squares fit of y = a + b*x + c*x^2. Needs at least 3 distinct x values."""
+    import numpy as np
+
     x = np.asarray(xs, dtype=float)
     y = np.asarray(ys, dtype=float)
     if len(set(x.tolist())) < 3:
@@ -64,6 +78,8 @@ def fit_quadratic(xs, ys) -> QuadFit:
 
 def fit_linear(xs, ys) -> tuple[float, float]:
     """Least-squares y = a + b*x: returns (a, b)."""
+    import numpy as np
+
     x = np.asarray(xs, dtype=float)
     y = np.asarray(ys, dtype=float)
     if len(set(x.tolist())) < 2:
@@ -74,6 +90,8 @@ def fit_linear(xs, ys) -> tuple[float, float]:
 
 def permutation_pvalue(a, b, iterations: int = 2000, seed: int = 0) -> float:
     """Two-sided permutation test on the difference of medians of samples a and b."""
+    import numpy as np
+
     a = np.asarray(a, dtype=float)
     b = np.asarray(b, dtype=float)
     if a.size == 0 or b.size == 0:

@@ -68,6 +68,24 @@ def add_parsers(sub) -> None:
     _sweep_args(m, kernel_lab.LAB_REPEATS)
     m.set_defaults(func=cmd_matrix)
 
+    r = labs.add_parser("run", help="run pyvmm's Python workloads (ptwrite, checks, stress) "
+                                    "inside a lab kernel, with a Python runtime in the "
+                                    "initramfs")
+    r.add_argument("jobs", nargs="+", metavar="JOB",
+                   help="ptwrite:COUNT[:REPEATS], check:NAME[:ITERATIONS], "
+                        "stress:SECONDS[:SEED]")
+    r.add_argument("--kernel", default="6.1", help=f"{kernels.KERNEL_SPEC_FORMS}")
+    r.add_argument("--kvm-patch", default=None, metavar="NAME")
+    r.add_argument("--kvm-arg", action="append", default=[], metavar="MODULE:NAME=VALUE",
+                   help="module parameter, e.g. kvm_amd:npt=0 (shadow paging); repeatable")
+    r.add_argument("--smp", type=int, default=2, choices=[1, 2],
+                   help="emulated CPUs (default 2: the jobs run several vCPU threads)")
+    r.add_argument("--out", default="results")
+    r.add_argument("--timeout", type=float, default=1800.0, metavar="S")
+    r.add_argument("--no-install", action="store_true")
+    r.add_argument("--json", action="store_true", help="print results.json on stdout")
+    r.set_defaults(func=cmd_run)
+
     k = sub.add_parser("kernel-check",
                        help="how does kvm_io_bus_register_dev in this kvm.ko free the old bus, "
                             "and does a memslot change synchronize? (objdump)")
@@ -170,6 +188,49 @@ def cmd_matrix(args) -> int:
         print(json.dumps(matrix.json_rows(doc), indent=1))
     ok = not doc["failed"] and all(r["agrees"] is not False for r in doc["rows"])
     return 0 if ok else 1
+
+
+def cmd_run(args) -> int:
+    from . import inner, jobs
+    for j in args.jobs:
+        inner.parse_job(j)
+    opts = kernel_lab.LabOptions(kernel=args.kernel, kvm_patch=args.kvm_patch,
+                                 kvm_args=jobs.parse_kvm_args(args.kvm_arg), smp=args.smp,
+                                 out=args.out, total_timeout_s=args.timeout,
+                                 install=not args.no_install)
+    kernel_lab.check_options(opts)
+    con = console
+    if args.json:
+        from rich.console import Console
+        con = Console(stderr=True)
+    variant = kernel_lab.Variant(opts.kernel, opts.kvm_patch).label
+    extra = " ".join(f"{m}:{p}" for m, p in opts.kvm_args.items())
+    con.print(f"pyvmm lab run: {variant}{' ' + extra if extra else ''}, jobs "
+              f"{' '.join(args.jobs)}, QEMU TCG -smp {args.smp}", highlight=False)
+    with _progress(con) as prog:
+        run = jobs.run_jobs(opts, args.jobs, RichUi(prog))
+    doc = run.doc
+    from ..bench.cli import ptwrite_table
+    for r in doc["results"]:
+        if not r["ok"]:
+            con.print(f"[red]job {r['job']} failed:[/] {r['error']}", highlight=False)
+        elif r["job"].startswith("ptwrite") and r["data"]:
+            d = r["data"]
+            con.print(ptwrite_table(d, f"ptwrite in the lab: {doc['host']['kernel']} "
+                                       f"{extra or ''}, {d['count']} writes per phase, median "
+                                       f"of {d['repeats']} boots"))
+        else:
+            con.print(f"job {r['job']}: ok in {r['wall_s']:.1f} s", highlight=False)
+    lab, t = doc["lab"], run.timings
+    con.print(f"initramfs {lab['initramfs_bytes'] / 2**20:.1f} MiB (Python runtime "
+              f"{lab['runtime_bytes'] / 2**20:.1f} MiB, {lab['runtime_files']} files"
+              f"{', cached' if lab['runtime_cached'] else ''}); QEMU start to /init "
+              f"{t.get('to_init_s') or 0:.1f} s, to the first result "
+              f"{t.get('to_first_result_s') or 0:.1f} s; total {t['total_s']:.1f} s; "
+              f"{os.path.join(run.out_dir, 'results.json')}", highlight=False)
+    if args.json:
+        print(json.dumps(doc, indent=1))
+    return 0 if doc["status"] == "complete" else 1
 
 
 def cmd_kernel_check(args) -> int:

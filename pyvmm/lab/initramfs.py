@@ -20,7 +20,7 @@ FACT = "PYVMM-LAB-FACT"
 ERROR = "PYVMM-LAB-ERROR"
 DATA_TTY = "/dev/ttyS1"
 BUSYBOX_APPLETS = ("sh", "mount", "insmod", "cat", "echo", "uname", "nproc", "stty", "poweroff",
-                   "sleep", "ls", "grep", "head", "cut", "tr", "dmesg", "tail")
+                   "sleep", "ls", "grep", "head", "cut", "tr", "dmesg", "tail", "env")
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,7 @@ class Entry:
     mode: int           # full st_mode (type bits included)
     data: bytes = b""   # file contents or symlink target
     rdev: tuple[int, int] = (0, 0)   # (major, minor) of a device node
+    mtime: int = 0
 
 
 def _pad4(n: int) -> int:
@@ -44,7 +45,7 @@ def cpio_newc(entries: list[Entry]) -> bytes:
         nlink = 2 if (e.mode & 0o170000) == 0o040000 else 1
         # ino mode uid gid nlink mtime filesize devmajor devminor rdevmajor rdevminor
         # namesize check
-        fields = [ino, e.mode, 0, 0, nlink, 0, len(e.data), 0, 0, e.rdev[0], e.rdev[1],
+        fields = [ino, e.mode, 0, 0, nlink, e.mtime, len(e.data), 0, 0, e.rdev[0], e.rdev[1],
                   len(name), 0]
         out += b"070701" + b"".join(b"%08X" % f for f in fields)
         out += name + b"\0" * _pad4(110 + len(name))
@@ -75,9 +76,12 @@ def read_cpio_newc(blob: bytes) -> dict[str, Entry]:
 
 
 def init_script(modules: list[str], timeout_ms: int, ioev_len: int,
-                clock_cost: bool = True) -> str:
+                clock_cost: bool = True, module_args: dict[str, str] | None = None,
+                python: list[str] | None = None) -> str:
     """The /init shell script (busybox sh). `modules` are file names under /modules,
-    in load order."""
+    in load order; `module_args` adds parameters to a module's insmod (by file name).
+    With `python` (a command line, e.g. the inner runner) /init runs that instead of the
+    helper's plan, with its stdout on the data port."""
     q = shlex.quote
     lines = [
         "#!/bin/sh",
@@ -104,7 +108,10 @@ def init_script(modules: list[str], timeout_ms: int, ioev_len: int,
     for m in modules:
         # A module that will not load: the insmod line, what it said and the kernel's
         # last words go back to the host.
-        lines.append(f"insmod /modules/{q(m)} 2>/tmp/insmod || {{ "
+        params = (module_args or {}).get(m, "")
+        if params:
+            lines.append(f"say \"{FACT} module_args {m} {params}\"")
+        lines.append(f"insmod /modules/{q(m)} {params} 2>/tmp/insmod || {{ "
                      f"say \"{ERROR} insmod /modules/{m}: $(cat /tmp/insmod)\"; "
                      f"dmesg | tail -n 8 | while read -r l; do say \"{ERROR} dmesg: $l\"; done; "
                      f"fail 'insmod {m} failed'; }}")
@@ -113,10 +120,22 @@ def init_script(modules: list[str], timeout_ms: int, ioev_len: int,
         f"say \"{FACT} modules $(cut -d' ' -f1 /proc/modules | tr '\\n' ' ')\"",
         # Up to 4094 ioeventfds per boot, one fd each: lift the default limit of 1024.
         "ulimit -n 16384 || fail 'cannot raise RLIMIT_NOFILE'",
-        "echo 'pyvmm-lab: running the plan'",
-        f"/bin/pyvmm-bootbench --plan /plan --timeout-ms {int(timeout_ms)} "
-        f"--ioev-len {int(ioev_len)}{' --clock-cost' if clock_cost else ''} >&3 2>/tmp/err",
-        "rc=$?",
+    ]
+    if python:
+        lines += [
+            "echo 'pyvmm-lab: running pyvmm'",
+            f"say \"{FACT} python_start $(cut -d' ' -f1 /proc/uptime)\"",
+            " ".join(q(a) for a in python) + " >&3 2>/tmp/err",
+            "rc=$?",
+        ]
+    else:
+        lines += [
+            "echo 'pyvmm-lab: running the plan'",
+            f"/bin/pyvmm-bootbench --plan /plan --timeout-ms {int(timeout_ms)} "
+            f"--ioev-len {int(ioev_len)}{' --clock-cost' if clock_cost else ''} >&3 2>/tmp/err",
+            "rc=$?",
+        ]
+    lines += [
         "while read -r l; do say \"" + ERROR + " $l\"; done < /tmp/err",
         f"say \"{END} rc=$rc\"",
         "echo \"pyvmm-lab: done (rc=$rc)\"",
@@ -128,15 +147,21 @@ def init_script(modules: list[str], timeout_ms: int, ioev_len: int,
 
 
 def build(busybox: bytes, helper: bytes, modules: dict[str, bytes], plan: str,
-          timeout_ms: int = 60000, ioev_len: int = 4) -> bytes:
-    """The gzip-compressed initramfs. `modules` maps file name -> contents, in load order."""
+          timeout_ms: int = 60000, ioev_len: int = 4,
+          module_args: dict[str, str] | None = None, python: list[str] | None = None,
+          extra: bytes = b"") -> bytes:
+    """The gzip-compressed initramfs. `modules` maps file name -> contents, in load order.
+    `extra` is another gzip'd newc archive appended as is (the kernel unpacks
+    concatenated archives in turn): the cached Python runtime."""
     d, f, x = 0o040755, 0o100644, 0o100755
     entries = [Entry(p, d) for p in ("bin", "dev", "proc", "sys", "tmp", "modules")]
     entries += [Entry("bin/busybox", x, busybox), Entry("bin/pyvmm-bootbench", x, helper)]
     entries += [Entry(f"bin/{a}", 0o120777, b"busybox") for a in BUSYBOX_APPLETS]
     entries += [Entry(f"modules/{name}", f, data) for name, data in modules.items()]
     entries.append(Entry("plan", f, plan.encode()))
-    entries.append(Entry("init", x, init_script(list(modules), timeout_ms, ioev_len).encode()))
+    entries.append(Entry("init", x, init_script(list(modules), timeout_ms, ioev_len,
+                                                module_args=module_args,
+                                                python=python).encode()))
     # The console device must exist before devtmpfs is mounted, for the kernel to open it.
     entries.append(Entry("dev/console", 0o020600, b"", (5, 1)))
-    return gzip.compress(cpio_newc(entries), compresslevel=6, mtime=0)
+    return gzip.compress(cpio_newc(entries), compresslevel=6, mtime=0) + extra

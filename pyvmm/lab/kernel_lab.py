@@ -159,6 +159,8 @@ def parse_variant(text: str, patches: dict | None = None) -> Variant:
 class LabOptions:
     kernel: str = "6.1"
     kvm_patch: str | None = None
+    # Module parameters, e.g. {"kvm_amd": "npt=0"} (shadow paging in the lab's KVM).
+    kvm_args: dict = field(default_factory=dict)
     smp: int = 1
     out: str = "results"
     retries: int = 1
@@ -198,10 +200,22 @@ def check_options(opts: LabOptions) -> modbuild.Patch | None:
     return modbuild.get_patch(opts.kvm_patch) if opts.kvm_patch else None
 
 
-def run_lab(opts: LabOptions, cfg: SweepConfig, ui: Ui | None = None) -> LabRun:
-    ui = ui or Ui()
+@dataclass
+class Prepared:
+    """A kernel ready to boot: the kit, the modules to load (rebuilt ones swapped in),
+    the static check of its kvm.ko, the tools and the stage timings so far."""
+    kit: kernels.Kit
+    modules: dict
+    kernel_check: dict
+    built: modbuild.BuiltModules | None
+    busybox: bytes
+    helper: bytes
+    timings: dict
+
+
+def prepare(opts: LabOptions, ui: Ui) -> Prepared:
+    """Tools, kernel packages, kit, rebuilt modules and kernel-check, each cached."""
     patch = check_options(opts)
-    t_start = time.monotonic()
     timings = {}
     ui.stage("tools")
     ensure_tools(ui.log, opts.install)
@@ -230,15 +244,37 @@ def run_lab(opts: LabOptions, cfg: SweepConfig, ui: Ui | None = None) -> LabRun:
         kc = kcheck.check(kit.kvm_ko)
         kc["path"] = f"{kit.meta['package']}: {kit.meta['kvm_module_file'].split('-', 1)[1]}"
     ui.log(f"kernel-check: {kc['summary']}")
-    t = time.monotonic()
-    plan = make_plan(cfg)
-    modules = modbuild.kit_modules(kit, built)
     with open(busybox, "rb") as f:
         bb = f.read()
     with open(helper, "rb") as f:
         helper_bin = f.read()
-    image = initramfs.build(bb, helper_bin, modules, "\n".join(plan) + "\n",
-                            timeout_ms=HELPER_TIMEOUT_MS, ioev_len=cfg.ioev_len)
+    return Prepared(kit, modbuild.kit_modules(kit, built), kc, built, bb, helper_bin, timings)
+
+
+def module_args(kit: kernels.Kit, args: dict[str, str]) -> dict[str, str]:
+    """{'kvm_amd': 'npt=0'} -> {'03-kvm_amd.ko': 'npt=0'} for the initramfs."""
+    names = dict(zip(kit.module_names(), kit.meta["modules"]))
+    out = {}
+    for mod, params in args.items():
+        key = kernels.norm_module(mod)
+        if key not in names:
+            raise LabError(f"module parameters for {mod}: the lab loads only "
+                           f"{', '.join(names)}")
+        out[names[key]] = params
+    return out
+
+
+def run_lab(opts: LabOptions, cfg: SweepConfig, ui: Ui | None = None) -> LabRun:
+    ui = ui or Ui()
+    patch = check_options(opts)
+    t_start = time.monotonic()
+    prep = prepare(opts, ui)
+    kit, built, kc, timings = prep.kit, prep.built, prep.kernel_check, prep.timings
+    t = time.monotonic()
+    plan = make_plan(cfg)
+    image = initramfs.build(prep.busybox, prep.helper, prep.modules, "\n".join(plan) + "\n",
+                            timeout_ms=HELPER_TIMEOUT_MS, ioev_len=cfg.ioev_len,
+                            module_args=module_args(kit, opts.kvm_args))
     timings["build_s"] = time.monotonic() - t
 
     outer = hostinfo.collect(with_kvm=False)
@@ -259,6 +295,7 @@ def run_lab(opts: LabOptions, cfg: SweepConfig, ui: Ui | None = None) -> LabRun:
                            total_timeout_s=opts.total_timeout_s)
     variant = Variant(opts.kernel, patch.name if patch else None)
     doc["lab"] = {"kernel_spec": opts.kernel, "variant": variant.label,
+                  "kvm_args": dict(opts.kvm_args),
                   "kvm_patch": None if built is None else dict(built.meta),
                   "package": host["package"], "smp": opts.smp,
                   "qemu": qemu.qemu_version(), "command": qemu.command(qcfg, "console.log",

@@ -25,6 +25,7 @@ class LabStream:
     facts: dict[str, str] = field(default_factory=dict)
     clock: dict | None = None
     boots: list[dict] = field(default_factory=list)
+    results: list[dict] = field(default_factory=list)    # pyvmm.lab.inner job results
     errors: list[str] = field(default_factory=list)
     garbage: list[str] = field(default_factory=list)
     _partial: str = ""
@@ -82,6 +83,9 @@ class LabStream:
             self.clock = {"wall_read_ns": obj["wall_read_ns"], "cpu_read_ns": obj["cpu_read_ns"]}
         elif obj.get("type") == "boot":
             self.boots.append(obj)
+            return obj
+        elif obj.get("type") == "result":
+            self.results.append(obj)
             return obj
         else:
             self.garbage.append(s)

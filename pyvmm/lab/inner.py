@@ -1,0 +1,93 @@
+"""What runs inside a lab kernel: `python -m pyvmm.lab.inner JOB [JOB ...]`.
+
+Each JOB is one of the workloads that need the Python VMM, run through the same library
+functions the host commands use, with its result printed as one JSON line on stdout
+({"type": "result", "job": ..., "ok": ..., "data": ...}), which the lab's /init sends
+to the data port:
+
+  ptwrite:COUNT[:REPEATS]      pyvmm bench ptwrite (both configurations)
+  check:NAME[:ITERATIONS]      pyvmm check ioeventfd-ordering | memslot-coherence |
+                               guest-memfd
+  stress:SECONDS[:SEED]        pyvmm stress
+
+Nothing here imports rich, matplotlib or numpy: the lab's initramfs carries only what
+these jobs need (pyvmm.lab.pyruntime collects it by importing this module's JOBS).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import traceback
+
+from ..errors import PyvmmError
+
+
+def _ptwrite(count: str = "2000", repeats: str = "3") -> dict:
+    from ..bench import ptwrite
+    res = ptwrite.run(int(count), int(repeats))
+    return {"count": res["count"], "repeats": res["repeats"], "summary": res["summary"]}
+
+
+def _check(name: str, iterations: str = "2000") -> dict:
+    from ..checks import concurrent, gmem
+    if name == "guest-memfd":
+        why = gmem.supported()
+        if why:
+            return {"skipped": why}
+        return {"cases": [c.to_dict() for c in gmem.run_cases()]}
+    fn = {"ioeventfd-ordering": concurrent.ioeventfd_ordering,
+          "memslot-coherence": concurrent.memslot_coherence}.get(name)
+    if fn is None:
+        raise PyvmmError(f"unknown check '{name}': ioeventfd-ordering, memslot-coherence or "
+                         "guest-memfd")
+    res = fn(iterations=int(iterations), duration_s=600)
+    out = res.to_dict()
+    out["latency"] = res.latency_summary()
+    return out
+
+
+def _stress(seconds: str = "10", seed: str = "1") -> dict:
+    from ..stress import Stress, StressConfig
+    res = Stress(StressConfig(duration_s=float(seconds), seed=int(seed))).run()
+    return res.to_dict()
+
+
+JOBS = {"ptwrite": _ptwrite, "check": _check, "stress": _stress}
+
+
+def parse_job(text: str) -> tuple[str, list[str]]:
+    """'ptwrite:2000:3' -> ('ptwrite', ['2000', '3']), checked without running it."""
+    name, *args = text.split(":")
+    if name not in JOBS:
+        raise PyvmmError(f"unknown lab job '{name}': {', '.join(JOBS)} "
+                         "(e.g. ptwrite:2000, check:memslot-coherence, stress:30)")
+    for a in args:
+        if not a or any(c.isspace() for c in a):
+            raise PyvmmError(f"lab job '{text}': empty or spaced argument")
+    if name in ("ptwrite", "stress") and not all(a.replace(".", "", 1).isdigit()
+                                                 for a in args):
+        raise PyvmmError(f"lab job '{text}': {name} takes numbers")
+    return name, args
+
+
+def main(argv: list[str]) -> int:
+    rc = 0
+    for text in argv:
+        t0 = time.monotonic()
+        try:
+            name, args = parse_job(text)
+            data, ok, error = JOBS[name](*args), True, None
+        except Exception as e:          # reported to the host, and the next job runs
+            data, ok, error = None, False, f"{type(e).__name__}: {e}"
+            traceback.print_exc(file=sys.stderr)
+            rc = 1
+        print(json.dumps({"type": "result", "job": text, "ok": ok, "error": error,
+                          "wall_s": round(time.monotonic() - t0, 3), "data": data}),
+              flush=True)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

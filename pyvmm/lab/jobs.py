@@ -1,0 +1,125 @@
+"""`pyvmm lab run`: pyvmm's Python workloads (ptwrite, checks, stress) on a lab kernel.
+
+The same kernel, patched modules and module parameters as `lab kernel`, but /init runs
+the Python VMM (pyvmm.lab.inner) from a Python runtime appended to the initramfs
+(pyvmm.lab.pyruntime) instead of the C helper's plan. Each job's result comes back as
+one JSON line on the data port and lands in results.json beside the usual host facts
+of the inner kernel; the initramfs size, the runtime's file count and the time from
+QEMU's start to /init and to the first result are recorded.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+from .. import hostinfo
+from ..bench.sweep import new_run_dir, now_iso, write_json_atomic
+from . import initramfs, inner, kernel_lab, pyruntime, qemu
+from .kernel_lab import LabOptions, Ui
+from .kernels import LabError
+
+SCHEMA = "pyvmm.lab-jobs/1"
+
+
+def parse_kvm_args(items: list[str]) -> dict[str, str]:
+    """['kvm_amd:npt=0', 'kvm_amd:avic=0'] -> {'kvm_amd': 'npt=0 avic=0'}."""
+    out: dict[str, list[str]] = {}
+    for item in items:
+        mod, sep, param = item.partition(":")
+        if not sep or not mod or "=" not in param or any(c.isspace() for c in param):
+            raise LabError(f"--kvm-arg '{item}': give MODULE:NAME=VALUE, e.g. kvm_amd:npt=0")
+        out.setdefault(mod, []).append(param)
+    return {m: " ".join(ps) for m, ps in out.items()}
+
+
+@dataclass
+class JobsRun:
+    doc: dict
+    out_dir: str
+    timings: dict = field(default_factory=dict)
+
+
+def run_jobs(opts: LabOptions, jobs: list[str], ui: Ui | None = None) -> JobsRun:
+    ui = ui or Ui()
+    if not jobs:
+        raise LabError("no jobs: give e.g. ptwrite:2000 check:memslot-coherence stress:30")
+    for j in jobs:                       # bad jobs fail before anything is installed
+        inner.parse_job(j)
+    kernel_lab.check_options(opts)
+    t_start = time.monotonic()
+    prep = kernel_lab.prepare(opts, ui)
+    timings = prep.timings
+    ui.stage("python runtime")
+    t = time.monotonic()
+    rt = pyruntime.build(ui.log)
+    timings["runtime_s"] = time.monotonic() - t
+    image = initramfs.build(prep.busybox, prep.helper, prep.modules, "",
+                            module_args=kernel_lab.module_args(prep.kit, opts.kvm_args),
+                            python=rt.command + list(jobs), extra=rt.archive)
+    outer = hostinfo.collect(with_kvm=False)
+    host = kernel_lab.inner_host(prep.kit, {}, opts.smp, outer)
+    out = new_run_dir(opts.out, dict(host, hostname="lab-run"))
+    work = os.path.join(out, "lab")
+    os.makedirs(work)
+    initrd = os.path.join(work, "initramfs.cpio.gz")
+    with open(initrd, "wb") as f:
+        f.write(image)
+    variant = kernel_lab.Variant(opts.kernel, opts.kvm_patch)
+    doc = {"schema": SCHEMA, "status": "running", "created": now_iso(), "finished": None,
+           "environment": kernel_lab.ENVIRONMENT, "host": host, "jobs": list(jobs),
+           "kernel_check": prep.kernel_check, "results": [],
+           "lab": {"variant": variant.label, "kvm_args": dict(opts.kvm_args),
+                   "kvm_patch": None if prep.built is None else dict(prep.built.meta),
+                   "initramfs_bytes": len(image), "runtime_bytes": len(rt.archive),
+                   "runtime_files": rt.files, "runtime_cached": rt.cached,
+                   "qemu": qemu.qemu_version(), "timings": timings}}
+    path = os.path.join(out, "results.json")
+    write_json_atomic(path, doc)
+    # Jobs print only when they finish: the stall bound is the whole run's.
+    qcfg = qemu.QemuConfig(kernel=prep.kit.vmlinuz, initrd=initrd, smp=opts.smp,
+                           mem_mb=max(opts.mem_mb, 1024), boot_timeout_s=opts.boot_timeout_s,
+                           stall_timeout_s=opts.total_timeout_s,
+                           total_timeout_s=opts.total_timeout_s)
+    t_q = time.monotonic()
+    marks = {}
+
+    def on_stage(name):
+        marks.setdefault(name, time.monotonic() - t_q)
+        ui.stage("boot kernel" if name == "kernel" else "jobs")
+
+    def on_line(line):
+        if line.get("type") == "result":
+            marks.setdefault("first_result", time.monotonic() - t_q)
+            doc["results"].append(line)
+            ui.log(f"job {line['job']}: {'ok' if line['ok'] else 'FAILED: ' + str(line['error'])}"
+                   f" ({line['wall_s']:.1f} s in the guest)")
+            write_json_atomic(path, doc)
+    try:
+        stream, qemu_s = qemu.run(qcfg, work, on_line, on_stage)
+        timings["qemu_s"] = qemu_s
+        timings["to_init_s"] = marks.get("sweep")
+        timings["to_first_result_s"] = marks.get("first_result")
+        doc["host"] = kernel_lab.inner_host(prep.kit, stream.facts, opts.smp, outer)
+        doc["lab"]["errors"] = stream.errors[-40:]
+        doc["lab"]["python_start_uptime_s"] = stream.facts.get("python_start")
+        missing = len(jobs) - len(doc["results"])
+        if missing:
+            doc["status"] = "failed"
+            raise LabError(f"{missing} of {len(jobs)} jobs sent no result (exit status "
+                           f"{stream.rc}); logs in {work}; last errors:\n  "
+                           + "\n  ".join(stream.errors[-12:] or ["none"]))
+        doc["status"] = "complete" if all(r["ok"] for r in doc["results"]) else "failed"
+    except KeyboardInterrupt:
+        doc["status"] = "interrupted"
+        raise
+    except BaseException:
+        if doc["status"] == "running":
+            doc["status"] = "failed"
+        raise
+    finally:
+        timings["total_s"] = time.monotonic() - t_start
+        doc["finished"] = now_iso()
+        write_json_atomic(path, doc)
+    return JobsRun(doc, out, timings)

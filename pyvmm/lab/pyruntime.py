@@ -1,0 +1,166 @@
+"""The Python runtime the lab puts into its initramfs, so that pyvmm itself (the Python
+VMM: checks, stress, ptwrite) runs on a lab kernel, not only the static C helper.
+
+What goes in is what running pyvmm.lab.inner needs, found by importing it (and every
+job module) in a child interpreter of this installation and listing sys.modules: the
+interpreter binary, those stdlib and site-packages files (with their compiled .pyc,
+whose mtimes are kept so they stay valid), the whole pyvmm package (guests, helper,
+cffi module), and every shared library that the interpreter and the extension modules
+load (from ldd). Files keep their absolute paths, so the interpreter finds its prefix
+as it does here. No rich, matplotlib or numpy.
+
+The result is a gzip'd newc archive cached under <cache>/pyruntime/, keyed by the file
+list and the files' sizes and mtimes; the lab appends it to the initramfs.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from dataclasses import dataclass
+
+from .initramfs import Entry, cpio_newc
+from .kernels import LabError, cache_dir
+
+# Imported in the child to find the file set: the inner runner and what its jobs import
+# lazily (the jobs' modules are imported at the top of a function, not of the module).
+PROBE = """
+import json, sys, encodings.utf_8, encodings.latin_1, encodings.ascii, runpy, importlib.util
+import importlib.machinery, traceback, linecache, tokenize
+import pyvmm.lab.inner, pyvmm.bench.ptwrite, pyvmm.checks.concurrent, pyvmm.checks.gmem
+import pyvmm.stress, pyvmm.vcpu, pyvmm.vm, pyvmm.kvm, pyvmm.stats, pyvmm.memory
+import pyvmm.bench.native, pyvmm.bench.recipe, pyvmm.guests
+pyvmm.guests.load("ptwrite"); pyvmm.guests.helper_path()
+for bad in ("rich", "matplotlib", "numpy"):
+    if bad in sys.modules:
+        raise SystemExit(f"pyvmm.lab.inner pulled in {bad}: the lab runtime must not need it")
+files = sorted({m.__file__ for m in list(sys.modules.values())
+                if getattr(m, "__file__", None)})
+print(json.dumps({"files": files, "executable": sys._base_executable,
+                  "prefix": sys.base_prefix, "path": sys.path}))
+"""
+
+
+@dataclass
+class Runtime:
+    archive: bytes          # gzip'd newc cpio
+    command: list[str]      # how /init starts the inner runner (before the jobs)
+    files: int
+    size: int               # uncompressed bytes of the files
+    cached: bool
+
+
+def _probe() -> dict:
+    p = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True,
+                       cwd="/")
+    if p.returncode != 0:
+        raise LabError("could not list what the lab's Python runtime needs: "
+                       + (p.stderr.strip().splitlines() or ["no output"])[-1])
+    return json.loads(p.stdout)
+
+
+def _package_dir(files: list[str], name: str) -> str | None:
+    for f in files:
+        parts = f.split(os.sep)
+        if name in parts:
+            return os.sep.join(parts[:parts.index(name) + 1])
+    return None
+
+
+def _ldd(path: str) -> list[str]:
+    p = subprocess.run(["ldd", path], capture_output=True, text=True)
+    out = []
+    for line in p.stdout.splitlines():
+        m = re.search(r"(/\S+)\s+\(0x", line)
+        if m:
+            out.append(m.group(1))
+    return out
+
+
+def collect() -> tuple[list[str], dict]:
+    """The absolute paths to copy, and what the probe said."""
+    info = _probe()
+    files = set(info["files"])
+    pkg = _package_dir(info["files"], "pyvmm")
+    if pkg is None:
+        raise LabError("pyvmm is not installed as a package (run make install)")
+    for d, dirs, names in os.walk(pkg):
+        dirs[:] = [x for x in dirs if x != "__pycache__"]
+        for n in names:
+            files.add(os.path.join(d, n))
+    # Whole stdlib packages of whatever was imported: their submodules load lazily
+    # (importlib.resources -> importlib.readers, for one).
+    stdlib = sysconfig.get_paths()["stdlib"]
+    for f in list(files):
+        rel = os.path.relpath(f, stdlib)
+        if rel.startswith("..") or os.sep not in rel or rel.startswith("lib-dynload"):
+            continue
+        top = os.path.join(stdlib, rel.split(os.sep)[0])
+        for d, dirs, names in os.walk(top):
+            dirs[:] = [x for x in dirs if x not in ("__pycache__", "test", "tests", "idle_test")]
+            for n in names:
+                if n.endswith(".py"):
+                    files.add(os.path.join(d, n))
+    # Compiled bytecode next to each source, so the emulated CPU does not recompile.
+    for f in list(files):
+        if f.endswith(".py"):
+            tag = sys.implementation.cache_tag
+            pyc = os.path.join(os.path.dirname(f), "__pycache__",
+                               f"{os.path.basename(f)[:-3]}.{tag}.pyc")
+            if os.path.exists(pyc):
+                files.add(pyc)
+    exe = os.path.realpath(info["executable"])
+    files.add(exe)
+    # The landmark the interpreter looks for to find its prefix.
+    files.add(os.path.join(stdlib, "os.py"))
+    libs = set()
+    for f in [exe] + [x for x in files if x.endswith(".so") or ".so." in x]:
+        libs.update(_ldd(f))
+    files |= libs
+    return sorted(files), info
+
+
+def build(log=print) -> Runtime:
+    files, info = collect()
+    stat = []
+    for f in files:
+        st = os.stat(f)
+        stat.append((f, st.st_size, int(st.st_mtime)))
+    key = hashlib.sha256(json.dumps(stat).encode()).hexdigest()[:16]
+    site = sorted({p for p in info["path"] if p.endswith("site-packages")})
+    command = ["env", "PYTHONNOUSERSITE=1", "PYTHONDONTWRITEBYTECODE=1",
+               f"PYTHONPATH={':'.join(site)}", os.path.realpath(info["executable"]),
+               "-m", "pyvmm.lab.inner"]
+    size = sum(s for _, s, _ in stat)
+    path = os.path.join(cache_dir(), "pyruntime", f"runtime-{key}.cpio.gz")
+    if os.path.exists(path):
+        with open(path, "rb") as f:
+            return Runtime(f.read(), command, len(files), size, True)
+    log(f"building the lab's Python runtime ({len(files)} files, {size / 2**20:.1f} MiB)")
+    entries, dirs = [], set()
+    for f, _, mtime in stat:
+        parent = os.path.dirname(f).lstrip("/")
+        chain = []
+        while parent and parent not in dirs:
+            chain.append(parent)
+            dirs.add(parent)
+            parent = os.path.dirname(parent)
+        entries += [Entry(d, 0o040755) for d in reversed(chain)]
+        mode = os.stat(f).st_mode
+        with open(f, "rb") as fh:
+            entries.append(Entry(f.lstrip("/"), 0o100000 | (mode & 0o777), fh.read(),
+                                 mtime=mtime))
+    blob = gzip.compress(cpio_newc(entries), compresslevel=6, mtime=0)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".runtime-")
+    with os.fdopen(fd, "wb") as f:
+        f.write(blob)
+    os.replace(tmp, path)
+    return Runtime(blob, command, len(files), size, False)
