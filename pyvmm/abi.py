@@ -168,6 +168,59 @@ struct kvm_cpuid2 {
     uint32_t padding;
     struct kvm_cpuid_entry2 entries[];
 };
+
+struct kvm_xen_hvm_config {
+    uint32_t flags;
+    uint32_t msr;
+    uint64_t blob_addr_32;
+    uint64_t blob_addr_64;
+    uint8_t blob_size_32;
+    uint8_t blob_size_64;
+    uint8_t pad2[30];
+};
+
+struct kvm_xen_hvm_attr {
+    uint16_t type;
+    uint16_t pad[3];
+    union {
+        uint8_t long_mode;
+        uint8_t vector;
+        struct { uint64_t gfn; } shared_info;
+        struct {
+            uint32_t send_port;
+            uint32_t type;
+            uint32_t flags;
+            union {
+                struct { uint32_t port; uint32_t vcpu; uint32_t priority; } port;
+                struct { uint32_t port; int32_t fd; } eventfd;
+                uint32_t padding[4];
+            } deliver;
+        } evtchn;
+        uint32_t xen_version;
+        uint64_t pad[8];
+    } u;
+};
+
+struct kvm_xen_vcpu_attr {
+    uint16_t type;
+    uint16_t pad[3];
+    union {
+        uint64_t gpa;
+        uint64_t pad[8];
+    } u;
+};
+
+struct kvm_msr_filter_range {
+    uint32_t flags;
+    uint32_t nmsrs;
+    uint32_t base;
+    uint8_t *bitmap;
+};
+
+struct kvm_msr_filter {
+    uint32_t flags;
+    struct kvm_msr_filter_range ranges[16];
+};
 """
 
 ffi = cffi.FFI()
@@ -182,7 +235,8 @@ KVM_CAP_NR_VCPUS = 9
 KVM_CAP_NR_MEMSLOTS = 10
 KVM_CAP_IOEVENTFD = 36
 KVM_CAP_READONLY_MEM = 81
-KVM_CAP_XEN_HVM = 38
+KVM_CAP_XEN_HVM = 38             # returns the supported KVM_XEN_HVM_CONFIG_* flags
+KVM_CAP_X86_MSR_FILTER = 189
 KVM_CAP_MAX_VCPUS = 66
 KVM_CAP_IOEVENTFD_ANY_LENGTH = 122
 KVM_CAP_BINARY_STATS_FD = 203
@@ -204,6 +258,17 @@ KVM_IOEVENTFD_FLAG_DEASSIGN = 1 << 2
 
 GUEST_MEMFD_FLAG_MMAP = 1 << 0
 GUEST_MEMFD_FLAG_INIT_SHARED = 1 << 1
+
+KVM_XEN_HVM_CONFIG_INTERCEPT_HCALL = 1 << 1
+KVM_XEN_HVM_CONFIG_SHARED_INFO = 1 << 2
+KVM_XEN_HVM_CONFIG_EVTCHN_SEND = 1 << 5
+KVM_XEN_ATTR_TYPE_LONG_MODE = 0
+KVM_XEN_ATTR_TYPE_SHARED_INFO = 1
+KVM_XEN_ATTR_TYPE_EVTCHN = 3
+KVM_XEN_VCPU_ATTR_TYPE_VCPU_INFO = 0
+KVM_IRQ_ROUTING_XEN_EVTCHN_PRIO_2LEVEL = 0xFFFFFFFF    # (__u32)-1
+EVTCHNSTAT_INTERDOMAIN = 2
+KVM_MSR_FILTER_DEFAULT_ALLOW = 0
 
 KVM_EXIT_IO_IN = 0
 KVM_EXIT_IO_OUT = 1
@@ -261,8 +326,14 @@ _TABLE = [
     Ioctl("KVM_CREATE_GUEST_MEMFD", _iowr(0xD4, "struct kvm_create_guest_memfd"),
           "vm", KVM_CAP_GUEST_MEMFD),
     Ioctl("KVM_GET_STATS_FD", _io(0xCE), "vm+vcpu", KVM_CAP_BINARY_STATS_FD),
+    Ioctl("KVM_XEN_HVM_CONFIG", _iow(0x7A, "struct kvm_xen_hvm_config"), "vm", KVM_CAP_XEN_HVM),
+    Ioctl("KVM_XEN_HVM_SET_ATTR", _iow(0xC9, "struct kvm_xen_hvm_attr"), "vm", KVM_CAP_XEN_HVM),
+    Ioctl("KVM_X86_SET_MSR_FILTER", _iow(0xC6, "struct kvm_msr_filter"), "vm",
+          KVM_CAP_X86_MSR_FILTER),
     # vCPU fd
     Ioctl("KVM_RUN", _io(0x80), "vcpu"),
+    Ioctl("KVM_XEN_VCPU_SET_ATTR", _iow(0xCB, "struct kvm_xen_vcpu_attr"), "vcpu",
+          KVM_CAP_XEN_HVM),
     Ioctl("KVM_GET_REGS", _ior(0x81, "struct kvm_regs"), "vcpu"),
     Ioctl("KVM_SET_REGS", _iow(0x82, "struct kvm_regs"), "vcpu"),
     Ioctl("KVM_GET_SREGS", _ior(0x83, "struct kvm_sregs"), "vcpu"),
@@ -294,12 +365,16 @@ KVM_SET_CPUID2: int
 KVM_GET_DIRTY_LOG: int
 KVM_REGISTER_COALESCED_MMIO: int
 KVM_UNREGISTER_COALESCED_MMIO: int
+KVM_XEN_HVM_CONFIG: int
+KVM_XEN_HVM_SET_ATTR: int
+KVM_XEN_VCPU_SET_ATTR: int
+KVM_X86_SET_MSR_FILTER: int
 
 # Exit reasons (kvm_run.exit_reason)
 EXIT_REASONS = {
     0: "UNKNOWN", 1: "EXCEPTION", 2: "IO", 3: "HYPERCALL", 4: "DEBUG", 5: "HLT", 6: "MMIO",
     7: "IRQ_WINDOW_OPEN", 8: "SHUTDOWN", 9: "FAIL_ENTRY", 10: "INTR", 17: "INTERNAL_ERROR",
-    24: "SYSTEM_EVENT", 39: "MEMORY_FAULT",
+    24: "SYSTEM_EVENT", 34: "XEN", 39: "MEMORY_FAULT",
 }
 KVM_EXIT_UNKNOWN = 0
 KVM_EXIT_IO = 2

@@ -37,6 +37,9 @@ GUESTS = {
     "ptwrite": GuestInfo("ptwrite", "long",
                          "64-bit: builds its own page tables, then times PTE writes against "
                          "data writes (pyvmm bench ptwrite)"),
+    "xenloop": GuestInfo("xenloop", "long",
+                         "64-bit: EVTCHNOP_send hypercalls (vmmcall) forever, a marker every "
+                         "64 (pyvmm stress --xen)"),
 }
 
 

@@ -52,6 +52,16 @@ PTW_TOUCH_GPA = 0x120000
 PTW_TOUCH_PAGES = 64
 PTW_TOUCH_OFFSET = 0x800
 
+# The Xen guest (pyvmm stress --xen): the shared_info page KVM maps for event channels,
+# and the struct evtchn_send the guest hands to its EVTCHNOP_send hypercalls.
+XEN_SHINFO_GPA = 0x60000
+XEN_SEND_GPA = 0x61000
+XEN_VCPU_INFO_GPA = 0x62000  # vCPU 0's struct vcpu_info
+XEN_SEND_PORT = 3            # the port the guest sends on
+XEN_DELIVER_PORT = 5         # where KVM delivers it: an event channel of vCPU 0
+XEN_HCALL_EVTCHN_OP = 32     # __HYPERVISOR_event_channel_op
+XEN_EVTCHNOP_SEND = 4
+XEN_SENDS_PER_MARK = 64      # the guest reports MARK_LOOP after this many sends
 # Ports.
 SERIAL_PORT = 0x3F8          # COM1 data register: one byte per OUT
 MARKER_PORT = 0x80           # phase markers: one byte per OUT

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import sys
 
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -26,7 +27,57 @@ def add_parsers(sub) -> None:
                    help="report an ioctl that has not returned after this long (default 10)")
     s.add_argument("--out", default="results", help="directory for the JSON report")
     s.add_argument("--json", action="store_true")
+    s.add_argument("--xen", action="store_true",
+                   help="the Xen event-channel seed instead: a vCPU sending event channels "
+                        "while workers invalidate shared_info and set the MSR filter "
+                        "(needs KVM_CAP_XEN_HVM; in the lab: pyvmm lab run --kvm-patch xen "
+                        "xen:30)")
     s.set_defaults(func=cmd_stress)
+
+
+def print_hang(report: dict) -> None:
+    """Each stuck thread with what the kernel says it is doing."""
+    for s in report["stuck"]:
+        k = s["kernel"]
+        console.print(f"[bold red]HANG[/]: thread {s['thread']} (tid {s['tid']}) has been "
+                      f"in {s['operation']} ({s['arguments']}) for {s['elapsed_s']} s; "
+                      f"kernel: state {k.get('state', '?')}, wchan {k.get('wchan')}",
+                      highlight=False)
+        if not k.get("stack", "").startswith("unreadable"):
+            console.print("  stack:\n    " + k["stack"].replace("\n", "\n    "),
+                          highlight=False)
+
+
+def cmd_stress_xen(args) -> int:
+    from .xenstress import XenStressConfig, run
+    cfg = XenStressConfig(duration_s=args.duration, seed=args.seed, bound_s=args.bound)
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"stress-xen-{_dt.datetime.now():%Y%m%d-%H%M%S}.json")
+
+    def on_hang(report):
+        write_json_atomic(path, {"status": "hang", "config": cfg.__dict__, "hang": report})
+    res = run(cfg, on_hang)
+    doc = res.to_dict()
+    doc["status"] = "skipped" if res.skipped else ("hang" if res.hang else "ok")
+    write_json_atomic(path, doc)
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    elif res.skipped:
+        console.print(f"Xen HVM event channels: skipped: {res.skipped}", highlight=False)
+    else:
+        console.print(f"xen stress: {res.elapsed_s:.1f} s, {res.sends} EVTCHNOP_send, "
+                      f"{res.invalidations} shared_info invalidations, {res.filter_calls} "
+                      "KVM_X86_SET_MSR_FILTER calls", highlight=False)
+    if res.hang:
+        if not args.json:
+            print_hang(res.hang)
+            console.print(f"report written to {path}", highlight=False)
+        console.file.flush()
+        sys.stdout.flush()
+        os._exit(3)     # the stuck threads cannot be joined
+    if not args.json and not res.skipped:
+        console.print(f"no hang (bound {cfg.bound_s:g} s); report in {path}", highlight=False)
+    return 0
 
 
 def _fmt(ns: float) -> str:
@@ -34,6 +85,8 @@ def _fmt(ns: float) -> str:
 
 
 def cmd_stress(args) -> int:
+    if args.xen:
+        return cmd_stress_xen(args)
     cfg = StressConfig(duration_s=args.duration, seed=args.seed, vcpus=args.vcpus,
                        extra_vcpus=args.extra_vcpus, bound_s=args.bound)
     os.makedirs(args.out, exist_ok=True)
@@ -62,15 +115,7 @@ def cmd_stress(args) -> int:
                       f"{b['rss_peak_kib'] / 1024:.1f} MiB), threads {a['threads']} -> "
                       f"{b['threads']}", highlight=False)
     if res.hang:
-        for s in res.hang["stuck"]:
-            k = s["kernel"]
-            console.print(f"[bold red]HANG[/]: thread {s['thread']} (tid {s['tid']}) has been "
-                          f"in {s['operation']} ({s['arguments']}) for {s['elapsed_s']} s; "
-                          f"kernel: state {k.get('state', '?')}, wchan {k.get('wchan')}",
-                          highlight=False)
-            if not k.get("stack", "").startswith("unreadable"):
-                console.print("  stack:\n    " + k["stack"].replace("\n", "\n    "),
-                              highlight=False)
+        print_hang(res.hang)
         console.print(f"report written to {path}", highlight=False)
         console.file.flush()
         os._exit(3)     # the stuck threads cannot be joined

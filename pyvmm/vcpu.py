@@ -9,7 +9,7 @@ import signal
 import struct
 import threading
 
-from . import layout
+from . import abi, layout
 from ._fd import FdOwner
 from .abi import MAP_FAILED, ffi, libc
 from .errors import KvmError, PyvmmError
@@ -88,6 +88,14 @@ class Vcpu(FdOwner):
     def set_regs(self, regs) -> None:
         """KVM_SET_REGS."""
         self._ioctl("KVM_SET_REGS", regs)
+
+    def xen_set_vcpu_info(self, gpa: int) -> None:
+        """KVM_XEN_VCPU_SET_ATTR (VCPU_INFO): the guest page KVM uses as this vCPU's
+        struct vcpu_info; in-kernel event channel delivery needs it (KVM_CAP_XEN_HVM)."""
+        attr = ffi.new("struct kvm_xen_vcpu_attr *")
+        attr.type = abi.KVM_XEN_VCPU_ATTR_TYPE_VCPU_INFO
+        attr.u.gpa = gpa
+        self._ioctl("KVM_XEN_VCPU_SET_ATTR", attr)
 
     def get_sregs(self):
         """KVM_GET_SREGS: returns a cffi `struct kvm_sregs *`."""

@@ -629,3 +629,28 @@ def test_lab_runs_python_ptwrite_on_a_shadow_mmu(tmp_path):
     assert alone["pde"]["stats"]["mmu_pte_write"] >= 200
     assert alone["data"]["stats"].get("mmu_pte_write", 0) == 0
     assert doc["lab"]["runtime_files"] > 100 and doc["lab"]["initramfs_bytes"] > 1e6
+
+
+@pytest.mark.lab
+@pytest.mark.skipif(os.environ.get("PYVMM_LAB") != "1",
+                    reason="set PYVMM_LAB=1 to rebuild 6.1's KVM with CONFIG_KVM_XEN (with and "
+                           "without the xen-lock fix) and run the Xen seed under QEMU")
+def test_lab_xen_seed_deadlocks_on_6_1_and_not_with_the_fix(tmp_path):
+    def run(patch, job):
+        r = subprocess.run([sys.executable, "-m", "pyvmm", "lab", "run", "--kernel", "6.1",
+                            "--kvm-patch", patch, job, "--out", str(tmp_path / patch),
+                            "--json"], capture_output=True, text=True, cwd="/", timeout=900)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        (res,) = json.loads(r.stdout)["results"]
+        assert res["ok"], res
+        return res["data"]["runs"]
+    (fixed,) = run("xen-lock", "xen:8:1:5")
+    assert fixed["skipped"] is None and fixed["hang"] is None
+    assert fixed["sends"] > 0 and fixed["invalidations"] > 0 and fixed["filter_calls"] > 0
+    (stuck,) = run("xen", "xen:60:1:3")
+    assert stuck["hang"], "no deadlock within 60 s on the unfixed build"
+    sides = {s["operation"]: s["kernel"] for s in stuck["hang"]["stuck"]}
+    vcpu = sides["KVM_RUN (EVTCHNOP_send hypercalls)"]
+    filt = sides["KVM_X86_SET_MSR_FILTER"]
+    assert "kvm_xen_set_evtchn" in vcpu["stack"] and vcpu["state"] == "D"
+    assert "synchronize_srcu" in filt["stack"] and filt["state"] == "D"

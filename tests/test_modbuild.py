@@ -13,7 +13,7 @@ from pyvmm.lab.kernels import LabError
 
 def test_the_shipped_patches_are_indexed_described_and_in_scope():
     patches = modbuild.load_patches()
-    assert {"rebuild", "defer-free", "defer-free-expedited"} <= set(patches)
+    assert {"rebuild", "defer-free", "defer-free-expedited", "xen", "xen-lock"} <= set(patches)
     assert not patches["rebuild"].has_diff()           # the control changes nothing
     for p in patches.values():
         assert p.series == ("6.1",) and p.summary
@@ -22,7 +22,7 @@ def test_the_shipped_patches_are_indexed_described_and_in_scope():
             # A header that says what the patch does, then the diff.
             head = p.text.split("diff ", 1)[0]
             assert f"pyvmm patch: {p.name}" in head and len(head.splitlines()) > 5
-            assert "virt/kvm/kvm_main.c" in p.files()
+            assert set(p.files()) & {"virt/kvm/kvm_main.c", "arch/x86/kvm/xen.c"}
     assert patches["defer-free"].digest != patches["defer-free-expedited"].digest
     assert "call_srcu(&kvm->srcu" in patches["defer-free"].text
     assert "srcu_barrier(&kvm->srcu)" in patches["defer-free"].text
@@ -80,3 +80,17 @@ def test_kbuild_puts_our_includes_first_and_points_srctree_at_the_tree():
     assert "$(srctree)" not in kb.split("\n", 1)[1]
     assert "LINUXINCLUDE := -I/c/tree/include -I/c/tree/.pyvmm/inc $(LINUXINCLUDE)" in kb
     assert "include /c/tree/virt/kvm/Makefile.kvm" in kb
+
+
+def test_config_only_and_config_plus_diff_patches():
+    patches = modbuild.load_patches()
+    xen, lock = patches["xen"], patches["xen-lock"]
+    assert xen.config() == {"CONFIG_KVM_XEN": "y"} and not xen.has_diff()
+    assert lock.config() == {"CONFIG_KVM_XEN": "y"} and lock.files() == ["arch/x86/kvm/xen.c"]
+    assert "static DEFINE_MUTEX(kvm_xen_lock);" in lock.text
+    assert "+\tmutex_lock(&kvm_xen_lock);" in lock.text
+    kb = modbuild.kbuild_file("obj-y += x.o\n", "/t", xen.config())
+    assert "ccflags-y += -DCONFIG_KVM_XEN=1" in kb
+    bad = modbuild.Patch("b", ("6.1",), "s", "Config: CONFIG_X=m\n")
+    with pytest.raises(LabError, match="only 'Config: CONFIG_NAME=y'"):
+        bad.config()

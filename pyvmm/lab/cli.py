@@ -219,6 +219,27 @@ def cmd_run(args) -> int:
             con.print(ptwrite_table(d, f"ptwrite in the lab: {doc['host']['kernel']} "
                                        f"{extra or ''}, {d['count']} writes per phase, median "
                                        f"of {d['repeats']} boots"))
+        elif r["job"].startswith("xen") and r["data"]:
+            for x in r["data"]["runs"]:
+                seed = x["config"]["seed"]
+                if x["skipped"]:
+                    con.print(f"xen seed {seed}: skipped: {x['skipped']}", highlight=False)
+                elif x["hang"]:
+                    con.print(f"xen seed {seed}: [bold red]DEADLOCK[/] after about "
+                              f"{x['hang_after_s']:.2f} s ({x['sends']} sends, "
+                              f"{x['invalidations']} invalidations, {x['filter_calls']} "
+                              "filter calls before it)", highlight=False)
+                    for st in x["hang"]["stuck"]:
+                        k = st["kernel"]
+                        con.print(f"  {st['thread']}: {st['operation']}; state "
+                                  f"{k.get('state', '?')}, wchan {k.get('wchan')}",
+                                  highlight=False)
+                        con.print("    " + k.get("stack", "").replace("\n", "\n    "),
+                                  highlight=False)
+                else:
+                    con.print(f"xen seed {seed}: no hang in {x['elapsed_s']:.1f} s "
+                              f"({x['sends']} sends, {x['invalidations']} invalidations, "
+                              f"{x['filter_calls']} filter calls)", highlight=False)
         else:
             con.print(f"job {r['job']}: ok in {r['wall_s']:.1f} s", highlight=False)
     lab, t = doc["lab"], run.timings

@@ -9,6 +9,9 @@ to the data port:
   check:NAME[:ITERATIONS]      pyvmm check ioeventfd-ordering | memslot-coherence |
                                guest-memfd
   stress:SECONDS[:SEED]        pyvmm stress
+  xen:SECONDS[:SEEDS[:BOUND]]  pyvmm stress --xen, once per seed 1..SEEDS, each until the
+                               watchdog sees a hang (BOUND seconds without return) or
+                               SECONDS pass
 
 Nothing here imports rich, matplotlib or numpy: the lab's initramfs carries only what
 these jobs need (pyvmm.lab.pyruntime collects it by importing this module's JOBS).
@@ -17,6 +20,7 @@ these jobs need (pyvmm.lab.pyruntime collects it by importing this module's JOBS
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import traceback
@@ -54,7 +58,23 @@ def _stress(seconds: str = "10", seed: str = "1") -> dict:
     return res.to_dict()
 
 
-JOBS = {"ptwrite": _ptwrite, "check": _check, "stress": _stress}
+_STUCK = []     # set when a job leaves threads stuck in the kernel (a deadlock)
+
+
+def _xen(seconds: str = "30", seeds: str = "1", bound: str = "5") -> dict:
+    from ..xenstress import XenStressConfig, run
+    runs = []
+    for seed in range(1, int(seeds) + 1):
+        r = run(XenStressConfig(duration_s=float(seconds), seed=seed, bound_s=float(bound)))
+        runs.append(r.to_dict())
+        if r.skipped:
+            break
+        if r.hang:
+            _STUCK.append(seed)
+    return {"runs": runs}
+
+
+JOBS = {"ptwrite": _ptwrite, "check": _check, "stress": _stress, "xen": _xen}
 
 
 def parse_job(text: str) -> tuple[str, list[str]]:
@@ -66,8 +86,8 @@ def parse_job(text: str) -> tuple[str, list[str]]:
     for a in args:
         if not a or any(c.isspace() for c in a):
             raise PyvmmError(f"lab job '{text}': empty or spaced argument")
-    if name in ("ptwrite", "stress") and not all(a.replace(".", "", 1).isdigit()
-                                                 for a in args):
+    if name in ("ptwrite", "stress", "xen") and not all(a.replace(".", "", 1).isdigit()
+                                                        for a in args):
         raise PyvmmError(f"lab job '{text}': {name} takes numbers")
     return name, args
 
@@ -86,6 +106,16 @@ def main(argv: list[str]) -> int:
         print(json.dumps({"type": "result", "job": text, "ok": ok, "error": error,
                           "wall_s": round(time.monotonic() - t0, 3), "data": data}),
               flush=True)
+    if _STUCK and os.environ.get("PYVMM_LAB_INNER") == "1":
+        # Threads are stuck in the kernel for good: this process cannot exit, so end the
+        # lab from here (the END marker, then power off through sysrq).
+        print(f"PYVMM-LAB-END rc={rc}", flush=True)
+        try:
+            with open("/proc/sysrq-trigger", "w") as f:
+                f.write("o")
+        except OSError:
+            pass
+        os._exit(rc)
     return rc
 
 

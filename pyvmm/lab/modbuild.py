@@ -65,6 +65,19 @@ class Patch:
     def has_diff(self) -> bool:
         return bool(self.files())
 
+    def config(self) -> dict[str, str]:
+        """Kconfig options the patch turns on for the rebuilt modules, from 'Config:
+        CONFIG_X=y' lines in its header (before the diff)."""
+        out = {}
+        for line in self.text.split("\ndiff ", 1)[0].splitlines():
+            m = re.match(r"Config:\s*(CONFIG_\w+)=(y)\s*$", line)
+            if m:
+                out[m.group(1)] = m.group(2)
+            elif line.startswith("Config:"):
+                raise LabError(f"patch {self.name}: bad line {line!r}: only 'Config: "
+                               "CONFIG_NAME=y' is supported")
+        return out
+
 
 def parse_index(text: str) -> list[tuple[str, tuple[str, ...], str]]:
     """INDEX lines 'name series[,series] summary...' ('#' starts a comment)."""
@@ -156,14 +169,17 @@ def kernel_cc(kernelvariables: str) -> str:
     return "gcc"
 
 
-def kbuild_file(makefile: str, tree: str) -> str:
+def kbuild_file(makefile: str, tree: str, config: dict[str, str] | None = None) -> str:
     """The module directory's Kbuild: the source's Makefile with $(srctree) pointing at
     our tree, and our include directories ahead of the headers' (the patched kvm_host.h;
     a directory two levels down so that trace.h's relative TRACE_INCLUDE_PATH finds
     arch/x86/kvm)."""
+    # Options the kernel was built without but the patch turns on: the Makefile sees them
+    # from make's command line, the C code from these defines (autoconf.h lacks them).
+    defines = "".join(f"ccflags-y += -D{k}=1\n" for k in sorted(config or {}))
     return (f"# written by pyvmm: {KVM_DIR}/Makefile with $(srctree) -> {tree}\n"
             f"LINUXINCLUDE := -I{tree}/include -I{tree}/.pyvmm/inc $(LINUXINCLUDE)\n"
-            + makefile.replace("$(srctree)", tree))
+            + defines + makefile.replace("$(srctree)", tree))
 
 
 # --- the build ---------------------------------------------------------------------------
@@ -330,8 +346,9 @@ class ModuleBuilder:
                     if p.returncode != 0:
                         raise LabError(patch_failure(p.stdout + p.stderr, patch.name))
             kdir = os.path.join(tree, KVM_DIR)
+            config = patch.config()
             with open(os.path.join(kdir, "Makefile")) as f:
-                kb = kbuild_file(f.read(), tree)
+                kb = kbuild_file(f.read(), tree, config)
             with open(os.path.join(kdir, "Kbuild"), "w") as f:
                 f.write(kb)
             log = os.path.join(tmp, "build.log")
@@ -340,7 +357,8 @@ class ModuleBuilder:
             tb = time.monotonic()
             try:
                 _run(["make", "-C", hdr, f"M={kdir}", f"-j{os.cpu_count() or 1}",
-                      "CONFIG_KVM_INTEL=", "modules"], "make", log_path=log)
+                      "CONFIG_KVM_INTEL=", *(f"{k}={v}" for k, v in sorted(config.items())),
+                      "modules"], "make", log_path=log)
             except LabError:
                 shutil.copy(log, log_keep)
                 errs = [l for l in open(log, errors="replace").read().splitlines()
@@ -359,7 +377,7 @@ class ModuleBuilder:
                                    f"'{want}': it would not load")
                 shutil.copy(built, os.path.join(tmp, fname))
             shutil.rmtree(tree)             # build.log stays beside the modules
-            meta = {"patch": patch.name, "patch_digest": patch.digest,
+            meta = {"patch": patch.name, "patch_digest": patch.digest, "config": config,
                     "patch_files": patch.files(), "summary": patch.summary,
                     "kernel_release": self.release, "version": self.version, "cc": cc,
                     "vermagic": want, "build_s": round(build_s, 1),

@@ -36,7 +36,7 @@ import json, sys, encodings.utf_8, encodings.latin_1, encodings.ascii, runpy, im
 import importlib.machinery, traceback, linecache, tokenize
 import pyvmm.lab.inner, pyvmm.bench.ptwrite, pyvmm.checks.concurrent, pyvmm.checks.gmem
 import pyvmm.stress, pyvmm.vcpu, pyvmm.vm, pyvmm.kvm, pyvmm.stats, pyvmm.memory
-import pyvmm.bench.native, pyvmm.bench.recipe, pyvmm.guests
+import pyvmm.bench.native, pyvmm.bench.recipe, pyvmm.guests, pyvmm.xenstress
 pyvmm.guests.load("ptwrite"); pyvmm.guests.helper_path()
 for bad in ("rich", "matplotlib", "numpy"):
     if bad in sys.modules:
@@ -135,7 +135,7 @@ def build(log=print) -> Runtime:
         stat.append((f, st.st_size, int(st.st_mtime)))
     key = hashlib.sha256(json.dumps(stat).encode()).hexdigest()[:16]
     site = sorted({p for p in info["path"] if p.endswith("site-packages")})
-    command = ["env", "PYTHONNOUSERSITE=1", "PYTHONDONTWRITEBYTECODE=1",
+    command = ["env", "PYTHONNOUSERSITE=1", "PYTHONDONTWRITEBYTECODE=1", "PYVMM_LAB_INNER=1",
                f"PYTHONPATH={':'.join(site)}", os.path.realpath(info["executable"]),
                "-m", "pyvmm.lab.inner"]
     size = sum(s for _, s, _ in stat)
