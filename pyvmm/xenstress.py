@@ -153,7 +153,9 @@ def run(cfg: XenStressConfig, on_hang=None) -> XenStressResult:
 
     def hang(report):
         res.hang = report
-        res.hang_after_s = round(time.monotonic() - t0 - cfg.bound_s, 3)
+        # When the first of the stuck calls began, counted from the start of the run.
+        began = max(st["elapsed_s"] for st in report["stuck"])
+        res.hang_after_s = round(time.monotonic() - t0 - began, 3)
         stop.set()
         if on_hang:
             on_hang(report)

@@ -220,6 +220,12 @@ def cmd_run(args) -> int:
                                        f"{extra or ''}, {d['count']} writes per phase, median "
                                        f"of {d['repeats']} boots"))
         elif r["job"].startswith("xen") and r["data"]:
+            hangs = [x["hang_after_s"] for x in r["data"]["runs"] if x["hang"]]
+            if hangs:
+                from ..bench.stats import median
+                con.print(f"xen: deadlock in {len(hangs)} of {len(r['data']['runs'])} seeds, "
+                          f"median {median(hangs):.3f} s after the start (min {min(hangs):.3f}"
+                          f", max {max(hangs):.3f})", highlight=False)
             for x in r["data"]["runs"]:
                 seed = x["config"]["seed"]
                 if x["skipped"]:

@@ -375,7 +375,13 @@ class ModuleBuilder:
                 if want and vm != want:
                     raise LabError(f"rebuilt {fname} has vermagic '{vm}' but the kernel's is "
                                    f"'{want}': it would not load")
-                shutil.copy(built, os.path.join(tmp, fname))
+                # Debug info is most of an unstripped module (18 MB of kvm.ko); the
+                # initramfs does not need it, and Debian strips its own the same way.
+                dst = os.path.join(tmp, fname)
+                if shutil.which("strip"):
+                    _run(["strip", "--strip-debug", "-o", dst, built], f"strip {fname}")
+                else:
+                    shutil.copy(built, dst)
             shutil.rmtree(tree)             # build.log stays beside the modules
             meta = {"patch": patch.name, "patch_digest": patch.digest, "config": config,
                     "patch_files": patch.files(), "summary": patch.summary,
