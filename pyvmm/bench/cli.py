@@ -285,8 +285,7 @@ def cmd_compare(args) -> int:
     rows = compare_docs(a, b)
     if not rows:
         raise PyvmmError("the two runs share no (recipe, N) cell to compare")
-    name_a = f"{a['host']['kernel']} ({a.get('environment', 'host')})"
-    name_b = f"{b['host']['kernel']} ({b.get('environment', 'host')})"
+    name_a, name_b = run_label(a), run_label(b)
     t = Table(title=f"compare A = {name_a}  vs  B = {name_b}", title_justify="left")
     for col in ("recipe", "N", "A boot med ms", "B boot med ms", "B / A", "p-value",
                 "A growth", "B growth", "A reg. share", "B reg. share"):
