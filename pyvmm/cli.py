@@ -205,15 +205,30 @@ def _pos(text: str) -> int:
     return v
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, turned into the same path as Ctrl-C: every command that writes results
+    marks them interrupted and keeps what it measured."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    import signal
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return args.func(args)
     except PyvmmError as e:
         return _fail(str(e))
+    except Terminated:
+        return _fail("terminated (SIGTERM); partial results are marked interrupted", 143)
     except KeyboardInterrupt:
         return _fail("interrupted", 130)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

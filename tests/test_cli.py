@@ -65,3 +65,35 @@ def test_ioeventfds_beyond_rlimit_exit_2():
                        cwd=NEUTRAL)
     assert r.returncode == 2
     assert "RLIMIT_NOFILE" in r.stderr and "ulimit -n" in r.stderr
+
+
+@pytest.mark.kvm
+def test_sigterm_leaves_a_valid_run_marked_interrupted(tmp_path):
+    import json
+    import signal
+    import time
+    from pyvmm.bench.sweep import load_run
+    p = subprocess.Popen([sys.executable, "-m", "pyvmm", "bench", "--ns", "0,1",
+                          "--repeats", "2000", "--warmup", "0", "--control-n", "0",
+                          "--out", str(tmp_path)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, cwd=NEUTRAL)
+    # Wait for samples on disk (what the run reports), not for a time.
+    deadline = time.monotonic() + 120
+    run = None
+    while time.monotonic() < deadline and p.poll() is None:
+        found = list(tmp_path.glob("*/run.json"))
+        if found:
+            try:
+                if json.loads(found[0].read_text())["samples"]:
+                    run = found[0]
+                    break
+            except (ValueError, KeyError):
+                pass
+        time.sleep(0.05)
+    assert run is not None, "no samples written"
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    doc = load_run(str(run))
+    assert doc["status"] == "interrupted" and doc["samples"]
+    assert len(doc["samples"]) < 2 * 2000
