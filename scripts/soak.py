@@ -13,7 +13,6 @@ and writes the whole series as JSON. A leak shows as fds or RSS that keep growin
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time

@@ -317,7 +317,8 @@ def cmd_compare(args) -> int:
         console.print(f"{label}: {an['verdict'].text}; {an['verdict'].stall_text}",
                       highlight=False)
     out = args.out or (args.b if os.path.isdir(args.b) else os.path.dirname(args.b))
-    _compare_plot(rows, name_a, name_b, out)
+    _compare_plot_many([[dict(r, growth_b=r["growth_a"]) for r in rows], rows],
+                       [f"A {name_a}", f"B {name_b}"], out)
     console.print(f"side-by-side plot: {os.path.join(out, 'compare.png')}", highlight=False)
     return 0
 
@@ -338,32 +339,6 @@ def _compare_plot_many(all_rows, names, out):
         ax.set_xscale("symlog", linthresh=1)
         ax.set_xlabel("registrations N")
         ax.set_ylabel("boot median / boot median at the smallest N")
-        ax.set_title(rname)
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    os.makedirs(out, exist_ok=True)
-    for ext in ("png", "svg"):
-        fig.savefig(os.path.join(out, f"compare.{ext}"), dpi=110)
-    plt.close(fig)
-
-
-def _compare_plot(rows, name_a, name_b, out):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    recipes = sorted({r["recipe"] for r in rows})
-    fig, axes = plt.subplots(1, len(recipes), figsize=(6 * len(recipes), 4.5), squeeze=False)
-    for ax, rname in zip(axes[0], recipes):
-        rr = [r for r in rows if r["recipe"] == rname]
-        ns = [r["n"] for r in rr]
-        base_a = rr[0]["median_a"]
-        base_b = rr[0]["median_b"]
-        ax.plot(ns, [r["median_a"] / base_a for r in rr], "o-", label=f"A {name_a}")
-        ax.plot(ns, [r["median_b"] / base_b for r in rr], "s-", label=f"B {name_b}")
-        ax.set_xscale("symlog", linthresh=1)
-        ax.set_xlabel("registrations N")
-        ax.set_ylabel(f"boot median / boot median at N={ns[0]}")
         ax.set_title(rname)
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)

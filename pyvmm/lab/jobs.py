@@ -96,7 +96,7 @@ def run_jobs(opts: LabOptions, jobs: list[str], ui: Ui | None = None) -> JobsRun
             ui.log(f"job {line['job']}: {'ok' if line['ok'] else 'FAILED: ' + str(line['error'])}"
                    f" ({line['wall_s']:.1f} s in the guest)")
             write_json_atomic(path, doc)
-    try:
+    with kernel_lab.finishing(doc, lambda: write_json_atomic(path, doc), timings, t_start):
         stream, qemu_s = qemu.run(qcfg, work, on_line, on_stage)
         timings["qemu_s"] = qemu_s
         timings["to_init_s"] = marks.get("sweep")
@@ -111,15 +111,4 @@ def run_jobs(opts: LabOptions, jobs: list[str], ui: Ui | None = None) -> JobsRun
                            f"{stream.rc}); logs in {work}; last errors:\n  "
                            + "\n  ".join(stream.errors[-12:] or ["none"]))
         doc["status"] = "complete" if all(r["ok"] for r in doc["results"]) else "failed"
-    except KeyboardInterrupt:
-        doc["status"] = "interrupted"
-        raise
-    except BaseException:
-        if doc["status"] == "running":
-            doc["status"] = "failed"
-        raise
-    finally:
-        timings["total_s"] = time.monotonic() - t_start
-        doc["finished"] = now_iso()
-        write_json_atomic(path, doc)
     return JobsRun(doc, out, timings)

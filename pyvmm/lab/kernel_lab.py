@@ -13,6 +13,7 @@ of the inner kernel).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -191,6 +192,27 @@ class Ui:
         pass
 
 
+@contextlib.contextmanager
+def finishing(doc: dict, save, timings: dict, t_start: float):
+    """The results document's life cycle around a lab run: an interrupted run (Ctrl-C,
+    SIGTERM) is marked 'interrupted', any other failure 'failed' (unless the body set a
+    status), and the document is saved with its end time and total wall time whatever
+    happens."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        doc["status"] = "interrupted"
+        raise
+    except BaseException:
+        if doc["status"] == "running":
+            doc["status"] = "failed"
+        raise
+    finally:
+        timings["total_s"] = round(time.monotonic() - t_start, 1)
+        doc["finished"] = now_iso()
+        save()
+
+
 def check_options(opts: LabOptions) -> modbuild.Patch | None:
     """Everything about the arguments that can be checked before any tool is installed
     or anything downloaded; returns the patch asked for."""
@@ -314,7 +336,7 @@ def run_lab(opts: LabOptions, cfg: SweepConfig, ui: Ui | None = None) -> LabRun:
 
     save(force=True)
     attempt = 0
-    try:
+    with finishing(doc, lambda: save(force=True), timings, t_start):
         while True:
             attempt += 1
             doc["samples"], doc["failures"] = [], []
@@ -368,15 +390,4 @@ def run_lab(opts: LabOptions, cfg: SweepConfig, ui: Ui | None = None) -> LabRun:
         doc["status"] = "complete"
         a = report.analyze(doc)
         kc.update(kcheck.agreement(kc, a["verdict"].behaviour, a["verdict"].stall_ns))
-    except KeyboardInterrupt:
-        doc["status"] = "interrupted"
-        raise
-    except BaseException:
-        if doc["status"] == "running":
-            doc["status"] = "failed"
-        raise
-    finally:
-        timings["total_s"] = time.monotonic() - t_start
-        doc["finished"] = now_iso()
-        save(force=True)
     return LabRun(doc, out, timings)

@@ -106,7 +106,8 @@ def run_matrix(variants: list[Variant], cfg: SweepConfig, base: LabOptions,
            "rows": [], "failed": [], "timings": {}}
     t0 = time.monotonic()
     write_json_atomic(path, doc)
-    try:
+    with kernel_lab.finishing(doc, lambda: write_json_atomic(path, doc), doc["timings"],
+                              t0):
         for i, v in enumerate(variants):
             ui.log(f"[{i + 1}/{len(variants)}] variant {v.label}")
             tv = time.monotonic()
@@ -125,16 +126,6 @@ def run_matrix(variants: list[Variant], cfg: SweepConfig, base: LabOptions,
             doc["rows"].append(row)
             write_json_atomic(path, doc)
         doc["status"] = "complete" if not doc["failed"] else "failed"
-    except KeyboardInterrupt:
-        doc["status"] = "interrupted"
-        raise
-    except BaseException:
-        doc["status"] = "failed"
-        raise
-    finally:
-        doc["finished"] = now_iso()
-        doc["timings"]["total_s"] = round(time.monotonic() - t0, 1)
-        write_json_atomic(path, doc)
     return MatrixRun(doc, out_dir, doc["timings"])
 
 
