@@ -8,7 +8,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.pyvmm-installed
 SOURCES = $(shell find pyvmm csrc guests -type f \( -name '*.py' -o -name '*.c' -o -name '*.h' \
-            -o -name '*.S' -o -name '*.inc' -o -name '*.patch' -o -name INDEX \) 2>/dev/null) pyproject.toml setup.py buildsteps.py
+            -o -name '*.S' -o -name '*.inc' -o -name '*.patch' -o -name INDEX \) -not -name _abi.py 2>/dev/null) pyproject.toml setup.py buildsteps.py
 
 KERNEL ?= 6.1
 
