@@ -60,11 +60,19 @@ def image_path(name: str) -> str:
     return str(path)
 
 
+_IMAGES: dict[str, bytes] = {}
+
+
 def load(name: str) -> bytes:
-    with open(image_path(name), "rb") as f:
-        data = f.read()
-    if not data:
-        raise GuestError(f"guest image {name}.bin is empty")
+    """The guest image, read once per process (images are part of the installed
+    package and do not change under a running process)."""
+    data = _IMAGES.get(name)
+    if data is None:
+        with open(image_path(name), "rb") as f:
+            data = f.read()
+        if not data:
+            raise GuestError(f"guest image {name}.bin is empty")
+        _IMAGES[name] = data
     return data
 
 

@@ -106,6 +106,28 @@ class Kvm(FdOwner):
         return Vm(self, fd)
 
 
+_SHARED: dict[str, Kvm] = {}
+
+
+def shared(path: str = DEFAULT_PATH) -> Kvm:
+    """One open /dev/kvm per path for the life of the process, as a VMM holds it: the
+    API version, the vCPU mmap size and the supported CPUID are asked once, not once per
+    VM. Closed at interpreter exit; whoever holds it must not close it."""
+    kvm = _SHARED.get(path)
+    if kvm is None or kvm.fd < 0:
+        kvm = _SHARED[path] = Kvm(path)
+        if len(_SHARED) == 1:
+            import atexit
+            atexit.register(_close_shared)
+    return kvm
+
+
+def _close_shared() -> None:
+    for kvm in _SHARED.values():
+        kvm.close()
+    _SHARED.clear()
+
+
 def _create_vm_hint(err: int) -> str:
     if err == errno.EMFILE:
         return "too many open files: raise the limit with ulimit -n"

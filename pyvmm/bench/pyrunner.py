@@ -18,7 +18,7 @@ from ..abi import libc
 from ..errors import GuestTimeout, PyvmmError, UnexpectedExit
 from ..exits import (FailEntry, Hlt, InternalError, Interrupted, Io, MemoryFault, Mmio,
                      Shutdown, describe)
-from ..kvm import Kvm
+from ..kvm import shared as shared_kvm
 from ..memory import GuestMemory
 from ..stats import StatsReader, diff
 from ..vcpu import identity_page_tables, install_kick_handler
@@ -63,7 +63,8 @@ class PyBoot:
 
     # --- steps -------------------------------------------------------------------------
     def _vm(self, step, samples):
-        self.kvm = Kvm(self.kvm_path)
+        # The system fd is the process's (kvm.shared): a VMM opens /dev/kvm once.
+        self.kvm = shared_kvm(self.kvm_path)
         self.vm = self.kvm.create_vm()
 
     def _mem(self, step, samples):
@@ -246,9 +247,7 @@ class PyBoot:
         self.bells = []
         if self.vm is not None:
             self.vm.close()
-        if self.kvm is not None:
-            self.kvm.close()
-        self.vm = self.kvm = None
+        self.vm = self.kvm = None          # the shared system fd stays open
 
     def run(self) -> dict:
         res = self.res = {
@@ -274,10 +273,10 @@ class PyBoot:
         self._kicker = None
         self._deadline = None
         if self.timeout:
-            # One watchdog per boot, started outside the timed phases.
+            # One watchdog thread per process, armed outside the timed phases.
             install_kick_handler()
             self._deadline = time.monotonic() + self.timeout
-            self._kicker = _Kicker(self.timeout)
+            self._kicker = _kicker(self.timeout)
         self._t0 = _mono()
         try:
             for i, step in enumerate(self.recipe.steps):
@@ -324,26 +323,64 @@ class PyBoot:
         return res
 
 
-class _Kicker:
-    """Kicks a vCPU out of KVM_RUN once its time is up, then every 10 ms until cancelled."""
+class _KickService:
+    """One thread for the whole process that kicks a vCPU out of KVM_RUN once its boot's
+    time is up (then every 10 ms until the boot cancels), instead of a thread per boot."""
 
-    def __init__(self, timeout: float):
-        self.vcpu = None
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._loop, args=(timeout,), daemon=True)
+    def __init__(self):
+        self.cond = threading.Condition()
+        self.armed: dict[int, list] = {}     # id -> [deadline, vcpu or None]
+        self.next_id = 0
+        self.thread = threading.Thread(target=self._loop, daemon=True, name="pyvmm-kicker")
         self.thread.start()
 
-    def _loop(self, timeout: float):
-        if self.stop.wait(timeout):
-            return
-        while not self.stop.is_set():
-            if self.vcpu is not None:
-                self.vcpu.kick()
-            self.stop.wait(0.01)
+    def arm(self, timeout: float) -> "_Kick":
+        with self.cond:
+            self.next_id += 1
+            self.armed[self.next_id] = [time.monotonic() + timeout, None]
+            self.cond.notify()
+            return _Kick(self, self.next_id)
+
+    def _loop(self):
+        with self.cond:
+            while True:
+                now = time.monotonic()
+                due = [e for e in self.armed.values() if e[0] <= now]
+                for e in due:
+                    if e[1] is not None:
+                        e[1].kick()
+                    e[0] = now + 0.01
+                wait = min((e[0] for e in self.armed.values()), default=now + 3600) - now
+                self.cond.wait(max(wait, 0.001))
+
+
+class _Kick:
+    def __init__(self, service: _KickService, kid: int):
+        self.service, self.kid = service, kid
+
+    @property
+    def vcpu(self):
+        return self.service.armed.get(self.kid, [0, None])[1]
+
+    @vcpu.setter
+    def vcpu(self, v):
+        with self.service.cond:
+            if self.kid in self.service.armed:
+                self.service.armed[self.kid][1] = v
 
     def cancel(self):
-        self.stop.set()
-        self.thread.join()
+        with self.service.cond:
+            self.service.armed.pop(self.kid, None)
+
+
+_KICKS: _KickService | None = None
+
+
+def _kicker(timeout: float) -> _Kick:
+    global _KICKS
+    if _KICKS is None:
+        _KICKS = _KickService()
+    return _KICKS.arm(timeout)
 
 
 def _last_marker(res) -> str:
