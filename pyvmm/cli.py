@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from rich.console import Console
@@ -12,7 +13,8 @@ from rich.table import Table
 from . import guests, hostinfo, layout
 from .errors import PyvmmError
 
-console = Console(width=None if sys.stdout.isatty() else 160)
+# Tables fit the terminal (or $COLUMNS); written to a file or a pipe they stay wide.
+console = Console(width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160)
 err_console = Console(stderr=True)
 
 

@@ -15,7 +15,8 @@ from ..errors import PyvmmError
 from . import report, stats
 from .sweep import DEFAULT_NS, DEFAULT_RECIPES, Sweep, SweepConfig, load_run, new_run_dir
 
-console = Console(width=None if sys.stdout.isatty() else 160)
+# Tables fit the terminal (or $COLUMNS); written to a file or a pipe they stay wide.
+console = Console(width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160)
 
 
 def _int_list(text: str) -> tuple[int, ...]:
