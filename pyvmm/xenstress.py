@@ -178,9 +178,8 @@ def run(cfg: XenStressConfig, on_hang=None) -> XenStressResult:
     res.sends, res.invalidations, res.filter_calls = (counts["sends"], counts["invalidations"],
                                                       counts["filter"])
     res.hypercall_results = {str(k): v for k, v in sorted(results.items())}
-    from .bench.stats import percentile
-    res.ops = {name: {"count": len(xs), "p50_ns": percentile(xs, 50),
-                      "max_ns": max(xs)} for name, xs in tracker.lat.items() if xs}
+    res.ops = {name: {"count": xs.count, "p50_ns": xs.percentile(50), "max_ns": xs.max}
+               for name, xs in tracker.lat.items() if xs}
     res.process["end"] = process_facts()
     if res.hang is None:
         vcpu.close()
