@@ -147,3 +147,14 @@ def test_first_deassign_after_a_burst_is_reported():
     v = stats.verdict([30e3], [1e3], [20e3], hz=250, deassigns_per_boot=flat)
     assert v.first_deassign_excess_ns == 0 and "first deassign" not in v.stall_text
     assert stats.first_deassign_excess([[1.0, 2.0]]) is None      # too few to tell
+
+
+def test_a_change_needs_both_significance_and_size():
+    assert stats.change_call(1.07, 0.001) == "1.07x slower"
+    assert stats.change_call(0.80, 0.0005) == "1.25x faster"
+    assert stats.change_call(1.07, 0.02) == "no change"          # not significant
+    assert stats.change_call(1.03, 0.0001) == "no change"        # significant but small
+    assert stats.change_call(1.03, 0.0001, min_change=0.02) == "1.03x slower"
+    assert stats.change_call(float("nan"), 0.0) == "no data"
+    assert stats.geometric_mean([2.0, 0.5]) == pytest.approx(1.0)
+    assert stats.geometric_mean([]) is None

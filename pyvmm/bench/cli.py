@@ -67,6 +67,9 @@ def add_parsers(sub) -> None:
                    help="results directories or run.json files; the first is the baseline")
     c.add_argument("--out", default=None, help="where to write the side-by-side plot "
                                                "(default: the last run's directory)")
+    c.add_argument("--min-change", type=float, default=stats.CHANGE_MIN * 100, metavar="PCT",
+                   help="smallest difference of medians reported as a change, with the "
+                        "permutation test at p < 0.01 (default %(default)g%%)")
     c.set_defaults(func=cmd_compare)
 
 
@@ -233,13 +236,24 @@ def run_label(doc: dict) -> str:
     return f"{name} ({doc.get('environment', 'host')})"
 
 
-def compare_many(docs: list[dict], paths: list[str], out: str | None) -> int:
+def change_summary(rows: list[dict], min_change: float) -> str:
+    """How many cells changed by the rule, and the geometric mean of B / A."""
+    calls = [stats.change_call(r["ratio"], r["p_value"], min_change) for r in rows]
+    changed = [c for c in calls if c not in ("no change", "no data")]
+    gm = stats.geometric_mean(r["ratio"] for r in rows)
+    gm_text = "-" if gm is None else f"{gm:.3f}"
+    return (f"{len(changed)} of {len(rows)} cells changed (p < {stats.CHANGE_P_MAX:g} and at "
+            f"least {min_change * 100:g}%); geometric mean of B / A over the cells {gm_text}")
+
+
+def compare_many(docs: list[dict], paths: list[str], out: str | None,
+                 min_change: float = stats.CHANGE_MIN) -> int:
     """More than two runs: for each run, the sweep cells against the first run's, and
     the verdict evidence with a row per run."""
     base = docs[0]
     t = Table(title=f"compare {len(docs)} runs against the first: {run_label(base)}",
               title_justify="left")
-    for col in ("run", "recipe", "N", "boot med ms", "vs first", "p-value", "growth",
+    for col in ("run", "recipe", "N", "boot med ms", "vs first", "p-value", "change", "growth",
                 "reg. share"):
         t.add_column(col, justify="left" if col in ("run", "recipe") else "right")
     all_rows = []
@@ -252,6 +266,8 @@ def compare_many(docs: list[dict], paths: list[str], out: str | None) -> int:
             t.add_row(run_label(doc) if r is rows[0] else "", r["recipe"], str(r["n"]),
                       f"{r['median_b'] / 1e6:.3f}", "-" if i == 0 else f"{r['ratio']:.2f}x",
                       "-" if i == 0 else f"{r['p_value']:.4f}",
+                      "-" if i == 0 else stats.change_call(r["ratio"], r["p_value"],
+                                                           min_change),
                       "-" if r["growth_b"] is None else f"{r['growth_b']:.2f}x",
                       f"{r['reg_share_b'] * 100:.1f}%")
         t.add_section()
@@ -262,6 +278,9 @@ def compare_many(docs: list[dict], paths: list[str], out: str | None) -> int:
                     else ""))
     t.caption_justify = "left"
     console.print(t)
+    for doc, rows in zip(docs[1:], all_rows[1:]):
+        console.print(f"{run_label(doc)} vs {run_label(base)}: "
+                      f"{change_summary(rows, min_change)}", highlight=False)
     bt = Table(title="behaviour, a row per run", title_justify="left")
     evidence = [behaviour_rows(d) for d in docs]
     bt.add_column("run")
@@ -279,8 +298,11 @@ def compare_many(docs: list[dict], paths: list[str], out: str | None) -> int:
 def cmd_compare(args) -> int:
     if len(args.runs) < 2:
         raise PyvmmError("compare needs at least two runs (the first is the baseline)")
+    if not 0 <= args.min_change < 100:
+        raise PyvmmError(f"--min-change {args.min_change:g}: give a percentage from 0 to 100")
+    min_change = args.min_change / 100
     if len(args.runs) > 2:
-        return compare_many([load_run(p) for p in args.runs], args.runs, args.out)
+        return compare_many([load_run(p) for p in args.runs], args.runs, args.out, min_change)
     args.a, args.b = args.runs
     a, b = load_run(args.a), load_run(args.b)
     rows = compare_docs(a, b)
@@ -288,7 +310,7 @@ def cmd_compare(args) -> int:
         raise PyvmmError("the two runs share no (recipe, N) cell to compare")
     name_a, name_b = run_label(a), run_label(b)
     t = Table(title=f"compare A = {name_a}  vs  B = {name_b}", title_justify="left")
-    for col in ("recipe", "N", "A boot med ms", "B boot med ms", "B / A", "p-value",
+    for col in ("recipe", "N", "A boot med ms", "B boot med ms", "B / A", "p-value", "change",
                 "A growth", "B growth", "A reg. share", "B reg. share"):
         t.add_column(col, justify="left" if col == "recipe" else "right")
 
@@ -297,6 +319,7 @@ def cmd_compare(args) -> int:
     for r in rows:
         t.add_row(r["recipe"], str(r["n"]), f"{r['median_a'] / 1e6:.3f}",
                   f"{r['median_b'] / 1e6:.3f}", f"{r['ratio']:.2f}", f"{r['p_value']:.4f}",
+                  stats.change_call(r["ratio"], r["p_value"], min_change),
                   growth(r["growth_a"]), growth(r["growth_b"]),
                   f"{r['reg_share_a'] * 100:.1f}%", f"{r['reg_share_b'] * 100:.1f}%")
     t.caption = "growth: boot median over the same run's median at the recipe's smallest N"
@@ -306,6 +329,7 @@ def cmd_compare(args) -> int:
                       "emulation; compare growth, shares and the behaviour table")
     t.caption_justify = "left"
     console.print(t)
+    console.print(change_summary(rows, min_change), highlight=False)
     ba, bb = behaviour_rows(a), behaviour_rows(b)
     bt = Table(title="behaviour side by side", title_justify="left")
     for col in ("", "A", "B"):

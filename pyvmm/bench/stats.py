@@ -107,6 +107,29 @@ def permutation_pvalue(a, b, iterations: int = 2000, seed: int = 0) -> float:
     return (hits + 1) / (iterations + 1)
 
 
+CHANGE_P_MAX = 0.01         # permutation test: significant below this
+CHANGE_MIN = 0.05           # and the medians differ by at least this fraction
+
+
+def change_call(ratio: float, p_value: float, min_change: float = CHANGE_MIN,
+                p_max: float = CHANGE_P_MAX) -> str:
+    """Firecracker's A/B rule: a change is real only when the permutation test and the
+    effect size agree. Returns 'no change', or e.g. '1.07x slower' / '1.20x faster'
+    (ratio = B / A of medians of times)."""
+    if not (ratio > 0) or math.isinf(ratio):
+        return "no data"
+    if p_value >= p_max or abs(ratio - 1.0) < min_change:
+        return "no change"
+    return f"{ratio:.2f}x slower" if ratio > 1 else f"{1 / ratio:.2f}x faster"
+
+
+def geometric_mean(values) -> float | None:
+    xs = [float(v) for v in values if v and v > 0 and not math.isinf(v)]
+    if not xs:
+        return None
+    return math.exp(math.fsum(math.log(x) for x in xs) / len(xs))
+
+
 @dataclass(frozen=True)
 class Verdict:
     behaviour: str             # "sync" (pre-6.18) or "deferred" (6.18+) or "unknown"
