@@ -168,3 +168,28 @@ def test_standalone_helper_runs_a_plan_in_order_and_survives_a_failed_boot(tmp_p
     r = subprocess.run([exe, "--plan", str(plan), "--recipe", "vm"], capture_output=True,
                        text=True)
     assert r.returncode == 2 and "not both" in r.stderr
+
+
+def test_pyperf_export_works_with_pyperf_itself(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+    data = os.path.join(os.path.dirname(__file__), "data", "lab-6.1-defer-free-run.json")
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(data, run / "run.json")
+    out = tmp_path / "boots.json"
+    r = subprocess.run([sys.executable, "-m", "pyvmm", "report", str(run), "--pyperf",
+                        str(out)], capture_output=True, text=True, cwd="/")
+    assert r.returncode == 0, r.stderr
+    assert "wrote 7 pyperf benchmarks" in r.stdout
+    st = subprocess.run([sys.executable, "-m", "pyperf", "stats", str(out)],
+                        capture_output=True, text=True)
+    assert st.returncode == 0, st.stderr
+    assert "Number of benchmarks: 7" in st.stdout and "during-boot N=10" in st.stdout
+    meta = subprocess.run([sys.executable, "-m", "pyperf", "metadata", str(out)],
+                          capture_output=True, text=True)
+    assert "pyvmm_variant: 6.1+defer-free" in meta.stdout
+    cmp = subprocess.run([sys.executable, "-m", "pyperf", "compare_to", str(out), str(out),
+                          "--table"], capture_output=True, text=True)
+    assert cmp.returncode == 0, cmp.stderr

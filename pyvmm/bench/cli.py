@@ -59,6 +59,9 @@ def add_parsers(sub) -> None:
 
     r = sub.add_parser("report", help="re-render tables, CSV and plots from a run.json")
     r.add_argument("run", help="results directory or run.json")
+    r.add_argument("--pyperf", metavar="FILE", default=None,
+                   help="also export the boots as pyperf JSON (a benchmark per recipe and "
+                        "N), for pyperf stats, hist and compare_to")
     r.set_defaults(func=cmd_report)
 
     c = sub.add_parser("compare", help="per-N ratios between runs (two, or more: a row per "
@@ -178,6 +181,11 @@ def cmd_report(args) -> int:
     else:
         report.write_all(console, doc, out)
     console.print(f"wrote summary.csv and plots in {out}", highlight=False)
+    if args.pyperf:
+        from .export import to_pyperf
+        n = to_pyperf(doc, args.pyperf)
+        console.print(f"wrote {n} pyperf benchmarks to {args.pyperf} (try: python -m pyperf "
+                      f"stats {args.pyperf})", highlight=False)
     return 0
 
 
