@@ -73,8 +73,28 @@ def build_all(dest_pkg_dir, tmp):
     build_helper(os.path.join(gdir, "doorbell.bin"), os.path.join(bdir, "pyvmm-bootbench"), tmp)
 
 
+def write_build_info(dest_pkg_dir):
+    """pyvmm/_build.py: the git commit the package was built from (None outside git), so
+    every results document can say which code wrote it."""
+    commit = None
+    try:
+        p = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True,
+                           text=True)
+        if p.returncode == 0:
+            commit = p.stdout.strip()
+            dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain",
+                                    "--untracked-files=no"], capture_output=True, text=True)
+            if dirty.returncode == 0 and dirty.stdout.strip():
+                commit += "-dirty"
+    except OSError:
+        pass
+    with open(os.path.join(dest_pkg_dir, "_build.py"), "w") as f:
+        f.write(f'"""Written by the build (buildsteps.py)."""\nCOMMIT = {commit!r}\n')
+
+
 class BuildPyWithGuests(build_py):
     def run(self):
         super().run()
+        write_build_info(os.path.join(self.build_lib, "pyvmm"))
         build_all(os.path.join(self.build_lib, "pyvmm"), os.path.join(self.build_lib, "..",
                                                                        "pyvmm-tmp"))

@@ -11,8 +11,11 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from .bench.cli import console
-from .bench.sweep import write_json_atomic
+from .results import envelope, write_json_atomic
 from .stress import EXPECTED_OPS, Stress, StressConfig
+
+SCHEMA = "pyvmm.stress/1"
+XEN_SCHEMA = "pyvmm.stress-xen/1"
 
 
 def add_parsers(sub) -> None:
@@ -55,10 +58,12 @@ def cmd_stress_xen(args) -> int:
     path = os.path.join(args.out, f"stress-xen-{_dt.datetime.now():%Y%m%d-%H%M%S}.json")
 
     def on_hang(report):
-        write_json_atomic(path, {"status": "hang", "config": cfg.__dict__, "hang": report})
+        write_json_atomic(path, envelope(XEN_SCHEMA, None, status="hang",
+                                         config=cfg.__dict__, hang=report))
     res = run(cfg, on_hang)
-    doc = res.to_dict()
-    doc["status"] = "skipped" if res.skipped else ("hang" if res.hang else "ok")
+    doc = envelope(XEN_SCHEMA, None,
+                   status="skipped" if res.skipped else ("hang" if res.hang else "ok"),
+                   **res.to_dict())
     write_json_atomic(path, doc)
     if args.json:
         print(json.dumps(doc, indent=2))
@@ -95,15 +100,15 @@ def cmd_stress(args) -> int:
 
     def on_hang(report):
         # Written from the watchdog thread at once: the stuck threads may never return.
-        write_json_atomic(path, {"status": "hang", "config": cfg.__dict__, "hang": report})
+        write_json_atomic(path, envelope(SCHEMA, None, status="hang", config=cfg.__dict__,
+                                         hang=report))
 
     stress = Stress(cfg, on_hang)
     with Progress(TextColumn("stress"), BarColumn(), TimeElapsedColumn(), console=console,
                   transient=True) as prog:
         task = prog.add_task("stress", total=cfg.duration_s)
         res = stress.run(lambda done, total: prog.update(task, completed=done))
-    doc = res.to_dict()
-    doc["status"] = "hang" if res.hang else "ok"
+    doc = envelope(SCHEMA, None, status="hang" if res.hang else "ok", **res.to_dict())
     write_json_atomic(path, doc)
     if args.json:
         print(json.dumps(doc, indent=2))

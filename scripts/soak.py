@@ -19,7 +19,7 @@ import time
 
 from pyvmm.bench import native, pyrunner, recipe as rmod
 from pyvmm.bench.stats import median
-from pyvmm.bench.sweep import now_iso, write_json_atomic
+from pyvmm.results import envelope, write_json_atomic
 from pyvmm.hostinfo import collect, process_facts
 
 
@@ -38,9 +38,8 @@ def main() -> int:
     series, failures, walls = [], [], {"py": [], "c": []}
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"soak-{time.strftime('%Y%m%d-%H%M%S')}.json")
-    doc = {"schema": "pyvmm.soak/1", "status": "running", "created": now_iso(),
-           "host": collect(with_kvm=False), "recipe": rec.text, "boots": args.boots,
-           "series": series, "failures": failures}
+    doc = envelope("pyvmm.soak/1", collect(with_kvm=False), status="running",
+                   recipe=rec.text, boots=args.boots, series=series, failures=failures)
     t0 = time.monotonic()
     series.append({"boot": 0, "t_s": 0.0, **process_facts()})
     try:

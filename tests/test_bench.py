@@ -193,3 +193,15 @@ def test_pyperf_export_works_with_pyperf_itself(tmp_path):
     cmp = subprocess.run([sys.executable, "-m", "pyperf", "compare_to", str(out), str(out),
                           "--table"], capture_output=True, text=True)
     assert cmp.returncode == 0, cmp.stderr
+
+
+def test_every_results_document_carries_the_envelope():
+    from pyvmm.results import envelope
+    doc = envelope("pyvmm.test/1", {"hostname": "h", "kernel": "k"}, status="ok", x=1)
+    assert doc["schema"] == "pyvmm.test/1" and doc["status"] == "ok" and doc["x"] == 1
+    assert doc["pyvmm"]["version"] and "commit" in doc["pyvmm"]
+    assert doc["command"] and doc["host"]["kernel"] == "k" and doc["created"]
+    from pyvmm.bench.sweep import SweepConfig, new_doc
+    run = new_doc(SweepConfig(ns=(0,), recipes=("before-vcpu",), repeats=1, seed=1),
+                  {"hostname": "h", "kernel": "k"}, "host", None)
+    assert run["schema"] == "pyvmm.run/1" and run["pyvmm"] == doc["pyvmm"]

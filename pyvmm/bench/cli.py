@@ -390,9 +390,9 @@ def cmd_ptwrite(args) -> int:
         task = prog.add_task("ptwrite", total=2 * repeats)
         res = ptwrite.run(args.count, repeats, lambda d, t: prog.update(task, completed=d))
     os.makedirs(args.out, exist_ok=True)
-    from .sweep import write_json_atomic
+    from ..results import envelope, write_json_atomic
     path = os.path.join(args.out, f"ptwrite-{time.strftime('%Y%m%d-%H%M%S')}.json")
-    write_json_atomic(path, res)
+    write_json_atomic(path, envelope("pyvmm.ptwrite/1", None, **res))
     t = ptwrite_table(res, f"pyvmm bench ptwrite: {args.count} writes per phase, median of "
                            f"{repeats} boots each")
     console.print(t)

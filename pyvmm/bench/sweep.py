@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from .. import hostinfo
 from ..errors import PyvmmError
+from ..results import envelope, now_iso, write_json_atomic  # noqa: F401 (re-exported)
 from ..vm import check_nofile
 from . import native, recipe as rmod
 from .stats import interleaved_order
@@ -82,15 +83,6 @@ def new_run_dir(base: str, host: dict) -> str:
     return final
 
 
-def write_json_atomic(path: str, doc: dict) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(doc, f, separators=(",", ":"))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _no_constant(name: str):
     raise ValueError(f"{name} is not a JSON number")
 
@@ -136,17 +128,11 @@ def sweep_cells(cfg: SweepConfig) -> list[tuple[str, int, str]]:
     return cells
 
 
-def now_iso() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
 def new_doc(cfg: SweepConfig, host: dict, environment: str, clock: dict | None) -> dict:
     """An empty run.json document (status 'running'); samples are appended to it."""
-    return {
-        "schema": SCHEMA, "status": "running", "created": now_iso(), "finished": None,
-        "environment": environment, "host": host, "config": cfg.to_dict(), "clock": clock,
-        "kernel_check": None, "failures": [], "samples": [],
-    }
+    return envelope(SCHEMA, host, status="running", finished=None,
+                    environment=environment, config=cfg.to_dict(), clock=clock,
+                    kernel_check=None, failures=[], samples=[])
 
 
 class Sweep:

@@ -130,7 +130,12 @@ def cmd_check(args) -> int:
         rc = max(rc, r)
         docs.append(d)
     if args.json:
-        print(json.dumps(docs if len(docs) > 1 else docs[0], indent=2))
+        from ..results import envelope
+        if len(docs) == 1:
+            out = envelope("pyvmm.check/1", None, **docs[0])
+        else:
+            out = envelope("pyvmm.checks/1", None, checks=docs)
+        print(json.dumps(out, indent=2))
     elif rc:
         console.print("[bold red]violations found[/]")
     return rc

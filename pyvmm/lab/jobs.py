@@ -15,7 +15,8 @@ import time
 from dataclasses import dataclass, field
 
 from .. import hostinfo
-from ..bench.sweep import new_run_dir, now_iso, write_json_atomic
+from ..bench.sweep import new_run_dir
+from ..results import envelope, now_iso, write_json_atomic
 from . import initramfs, inner, kernel_lab, pyruntime, qemu
 from .kernel_lab import LabOptions, Ui
 from .kernels import LabError
@@ -67,14 +68,14 @@ def run_jobs(opts: LabOptions, jobs: list[str], ui: Ui | None = None) -> JobsRun
     with open(initrd, "wb") as f:
         f.write(image)
     variant = kernel_lab.Variant(opts.kernel, opts.kvm_patch)
-    doc = {"schema": SCHEMA, "status": "running", "created": now_iso(), "finished": None,
-           "environment": kernel_lab.ENVIRONMENT, "host": host, "jobs": list(jobs),
-           "kernel_check": prep.kernel_check, "results": [],
-           "lab": {"variant": variant.label, "kvm_args": dict(opts.kvm_args),
-                   "kvm_patch": None if prep.built is None else dict(prep.built.meta),
-                   "initramfs_bytes": len(image), "runtime_bytes": len(rt.archive),
-                   "runtime_files": rt.files, "runtime_cached": rt.cached,
-                   "qemu": qemu.qemu_version(), "timings": timings}}
+    doc = envelope(SCHEMA, host, status="running", finished=None,
+                   environment=kernel_lab.ENVIRONMENT, jobs=list(jobs),
+                   kernel_check=prep.kernel_check, results=[],
+                   lab={"variant": variant.label, "kvm_args": dict(opts.kvm_args),
+                        "kvm_patch": None if prep.built is None else dict(prep.built.meta),
+                        "initramfs_bytes": len(image), "runtime_bytes": len(rt.archive),
+                        "runtime_files": rt.files, "runtime_cached": rt.cached,
+                        "qemu": qemu.qemu_version(), "timings": timings})
     path = os.path.join(out, "results.json")
     write_json_atomic(path, doc)
     # Jobs print only when they finish: the stall bound is the whole run's.

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from .. import guests, hostinfo
 from ..bench import report
 from ..bench.stats import interleaved_order
-from ..bench.sweep import (SweepConfig, new_doc, new_run_dir, now_iso, sweep_cells,
-                           write_json_atomic)
+from ..bench.sweep import SweepConfig, new_doc, new_run_dir, sweep_cells
+from ..results import now_iso, write_json_atomic
 from . import initramfs, kcheck, kernels, modbuild, qemu
 from .kernels import LabError
 from .serial import boot_to_sample, plan_label

@@ -14,7 +14,8 @@ import time
 from dataclasses import dataclass, field, replace
 
 from ..bench import report, stats
-from ..bench.sweep import SweepConfig, now_iso, write_json_atomic
+from ..bench.sweep import SweepConfig
+from ..results import envelope, now_iso, write_json_atomic
 from . import kernel_lab, modbuild
 from .kernel_lab import LabOptions, Variant, parse_variant
 from .kernels import LabError
@@ -101,9 +102,9 @@ def run_matrix(variants: list[Variant], cfg: SweepConfig, base: LabOptions,
             out_dir = os.path.join(base.out, f"matrix-{stamp}-{n}")
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "matrix.json")
-    doc = {"schema": SCHEMA, "status": "running", "created": now_iso(), "finished": None,
-           "variants": [v.label for v in variants], "config": cfg.to_dict(),
-           "rows": [], "failed": [], "timings": {}}
+    doc = envelope(SCHEMA, None, status="running", finished=None,
+                   variants=[v.label for v in variants], config=cfg.to_dict(),
+                   rows=[], failed=[], timings={})
     t0 = time.monotonic()
     write_json_atomic(path, doc)
     with kernel_lab.finishing(doc, lambda: write_json_atomic(path, doc), doc["timings"],
