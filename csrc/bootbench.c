@@ -369,8 +369,8 @@ static void build_page_tables(uint8_t *ram)
         pd[i] = (i << 21) | 0x83; /* present, writable, 2 MiB page */
     uint64_t *gdt = (uint64_t *)(ram + GDT_GPA);
     gdt[0] = 0;
-    gdt[1] = 0x00AF9A000000FFFFull; /* 64-bit code */
-    gdt[2] = 0x00CF92000000FFFFull; /* data */
+    gdt[1] = GDT_CODE64;   /* protocol.inc: flat 64-bit code */
+    gdt[2] = GDT_DATA;     /* flat data */
 }
 
 static int step_mem(struct boot *b)
@@ -545,15 +545,15 @@ static int step_vcpu(struct boot *b, int k)
         struct kvm_sregs sregs;
         if (ioctl(v->fd, KVM_GET_SREGS, &sregs) < 0)
             return fail(b, errno, "KVM_GET_SREGS failed: %s", strerror(errno));
-        fill_seg(&sregs.cs, 0x08, 11, 1);
-        fill_seg(&sregs.ds, 0x10, 3, 0);
+        fill_seg(&sregs.cs, SEL_CODE, 11, 1);
+        fill_seg(&sregs.ds, SEL_DATA, 3, 0);
         sregs.es = sregs.fs = sregs.gs = sregs.ss = sregs.ds;
         sregs.gdt.base = GDT_GPA;
         sregs.gdt.limit = 3 * 8 - 1;
         sregs.cr3 = PML4_GPA;
-        sregs.cr4 = 1u << 5;                                  /* PAE */
-        sregs.cr0 = 0x80000000u | 0x10000u | 0x20 | 0x10 | 0x2 | 0x1; /* PG WP NE ET MP PE */
-        sregs.efer = (1u << 8) | (1u << 10);                  /* LME LMA */
+        sregs.cr4 = LM_CR4;       /* protocol.inc: the 64-bit entry's control bits */
+        sregs.cr0 = LM_CR0;
+        sregs.efer = LM_EFER;
         if (ioctl(v->fd, KVM_SET_SREGS, &sregs) < 0)
             return fail(b, errno, "KVM_SET_SREGS (long mode) failed: %s", strerror(errno));
         struct kvm_regs regs;

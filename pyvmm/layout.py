@@ -62,6 +62,14 @@ XEN_DELIVER_PORT = 5         # where KVM delivers it: an event channel of vCPU 0
 XEN_HCALL_EVTCHN_OP = 32     # __HYPERVISOR_event_channel_op
 XEN_EVTCHNOP_SEND = 4
 XEN_SENDS_PER_MARK = 64      # the guest reports MARK_LOOP after this many sends
+# 64-bit entry (the VMM's GDT, selectors and control bits; C and Python both use these).
+GDT_CODE64 = 0x00AF9A000000FFFF    # flat 64-bit code segment
+GDT_DATA = 0x00CF92000000FFFF      # flat data segment
+SEL_CODE = 0x08
+SEL_DATA = 0x10
+LM_CR0 = 0x80010033          # PE | MP | ET | NE | WP | PG
+LM_CR4 = 0x20                # PAE
+LM_EFER = 0x500              # LME | LMA
 # Ports.
 SERIAL_PORT = 0x3F8          # COM1 data register: one byte per OUT
 MARKER_PORT = 0x80           # phase markers: one byte per OUT

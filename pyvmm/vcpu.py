@@ -17,18 +17,17 @@ from .exits import Exit, Interrupted, decode
 
 KICK_SIGNAL = signal.SIGUSR1
 
-# Control register and EFER bits used to enter 64-bit mode.
-CR0_PE, CR0_MP, CR0_ET, CR0_NE, CR0_WP, CR0_PG = 1, 2, 0x10, 0x20, 1 << 16, 1 << 31
-CR4_PAE = 1 << 5
-EFER_LME, EFER_LMA = 1 << 8, 1 << 10
-
-# GDT entries for a flat 64-bit code segment and a flat data segment.
-GDT_CODE64 = 0x00AF9A000000FFFF
-GDT_DATA = 0x00CF92000000FFFF
-SEL_CODE, SEL_DATA = 0x08, 0x10
+# The 64-bit entry's GDT, selectors and control bits come from layout (protocol.inc).
+GDT_CODE64, GDT_DATA = layout.GDT_CODE64, layout.GDT_DATA
+SEL_CODE, SEL_DATA = layout.SEL_CODE, layout.SEL_DATA
 
 REG_NAMES = ["rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10",
              "r11", "r12", "r13", "r14", "r15", "rip", "rflags"]
+
+
+def gdt_image() -> bytes:
+    """The GDT the VMM writes at GDT_GPA for the 64-bit entry: null, code, data."""
+    return struct.pack("<3Q", 0, GDT_CODE64, GDT_DATA)
 
 
 def install_kick_handler() -> bool:
@@ -140,7 +139,7 @@ class Vcpu(FdOwner):
         pass write_tables=False for further vCPUs).
         """
         if write_tables:
-            self.vm.write_guest(layout.GDT_GPA, struct.pack("<3Q", 0, GDT_CODE64, GDT_DATA))
+            self.vm.write_guest(layout.GDT_GPA, gdt_image())
             self.vm.write_guest(layout.PML4_GPA, identity_page_tables())
         self.set_cpuid(self.vm.kvm.get_supported_cpuid())
         sregs = self.get_sregs()
@@ -152,9 +151,9 @@ class Vcpu(FdOwner):
             seg.type, seg.present, seg.dpl, seg.db, seg.s, seg.l, seg.g = 3, 1, 0, 1, 1, 0, 1
         sregs.gdt.base, sregs.gdt.limit = layout.GDT_GPA, 3 * 8 - 1
         sregs.cr3 = layout.PML4_GPA
-        sregs.cr4 = CR4_PAE
-        sregs.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG
-        sregs.efer = EFER_LME | EFER_LMA
+        sregs.cr4 = layout.LM_CR4
+        sregs.cr0 = layout.LM_CR0
+        sregs.efer = layout.LM_EFER
         self.set_sregs(sregs)
         regs = ffi.new("struct kvm_regs *")
         regs.rip, regs.rflags, regs.rsp = entry, 2, layout.STACK_TOP

@@ -21,7 +21,7 @@ from ..exits import (FailEntry, Hlt, InternalError, Interrupted, Io, MemoryFault
 from ..kvm import shared as shared_kvm
 from ..memory import GuestMemory
 from ..stats import StatsReader, diff
-from ..vcpu import identity_page_tables, install_kick_handler
+from ..vcpu import gdt_image, identity_page_tables, install_kick_handler
 from ..vm import check_nofile
 from .recipe import Recipe
 
@@ -77,8 +77,7 @@ class PyBoot:
             raise PyvmmError(f"guest image of {len(self.image)} bytes does not fit in RAM")
         ram.memory.write(layout.CODE_GPA, self.image)
         if self.guest.mode == "long":
-            ram.memory.write(layout.GDT_GPA, struct.pack(
-                "<3Q", 0, 0x00AF9A000000FFFF, 0x00CF92000000FFFF))
+            ram.memory.write(layout.GDT_GPA, gdt_image())
             ram.memory.write(layout.PML4_GPA, identity_page_tables())
         self._write_params()
         self.bar_mem = GuestMemory(layout.BAR_SIZE * MAX_BAR_SLOTS)
