@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
-from rich.console import Console
 from rich.table import Table
 
 from . import guests, hostinfo, layout
 from .errors import PyvmmError
 
 # Tables fit the terminal (or $COLUMNS); written to a file or a pipe they stay wide.
-console = Console(width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160)
-err_console = Console(stderr=True)
+from .ui import console, err_console  # noqa: E402  (the one console every command uses)
 
 
 def _fail(msg: str, code: int = 2) -> int:

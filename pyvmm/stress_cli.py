@@ -7,10 +7,9 @@ import json
 import os
 import sys
 
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .bench.cli import console
+from .ui import console, fmt_ns, progress
 from .results import envelope, write_json_atomic
 from .stress import EXPECTED_OPS, Stress, StressConfig
 
@@ -85,10 +84,6 @@ def cmd_stress_xen(args) -> int:
     return 0
 
 
-def _fmt(ns: float) -> str:
-    return f"{ns / 1e6:.2f} ms" if ns >= 1e6 else f"{ns / 1e3:.1f} us"
-
-
 def cmd_stress(args) -> int:
     if args.xen:
         return cmd_stress_xen(args)
@@ -104,8 +99,7 @@ def cmd_stress(args) -> int:
                                          hang=report))
 
     stress = Stress(cfg, on_hang)
-    with Progress(TextColumn("stress"), BarColumn(), TimeElapsedColumn(), console=console,
-                  transient=True) as prog:
+    with progress("text", "bar", "elapsed") as prog:
         task = prog.add_task("stress", total=cfg.duration_s)
         res = stress.run(lambda done, total: prog.update(task, completed=done))
     doc = envelope(SCHEMA, None, status="hang" if res.hang else "ok", **res.to_dict())
@@ -131,8 +125,8 @@ def cmd_stress(args) -> int:
             t.add_column(col, justify="left" if col in ("operation", "errors") else "right")
         for name, o in res.ops.items():
             errs = ", ".join(f"{k} x{v}" for k, v in o["errors"].items()) or "-"
-            t.add_row(name, str(o["count"]), f"{o['per_s']:.0f}", _fmt(o["p50_ns"]),
-                      _fmt(o["p99_ns"]), _fmt(o["max_ns"]), errs)
+            t.add_row(name, str(o["count"]), f"{o['per_s']:.0f}", fmt_ns(o["p50_ns"]),
+                      fmt_ns(o["p99_ns"]), fmt_ns(o["max_ns"]), errs)
         console.print(t)
         exits = ", ".join(f"{k} {v}" for k, v in sorted(res.guest_exits.items()))
         console.print(f"guest exits seen by the vCPU threads: {exits}", highlight=False)

@@ -3,30 +3,16 @@
 from __future__ import annotations
 
 import os
-import sys
 import time
 
-from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                           TimeElapsedColumn, TimeRemainingColumn)
 from rich.table import Table
 
 from ..errors import PyvmmError
+from ..ui import console, int_list, recipes_arg  # noqa: F401 (console re-exported)
+from ..ui import progress as progress_bar
 from . import report, stats
 from .sweep import DEFAULT_NS, DEFAULT_RECIPES, Sweep, SweepConfig, load_run, new_run_dir
 
-# Tables fit the terminal (or $COLUMNS); written to a file or a pipe they stay wide.
-console = Console(width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160)
-
-
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        vals = tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise PyvmmError(f"'{text}' is not a comma-separated list of whole numbers") from None
-    if not vals:
-        raise PyvmmError("the list of N values is empty")
-    return vals
 
 
 def add_parsers(sub) -> None:
@@ -76,31 +62,20 @@ def add_parsers(sub) -> None:
     c.set_defaults(func=cmd_compare)
 
 
-def _recipes_arg(text: str) -> tuple[str, ...]:
-    from . import recipe as rmod
-    if ";" in text:
-        parts = [p.strip() for p in text.split(";") if p.strip()]
-    elif all(p.strip() in rmod.PRESETS for p in text.split(",")):
-        parts = [p.strip() for p in text.split(",")]
-    else:
-        parts = [text.strip()]
-    return tuple(parts)
-
-
 def cmd_bench(args) -> int:
     if args.workload == "ptwrite":
         return cmd_ptwrite(args)
     if args.repeats is None:
         args.repeats = 30
     if args.python_vs_c:
-        ns = _int_list(args.ns) if args.ns != ",".join(map(str, DEFAULT_NS)) else (0, 10)
-        recipes = _recipes_arg(args.recipes) if args.recipes != ",".join(DEFAULT_RECIPES) \
+        ns = int_list(args.ns) if args.ns != ",".join(map(str, DEFAULT_NS)) else (0, 10)
+        recipes = recipes_arg(args.recipes) if args.recipes != ",".join(DEFAULT_RECIPES) \
             else ("during-boot",)
         cfg = SweepConfig(ns=ns, recipes=recipes, repeats=args.repeats, warmup=args.warmup,
                           seed=args.seed, ioev_len=args.ioev_len, pin_cpu=args.pin,
                           control_n=0, drivers=("c", "py"))
     else:
-        cfg = SweepConfig(ns=_int_list(args.ns), recipes=_recipes_arg(args.recipes),
+        cfg = SweepConfig(ns=int_list(args.ns), recipes=recipes_arg(args.recipes),
                           repeats=args.repeats, warmup=args.warmup, seed=args.seed,
                           ioev_len=args.ioev_len, pin_cpu=args.pin, control_n=args.control_n)
     from .. import hostinfo
@@ -115,9 +90,7 @@ def cmd_bench(args) -> int:
                   f"discarded) -> {out}", highlight=False)
     t0 = time.monotonic()
     interrupted = False
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), TimeRemainingColumn(), console=console,
-                  transient=True) as prog:
+    with progress_bar("text", "bar", "count", "elapsed", "remaining") as prog:
         task = prog.add_task("booting", total=total)
 
         def progress(done, tot, cell):
@@ -385,8 +358,7 @@ def _compare_plot_many(all_rows, names, out):
 def cmd_ptwrite(args) -> int:
     from . import ptwrite
     repeats = 5 if args.repeats is None else args.repeats
-    with Progress(TextColumn("ptwrite"), BarColumn(), MofNCompleteColumn(), console=console,
-                  transient=True) as prog:
+    with progress_bar("text", "bar", "count") as prog:
         task = prog.add_task("ptwrite", total=2 * repeats)
         res = ptwrite.run(args.count, repeats, lambda d, t: prog.update(task, completed=d))
     os.makedirs(args.out, exist_ok=True)

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import json
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ..bench.cli import console
+from ..ui import console, fmt_ns, progress
 from . import concurrent, gmem
 
 CHECKS = ("ioeventfd-ordering", "memslot-coherence", "guest-memfd")
@@ -31,8 +30,7 @@ def add_parsers(sub) -> None:
 
 
 def _progress():
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), console=console, transient=True)
+    return progress("text", "bar", "count", "elapsed")
 
 
 def run_concurrent(name: str, args) -> tuple[int, dict]:
@@ -50,10 +48,6 @@ def run_concurrent(name: str, args) -> tuple[int, dict]:
     if not args.json:
         _show_concurrent(res, d)
     return (1 if res.violations else 0), d
-
-
-def _fmt_ns(ns: float) -> str:
-    return f"{ns / 1e6:.3f} ms" if ns >= 1e6 else f"{ns / 1e3:.1f} us"
 
 
 def _show_concurrent(res, d: dict) -> None:
@@ -85,8 +79,8 @@ def _show_concurrent(res, d: dict) -> None:
         for col in ("operation", "count", "p50", "p90", "p99", "max"):
             lt.add_column(col, justify="left" if col == "operation" else "right")
         for name, s in d["latency"].items():
-            lt.add_row(name, str(s["count"]), _fmt_ns(s["p50_ns"]), _fmt_ns(s["p90_ns"]),
-                       _fmt_ns(s["p99_ns"]), _fmt_ns(s["max_ns"]))
+            lt.add_row(name, str(s["count"]), fmt_ns(s["p50_ns"], 3), fmt_ns(s["p90_ns"], 3),
+                       fmt_ns(s["p99_ns"], 3), fmt_ns(s["max_ns"], 3))
         console.print(lt)
     if res.stats:
         parts = []

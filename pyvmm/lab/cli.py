@@ -7,11 +7,9 @@ import json
 import os
 import time
 
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn,
-                           TextColumn, TimeElapsedColumn)
 
 from ..bench import report
-from ..bench.cli import _int_list, _recipes_arg, console
+from ..ui import console, err_console, int_list, progress, recipes_arg
 from ..bench.sweep import DEFAULT_NS, DEFAULT_RECIPES, SweepConfig
 from . import kcheck, kernel_lab, kernels, matrix, modbuild
 
@@ -95,7 +93,7 @@ def add_parsers(sub) -> None:
 
 
 def _sweep_config(args) -> SweepConfig:
-    return SweepConfig(ns=_int_list(args.ns), recipes=_recipes_arg(args.recipes),
+    return SweepConfig(ns=int_list(args.ns), recipes=recipes_arg(args.recipes),
                        repeats=args.repeats, warmup=args.warmup, seed=args.seed,
                        ioev_len=args.ioev_len, control_n=args.control_n)
 
@@ -108,7 +106,7 @@ def _lab_options(args, **kw) -> kernel_lab.LabOptions:
 
 
 class RichUi(kernel_lab.Ui):
-    def __init__(self, prog: Progress):
+    def __init__(self, prog):
         self.prog = prog
         self.task = prog.add_task("starting", total=None)
         self.t_stage = time.monotonic()
@@ -155,8 +153,7 @@ def cmd_kernel(args) -> int:
 
 
 def _progress(con):
-    return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-                    MofNCompleteColumn(), TimeElapsedColumn(), console=con, transient=True)
+    return progress("spinner", "text", "bar", "count", "elapsed", con=con)
 
 
 def cmd_matrix(args) -> int:
@@ -168,8 +165,7 @@ def cmd_matrix(args) -> int:
     cfg = _sweep_config(args)
     out_con = console
     if args.json:                       # stdout carries only the JSON object
-        from rich.console import Console
-        out_con = Console(stderr=True)
+        out_con = err_console
     boots = len(kernel_lab.make_plan(cfg)) - cfg.warmup
     out_con.print(f"pyvmm lab matrix: {len(variants)} variants ({', '.join(v.label for v in variants)})"
                   f", {boots} boots each, seed {cfg.seed}", highlight=False)
@@ -201,8 +197,7 @@ def cmd_run(args) -> int:
     kernel_lab.check_options(opts)
     con = console
     if args.json:
-        from rich.console import Console
-        con = Console(stderr=True)
+        con = err_console
     variant = kernel_lab.Variant(opts.kernel, opts.kvm_patch).label
     extra = " ".join(f"{m}:{p}" for m, p in opts.kvm_args.items())
     con.print(f"pyvmm lab run: {variant}{' ' + extra if extra else ''}, jobs "

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from .. import hostinfo
 from ..bench.sweep import new_run_dir
-from ..results import envelope, now_iso, write_json_atomic
+from ..results import envelope, write_json_atomic
 from . import initramfs, inner, kernel_lab, pyruntime, qemu
 from .kernel_lab import LabOptions, Ui
 from .kernels import LabError

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 
 from ..bench import report, stats
 from ..bench.sweep import SweepConfig
-from ..results import envelope, now_iso, write_json_atomic
+from ..results import envelope, write_json_atomic
 from . import kernel_lab, modbuild
 from .kernel_lab import LabOptions, Variant, parse_variant
 from .kernels import LabError
