@@ -58,3 +58,36 @@ class GuestTimeout(PyvmmError):
 
 class ResourceLimit(PyvmmError):
     """A request exceeds a process limit (open files) before touching KVM."""
+
+
+# --- by layer ---------------------------------------------------------------------------
+# Each layer raises its own kind, so a caller can catch one layer's failures; all are
+# PyvmmError, which the CLI turns into one line and exit status 2.
+
+class StatsFormatError(PyvmmError, ValueError):
+    """A KVM binary-stats blob does not have the layout KVM documents."""
+
+
+class RecipeError(PyvmmError):
+    """A boot recipe does not parse or breaks the ordering rules."""
+
+
+class CheckError(PyvmmError):
+    """A correctness check could not run (as opposed to finding a violation)."""
+
+
+class CheckSkipped(PyvmmError):
+    """A check cannot run on this host (the reason says why)."""
+
+
+class LabError(PyvmmError):
+    """The kernel lab could not do what was asked (with the reason and what to do)."""
+
+
+class LabHang(LabError):
+    """QEMU or the lab inside it stopped making progress and was killed; `stream` holds
+    what the lab had sent by then."""
+
+    def __init__(self, msg: str, stream=None):
+        super().__init__(msg)
+        self.stream = stream

@@ -12,6 +12,7 @@ import struct
 from dataclasses import dataclass
 
 from ._fd import FdOwner
+from .errors import StatsFormatError  # noqa: F401 (re-exported)
 from .abi import ffi
 
 HEADER_SIZE = ffi.sizeof("struct kvm_stats_header")
@@ -27,9 +28,6 @@ INTERESTING = ("exits", "io_exits", "mmio_exits", "insn_emulation", "insn_emulat
                "mmu_shadow_zapped", "mmu_cache_miss", "remote_tlb_flush", "pf_fixed",
                "pf_taken", "signal_exits", "request_irq_exits", "irq_exits")
 
-
-class StatsFormatError(ValueError):
-    """The stats blob does not have the layout KVM documents."""
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from ..errors import PyvmmError
+from ..errors import PyvmmError, RecipeError  # noqa: F401 (RecipeError re-exported)
 
 OPS = {1: "vm", 2: "mem", 3: "ioev", 4: "eexist", 5: "deassign", 6: "vcpu", 7: "run",
        8: "memslot", 9: "teardown"}
@@ -29,10 +29,6 @@ PRESETS = {
     # and deassign (always waits for a grace period).
     "control": "vm,mem,ioev:N,eexist:N,deassign:N",
 }
-
-
-class RecipeError(PyvmmError):
-    """A recipe that does not parse or breaks the ordering rules."""
 
 
 @dataclass(frozen=True)

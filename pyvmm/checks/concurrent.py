@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from .. import layout
 from ..bench.stats import percentile
-from ..errors import PyvmmError
+from ..errors import CheckError, PyvmmError  # noqa: F401 (CheckError re-exported)
 from ..exits import Interrupted, Io, Mmio
 from ..kvm import Kvm
 from ..stats import StatsReader, diff, interesting
@@ -25,10 +25,6 @@ from . import attribution as attr
 SENTINEL = 0x5E5E5E5E
 PATTERN = layout.PROBE_PATTERN
 PROBE_SLOT_SIZE = 0x1000
-
-
-class CheckError(PyvmmError):
-    """A check could not run (as opposed to finding a violation)."""
 
 
 @dataclass

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 
 from .. import abi, layout
-from ..errors import KvmError, PyvmmError
+from ..errors import CheckSkipped, KvmError, PyvmmError  # noqa: F401 (CheckSkipped re-exported)
 from ..exits import Io, MemoryFault, Mmio
 from ..memory import GuestMemory
 from .concurrent import SENTINEL, CheckError, long_mode_vm
@@ -305,6 +305,3 @@ def run_cases(reads: int = 50, progress=None) -> list[Case]:
             progress(i + 1, len(fns))
     return out
 
-
-class CheckSkipped(PyvmmError):
-    """The check cannot run on this host (the reason says why)."""

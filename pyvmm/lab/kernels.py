@@ -30,7 +30,7 @@ import time
 import zlib
 from dataclasses import dataclass
 
-from ..errors import PyvmmError
+from ..errors import LabError  # noqa: F401 (re-exported)
 
 MIRROR = "http://deb.debian.org/debian"
 SECURITY = "http://deb.debian.org/debian-security"
@@ -48,10 +48,6 @@ LISTS_MAX_AGE_S = 24 * 3600
 # The module that makes /dev/kvm inside QEMU's emulated AMD CPU (-cpu EPYC,+svm).
 KVM_VENDOR_MODULE = "kvm_amd"
 MODULE_EXTS = (".ko", ".ko.xz", ".ko.gz", ".ko.zst")
-
-
-class LabError(PyvmmError):
-    """The old-kernel lab could not do what was asked (with the reason and what to do)."""
 
 
 def cache_dir() -> str:

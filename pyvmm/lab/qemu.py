@@ -19,7 +19,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from .kernels import LabError
+from ..errors import LabError, LabHang  # noqa: F401 (re-exported)
 from .serial import LabStream
 
 QEMU = "qemu-system-x86_64"
@@ -65,14 +65,6 @@ def tail(path: str, n: int = 15) -> list[str]:
     except OSError:
         return []
     return [l.rstrip("\r") for l in deque(text.splitlines(), maxlen=n)]
-
-
-class LabHang(LabError):
-    """QEMU or the lab inside it stopped making progress and was killed."""
-
-    def __init__(self, msg: str, stream: LabStream):
-        super().__init__(msg)
-        self.stream = stream
 
 
 def run(cfg: QemuConfig, workdir: str, on_boot=None, on_stage=None,
