@@ -137,7 +137,7 @@ def cmd_boot(args) -> int:
                       f"userspace: {verdict}")
         console.print(f"BAR read by the guest: {res['bar_value']:#x}")
     if res.get("stats"):
-        from .stats import interesting
+        from .kvmstats import interesting
         st = Table(title="KVM binary stats: change over the boot (KVM_GET_STATS_FD)")
         st.add_column("fd")
         st.add_column("statistic")

@@ -33,7 +33,7 @@ from .errors import KvmError, PyvmmError
 from .hostinfo import process_facts
 from .exits import Interrupted, Mmio
 from .kvm import Kvm
-from .stats import StatsReader
+from .kvmstats import StatsReader
 
 DOORBELLS = 16
 PROBE_SIZE = 0x10000          # 16 pages, so the dirty log has something to say

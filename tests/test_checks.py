@@ -102,8 +102,8 @@ def test_coherence_corrupt_values_are_violations_in_any_state():
 
 @pytest.mark.kvm
 def test_ioeventfd_ordering_holds_on_this_kernel():
-    from pyvmm.checks import concurrent
-    res = concurrent.ioeventfd_ordering(iterations=3000, duration_s=600)
+    from pyvmm.checks import races
+    res = races.ioeventfd_ordering(iterations=3000, duration_s=600)
     assert res.iterations == 3000 and res.stopped_by == "iterations"
     assert res.violations == 0, res.verdict.to_dict()
     # Both settled states were seen, so the check could have failed either way.
@@ -117,8 +117,8 @@ def test_ioeventfd_ordering_holds_on_this_kernel():
 
 @pytest.mark.kvm
 def test_memslot_coherence_holds_on_this_kernel():
-    from pyvmm.checks import concurrent
-    res = concurrent.memslot_coherence(iterations=3000, duration_s=600)
+    from pyvmm.checks import races
+    res = races.memslot_coherence(iterations=3000, duration_s=600)
     assert res.violations == 0, res.verdict.to_dict()
     assert res.extra["pattern_intact"]
     seen = {k[0] for k in res.verdict.outcomes}

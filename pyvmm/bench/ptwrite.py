@@ -17,7 +17,7 @@ from .. import layout
 from ..errors import PyvmmError
 from ..exits import Hlt, Interrupted, Io
 from ..kvm import Kvm
-from ..stats import StatsReader, diff
+from ..kvmstats import StatsReader, diff
 from .stats import median
 
 PHASES = ("pte", "pde", "data")

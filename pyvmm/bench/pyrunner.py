@@ -20,7 +20,7 @@ from ..exits import (FailEntry, Hlt, InternalError, Interrupted, Io, MemoryFault
                      Shutdown, describe)
 from ..kvm import shared as shared_kvm
 from ..memory import GuestMemory
-from ..stats import StatsReader, diff
+from ..kvmstats import StatsReader, diff
 from ..vcpu import gdt_image, identity_page_tables, install_kick_handler
 from ..vm import check_nofile
 from .recipe import Recipe

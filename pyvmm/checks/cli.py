@@ -7,7 +7,7 @@ import json
 from rich.table import Table
 
 from ..ui import console, fmt_ns, progress
-from . import concurrent, gmem
+from . import gmem, races
 
 CHECKS = ("ioeventfd-ordering", "memslot-coherence", "guest-memfd")
 
@@ -20,7 +20,7 @@ def add_parsers(sub) -> None:
                    help="guest loop iterations for the concurrency checks (default 100000)")
     c.add_argument("--duration", type=float, default=60.0, metavar="S",
                    help="stop a concurrency check after this many seconds (default 60)")
-    c.add_argument("--hold-us", type=float, default=concurrent.DEFAULT_HOLD_S * 1e6,
+    c.add_argument("--hold-us", type=float, default=races.DEFAULT_HOLD_S * 1e6,
                    help="how long the mutator leaves each state before the next ioctl, so "
                         "the vCPU sees settled states (default %(default)g us)")
     c.add_argument("--reads", type=int, default=50,
@@ -34,8 +34,8 @@ def _progress():
 
 
 def run_concurrent(name: str, args) -> tuple[int, dict]:
-    fn = {"ioeventfd-ordering": concurrent.ioeventfd_ordering,
-          "memslot-coherence": concurrent.memslot_coherence}[name]
+    fn = {"ioeventfd-ordering": races.ioeventfd_ordering,
+          "memslot-coherence": races.memslot_coherence}[name]
     if args.iterations < 1 or args.duration <= 0 or args.hold_us < 0:
         from ..errors import PyvmmError
         raise PyvmmError("--iterations must be >= 1, --duration > 0 and --hold-us >= 0")

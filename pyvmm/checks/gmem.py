@@ -21,7 +21,7 @@ from .. import abi, layout
 from ..errors import CheckSkipped, KvmError, PyvmmError  # noqa: F401 (CheckSkipped re-exported)
 from ..exits import Io, MemoryFault, Mmio
 from ..memory import GuestMemory
-from .concurrent import SENTINEL, CheckError, long_mode_vm
+from .races import SENTINEL, CheckError, long_mode_vm
 
 GMEM_SIZE = 0x200000
 FLAGS_MMAP, FLAGS_INIT_SHARED = 1, 2

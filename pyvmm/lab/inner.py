@@ -35,14 +35,14 @@ def _ptwrite(count: str = "2000", repeats: str = "3") -> dict:
 
 
 def _check(name: str, iterations: str = "2000") -> dict:
-    from ..checks import concurrent, gmem
+    from ..checks import gmem, races
     if name == "guest-memfd":
         why = gmem.supported()
         if why:
             return {"skipped": why}
         return {"cases": [c.to_dict() for c in gmem.run_cases()]}
-    fn = {"ioeventfd-ordering": concurrent.ioeventfd_ordering,
-          "memslot-coherence": concurrent.memslot_coherence}.get(name)
+    fn = {"ioeventfd-ordering": races.ioeventfd_ordering,
+          "memslot-coherence": races.memslot_coherence}.get(name)
     if fn is None:
         raise PyvmmError(f"unknown check '{name}': ioeventfd-ordering, memslot-coherence or "
                          "guest-memfd")

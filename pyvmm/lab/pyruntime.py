@@ -34,8 +34,8 @@ from .kernels import LabError, cache_dir
 PROBE = """
 import json, sys, encodings.utf_8, encodings.latin_1, encodings.ascii, runpy, importlib.util
 import importlib.machinery, traceback, linecache, tokenize
-import pyvmm.lab.inner, pyvmm.bench.ptwrite, pyvmm.checks.concurrent, pyvmm.checks.gmem
-import pyvmm.stress, pyvmm.vcpu, pyvmm.vm, pyvmm.kvm, pyvmm.stats, pyvmm.memory
+import pyvmm.lab.inner, pyvmm.bench.ptwrite, pyvmm.checks.races, pyvmm.checks.gmem
+import pyvmm.stress, pyvmm.vcpu, pyvmm.vm, pyvmm.kvm, pyvmm.kvmstats, pyvmm.memory
 import pyvmm.bench.native, pyvmm.bench.recipe, pyvmm.guests, pyvmm.xenstress
 pyvmm.guests.load("ptwrite"); pyvmm.guests.helper_path()
 for bad in ("rich", "matplotlib", "numpy"):

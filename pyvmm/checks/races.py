@@ -19,7 +19,7 @@ from ..bench.stats import percentile
 from ..errors import CheckError, PyvmmError  # noqa: F401 (CheckError re-exported)
 from ..exits import Interrupted, Io, Mmio
 from ..kvm import Kvm
-from ..stats import StatsReader, diff, interesting
+from ..kvmstats import StatsReader, diff, interesting
 from . import attribution as attr
 
 SENTINEL = 0x5E5E5E5E
