@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     lab_cli.add_parsers(sub)
     from .checks import cli as check_cli
     check_cli.add_parsers(sub)
-    from . import stress_cli
+    from .stress import cli as stress_cli
     stress_cli.add_parsers(sub)
     return p
 

@@ -100,7 +100,7 @@ def test_xen_seed_runs_or_says_why_not():
     import json
     import subprocess
     import sys
-    from pyvmm import xenstress
+    from pyvmm.stress import xen as xenstress
     why = xenstress.supported()
     r = subprocess.run([sys.executable, "-m", "pyvmm", "stress", "--xen", "--duration", "1",
                         "--json", "--out", "/tmp"], capture_output=True, text=True, cwd="/",

@@ -62,7 +62,7 @@ _STUCK = []     # set when a job leaves threads stuck in the kernel (a deadlock)
 
 
 def _xen(seconds: str = "30", seeds: str = "1", bound: str = "5") -> dict:
-    from ..xenstress import XenStressConfig, run
+    from ..stress.xen import XenStressConfig, run
     runs = []
     for seed in range(1, int(seeds) + 1):
         r = run(XenStressConfig(duration_s=float(seconds), seed=seed, bound_s=float(bound)))

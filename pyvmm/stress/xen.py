@@ -24,13 +24,13 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from . import abi, layout
-from .abi import ffi, libc
-from .errors import PyvmmError
-from .exits import Interrupted, Io, Unknown
-from .hostinfo import process_facts
-from .kvm import Kvm
-from .stress import OpTracker, Watchdog
+from .. import abi, layout
+from ..abi import ffi, libc
+from ..errors import PyvmmError
+from ..exits import Interrupted, Io, Unknown
+from ..hostinfo import process_facts
+from ..kvm import Kvm
+from . import OpTracker, Watchdog
 
 MADV_DONTNEED = 4
 KVM_EXIT_XEN = 34
@@ -86,7 +86,7 @@ def run(cfg: XenStressConfig, on_hang=None) -> XenStressResult:
     if why:
         res.skipped = why
         return res
-    from .vcpu import install_kick_handler
+    from ..vcpu import install_kick_handler
     install_kick_handler()
     res.process["start"] = process_facts()
     tracker = OpTracker()

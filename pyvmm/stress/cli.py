@@ -9,9 +9,9 @@ import sys
 
 from rich.table import Table
 
-from .ui import console, fmt_ns, progress
-from .results import envelope, write_json_atomic
-from .stress import EXPECTED_OPS, Stress, StressConfig
+from ..ui import console, fmt_ns, progress
+from ..results import envelope, write_json_atomic
+from . import EXPECTED_OPS, Stress, StressConfig
 
 SCHEMA = "pyvmm.stress/1"
 XEN_SCHEMA = "pyvmm.stress-xen/1"
@@ -51,7 +51,7 @@ def print_hang(report: dict) -> None:
 
 
 def cmd_stress_xen(args) -> int:
-    from .xenstress import XenStressConfig, run
+    from .xen import XenStressConfig, run
     cfg = XenStressConfig(duration_s=args.duration, seed=args.seed, bound_s=args.bound)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"stress-xen-{_dt.datetime.now():%Y%m%d-%H%M%S}.json")
