@@ -39,6 +39,16 @@ def median(values) -> float:
     return percentile(values, 50)
 
 
+def latency_summary(samples, count: int | None = None, max_ns: float | None = None) -> dict:
+    """The one summary of operation latencies (ns) that stress, the checks and the Xen
+    seed report: count, p50, p90, p99 and max. `count` and `max_ns` override what the
+    samples say when they are a reservoir of a longer series."""
+    return {"count": len(samples) if count is None else count,
+            "p50_ns": percentile(samples, 50), "p90_ns": percentile(samples, 90),
+            "p99_ns": percentile(samples, 99),
+            "max_ns": max(samples) if max_ns is None else max_ns}
+
+
 def summarize(values) -> dict:
     """min/median/p10/p90/max/mean and count."""
     xs = _sorted_floats(values)

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 
 from .. import layout
-from ..bench.stats import percentile
+from ..bench.stats import latency_summary
 from ..errors import CheckError, PyvmmError  # noqa: F401 (CheckError re-exported)
 from ..exits import Interrupted, Io, Mmio
 from ..kvm import Kvm
@@ -47,9 +47,7 @@ class CheckResult:
         out = {}
         for name, xs in self.latencies.items():
             if xs:
-                out[name] = {"count": len(xs), "p50_ns": percentile(xs, 50),
-                             "p90_ns": percentile(xs, 90), "p99_ns": percentile(xs, 99),
-                             "max_ns": max(xs)}
+                out[name] = latency_summary(xs)
         return out
 
     def to_dict(self) -> dict:

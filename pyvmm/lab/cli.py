@@ -84,6 +84,11 @@ def add_parsers(sub) -> None:
     r.add_argument("--json", action="store_true", help="print results.json on stdout")
     r.set_defaults(func=cmd_run)
 
+    add_kernel_check_parser(labs)
+
+
+def add_kernel_check_parser(sub) -> None:
+    """`kernel-check`: registered under `pyvmm lab` and, by pyvmm.cli, at the top level."""
     k = sub.add_parser("kernel-check",
                        help="how does kvm_io_bus_register_dev in this kvm.ko free the old bus, "
                             "and does a memslot change synchronize? (objdump)")

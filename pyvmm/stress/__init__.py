@@ -28,7 +28,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from .. import abi, layout
-from ..bench.stats import percentile
+from ..bench.stats import latency_summary, percentile
 from ..errors import KvmError, PyvmmError
 from ..hostinfo import process_facts
 from ..exits import Interrupted, Mmio
@@ -448,9 +448,8 @@ class Stress:
         for name, xs in sorted(self.tracker.lat.items()):
             if not xs:
                 continue
-            out[name] = {"count": xs.count, "per_s": xs.count / elapsed if elapsed else 0.0,
-                         "p50_ns": xs.percentile(50), "p99_ns": xs.percentile(99),
-                         "max_ns": xs.max,
+            out[name] = {**latency_summary(xs.samples, xs.count, xs.max),
+                         "per_s": xs.count / elapsed if elapsed else 0.0,
                          "errors": dict(self.tracker.errors.get(name, {}))}
         return out
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 from .. import abi, layout
 from ..abi import ffi, libc
+from ..bench.stats import latency_summary
 from ..errors import PyvmmError
 from ..exits import Interrupted, Io, Unknown
 from ..hostinfo import process_facts
@@ -178,7 +179,7 @@ def run(cfg: XenStressConfig, on_hang=None) -> XenStressResult:
     res.sends, res.invalidations, res.filter_calls = (counts["sends"], counts["invalidations"],
                                                       counts["filter"])
     res.hypercall_results = {str(k): v for k, v in sorted(results.items())}
-    res.ops = {name: {"count": xs.count, "p50_ns": xs.percentile(50), "max_ns": xs.max}
+    res.ops = {name: latency_summary(xs.samples, xs.count, xs.max)
                for name, xs in tracker.lat.items() if xs}
     res.process["end"] = process_facts()
     if res.hang is None:
