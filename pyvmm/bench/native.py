@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .. import guests
-from .recipe import OPS, Recipe, _native
+from .recipe import OPS, Recipe, native_module
 
 SAMPLE_CAP = 1 << 20
 
@@ -12,7 +12,7 @@ class NativeRunner:
     """Holds the cffi buffers so repeated boots allocate nothing."""
 
     def __init__(self, ioev_len: int = 4, pin_cpu: int | None = None, timeout_ms: int = 10000):
-        nat = _native()
+        nat = native_module()
         self.ffi, self.lib = nat.ffi, nat.lib
         self._guest = self.ffi.from_buffer(guests.load("doorbell"))
         self.opt = self.ffi.new("struct bb_options *")
@@ -66,7 +66,7 @@ def result_dict(ffi, r, samples) -> dict:
 
 def clock_cost(iters: int = 200000) -> dict:
     """Cost of one clock read in the helper: CLOCK_MONOTONIC and CLOCK_THREAD_CPUTIME_ID."""
-    nat = _native()
+    nat = native_module()
     w = nat.ffi.new("double *")
     c = nat.ffi.new("double *")
     nat.lib.bb_clock_cost(iters, w, c)

@@ -58,7 +58,7 @@ class Recipe:
         return sum(s.count for s in self.steps if s.op == "ioev")
 
 
-def _native():
+def native_module():
     try:
         from .. import _native
     except ImportError as e:  # pragma: no cover - only when the package is not built
@@ -80,7 +80,7 @@ def parse(text: str, n: int | None = None) -> Recipe:
         if n is None:
             raise RecipeError(f"recipe '{text}' uses N but no count was given")
         text = expand(text, n)
-    nat = _native()
+    nat = native_module()
     ffi, lib = nat.ffi, nat.lib
     rec = ffi.new("struct bb_recipe *")
     err = ffi.new("char[]", lib.BB_ERR_LEN)
