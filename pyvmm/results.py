@@ -10,10 +10,12 @@ rename), so an interrupted writer never leaves half a file.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
 import sys
+import time
 
 
 def now_iso() -> str:
@@ -48,3 +50,43 @@ def write_json_atomic(path: str, doc: dict) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+SAVE_EVERY_S = 2.0      # a document being filled is rewritten at most this often
+
+
+class Saver:
+    """Writes `doc` to `path` atomically, at most every `every_s` seconds unless forced,
+    so a long run's file is always valid and never far behind."""
+
+    def __init__(self, path: str, doc: dict, every_s: float = SAVE_EVERY_S):
+        self.path, self.doc, self.every_s = path, doc, every_s
+        self._last = 0.0
+
+    def __call__(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self._last >= self.every_s:
+            write_json_atomic(self.path, self.doc)
+            self._last = now
+
+
+@contextlib.contextmanager
+def finishing(doc: dict, save, timings: dict | None = None, t_start: float | None = None):
+    """A results document's life cycle around the work that fills it: an interrupted run
+    (Ctrl-C, SIGTERM) is marked 'interrupted', any other failure 'failed' (unless the
+    body set a status), and the document is saved with its end time (and total wall
+    time, given `timings` and `t_start`) whatever happens."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        doc["status"] = "interrupted"
+        raise
+    except BaseException:
+        if doc.get("status") == "running":
+            doc["status"] = "failed"
+        raise
+    finally:
+        if timings is not None and t_start is not None:
+            timings["total_s"] = round(time.monotonic() - t_start, 1)
+        doc["finished"] = now_iso()
+        save()

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from .. import hostinfo
 from ..errors import PyvmmError
-from ..results import envelope, now_iso, write_json_atomic  # noqa: F401 (re-exported)
+from ..results import Saver, envelope, finishing
 from ..vm import check_nofile
 from . import native, recipe as rmod
 from .stats import interleaved_order
@@ -24,7 +24,6 @@ SCHEMA = "pyvmm.run/1"
 DEFAULT_NS = (0, 1, 10, 100, 300, 1000)
 DEFAULT_RECIPES = ("before-vcpu", "during-boot")
 CONTROL_N = 32
-SAVE_EVERY_S = 2.0
 
 
 @dataclass
@@ -145,16 +144,13 @@ class Sweep:
         self.dir = out_dir
         self.path = os.path.join(out_dir, "run.json")
         self.doc = new_doc(cfg, self.host, environment, native.clock_cost())
-        self._last_save = 0.0
+        self._saver = Saver(self.path, self.doc)
 
     def cells(self) -> list[tuple[str, int, str]]:
         return sweep_cells(self.cfg)
 
     def save(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if force or now - self._last_save >= SAVE_EVERY_S:
-            write_json_atomic(self.path, self.doc)
-            self._last_save = now
+        self._saver(force)
 
     def run(self, progress=None) -> dict:
         cfg = self.cfg
@@ -177,7 +173,7 @@ class Sweep:
                 _py_run(py_boot, warm, cfg)
         total = len(order)
         self.save(force=True)
-        try:
+        with finishing(self.doc, lambda: self.save(force=True)):
             for seq, (rname, n, driver) in enumerate(order):
                 rec = parsed[(rname, n)]
                 if driver == "c":
@@ -197,15 +193,6 @@ class Sweep:
                     progress(seq + 1, total, (rname, n, driver))
                 self.save()
             self.doc["status"] = "complete"
-        except KeyboardInterrupt:
-            self.doc["status"] = "interrupted"
-            raise
-        except BaseException:
-            self.doc["status"] = "failed"
-            raise
-        finally:
-            self.doc["finished"] = now_iso()
-            self.save(force=True)
         return self.doc
 
 

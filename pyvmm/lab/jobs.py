@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from .. import hostinfo
 from ..bench.sweep import new_run_dir
-from ..results import envelope, write_json_atomic
+from ..results import envelope, finishing, write_json_atomic
 from . import initramfs, inner, kernel_lab, pyruntime, qemu
 from .kernel_lab import LabOptions, Ui
 from .kernels import LabError
@@ -97,7 +97,7 @@ def run_jobs(opts: LabOptions, jobs: list[str], ui: Ui | None = None) -> JobsRun
             ui.log(f"job {line['job']}: {'ok' if line['ok'] else 'FAILED: ' + str(line['error'])}"
                    f" ({line['wall_s']:.1f} s in the guest)")
             write_json_atomic(path, doc)
-    with kernel_lab.finishing(doc, lambda: write_json_atomic(path, doc), timings, t_start):
+    with finishing(doc, lambda: write_json_atomic(path, doc), timings, t_start):
         stream, qemu_s = qemu.run(qcfg, work, on_line, on_stage)
         timings["qemu_s"] = qemu_s
         timings["to_init_s"] = marks.get("sweep")

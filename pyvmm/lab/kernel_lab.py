@@ -13,7 +13,6 @@ of the inner kernel).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import subprocess
@@ -24,7 +23,7 @@ from .. import guests, hostinfo
 from ..bench import report
 from ..bench.stats import interleaved_order
 from ..bench.sweep import SweepConfig, new_doc, new_run_dir, sweep_cells
-from ..results import now_iso, write_json_atomic
+from ..results import Saver, finishing
 from . import initramfs, kcheck, kernels, modbuild, qemu
 from .kernels import LabError
 from .serial import boot_to_sample, plan_label
@@ -34,7 +33,6 @@ LAB_REPEATS = 10
 LAB_WARMUP = 2
 BUSYBOX_PATHS = ("/bin/busybox", "/usr/bin/busybox")
 PACKAGES = {"qemu": "qemu-system-x86", "busybox": "busybox-static"}
-SAVE_EVERY_S = 2.0
 HELPER_TIMEOUT_MS = 60000
 
 
@@ -192,27 +190,6 @@ class Ui:
         pass
 
 
-@contextlib.contextmanager
-def finishing(doc: dict, save, timings: dict, t_start: float):
-    """The results document's life cycle around a lab run: an interrupted run (Ctrl-C,
-    SIGTERM) is marked 'interrupted', any other failure 'failed' (unless the body set a
-    status), and the document is saved with its end time and total wall time whatever
-    happens."""
-    try:
-        yield
-    except KeyboardInterrupt:
-        doc["status"] = "interrupted"
-        raise
-    except BaseException:
-        if doc["status"] == "running":
-            doc["status"] = "failed"
-        raise
-    finally:
-        timings["total_s"] = round(time.monotonic() - t_start, 1)
-        doc["finished"] = now_iso()
-        save()
-
-
 def check_options(opts: LabOptions) -> modbuild.Patch | None:
     """Everything about the arguments that can be checked before any tool is installed
     or anything downloaded; returns the patch asked for."""
@@ -326,13 +303,7 @@ def run_lab(opts: LabOptions, cfg: SweepConfig, ui: Ui | None = None) -> LabRun:
                   "timings": timings}
     path = os.path.join(out, "run.json")
     total = len(plan) - cfg.warmup
-    last_save = [0.0]
-
-    def save(force=False):
-        now = time.monotonic()
-        if force or now - last_save[0] >= SAVE_EVERY_S:
-            write_json_atomic(path, doc)
-            last_save[0] = now
+    save = Saver(path, doc)
 
     save(force=True)
     attempt = 0

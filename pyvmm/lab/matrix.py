@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 
 from ..bench import report, stats
 from ..bench.sweep import SweepConfig
-from ..results import envelope, write_json_atomic
+from ..results import envelope, finishing, write_json_atomic
 from . import kernel_lab, modbuild
 from .kernel_lab import LabOptions, Variant, parse_variant
 from .kernels import LabError
@@ -107,7 +107,7 @@ def run_matrix(variants: list[Variant], cfg: SweepConfig, base: LabOptions,
                    rows=[], failed=[], timings={})
     t0 = time.monotonic()
     write_json_atomic(path, doc)
-    with kernel_lab.finishing(doc, lambda: write_json_atomic(path, doc), doc["timings"],
+    with finishing(doc, lambda: write_json_atomic(path, doc), doc["timings"],
                               t0):
         for i, v in enumerate(variants):
             ui.log(f"[{i + 1}/{len(variants)}] variant {v.label}")
