@@ -38,7 +38,7 @@ TOKENS = ["vm", "mem", "ioev:", "eexist:", "deassign:", "vcpu:", "run", "run:pro
 
 
 def seeds() -> list[str]:
-    from pyvmm.bench import recipe
+    from pyvmm import recipe
     out = []
     for tmpl in recipe.PRESETS.values():
         for n in (0, 1, 10, 4094):

@@ -82,7 +82,7 @@ def phase_label(p: dict) -> str:
 
 
 def cmd_boot(args) -> int:
-    from .bench import pyrunner, recipe as rmod
+    from . import recipe as rmod, runner as pyrunner
 
     g = guests.info(args.guest)
     if args.recipe:

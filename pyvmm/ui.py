@@ -75,7 +75,7 @@ def int_list(text: str) -> tuple[int, ...]:
 
 def recipes_arg(text: str) -> tuple[str, ...]:
     """Preset names separated by ',' or recipe templates separated by ';'."""
-    from .bench import recipe as rmod
+    from . import recipe as rmod
     if ";" in text:
         parts = [p.strip() for p in text.split(";") if p.strip()]
     elif all(p.strip() in rmod.PRESETS for p in text.split(",")):

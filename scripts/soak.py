@@ -2,7 +2,7 @@
 
     .venv/bin/python scripts/soak.py [--boots 10000] [--recipe RECIPE] [--out DIR]
 
-Boots alternate between the Python VMM (pyvmm.bench.pyrunner) and the C helper
+Boots alternate between the Python VMM (pyvmm.runner) and the C helper
 in-process (pyvmm.bench.native), each on the same recipe (default: 10 ioeventfds,
 one vCPU, run to HLT, a memslot change). Every --every boots it records this process's
 open fds, RSS and threads; at the end it prints the first and last of those, the
@@ -17,7 +17,8 @@ import os
 import sys
 import time
 
-from pyvmm.bench import native, pyrunner, recipe as rmod
+from pyvmm import recipe as rmod, runner as pyrunner
+from pyvmm.bench import native
 from pyvmm.bench.stats import median
 from pyvmm.results import envelope, write_json_atomic
 from pyvmm.hostinfo import collect, process_facts

@@ -7,7 +7,8 @@ import subprocess
 import pytest
 
 from pyvmm import guests
-from pyvmm.bench import native, recipe as rmod, report
+from pyvmm import recipe as rmod
+from pyvmm.bench import native, report
 from pyvmm.bench.cli import behaviour_rows, compare_docs, python_vs_c_table
 from pyvmm.bench.sweep import Sweep, SweepConfig, load_run
 from pyvmm.errors import PyvmmError

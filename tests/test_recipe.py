@@ -2,8 +2,8 @@
 
 import pytest
 
-from pyvmm.bench import recipe as rmod
-from pyvmm.bench.recipe import RecipeError
+from pyvmm import recipe as rmod
+from pyvmm.recipe import RecipeError
 
 
 def test_presets_parse_and_expand():

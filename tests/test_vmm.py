@@ -7,7 +7,7 @@ import struct
 import pytest
 
 from pyvmm import Kvm, layout
-from pyvmm.bench import pyrunner, recipe as rmod
+from pyvmm import recipe as rmod, runner as pyrunner
 from pyvmm.errors import (GuestError, GuestTimeout, KvmError, KvmUnavailable, PyvmmError,
                           ResourceLimit, UnexpectedExit)
 from pyvmm.exits import Hlt, Io, Mmio

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .. import guests
-from .recipe import OPS, Recipe, native_module
+from ..recipe import OPS, Recipe, native_module
 
 SAMPLE_CAP = 1 << 20
 

@@ -17,7 +17,8 @@ from .. import hostinfo
 from ..errors import PyvmmError
 from ..results import Saver, envelope, finishing
 from ..vm import check_nofile
-from . import native, recipe as rmod
+from .. import recipe as rmod
+from . import native
 from .stats import interleaved_order
 
 SCHEMA = "pyvmm.run/1"
@@ -158,7 +159,7 @@ class Sweep:
         runner = native.NativeRunner(cfg.ioev_len, cfg.pin_cpu, cfg.timeout_ms)
         py_boot = None
         if "py" in cfg.drivers:
-            from . import pyrunner
+            from .. import runner as pyrunner
             py_boot = pyrunner
         parsed = {}
         for r in set(c[0] for c in self.cells()):

@@ -83,7 +83,7 @@ def ensure_tools(log=print, install: bool = True) -> dict[str, str]:
 def make_plan(cfg: SweepConfig) -> list[str]:
     """Plan lines ('LABEL RECIPE'): warm-up boots, then every cell `repeats` times in
     seeded interleaved rounds, exactly as `pyvmm bench` orders them."""
-    from ..bench import recipe as rmod
+    from .. import recipe as rmod
     lines = []
     warm_recipe = cfg.recipes[0]
     warm_n = cfg.ns[min(1, len(cfg.ns) - 1)]

@@ -36,7 +36,7 @@ import json, sys, encodings.utf_8, encodings.latin_1, encodings.ascii, runpy, im
 import importlib.machinery, traceback, linecache, tokenize
 import pyvmm.lab.inner, pyvmm.bench.ptwrite, pyvmm.checks.races, pyvmm.checks.gmem
 import pyvmm.stress, pyvmm.vcpu, pyvmm.vm, pyvmm.kvm, pyvmm.kvmstats, pyvmm.memory
-import pyvmm.bench.native, pyvmm.bench.recipe, pyvmm.guests, pyvmm.stress.xen
+import pyvmm.bench.native, pyvmm.recipe, pyvmm.guests, pyvmm.stress.xen
 pyvmm.guests.load("ptwrite"); pyvmm.guests.helper_path()
 for bad in ("rich", "matplotlib", "numpy"):
     if bad in sys.modules:

@@ -12,17 +12,17 @@ import struct
 import threading
 import time
 
-from .. import guests, layout
-from .. import abi
-from ..abi import libc
-from ..errors import GuestTimeout, PyvmmError, UnexpectedExit
-from ..exits import (FailEntry, Hlt, InternalError, Interrupted, Io, MemoryFault, Mmio,
+from . import guests, layout
+from . import abi
+from .abi import libc
+from .errors import GuestTimeout, PyvmmError, UnexpectedExit
+from .exits import (FailEntry, Hlt, InternalError, Interrupted, Io, MemoryFault, Mmio,
                      Shutdown, describe)
-from ..kvm import shared as shared_kvm
-from ..memory import GuestMemory
-from ..kvmstats import StatsReader, diff
-from ..vcpu import gdt_image, identity_page_tables, install_kick_handler
-from ..vm import check_nofile
+from .kvm import shared as shared_kvm
+from .memory import GuestMemory
+from .kvmstats import StatsReader, diff
+from .vcpu import gdt_image, identity_page_tables, install_kick_handler
+from .vm import check_nofile
 from .recipe import Recipe
 
 MARKER_TARGETS = {"probe": layout.MARK_PROBE, "rung": layout.MARK_RUNG, "halt": 0}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from ..errors import PyvmmError, RecipeError  # noqa: F401 (RecipeError re-exported)
+from .errors import PyvmmError, RecipeError  # noqa: F401 (RecipeError re-exported)
 
 OPS = {1: "vm", 2: "mem", 3: "ioev", 4: "eexist", 5: "deassign", 6: "vcpu", 7: "run",
        8: "memslot", 9: "teardown"}
@@ -60,7 +60,7 @@ class Recipe:
 
 def native_module():
     try:
-        from .. import _native
+        from . import _native
     except ImportError as e:  # pragma: no cover - only when the package is not built
         raise PyvmmError(f"the C helper pyvmm._native is not built ({e}): install pyvmm with "
                          f"'make run' or 'pip install .'") from None
