@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import struct
-import threading
 import time
 
 from . import guests, layout
@@ -21,7 +20,7 @@ from .exits import (FailEntry, Hlt, InternalError, Interrupted, Io, MemoryFault,
 from .kvm import shared as shared_kvm
 from .memory import GuestMemory
 from .kvmstats import StatsReader, diff
-from .vcpu import gdt_image, identity_page_tables, install_kick_handler
+from .vcpu import gdt_image, identity_page_tables, install_kick_handler, kick_after
 from .vm import check_nofile
 from .recipe import Recipe
 
@@ -275,7 +274,7 @@ class PyBoot:
             # One watchdog thread per process, armed outside the timed phases.
             install_kick_handler()
             self._deadline = time.monotonic() + self.timeout
-            self._kicker = _kicker(self.timeout)
+            self._kicker = kick_after(self.timeout)
         self._t0 = _mono()
         try:
             for i, step in enumerate(self.recipe.steps):
@@ -320,66 +319,6 @@ class PyBoot:
             raise error
         res["ok"] = True
         return res
-
-
-class _KickService:
-    """One thread for the whole process that kicks a vCPU out of KVM_RUN once its boot's
-    time is up (then every 10 ms until the boot cancels), instead of a thread per boot."""
-
-    def __init__(self):
-        self.cond = threading.Condition()
-        self.armed: dict[int, list] = {}     # id -> [deadline, vcpu or None]
-        self.next_id = 0
-        self.thread = threading.Thread(target=self._loop, daemon=True, name="pyvmm-kicker")
-        self.thread.start()
-
-    def arm(self, timeout: float) -> "_Kick":
-        with self.cond:
-            self.next_id += 1
-            self.armed[self.next_id] = [time.monotonic() + timeout, None]
-            self.cond.notify()
-            return _Kick(self, self.next_id)
-
-    def _loop(self):
-        with self.cond:
-            while True:
-                now = time.monotonic()
-                due = [e for e in self.armed.values() if e[0] <= now]
-                for e in due:
-                    if e[1] is not None:
-                        e[1].kick()
-                    e[0] = now + 0.01
-                wait = min((e[0] for e in self.armed.values()), default=now + 3600) - now
-                self.cond.wait(max(wait, 0.001))
-
-
-class _Kick:
-    def __init__(self, service: _KickService, kid: int):
-        self.service, self.kid = service, kid
-
-    @property
-    def vcpu(self):
-        return self.service.armed.get(self.kid, [0, None])[1]
-
-    @vcpu.setter
-    def vcpu(self, v):
-        with self.service.cond:
-            if self.kid in self.service.armed:
-                self.service.armed[self.kid][1] = v
-
-    def cancel(self):
-        with self.service.cond:
-            self.service.armed.pop(self.kid, None)
-
-
-_KICKS: _KickService | None = None
-
-
-def _kicker(timeout: float) -> _Kick:
-    global _KICKS
-    if _KICKS is None:
-        _KICKS = _KickService()
-    return _KICKS.arm(timeout)
 
 
 def _last_marker(res) -> str:

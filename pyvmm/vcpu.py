@@ -8,6 +8,7 @@ import mmap as _mmap
 import signal
 import struct
 import threading
+import time
 
 from . import abi, layout
 from ._fd import FdOwner
@@ -221,3 +222,74 @@ def _run_hint(err: int) -> str:
     if err == errno.EINVAL:
         return "KVM refused to run this vCPU (registers or mode invalid)"
     return ""
+
+
+class _KickService:
+    """One thread for the whole process that kicks a vCPU out of KVM_RUN once its time is
+    up (then every 10 ms until cancelled), instead of a watchdog thread per boot or check.
+    Use kick_after()."""
+
+    def __init__(self):
+        self.cond = threading.Condition()
+        self.armed: dict[int, list] = {}     # id -> [deadline, vcpu or None]
+        self.next_id = 0
+        self.thread = threading.Thread(target=self._loop, daemon=True, name="pyvmm-kicker")
+        self.thread.start()
+
+    def arm(self, timeout: float, vcpu=None) -> "Kick":
+        with self.cond:
+            self.next_id += 1
+            self.armed[self.next_id] = [time.monotonic() + timeout, vcpu, False]
+            self.cond.notify()
+            return Kick(self, self.next_id)
+
+    def _loop(self):
+        with self.cond:
+            while True:
+                now = time.monotonic()
+                due = [e for e in self.armed.values() if e[0] <= now]
+                for e in due:
+                    if e[1] is not None:
+                        e[1].kick()
+                        e[2] = True
+                    e[0] = now + 0.01
+                wait = min((e[0] for e in self.armed.values()), default=now + 3600) - now
+                self.cond.wait(max(wait, 0.001))
+
+
+class Kick:
+    """One armed deadline: set `vcpu` (if not given to kick_after), read `fired`, and
+    cancel() when the work is done; no kick comes after cancel() returns."""
+
+    def __init__(self, service: _KickService, kid: int):
+        self.service, self.kid = service, kid
+        self.fired = False
+
+    @property
+    def vcpu(self):
+        return self.service.armed.get(self.kid, [0, None, False])[1]
+
+    @vcpu.setter
+    def vcpu(self, v):
+        with self.service.cond:
+            if self.kid in self.service.armed:
+                self.service.armed[self.kid][1] = v
+
+    def cancel(self):
+        with self.service.cond:
+            e = self.service.armed.pop(self.kid, None)
+            if e is not None:
+                self.fired = self.fired or e[2]
+
+
+_KICKS: _KickService | None = None
+
+
+def kick_after(timeout: float, vcpu=None) -> Kick:
+    """Kick `vcpu` (or the one set on the returned Kick) out of KVM_RUN once `timeout`
+    seconds have passed, and every 10 ms after, until cancelled. Call
+    install_kick_handler() first (from the main thread)."""
+    global _KICKS
+    if _KICKS is None:
+        _KICKS = _KickService()
+    return _KICKS.arm(timeout, vcpu)

@@ -7,56 +7,16 @@ import math
 import random
 from dataclasses import dataclass
 
+# Percentiles and latency summaries are shared with checks and stress: they live below
+# every room, in pyvmm.latency, and are re-exported here for the bench's own use.
+from ..latency import latency_summary, median, percentile, summarize  # noqa: F401
+
 
 # Verdict thresholds (justified in docs/methodology.md).
 ASSIGN_OVER_EEXIST_MIN = 5.0     # pre-6.18: every assign waits for a grace period
 ASSIGN_OVER_DEASSIGN_MIN = 0.5   # ... so it costs about as much as a deassign
 STALL_MIN_NS = 500_000           # a post-registration memslot stall worth reporting
 STALL_MIN_RATIO = 5.0
-
-
-def _sorted_floats(values) -> list[float]:
-    return sorted(float(v) for v in values)
-
-
-def _pct_sorted(xs: list[float], q: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default method)."""
-    pos = (len(xs) - 1) * q / 100.0
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
-
-def percentile(values, q: float) -> float:
-    """Linear-interpolated percentile (q in 0..100) of a non-empty sequence. Pure Python,
-    so that the VMM, stress and the lab's inner runner need no numpy."""
-    if len(values) == 0:
-        raise ValueError("percentile of an empty sequence")
-    return _pct_sorted(_sorted_floats(values), q)
-
-
-def median(values) -> float:
-    return percentile(values, 50)
-
-
-def latency_summary(samples, count: int | None = None, max_ns: float | None = None) -> dict:
-    """The one summary of operation latencies (ns) that stress, the checks and the Xen
-    seed report: count, p50, p90, p99 and max. `count` and `max_ns` override what the
-    samples say when they are a reservoir of a longer series."""
-    return {"count": len(samples) if count is None else count,
-            "p50_ns": percentile(samples, 50), "p90_ns": percentile(samples, 90),
-            "p99_ns": percentile(samples, 99),
-            "max_ns": max(samples) if max_ns is None else max_ns}
-
-
-def summarize(values) -> dict:
-    """min/median/p10/p90/max/mean and count."""
-    xs = _sorted_floats(values)
-    if not xs:
-        return {"n": 0}
-    return {"n": len(xs), "min": xs[0], "p10": _pct_sorted(xs, 10),
-            "median": _pct_sorted(xs, 50), "p90": _pct_sorted(xs, 90),
-            "max": xs[-1], "mean": math.fsum(xs) / len(xs)}
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 
 from .. import layout
-from ..bench.stats import latency_summary
+from ..latency import latency_summary
 from ..errors import CheckError, PyvmmError  # noqa: F401 (CheckError re-exported)
 from ..exits import Interrupted, Io, Mmio
 from ..kvm import Kvm
@@ -102,27 +102,6 @@ def long_mode_vm(guest: str):
     return kvm, vm, vcpu
 
 
-class _Watchdog:
-    """Kicks the vCPU out of KVM_RUN once the deadline has passed (then every 50 ms)."""
-
-    def __init__(self, vcpu, deadline: float):
-        self.vcpu, self.deadline = vcpu, deadline
-        self.done = threading.Event()
-        self.fired = False
-        self.t = threading.Thread(target=self._loop, daemon=True)
-        self.t.start()
-
-    def _loop(self):
-        while not self.done.wait(max(0.0, self.deadline - time.monotonic())):
-            self.fired = True
-            self.vcpu.kick()
-            self.deadline = time.monotonic() + 0.05
-
-    def cancel(self):
-        self.done.set()
-        self.t.join()
-
-
 def _classify(ex) -> tuple[str, int]:
     if isinstance(ex, Mmio):
         return ("mmio-write" if ex.is_write else "mmio-read"), ex.addr
@@ -138,13 +117,13 @@ def _classify(ex) -> tuple[str, int]:
 
 def _vcpu_loop(vcpu, mutator: Mutator, iterations: int, duration_s: float, progress,
                efd: int | None = None, on_mmio_read=None) -> tuple[list, int, str]:
-    from ..vcpu import install_kick_handler
+    from ..vcpu import install_kick_handler, kick_after
     install_kick_handler()
     runs: list[attr.Run] = []
     done = 0
     deadline = time.monotonic() + duration_s
     stopped_by = "iterations"
-    dog = _Watchdog(vcpu, deadline + 1.0)
+    dog = kick_after(deadline + 1.0 - time.monotonic(), vcpu)
     last_report = 0.0
     try:
         while done < iterations:

@@ -222,7 +222,7 @@ def cmd_run(args) -> int:
         elif r["job"].startswith("xen") and r["data"]:
             hangs = [x["hang_after_s"] for x in r["data"]["runs"] if x["hang"]]
             if hangs:
-                from ..bench.stats import median
+                from ..latency import median
                 con.print(f"xen: deadlock in {len(hangs)} of {len(r['data']['runs'])} seeds, "
                           f"median {median(hangs):.3f} s after the start (min {min(hangs):.3f}"
                           f", max {max(hangs):.3f})", highlight=False)

@@ -28,7 +28,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from .. import abi, layout
-from ..bench.stats import latency_summary, percentile
+from ..latency import Latencies, latency_summary  # noqa: F401 (Latencies re-exported)
 from ..errors import KvmError, PyvmmError
 from ..hostinfo import process_facts
 from ..exits import Interrupted, Mmio
@@ -63,40 +63,6 @@ class Current:
     t0: float
     native_id: int
     thread: str
-
-
-class Latencies:
-    """Latencies of one operation in bounded memory: exact count, total and maximum, and
-    a uniform reservoir sample (Vitter's algorithm R) for the percentiles. An hour of
-    stress runs ~90 million operations; keeping every sample took 3.4 GiB (found by the
-    soak run), this keeps RESERVOIR per operation."""
-
-    RESERVOIR = 16384
-
-    def __init__(self, seed: str = ""):
-        self.count = 0
-        self.total = 0
-        self.max = 0
-        self.samples: list[int] = []
-        self._rng = random.Random(seed)
-
-    def append(self, ns: int) -> None:
-        self.count += 1
-        self.total += ns
-        if ns > self.max:
-            self.max = ns
-        if len(self.samples) < self.RESERVOIR:
-            self.samples.append(ns)
-        else:
-            j = self._rng.randrange(self.count)
-            if j < self.RESERVOIR:
-                self.samples[j] = ns
-
-    def __len__(self) -> int:
-        return self.count
-
-    def percentile(self, q: float) -> float:
-        return percentile(self.samples, q)
 
 
 class OpTracker:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 from .. import abi, layout
 from ..abi import ffi, libc
-from ..bench.stats import latency_summary
+from ..latency import latency_summary
 from ..errors import PyvmmError
 from ..exits import Interrupted, Io, Unknown
 from ..hostinfo import process_facts
