@@ -1,1 +1,3 @@
-"""The boot-cost lab: recipes, runners (C helper and Python VMM), stats, reports."""
+"""The boot-cost bench: the sweep, the C helper in-process, statistics, reports, compare
+and export, and ptwrite. Recipes and the Python runner live below it (pyvmm.recipe,
+pyvmm.runner)."""

@@ -1,5 +1,5 @@
-"""Pure statistics for the lab: percentiles, the quadratic cost fit, the permutation
-test, and the verdict. No KVM here: unit tests feed these synthetic or recorded data."""
+"""Pure statistics for the sweep: the quadratic cost fit, the permutation test, the
+change rule, the verdict and where the stall landed (percentiles: pyvmm.latency). No KVM here: unit tests feed these synthetic or recorded data."""
 
 from __future__ import annotations
 

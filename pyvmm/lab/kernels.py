@@ -1,4 +1,4 @@
-"""Debian kernel packages for the old-kernel lab: resolve, download, unpack into a kit.
+"""Debian kernel packages for the kernel lab: resolve, download, unpack into a kit.
 
 A *kit* is what the lab boots: the kernel image, its config, and the KVM modules with
 everything they depend on, decompressed and in load order. Kits and downloaded packages
