@@ -20,7 +20,7 @@ from .exits import (FailEntry, Hlt, InternalError, Interrupted, Io, MemoryFault,
 from .kvm import shared as shared_kvm
 from .memory import GuestMemory
 from .kvmstats import StatsReader, diff
-from .vcpu import gdt_image, identity_page_tables, install_kick_handler, kick_after
+from .vcpu import install_kick_handler, kick_after, write_long_mode_tables
 from .vm import check_nofile
 from .recipe import Recipe
 
@@ -76,8 +76,7 @@ class PyBoot:
             raise PyvmmError(f"guest image of {len(self.image)} bytes does not fit in RAM")
         ram.memory.write(layout.CODE_GPA, self.image)
         if self.guest.mode == "long":
-            ram.memory.write(layout.GDT_GPA, gdt_image())
-            ram.memory.write(layout.PML4_GPA, identity_page_tables())
+            write_long_mode_tables(ram.memory.write)
         self._write_params()
         self.bar_mem = GuestMemory(layout.BAR_SIZE * MAX_BAR_SLOTS)
         self.vm.memories.append(self.bar_mem)

@@ -26,9 +26,17 @@ REG_NAMES = ["rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9",
              "r11", "r12", "r13", "r14", "r15", "rip", "rflags"]
 
 
+@functools.lru_cache(maxsize=1)
 def gdt_image() -> bytes:
     """The GDT the VMM writes at GDT_GPA for the 64-bit entry: null, code, data."""
     return struct.pack("<3Q", 0, GDT_CODE64, GDT_DATA)
+
+
+def write_long_mode_tables(write) -> None:
+    """Write the 64-bit entry's GDT and identity page tables with `write(gpa, data)`
+    (Vm.write_guest, or GuestMemory.write on RAM at GPA 0): once per VM."""
+    write(layout.GDT_GPA, gdt_image())
+    write(layout.PML4_GPA, identity_page_tables())
 
 
 def install_kick_handler() -> bool:
@@ -140,8 +148,7 @@ class Vcpu(FdOwner):
         pass write_tables=False for further vCPUs).
         """
         if write_tables:
-            self.vm.write_guest(layout.GDT_GPA, gdt_image())
-            self.vm.write_guest(layout.PML4_GPA, identity_page_tables())
+            write_long_mode_tables(self.vm.write_guest)
         self.set_cpuid(self.vm.kvm.get_supported_cpuid())
         sregs = self.get_sregs()
         code = sregs.cs

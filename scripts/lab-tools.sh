@@ -15,13 +15,4 @@ command -v make >/dev/null 2>&1 || missing="$missing make"
 command -v patch >/dev/null 2>&1 || missing="$missing patch"
 command -v xz >/dev/null 2>&1 || missing="$missing xz-utils"
 command -v gcc-12 >/dev/null 2>&1 || missing="$missing gcc-12"
-if [ -z "$missing" ]; then exit 0; fi
-if [ "$1" = "--install" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    echo "installing lab packages:$missing"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get install -y -q --no-install-recommends $missing \
-        || { apt-get update -q && apt-get install -y -q --no-install-recommends $missing; }
-    exit $?
-fi
-echo "pyvmm lab: missing tools; install them with: sudo apt-get install$missing" >&2
-exit 1
+exec sh "$(dirname "$0")/install-packages.sh" "$1" lab $missing

@@ -265,9 +265,8 @@ def module_args(kit: kernels.Kit, args: dict[str, str]) -> dict[str, str]:
 
 def run_lab(opts: LabOptions, cfg: SweepConfig, ui: Ui | None = None) -> LabRun:
     ui = ui or Ui()
-    patch = check_options(opts)
     t_start = time.monotonic()
-    prep = prepare(opts, ui)
+    prep = prepare(opts, ui)            # checks the options first, before any download
     kit, built, kc, timings = prep.kit, prep.built, prep.kernel_check, prep.timings
     t = time.monotonic()
     plan = make_plan(cfg)
@@ -292,7 +291,7 @@ def run_lab(opts: LabOptions, cfg: SweepConfig, ui: Ui | None = None) -> LabRun:
                            boot_timeout_s=opts.boot_timeout_s,
                            stall_timeout_s=opts.stall_timeout_s,
                            total_timeout_s=opts.total_timeout_s)
-    variant = Variant(opts.kernel, patch.name if patch else None)
+    variant = Variant(opts.kernel, opts.kvm_patch)
     doc["lab"] = {"kernel_spec": opts.kernel, "variant": variant.label,
                   "kvm_args": dict(opts.kvm_args),
                   "kvm_patch": None if built is None else dict(built.meta),
