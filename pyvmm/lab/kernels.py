@@ -410,17 +410,12 @@ class Apt:
             raise LabError(f"{name} {version} is not in the package lists")
         return recs[0]
 
-    def download(self, pkg: KernelPackage, dest_dir: str) -> str:
-        """Download the package into dest_dir (temp directory, then rename)."""
-        return self.download_named(pkg.name, pkg.version, dest_dir)
-
     def download_named(self, name: str, version: str, dest_dir: str) -> str:
         """Download NAME=VERSION into dest_dir, unless a finished copy is there."""
         os.makedirs(dest_dir, exist_ok=True)
-        stem = f"{name}_{version.replace(':', '%3a')}_"
-        have = [f for f in os.listdir(dest_dir) if f.startswith(stem) and f.endswith(".deb")]
+        have = cached_deb(dest_dir, name, version)
         if have:
-            return os.path.join(dest_dir, have[0])
+            return have
         tmp = tempfile.mkdtemp(prefix=".download-", dir=dest_dir)
         try:
             self._run(["apt-get", "download", "-q", f"{name}={version}"],
@@ -433,6 +428,16 @@ class Apt:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return final
+
+
+def cached_deb(folder: str, name: str, version: str) -> str | None:
+    """The finished download of NAME=VERSION in `folder` (any architecture), or None."""
+    stem = f"{name}_{version.replace(':', '%3a')}_"
+    try:
+        have = sorted(f for f in os.listdir(folder) if f.startswith(stem) and f.endswith(".deb"))
+    except FileNotFoundError:
+        return None
+    return os.path.join(folder, have[0]) if have else None
 
 
 @dataclass(frozen=True)
@@ -465,9 +470,7 @@ def resolve(spec: str, log=print) -> KernelDebs:
     rec = apt.record(pkg.name, pkg.version)
     parts = split_parts(rec.get("Depends", ""), pkg.version)
     names = [pkg.name] + parts
-    cached = all(any(f.startswith(f"{n}_{pkg.version.replace(':', '%3a')}_")
-                     for f in (os.listdir(debs) if os.path.isdir(debs) else []))
-                 for n in names)
+    cached = all(cached_deb(debs, n, pkg.version) for n in names)
     log(f"kernel {spec}: {pkg.name} {pkg.version}" + (f" + {len(parts)} parts" if parts else "")
         + (" (cached)" if cached else " (downloading)"))
     paths = [apt.download_named(n, pkg.version, debs) for n in names]
