@@ -1,9 +1,11 @@
 """Build steps run by setup.py: assemble guests/*.S into flat binaries and link the
 standalone static pyvmm-bootbench helper. Both land in the package as data."""
 
+import json
 import os
 import shutil
 import subprocess
+import sys
 
 from setuptools.command.build_py import build_py
 
@@ -92,9 +94,25 @@ def write_build_info(dest_pkg_dir):
         f.write(f'"""Written by the build (buildsteps.py)."""\nCOMMIT = {commit!r}\n')
 
 
+def write_ioctl_numbers(dest_pkg_dir):
+    """pyvmm/_ioctl_numbers.py: the ioctl numbers, computed here by ioctl-opt (from the
+    source tree's pyvmm.abi) so that importing pyvmm need not import ioctl-opt and ctypes."""
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); "
+            "from pyvmm.abi import computed_numbers; print(json.dumps(computed_numbers()))")
+    p = subprocess.run([sys.executable, "-c", code, ROOT], capture_output=True, text=True)
+    if p.returncode != 0:
+        raise SystemExit(f"pyvmm build: computing the ioctl numbers failed:\n{p.stderr}")
+    numbers = json.loads(p.stdout)
+    with open(os.path.join(dest_pkg_dir, "_ioctl_numbers.py"), "w") as f:
+        f.write('"""Written by the build (buildsteps.write_ioctl_numbers) from ioctl-opt."""\n'
+                "NUMBERS = {\n" + "".join(f"    {k!r}: {v:#x},\n" for k, v in numbers.items())
+                + "}\n")
+
+
 class BuildPyWithGuests(build_py):
     def run(self):
         super().run()
         write_build_info(os.path.join(self.build_lib, "pyvmm"))
+        write_ioctl_numbers(os.path.join(self.build_lib, "pyvmm"))
         build_all(os.path.join(self.build_lib, "pyvmm"), os.path.join(self.build_lib, "..",
                                                                        "pyvmm-tmp"))

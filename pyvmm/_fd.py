@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 
-from .abi import IOCTLS, ffi, libc
+from .abi import IOCTLS, ioctl, ioctl_val
 from .errors import KvmError
+
+NUMBERS = {name: i.number for name, i in IOCTLS.items()}
 
 
 def raw_ioctl(fd: int, name: str, arg=0) -> tuple[int, int]:
@@ -13,13 +15,9 @@ def raw_ioctl(fd: int, name: str, arg=0) -> tuple[int, int]:
 
     `arg` is an int (passed as unsigned long) or a cffi pointer.
     """
-    number = IOCTLS[name].number
-    if isinstance(arg, int):
-        arg = ffi.cast("unsigned long", arg)
-    ret = libc.ioctl(fd, number, arg)
-    if ret < 0:
-        return ret, ffi.errno
-    return ret, 0
+    r = ioctl_val(fd, NUMBERS[name], arg) if isinstance(arg, int) \
+        else ioctl(fd, NUMBERS[name], arg)
+    return (r, 0) if r >= 0 else (-1, -r)
 
 
 class FdOwner:
@@ -45,14 +43,18 @@ class FdOwner:
 
     def _ioctl(self, name: str, arg=0, hint=None) -> int:
         """Normal tier: raises KvmError naming the ioctl, the errno and a hint.
-
         `hint` is a string or a callable taking the errno and returning a string.
         """
-        ret, err = self._try_ioctl(name, arg)
-        if err:
-            text = hint(err) if callable(hint) else (hint or "")
-            raise KvmError(name, err, text or "")
-        return ret
+        fd = self.fd
+        if fd < 0:
+            self._live_fd()
+        # raw_ioctl inlined: this is every ioctl of a boot, so one Python frame less.
+        r = ioctl_val(fd, NUMBERS[name], arg) if isinstance(arg, int) \
+            else ioctl(fd, NUMBERS[name], arg)
+        if r < 0:
+            text = hint(-r) if callable(hint) else (hint or "")
+            raise KvmError(name, -r, text or "")
+        return r
 
     def _close_fd(self) -> None:
         if self.fd >= 0:

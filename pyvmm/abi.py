@@ -8,17 +8,14 @@ checked field by field against the system <linux/kvm.h>.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import cffi
-from ioctl_opt import IOC, IOC_NONE, IOC_READ, IOC_WRITE
-
-from ._cdef import CDEF, LIBC_CDEF
-
+from ._record import Record
 
 try:        # built ahead of time from _cdef (csrc/build_abi.py): nothing to parse here
     from ._abi import ffi
 except ImportError:     # a source tree that was never built: parse the declarations now
+    import cffi
+
+    from ._cdef import CDEF, LIBC_CDEF
     ffi = cffi.FFI()
     ffi.cdef(CDEF)
     ffi.cdef(LIBC_CDEF)
@@ -71,72 +68,76 @@ KVM_EXIT_IO_IN = 0
 KVM_EXIT_IO_OUT = 1
 
 
-@dataclass(frozen=True)
-class Ioctl:
-    """One ioctl: its name, number, the fd kind it is issued on and the cap it needs."""
+class Ioctl(Record):
+    """One ioctl: its name, number, the fd kind it is issued on ("system", "vm" or "vcpu";
+    "vm+vcpu" where both accept it) and the cap it needs."""
 
-    name: str
-    number: int
-    fd: str  # "system", "vm" or "vcpu"; "vm+vcpu" where both accept it
-    cap: int | None = None
+    __slots__ = ("name", "number", "fd", "cap")
+
+    def __init__(self, name: str, number: int, fd: str, cap: int | None = None):
+        self.name, self.number, self.fd, self.cap = name, number, fd, cap
 
     @property
     def cap_name(self) -> str | None:
         return CAP_NAMES.get(self.cap) if self.cap is not None else None
 
 
-def _io(nr: int) -> int:
-    return IOC(IOC_NONE, KVMIO, nr, 0)
-
-
-def _ior(nr: int, ctype: str) -> int:
-    return IOC(IOC_READ, KVMIO, nr, ffi.sizeof(ctype))
-
-
-def _iow(nr: int, ctype: str) -> int:
-    return IOC(IOC_WRITE, KVMIO, nr, ffi.sizeof(ctype))
-
-
-def _iowr(nr: int, ctype: str) -> int:
-    return IOC(IOC_READ | IOC_WRITE, KVMIO, nr, ffi.sizeof(ctype))
-
-
-_TABLE = [
+# name, direction ("", "r", "w", "rw"), nr, argument struct, fd kind, cap
+_SPECS = [
     # /dev/kvm
-    Ioctl("KVM_GET_API_VERSION", _io(0x00), "system"),
-    Ioctl("KVM_CREATE_VM", _io(0x01), "system"),
-    Ioctl("KVM_CHECK_EXTENSION", _io(0x03), "system"),
-    Ioctl("KVM_GET_VCPU_MMAP_SIZE", _io(0x04), "system"),
-    Ioctl("KVM_GET_SUPPORTED_CPUID", _iowr(0x05, "struct kvm_cpuid2"), "system"),
+    ("KVM_GET_API_VERSION", "", 0x00, None, "system", None),
+    ("KVM_CREATE_VM", "", 0x01, None, "system", None),
+    ("KVM_CHECK_EXTENSION", "", 0x03, None, "system", None),
+    ("KVM_GET_VCPU_MMAP_SIZE", "", 0x04, None, "system", None),
+    ("KVM_GET_SUPPORTED_CPUID", "rw", 0x05, "struct kvm_cpuid2", "system", None),
     # VM fd
-    Ioctl("KVM_CREATE_VCPU", _io(0x41), "vm"),
-    Ioctl("KVM_SET_USER_MEMORY_REGION", _iow(0x46, "struct kvm_userspace_memory_region"),
-          "vm", KVM_CAP_USER_MEMORY),
-    Ioctl("KVM_SET_USER_MEMORY_REGION2", _iow(0x49, "struct kvm_userspace_memory_region2"),
-          "vm", KVM_CAP_USER_MEMORY2),
-    Ioctl("KVM_IOEVENTFD", _iow(0x79, "struct kvm_ioeventfd"), "vm", KVM_CAP_IOEVENTFD),
-    Ioctl("KVM_GET_DIRTY_LOG", _iow(0x42, "struct kvm_dirty_log"), "vm"),
-    Ioctl("KVM_REGISTER_COALESCED_MMIO", _iow(0x67, "struct kvm_coalesced_mmio_zone"), "vm",
-          KVM_CAP_COALESCED_MMIO),
-    Ioctl("KVM_UNREGISTER_COALESCED_MMIO", _iow(0x68, "struct kvm_coalesced_mmio_zone"),
-          "vm", KVM_CAP_COALESCED_MMIO),
-    Ioctl("KVM_CREATE_GUEST_MEMFD", _iowr(0xD4, "struct kvm_create_guest_memfd"),
-          "vm", KVM_CAP_GUEST_MEMFD),
-    Ioctl("KVM_GET_STATS_FD", _io(0xCE), "vm+vcpu", KVM_CAP_BINARY_STATS_FD),
-    Ioctl("KVM_XEN_HVM_CONFIG", _iow(0x7A, "struct kvm_xen_hvm_config"), "vm", KVM_CAP_XEN_HVM),
-    Ioctl("KVM_XEN_HVM_SET_ATTR", _iow(0xC9, "struct kvm_xen_hvm_attr"), "vm", KVM_CAP_XEN_HVM),
-    Ioctl("KVM_X86_SET_MSR_FILTER", _iow(0xC6, "struct kvm_msr_filter"), "vm",
-          KVM_CAP_X86_MSR_FILTER),
+    ("KVM_CREATE_VCPU", "", 0x41, None, "vm", None),
+    ("KVM_SET_USER_MEMORY_REGION", "w", 0x46, "struct kvm_userspace_memory_region", "vm",
+     KVM_CAP_USER_MEMORY),
+    ("KVM_SET_USER_MEMORY_REGION2", "w", 0x49, "struct kvm_userspace_memory_region2", "vm",
+     KVM_CAP_USER_MEMORY2),
+    ("KVM_IOEVENTFD", "w", 0x79, "struct kvm_ioeventfd", "vm", KVM_CAP_IOEVENTFD),
+    ("KVM_GET_DIRTY_LOG", "w", 0x42, "struct kvm_dirty_log", "vm", None),
+    ("KVM_REGISTER_COALESCED_MMIO", "w", 0x67, "struct kvm_coalesced_mmio_zone", "vm",
+     KVM_CAP_COALESCED_MMIO),
+    ("KVM_UNREGISTER_COALESCED_MMIO", "w", 0x68, "struct kvm_coalesced_mmio_zone", "vm",
+     KVM_CAP_COALESCED_MMIO),
+    ("KVM_CREATE_GUEST_MEMFD", "rw", 0xD4, "struct kvm_create_guest_memfd", "vm",
+     KVM_CAP_GUEST_MEMFD),
+    ("KVM_GET_STATS_FD", "", 0xCE, None, "vm+vcpu", KVM_CAP_BINARY_STATS_FD),
+    ("KVM_XEN_HVM_CONFIG", "w", 0x7A, "struct kvm_xen_hvm_config", "vm", KVM_CAP_XEN_HVM),
+    ("KVM_XEN_HVM_SET_ATTR", "w", 0xC9, "struct kvm_xen_hvm_attr", "vm", KVM_CAP_XEN_HVM),
+    ("KVM_X86_SET_MSR_FILTER", "w", 0xC6, "struct kvm_msr_filter", "vm",
+     KVM_CAP_X86_MSR_FILTER),
     # vCPU fd
-    Ioctl("KVM_RUN", _io(0x80), "vcpu"),
-    Ioctl("KVM_XEN_VCPU_SET_ATTR", _iow(0xCB, "struct kvm_xen_vcpu_attr"), "vcpu",
-          KVM_CAP_XEN_HVM),
-    Ioctl("KVM_GET_REGS", _ior(0x81, "struct kvm_regs"), "vcpu"),
-    Ioctl("KVM_SET_REGS", _iow(0x82, "struct kvm_regs"), "vcpu"),
-    Ioctl("KVM_GET_SREGS", _ior(0x83, "struct kvm_sregs"), "vcpu"),
-    Ioctl("KVM_SET_SREGS", _iow(0x84, "struct kvm_sregs"), "vcpu"),
-    Ioctl("KVM_SET_CPUID2", _iow(0x90, "struct kvm_cpuid2"), "vcpu"),
+    ("KVM_RUN", "", 0x80, None, "vcpu", None),
+    ("KVM_XEN_VCPU_SET_ATTR", "w", 0xCB, "struct kvm_xen_vcpu_attr", "vcpu", KVM_CAP_XEN_HVM),
+    ("KVM_GET_REGS", "r", 0x81, "struct kvm_regs", "vcpu", None),
+    ("KVM_SET_REGS", "w", 0x82, "struct kvm_regs", "vcpu", None),
+    ("KVM_GET_SREGS", "r", 0x83, "struct kvm_sregs", "vcpu", None),
+    ("KVM_SET_SREGS", "w", 0x84, "struct kvm_sregs", "vcpu", None),
+    ("KVM_SET_CPUID2", "w", 0x90, "struct kvm_cpuid2", "vcpu", None),
 ]
+
+
+def computed_numbers() -> dict[str, int]:
+    """Every ioctl number, computed by ioctl-opt from its direction, nr and struct size.
+    The build runs this once and stores the result in pyvmm/_ioctl_numbers.py (ioctl-opt
+    imports ctypes, a millisecond per process); tests/test_abi.py checks the two agree."""
+    from ioctl_opt import IOC, IOC_NONE, IOC_READ, IOC_WRITE
+    dirs = {"": IOC_NONE, "r": IOC_READ, "w": IOC_WRITE, "rw": IOC_READ | IOC_WRITE}
+    return {name: IOC(dirs[d], KVMIO, nr, ffi.sizeof(ctype) if ctype else 0)
+            for name, d, nr, ctype, _, _ in _SPECS}
+
+
+try:
+    from ._ioctl_numbers import NUMBERS as _NUMBERS
+    if set(_NUMBERS) != {spec[0] for spec in _SPECS}:
+        raise ImportError("stale")
+except ImportError:     # a source tree, or a build older than this table
+    _NUMBERS = computed_numbers()
+
+_TABLE = [Ioctl(name, _NUMBERS[name], fd, cap) for name, _, _, _, fd, cap in _SPECS]
 
 IOCTLS: dict[str, Ioctl] = {i.name: i for i in _TABLE}
 
@@ -196,8 +197,45 @@ def addr(cdata) -> int:
     return int(ffi.cast("uintptr_t", cdata))
 
 
-# --- libc entry points used with the structs above -------------------------------------
-# fcntl.ioctl() passes an integer argument as a C int, which truncates pointers, so the
-# raw ioctl(2) is called through cffi instead.
+# --- the calls --------------------------------------------------------------------------
+# Every syscall of the VMM goes through these five functions. Each returns -errno on
+# failure (never raises): ioctl(fd, request, pointer cdata), ioctl_val(fd, request, int),
+# mmap(length, prot, flags, fd, offset) -> host address, munmap(address, length),
+# madvise(address, length, advice). They are compiled API-mode calls (pyvmm._sys, see
+# csrc/build_sys.py); a tree that was never built falls back to libc through libffi.
+# (fcntl.ioctl() passes an integer argument as a C int, which truncates pointers.)
 libc = ffi.dlopen(None)
 MAP_FAILED = ffi.cast("void *", -1)
+
+try:
+    from ._sys import lib as _sys
+    ioctl = _sys.pyvmm_ioctl
+    ioctl_val = _sys.pyvmm_ioctl_val
+    mmap = _sys.pyvmm_mmap
+    munmap = _sys.pyvmm_munmap
+    madvise = _sys.pyvmm_madvise
+    getcpu = _sys.pyvmm_getcpu
+    COMPILED_CALLS = True
+except ImportError:     # pragma: no cover - only in a tree that was never built
+    COMPILED_CALLS = False
+
+    def ioctl(fd: int, request: int, arg) -> int:
+        r = libc.ioctl(fd, request, ffi.cast("void *", arg))
+        return r if r >= 0 else -ffi.errno
+
+    def ioctl_val(fd: int, request: int, arg: int) -> int:
+        r = libc.ioctl(fd, request, ffi.cast("unsigned long", arg))
+        return r if r >= 0 else -ffi.errno
+
+    def mmap(length: int, prot: int, flags: int, fd: int, offset: int) -> int:
+        p = libc.mmap(ffi.NULL, length, prot, flags, fd, offset)
+        return -ffi.errno if p == MAP_FAILED else int(ffi.cast("uintptr_t", p))
+
+    def munmap(address: int, length: int) -> int:
+        return -ffi.errno if libc.munmap(ffi.cast("void *", address), length) else 0
+
+    def madvise(address: int, length: int, advice: int) -> int:
+        return -ffi.errno if libc.madvise(ffi.cast("void *", address), length, advice) else 0
+
+    def getcpu() -> int:
+        return libc.sched_getcpu()

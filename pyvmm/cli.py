@@ -3,20 +3,29 @@
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import sys
 
-from rich.table import Table
-
-from . import guests, hostinfo, layout
+from . import guests, layout
 from .errors import PyvmmError
 
 # Tables fit the terminal (or $COLUMNS); written to a file or a pipe they stay wide.
 from .ui import console, err_console  # noqa: E402  (the one console every command uses)
 
+# Commands defined by each room's cli module (add_parsers). A command line names one, so
+# only that room is imported: `pyvmm boot` loads what booting needs and no more (no
+# rich, matplotlib or numpy). Help and unknown commands build the whole parser.
+BENCH_PTWRITE = "bench-ptwrite"      # `pyvmm bench ptwrite ...` is routed here (main)
+ROOMS = {"bench": "bench", "report": "bench", "compare": "bench", BENCH_PTWRITE: "bench",
+         "lab": "lab", "kernel-check": "lab", "check": "checks", "stress": "stress"}
+
 
 def _fail(msg: str, code: int = 2) -> int:
-    err_console.print(f"[bold red]pyvmm: error:[/] {msg}", highlight=False, soft_wrap=True)
+    if "rich" in sys.modules:
+        err_console.print(f"[bold red]pyvmm: error:[/] {msg}", highlight=False,
+                          soft_wrap=True)
+    else:       # a command that drew nothing with rich does not load it to fail
+        print(f"pyvmm: error: {msg}", file=sys.stderr)
     return code
 
 
@@ -26,6 +35,11 @@ def _ms(ns: float) -> str:
 
 # --- info ---------------------------------------------------------------------------------
 def cmd_info(args) -> int:
+    import json
+
+    from rich.table import Table
+
+    from . import hostinfo
     info = hostinfo.collect(args.kvm)
     if args.json:
         print(json.dumps(info, indent=2))
@@ -109,57 +123,91 @@ def cmd_boot(args) -> int:
         doorbell_ok = (res["doorbells_completed"] == res["doorbells_expected"]
                        and res["doorbell_mmio_exits"] == 0)
     if args.json:
+        import json
         out = dict(res, guest=g.name, recipe=rec.text, doorbells_ok=doorbell_ok)
         print(json.dumps(out, indent=2))
         return 0 if doorbell_ok else 1
-    if res["serial"]:
-        console.print(f"[bold]guest serial output:[/] {res['serial'].rstrip()}", highlight=False)
-    t = Table(title=f"boot timeline: guest {g.name} ({g.mode} mode), recipe {rec.text}")
-    t.add_column("phase")
-    t.add_column("wall ms", justify="right")
-    t.add_column("CPU ms", justify="right")
-    t.add_column("blocked ms", justify="right")
-    for p in res["phases"]:
-        t.add_row(phase_label(p), _ms(p["wall_ns"]), _ms(p["cpu_ns"]),
-                  _ms(max(0, p["wall_ns"] - p["cpu_ns"])))
-    t.add_row("[bold]boot (all but teardown)", f"[bold]{_ms(res['boot_wall_ns'])}",
-              _ms(res["boot_cpu_ns"]), _ms(max(0, res["boot_wall_ns"] - res["boot_cpu_ns"])))
-    console.print(t)
-    console.print(f"exits to userspace: {res['exits']} ({res['io_exits']} port I/O, "
-                  f"{res['doorbell_mmio_exits'] + res['other_mmio_exits']} MMIO); "
-                  f"CPU {res['cpu_start']} -> {res['cpu_end']}"
-                  + (f", pinned to {res['pinned_cpu']}" if res["pinned_cpu"] >= 0 else ""))
-    if g.name == "doorbell":
-        n = res["doorbells_expected"]
-        verdict = "[green]OK[/]" if doorbell_ok else "[red]MISMATCH[/]"
-        console.print(f"doorbells: {n} rung by the guest, {res['doorbells_completed']} eventfd "
-                      f"counts, {res['doorbell_mmio_exits']} doorbell MMIO exits reached "
-                      f"userspace: {verdict}")
-        console.print(f"BAR read by the guest: {res['bar_value']:#x}")
+    print(boot_text(g, rec, res, doorbell_ok), end="")
     if res.get("stats"):
-        from .kvmstats import interesting
-        st = Table(title="KVM binary stats: change over the boot (KVM_GET_STATS_FD)")
-        st.add_column("fd")
-        st.add_column("statistic")
-        st.add_column("delta", justify="right")
-        for key, delta in res["stats"].items():
-            for name, value in sorted(interesting(delta).items()):
-                st.add_row(key, name, str(value))
-        console.print(st)
+        print(stats_text(res["stats"]), end="")
     return 0 if doorbell_ok else 1
 
 
+def boot_text(g, rec, res: dict, doorbell_ok: bool) -> str:
+    """The boot timeline as plain text. Printed without rich: a boot process imports only
+    what booting needs (issue #12: whole-process boot against QEMU)."""
+    out = []
+    if res["serial"]:
+        out.append(f"guest serial output: {res['serial'].rstrip()}")
+    rows = [(phase_label(p), _ms(p["wall_ns"]), _ms(p["cpu_ns"]),
+             _ms(max(0, p["wall_ns"] - p["cpu_ns"]))) for p in res["phases"]]
+    rows.append(("boot (all but teardown)", _ms(res["boot_wall_ns"]), _ms(res["boot_cpu_ns"]),
+                 _ms(max(0, res["boot_wall_ns"] - res["boot_cpu_ns"]))))
+    out.append(f"boot timeline: guest {g.name} ({g.mode} mode), recipe {rec.text}")
+    out += _columns(("phase", "wall ms", "CPU ms", "blocked ms"), rows)
+    out.append(f"exits to userspace: {res['exits']} ({res['io_exits']} port I/O, "
+               f"{res['doorbell_mmio_exits'] + res['other_mmio_exits']} MMIO); "
+               f"CPU {res['cpu_start']} -> {res['cpu_end']}"
+               + (f", pinned to {res['pinned_cpu']}" if res["pinned_cpu"] >= 0 else ""))
+    if g.name == "doorbell":
+        verdict = "OK" if doorbell_ok else "MISMATCH"
+        out.append(f"doorbells: {res['doorbells_expected']} rung by the guest, "
+                   f"{res['doorbells_completed']} eventfd counts, "
+                   f"{res['doorbell_mmio_exits']} doorbell MMIO exits reached userspace: "
+                   f"{verdict}")
+        out.append(f"BAR read by the guest: {res['bar_value']:#x}")
+    return "\n".join(out) + "\n"
+
+
+def stats_text(stats: dict) -> str:
+    from .kvmstats import interesting
+    rows = [(key, name, str(value)) for key, delta in stats.items()
+            for name, value in sorted(interesting(delta).items())]
+    return "\n".join(["KVM binary stats: change over the boot (KVM_GET_STATS_FD)"]
+                     + _columns(("fd", "statistic", "delta"), rows)) + "\n"
+
+
+def _columns(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    """Left-aligned first column, right-aligned others, two spaces apart."""
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+
+    def line(r):
+        return "  ".join([r[0].ljust(widths[0])] + [c.rjust(w) for c, w in
+                                                   zip(r[1:], widths[1:])]).rstrip()
+    return [line(header), line(tuple("-" * w for w in widths))] + [line(r) for r in rows]
+
+
 # --- parser ---------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pyvmm", description=__doc__)
+class _Formatter(argparse.HelpFormatter):
+    """argparse's formatter, sized with os.get_terminal_size: argparse makes one for
+    every add_argument, and its own sizing imports shutil (a millisecond per process)."""
+
+    def __init__(self, prog, indent_increment=2, max_help_position=24, width=None):
+        if width is None:
+            try:
+                width = int(os.environ["COLUMNS"])
+            except (KeyError, ValueError):
+                try:
+                    width = os.get_terminal_size(sys.stdout.fileno()).columns
+                except (OSError, ValueError):
+                    width = 80
+            width -= 2
+        super().__init__(prog, indent_increment, max_help_position, width)
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with `only`, just the core commands and that room's (see ROOMS)."""
+    p = argparse.ArgumentParser(prog="pyvmm", description=__doc__, formatter_class=_Formatter)
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    i = sub.add_parser("info", help="host kernel, KVM backend and capabilities")
+    i = sub.add_parser("info", help="host kernel, KVM backend and capabilities",
+                       formatter_class=_Formatter)
     i.add_argument("--json", action="store_true")
     i.add_argument("--kvm", default="/dev/kvm", help="KVM device (default /dev/kvm)")
     i.set_defaults(func=cmd_info)
 
-    b = sub.add_parser("boot", help="boot a tiny guest on the Python VMM and show its timeline")
+    b = sub.add_parser("boot", help="boot a tiny guest on the Python VMM and show its timeline",
+                       formatter_class=_Formatter)
     b.add_argument("--guest", default="doorbell",
                    help=f"guest image: {', '.join(sorted(guests.GUESTS))} (default doorbell)")
     b.add_argument("--ioeventfds", type=_nonneg, default=0, metavar="N",
@@ -176,16 +224,21 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_boot)
 
-    from .bench import cli as bench_cli
-    bench_cli.add_parsers(sub)
-    bench_cli.add_ptwrite_parser(sub)
-    from .lab import cli as lab_cli
-    lab_cli.add_parsers(sub)
-    lab_cli.add_kernel_check_parser(sub)       # also top level: pyvmm kernel-check
-    from .checks import cli as check_cli
-    check_cli.add_parsers(sub)
-    from .stress import cli as stress_cli
-    stress_cli.add_parsers(sub)
+    rooms = ("bench", "lab", "checks", "stress") if only is None else (only,)
+    if "bench" in rooms:
+        from .bench import cli as bench_cli
+        bench_cli.add_parsers(sub)
+        bench_cli.add_ptwrite_parser(sub)
+    if "lab" in rooms:
+        from .lab import cli as lab_cli
+        lab_cli.add_parsers(sub)
+        lab_cli.add_kernel_check_parser(sub)       # also top level: pyvmm kernel-check
+    if "checks" in rooms:
+        from .checks import cli as check_cli
+        check_cli.add_parsers(sub)
+    if "stress" in rooms:
+        from .stress import cli as stress_cli
+        stress_cli.add_parsers(sub)
     return p
 
 
@@ -218,9 +271,12 @@ def _on_sigterm(signum, frame):
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:2] == ["bench", "ptwrite"]:           # a workload with its own parser
-        from .bench.cli import BENCH_PTWRITE
         argv = [BENCH_PTWRITE] + argv[2:]
-    parser = build_parser()
+    first = argv[0] if argv else None
+    if first in ("info", "boot"):
+        parser = build_parser(only="")
+    else:
+        parser = build_parser(only=ROOMS.get(first))
     args = parser.parse_args(argv)
     import signal
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
@@ -236,5 +292,20 @@ def main(argv=None) -> int:
         signal.signal(signal.SIGTERM, previous)
 
 
+def entry() -> None:
+    """The `pyvmm` console script. A boot process ends with os._exit once its output is
+    flushed: by then it has closed its VM, and interpreter finalization (tearing down
+    every module, about 2 ms on the test host, a tenth of the process) would release
+    nothing the kernel does not. Every other command exits normally."""
+    code = main()
+    if sys.argv[1:2] == ["boot"]:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

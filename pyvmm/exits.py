@@ -6,25 +6,33 @@ kvm_run images; Vcpu.run() feeds it the live mmap'ed page.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import struct
 
 from . import abi
+from ._record import Record
 from .abi import ffi
 
 
-@dataclass(frozen=True)
-class Exit:
-    """Base class of every exit."""
+class Exit(Record):
+    """Base class of every exit (a Record: built once per exit, so kept cheap)."""
+
+    __slots__ = ()
 
 
-@dataclass(frozen=True)
 class Io(Exit):
-    port: int
-    is_write: bool
-    size: int
-    count: int
-    data: bytes          # for OUT: what the guest wrote (size * count bytes); for IN: b""
-    data_offset: int
+    """Port I/O. data: for OUT, what the guest wrote (size * count bytes); for IN, b"".
+    data_offset: where the data lives in the run page (answer an IN there)."""
+
+    __slots__ = ("port", "is_write", "size", "count", "data", "data_offset")
+
+    def __init__(self, port: int, is_write: bool, size: int, count: int, data: bytes,
+                 data_offset: int):
+        self.port = port
+        self.is_write = is_write
+        self.size = size
+        self.count = count
+        self.data = data
+        self.data_offset = data_offset
 
     @property
     def value(self) -> int:
@@ -32,74 +40,89 @@ class Io(Exit):
         return int.from_bytes(self.data[: self.size], "little")
 
 
-@dataclass(frozen=True)
 class Mmio(Exit):
-    addr: int
-    is_write: bool
-    length: int
-    data: bytes          # for writes: the bytes written; for reads: b""
+    """MMIO. data: for writes, the bytes written; for reads, b""."""
+
+    __slots__ = ("addr", "is_write", "length", "data")
+
+    def __init__(self, addr: int, is_write: bool, length: int, data: bytes):
+        self.addr = addr
+        self.is_write = is_write
+        self.length = length
+        self.data = data
 
     @property
     def value(self) -> int:
         return int.from_bytes(self.data, "little")
 
 
-@dataclass(frozen=True)
 class Hlt(Exit):
-    pass
+    __slots__ = ()
 
 
-@dataclass(frozen=True)
 class Shutdown(Exit):
     """Triple fault or similar: the guest cannot continue."""
 
+    __slots__ = ()
 
-@dataclass(frozen=True)
+
 class FailEntry(Exit):
-    hardware_entry_failure_reason: int
-    cpu: int
+    __slots__ = ("hardware_entry_failure_reason", "cpu")
+
+    def __init__(self, hardware_entry_failure_reason: int, cpu: int):
+        self.hardware_entry_failure_reason = hardware_entry_failure_reason
+        self.cpu = cpu
 
 
-@dataclass(frozen=True)
 class InternalError(Exit):
-    suberror: int
-    data: tuple[int, ...]
+    __slots__ = ("suberror", "data")
 
     SUBERRORS = {1: "EMULATION", 2: "SIMUL_EX", 3: "DELIVERY_EV", 4: "UNEXPECTED_EXIT_REASON"}
+
+    def __init__(self, suberror: int, data: tuple[int, ...]):
+        self.suberror = suberror
+        self.data = data
 
     @property
     def suberror_name(self) -> str:
         return self.SUBERRORS.get(self.suberror, f"suberror {self.suberror}")
 
 
-@dataclass(frozen=True)
 class Interrupted(Exit):
     """KVM_RUN returned EINTR (a signal or immediate_exit): not an error."""
 
+    __slots__ = ()
 
-@dataclass(frozen=True)
+
 class SystemEvent(Exit):
-    type: int
-    data: tuple[int, ...]
+    __slots__ = ("type", "data")
 
     TYPES = {1: "SHUTDOWN", 2: "RESET", 3: "CRASH", 4: "WAKEUP", 5: "SUSPEND", 6: "SEV_TERM"}
+
+    def __init__(self, type: int, data: tuple[int, ...]):
+        self.type = type
+        self.data = data
 
     @property
     def type_name(self) -> str:
         return self.TYPES.get(self.type, f"type {self.type}")
 
 
-@dataclass(frozen=True)
 class MemoryFault(Exit):
-    flags: int
-    gpa: int
-    size: int
+    __slots__ = ("flags", "gpa", "size")
+
+    def __init__(self, flags: int, gpa: int, size: int):
+        self.flags = flags
+        self.gpa = gpa
+        self.size = size
 
 
-@dataclass(frozen=True)
 class Unknown(Exit):
-    reason: int
-    hardware_exit_reason: int
+    __slots__ = ("reason", "hardware_exit_reason")
+
+    def __init__(self, reason: int, hardware_exit_reason: int):
+        self.reason = reason
+        self.hardware_exit_reason = hardware_exit_reason
 
     @property
     def reason_name(self) -> str:
@@ -107,6 +130,36 @@ class Unknown(Exit):
 
 
 RUN_SIZE = ffi.sizeof("struct kvm_run")
+
+
+def _fields(fmt: str, *paths: str) -> tuple[int, struct.Struct]:
+    """A struct.Struct reading kvm_run fields `paths` (in order) with `fmt`, checked
+    against the cffi layout so the format cannot drift from the declarations."""
+    offs = [ffi.offsetof("struct kvm_run", *p.split(".")) for p in paths]
+    pos = offs[0]
+    codes, digits = [], ""
+    for ch in fmt[1:]:
+        if ch.isdigit():
+            digits += ch
+        else:
+            codes.append(digits + ch)
+            digits = ""
+    for path, off, code in zip(paths, offs, codes):
+        if pos != off:
+            raise ImportError(f"kvm_run layout: {path} is at {off}, format {fmt} puts it "
+                              f"at {pos}")
+        pos += struct.calcsize("<" + code)
+    return offs[0], struct.Struct(fmt)
+
+
+_REASON_AT, _REASON = _fields("<I", "exit_reason")
+_IO_AT, _IO = _fields("<BBHIQ", "io.direction", "io.size", "io.port", "io.count",
+                      "io.data_offset")
+_MMIO_AT, _MMIO = _fields("<Q8sIB", "mmio.phys_addr", "mmio.data", "mmio.len",
+                          "mmio.is_write")
+_KVM_EXIT_IO, _KVM_EXIT_MMIO, _KVM_EXIT_HLT = abi.KVM_EXIT_IO, abi.KVM_EXIT_MMIO, \
+    abi.KVM_EXIT_HLT
+_HLT = Hlt()
 
 
 def decode(raw, page=None) -> Exit:
@@ -117,34 +170,35 @@ def decode(raw, page=None) -> Exit:
     run page when `raw` is a pointer (used for IO data, which lives past the struct).
     """
     if isinstance(raw, ffi.CData):
-        run = raw
         if page is None:
-            page = ffi.buffer(ffi.cast("char *", run), RUN_SIZE)
-    else:
-        if len(raw) < RUN_SIZE:
-            raise ValueError(f"kvm_run image is {len(raw)} bytes, need at least {RUN_SIZE}")
-        run = ffi.from_buffer("struct kvm_run *", raw)
-        page = raw
-    reason = run.exit_reason
-    if reason == abi.KVM_EXIT_IO:
-        io = run.io
-        out = io.direction == abi.KVM_EXIT_IO_OUT
-        n = io.size * io.count
-        off = io.data_offset
-        if out:
+            page = ffi.buffer(ffi.cast("char *", raw), RUN_SIZE)
+        return decode_page(page)
+    if len(raw) < RUN_SIZE:
+        raise ValueError(f"kvm_run image is {len(raw)} bytes, need at least {RUN_SIZE}")
+    return decode_page(raw)
+
+
+def decode_page(page) -> Exit:
+    """Decode the run page `page` (any buffer: the live mapping or a copy). Port I/O,
+    MMIO and HLT, the exits a boot makes, are read with struct; the rest through cffi."""
+    reason = _REASON.unpack_from(page, _REASON_AT)[0]
+    if reason == _KVM_EXIT_IO:
+        direction, size, port, count, off = _IO.unpack_from(page, _IO_AT)
+        if direction == 1:          # KVM_EXIT_IO_OUT
+            n = size * count
             if off + n > len(page):
                 raise ValueError(f"IO data at {off:#x}+{n} lies outside the run page")
-            data = bytes(page[off:off + n])
-        else:
-            data = b""
-        return Io(io.port, out, io.size, io.count, data, off)
-    if reason == abi.KVM_EXIT_MMIO:
-        m = run.mmio
-        length = min(m.len, 8)
-        data = bytes(ffi.buffer(m.data, length)) if m.is_write else b""
-        return Mmio(m.phys_addr, bool(m.is_write), m.len, data)
-    if reason == abi.KVM_EXIT_HLT:
-        return Hlt()
+            return Io(port, True, size, count, bytes(page[off:off + n]), off)
+        return Io(port, False, size, count, b"", off)
+    if reason == _KVM_EXIT_MMIO:
+        addr, data, length, is_write = _MMIO.unpack_from(page, _MMIO_AT)
+        return Mmio(addr, bool(is_write), length, data[:min(length, 8)] if is_write else b"")
+    if reason == _KVM_EXIT_HLT:
+        return _HLT
+    return _decode_rare(ffi.from_buffer("struct kvm_run *", page), reason)
+
+
+def _decode_rare(run, reason: int) -> Exit:
     if reason == abi.KVM_EXIT_SHUTDOWN:
         return Shutdown()
     if reason == abi.KVM_EXIT_FAIL_ENTRY:

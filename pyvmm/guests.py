@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from importlib import resources
 
+from ._record import Record
 from .errors import GuestError
 
+# The package is installed as files (pip install / make), so its data sits beside this
+# module; importlib.resources would cost several ms of imports per process for the same.
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
-@dataclass(frozen=True)
-class GuestInfo:
-    name: str
-    mode: str          # "real" or "long"
-    description: str
+
+class GuestInfo(Record):
+    """A guest image: its name, its mode ("real" or "long") and what it does."""
+
+    __slots__ = ("name", "mode", "description")
+
+    def __init__(self, name: str, mode: str, description: str):
+        self.name, self.mode, self.description = name, mode, description
 
 
 GUESTS = {
@@ -53,11 +58,11 @@ def info(name: str) -> GuestInfo:
 
 def image_path(name: str) -> str:
     info(name)
-    path = resources.files("pyvmm") / "guests" / f"{name}.bin"
-    if not path.is_file():
+    path = os.path.join(PACKAGE_DIR, "guests", f"{name}.bin")
+    if not os.path.isfile(path):
         raise GuestError(f"guest image {name}.bin is not built: reinstall pyvmm "
                          f"(make run / pip install .) so the build assembles guests/{name}.S")
-    return str(path)
+    return path
 
 
 _IMAGES: dict[str, bytes] = {}
@@ -78,10 +83,9 @@ def load(name: str) -> bytes:
 
 def helper_path() -> str:
     """The standalone static pyvmm-bootbench executable shipped with the package."""
-    path = resources.files("pyvmm") / "bin" / "pyvmm-bootbench"
-    if not path.is_file():
+    p = os.path.join(PACKAGE_DIR, "bin", "pyvmm-bootbench")
+    if not os.path.isfile(p):
         raise GuestError("pyvmm-bootbench is not built: reinstall pyvmm (make run)")
-    p = str(path)
     if not os.access(p, os.X_OK):
         os.chmod(p, 0o755)
     return p

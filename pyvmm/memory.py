@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import mmap as _mmap
 import os
-from dataclasses import dataclass
 
-from .abi import MAP_FAILED, ffi, libc
+from . import abi
+from ._record import Record
+from .abi import ffi
 from .errors import PyvmmError
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -27,17 +28,16 @@ class GuestMemory:
         prot = _mmap.PROT_READ | _mmap.PROT_WRITE
         if fd is None:
             flags = _mmap.MAP_PRIVATE | _mmap.MAP_ANONYMOUS | getattr(_mmap, "MAP_NORESERVE", 0)
-            ptr = libc.mmap(ffi.NULL, size, prot, flags, -1, 0)
+            address = abi.mmap(size, prot, flags, -1, 0)
         else:
-            ptr = libc.mmap(ffi.NULL, size, prot, _mmap.MAP_SHARED, fd, offset)
-        if ptr == MAP_FAILED:
-            err = ffi.errno
+            address = abi.mmap(size, prot, _mmap.MAP_SHARED, fd, offset)
+        if address < 0:
             raise PyvmmError(f"mmap of {size:#x} bytes of guest memory failed: "
-                             f"{os.strerror(err)}")
+                             f"{os.strerror(-address)}")
         self.size = size
         self.fd = fd
-        self._ptr = ptr
-        self.host_addr = int(ffi.cast("uintptr_t", ptr))
+        self.host_addr = address
+        self._ptr = ffi.cast("char *", address)
 
     @property
     def closed(self) -> bool:
@@ -52,11 +52,11 @@ class GuestMemory:
 
     def write(self, offset: int, data: bytes) -> None:
         self._check(offset, len(data))
-        ffi.memmove(ffi.cast("char *", self._ptr) + offset, data, len(data))
+        ffi.memmove(self._ptr + offset, data, len(data))
 
     def read(self, offset: int, length: int) -> bytes:
         self._check(offset, length)
-        return ffi.buffer(ffi.cast("char *", self._ptr) + offset, length)[:]
+        return ffi.buffer(self._ptr + offset, length)[:]
 
     def write_u64(self, offset: int, value: int) -> None:
         self.write(offset, value.to_bytes(8, "little"))
@@ -66,8 +66,8 @@ class GuestMemory:
 
     def close(self) -> None:
         if self._ptr is not None:
-            libc.munmap(self._ptr, self.size)
             self._ptr = None
+            abi.munmap(self.host_addr, self.size)
 
     def __enter__(self):
         return self
@@ -76,18 +76,18 @@ class GuestMemory:
         self.close()
 
 
-@dataclass
-class MemorySlot:
-    """Bookkeeping for one KVM memory slot."""
+class MemorySlot(Record):
+    """Bookkeeping for one KVM memory slot. `offset` is where the slot starts within
+    `memory`; `guest_memfd` is the bound guest_memfd's fd, if any."""
 
-    slot: int
-    gpa: int
-    size: int
-    memory: GuestMemory
-    flags: int = 0
-    offset: int = 0               # offset of the slot's start within `memory`
-    guest_memfd: int | None = None
-    guest_memfd_offset: int = 0
+    __slots__ = ("slot", "gpa", "size", "memory", "flags", "offset", "guest_memfd",
+                 "guest_memfd_offset")
+
+    def __init__(self, slot: int, gpa: int, size: int, memory: GuestMemory, flags: int = 0,
+                 offset: int = 0, guest_memfd: int | None = None, guest_memfd_offset: int = 0):
+        self.slot, self.gpa, self.size, self.memory = slot, gpa, size, memory
+        self.flags, self.offset = flags, offset
+        self.guest_memfd, self.guest_memfd_offset = guest_memfd, guest_memfd_offset
 
     @property
     def end(self) -> int:

@@ -7,9 +7,7 @@ A template may use the letter N for the swept registration count.
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
-
+from ._record import Record
 from .errors import PyvmmError, RecipeError  # noqa: F401 (RecipeError re-exported)
 
 OPS = {1: "vm", 2: "mem", 3: "ioev", 4: "eexist", 5: "deassign", 6: "vcpu", 7: "run",
@@ -31,11 +29,13 @@ PRESETS = {
 }
 
 
-@dataclass(frozen=True)
-class Step:
-    op: str
-    count: int = 1
-    target: str = "halt"
+class Step(Record):
+    """One recipe step: op, its count, and for run the marker it stops at."""
+
+    __slots__ = ("op", "count", "target")
+
+    def __init__(self, op: str, count: int = 1, target: str = "halt"):
+        self.op, self.count, self.target = op, count, target
 
     def __str__(self) -> str:
         if self.op == "run":
@@ -45,10 +45,13 @@ class Step:
         return f"{self.op}:{self.count}"
 
 
-@dataclass(frozen=True)
-class Recipe:
-    text: str               # canonical text
-    steps: tuple[Step, ...]
+class Recipe(Record):
+    """A parsed recipe: its canonical text and its steps."""
+
+    __slots__ = ("text", "steps")
+
+    def __init__(self, text: str, steps: tuple[Step, ...]):
+        self.text, self.steps = text, steps
 
     def __str__(self) -> str:
         return self.text
@@ -70,13 +73,19 @@ def native_module():
 def expand(template: str, n: int) -> str:
     """Substitute the swept count for N (also resolves preset names)."""
     text = PRESETS.get(template, template)
-    return re.sub(r"\bN\b", str(int(n)), text)
+    return ",".join(":".join(str(int(n)) if part.strip() == "N" else part
+                             for part in step.split(":"))
+                    for step in text.split(","))
+
+
+def _uses_n(text: str) -> bool:
+    return any(part.strip() == "N" for step in text.split(",") for part in step.split(":"))
 
 
 def parse(text: str, n: int | None = None) -> Recipe:
     """Parse and validate a recipe (or preset name). Raises RecipeError with the reason."""
     text = PRESETS.get(text, text)
-    if re.search(r"\bN\b", text):
+    if _uses_n(text):
         if n is None:
             raise RecipeError(f"recipe '{text}' uses N but no count was given")
         text = expand(text, n)

@@ -8,24 +8,29 @@ PyvmmError subclasses after everything is torn down.
 from __future__ import annotations
 
 import os
+import resource
 import struct
 import time
 
 from . import guests, layout
 from . import abi
-from .abi import libc
 from .errors import GuestTimeout, PyvmmError, UnexpectedExit
 from .exits import (FailEntry, Hlt, InternalError, Interrupted, Io, MemoryFault, Mmio,
                      Shutdown, describe)
 from .kvm import shared as shared_kvm
 from .memory import GuestMemory
-from .kvmstats import StatsReader, diff
 from .vcpu import install_kick_handler, kick_after, write_long_mode_tables
 from .vm import check_nofile
 from .recipe import Recipe
 
 MARKER_TARGETS = {"probe": layout.MARK_PROBE, "rung": layout.MARK_RUNG, "halt": 0}
 MAX_BAR_SLOTS = 16
+
+_PARAM_HEAD = struct.Struct("<QQ")
+_NO_BELLS = _PARAM_HEAD.pack(layout.PARAM_MAGIC, 0)
+_BAR_BYTES = layout.BAR_PATTERN.to_bytes(4, "little")
+_RLIMIT_NOFILE = resource.RLIMIT_NOFILE
+_getrlimit = resource.getrlimit
 
 _mono = time.monotonic_ns
 _cpu = time.thread_time_ns
@@ -44,6 +49,9 @@ class PyBoot:
         self.recipe = recipe
         self.guest = guests.info(guest)
         self.image = guests.load(guest)
+        self.long_mode = self.guest.mode == "long"
+        if len(self.image) > layout.RAM_SIZE - layout.CODE_GPA - 0x10000:
+            raise PyvmmError(f"guest image of {len(self.image)} bytes does not fit in RAM")
         self.ioev_len = ioev_len
         self.timeout = timeout
         self.pin_cpu = pin_cpu
@@ -55,6 +63,7 @@ class PyBoot:
         self.bells = []         # assigned Ioeventfd objects, in registration order
         self.next_bell = 0
         self.bar_mem = None
+        self.ram_mem = None
         self.nbar = 0
         self.serial = bytearray()
         self.res: dict = {}
@@ -67,20 +76,16 @@ class PyBoot:
         self.vm = self.kvm.create_vm()
 
     def _mem(self, step, samples):
-        vm = self.vm
-        if self.memory == "gmem":
-            ram = self._gmem_ram()
-        else:
-            ram = vm.add_memory(0, layout.RAM_SIZE)
-        if len(self.image) > layout.RAM_SIZE - layout.CODE_GPA - 0x10000:
-            raise PyvmmError(f"guest image of {len(self.image)} bytes does not fit in RAM")
-        ram.memory.write(layout.CODE_GPA, self.image)
-        if self.guest.mode == "long":
-            write_long_mode_tables(ram.memory.write)
+        ram = self._gmem_ram() if self.memory == "gmem" else \
+            self.vm.add_memory(0, layout.RAM_SIZE)
+        mem = self.ram_mem = ram.memory          # RAM at GPA 0: offsets are GPAs
+        mem.write(layout.CODE_GPA, self.image)
+        if self.long_mode:
+            write_long_mode_tables(mem.write)
         self._write_params()
-        self.bar_mem = GuestMemory(layout.BAR_SIZE * MAX_BAR_SLOTS)
-        self.vm.memories.append(self.bar_mem)
-        self.bar_mem.write(0, layout.BAR_PATTERN.to_bytes(4, "little"))
+        bar = self.bar_mem = GuestMemory(layout.BAR_SIZE * MAX_BAR_SLOTS)
+        self.vm.memories.append(bar)
+        bar.write(0, _BAR_BYTES)
 
     def _gmem_ram(self):
         """RAM from a guest_memfd created mmap-able and shared, bound with
@@ -97,19 +102,26 @@ class PyBoot:
         return vm.add_memory(0, layout.RAM_SIZE, memory=mem, guest_memfd=gmem)
 
     def _write_params(self):
-        addrs = [b.addr for b in self.bells]
-        blob = struct.pack(f"<QQ{len(addrs)}Q", layout.PARAM_MAGIC, len(addrs), *addrs)
-        self.vm.write_guest(layout.PARAM_GPA, blob)
+        bells = self.bells
+        blob = _PARAM_HEAD.pack(layout.PARAM_MAGIC, len(bells)) + b"".join(
+            b.addr.to_bytes(8, "little") for b in bells) if bells else _NO_BELLS
+        self.ram_mem.write(layout.PARAM_GPA, blob)
 
     def _ioev(self, step, samples):
-        if step.count:
-            check_nofile(step.count + 16, f"ioev:{step.count}")
+        n = step.count
+        if n:
+            # One getrlimit, as the C helper does; the full count of open fds only when
+            # that says the limit is close.
+            soft = _getrlimit(_RLIMIT_NOFILE)[0]
+            if soft != resource.RLIM_INFINITY and len(self.bells) + n + 64 > soft:
+                check_nofile(n + 16, f"ioev:{n}")
         vm = self.vm
-        for _ in range(step.count):
-            addr = layout.DOORBELL_BASE + layout.DOORBELL_STRIDE * self.next_bell
-            io = vm.ioeventfd(addr, self.ioev_len)
+        bells = self.bells
+        base, stride, length = layout.DOORBELL_BASE, layout.DOORBELL_STRIDE, self.ioev_len
+        for _ in range(n):
+            io = vm.ioeventfd(base + stride * self.next_bell, length)
             samples.append(vm.last_ioeventfd_ns)
-            self.bells.append(io)
+            bells.append(io)
             self.next_bell += 1
         self._write_params()
 
@@ -158,70 +170,86 @@ class PyBoot:
             raise PyvmmError("run: the guest has already halted")
         vcpu = self.vm.vcpus[0]
         target = MARKER_TARGETS[step.target]
-        deadline = self._deadline
-        if self._kicker is not None:
-            self._kicker.vcpu = vcpu
-        while True:
-            ex = vcpu.run()
-            res["exits"] += 1
-            if isinstance(ex, Io):
-                res["io_exits"] += 1
-                if not ex.is_write:
-                    vcpu.set_io_in_data(ex, 0xFFFFFFFF)
-                elif ex.port == layout.MARKER_PORT:
-                    m = ex.data[0]
-                    res["events"].append([m, _mono() - self._t0])
-                    if m == layout.MARK_RUNG:
-                        res["doorbells_expected"] = len(self.bells)
-                    if m == layout.MARK_ABORT:
-                        raise UnexpectedExit("guest aborted: bad parameter block", ex)
-                    if target and m == target:
-                        return m
-                elif ex.port == layout.SERIAL_PORT:
-                    self.serial += ex.data
-                elif ex.port == layout.DATA_PORT and ex.size == 4:
-                    res["bar_value"] = ex.value
-            elif isinstance(ex, Mmio):
-                lo = layout.DOORBELL_BASE
-                hi = lo + layout.DOORBELL_STRIDE * layout.PARAM_MAX_DOORBELLS
-                if ex.is_write and lo <= ex.addr < hi:
-                    res["doorbell_mmio_exits"] += 1
+        if self._kicker is not None and self._kick_vcpu is not vcpu:
+            self._kicker.vcpu = self._kick_vcpu = vcpu
+        run = vcpu.run
+        marker_port, serial_port, data_port = (layout.MARKER_PORT, layout.SERIAL_PORT,
+                                               layout.DATA_PORT)
+        exits = io_exits = 0
+        try:
+            while True:
+                ex = run()
+                exits += 1
+                kind = ex.__class__
+                if kind is Io:
+                    io_exits += 1
+                    if not ex.is_write:
+                        vcpu.set_io_in_data(ex, 0xFFFFFFFF)
+                    elif ex.port == marker_port:
+                        m = ex.data[0]
+                        res["events"].append([m, _mono() - self._t0])
+                        if m == layout.MARK_RUNG:
+                            res["doorbells_expected"] = len(self.bells)
+                        elif m == layout.MARK_ABORT:
+                            raise UnexpectedExit("guest aborted: bad parameter block", ex)
+                        if target and m == target:
+                            return m
+                    elif ex.port == serial_port:
+                        self.serial += ex.data
+                    elif ex.port == data_port and ex.size == 4:
+                        res["bar_value"] = ex.value
+                elif kind is Hlt:
+                    res["halted"] = True
+                    if target:
+                        raise UnexpectedExit(f"guest halted before reaching marker {target}",
+                                             ex, vcpu.regs_dict())
+                    return 0
                 else:
-                    res["other_mmio_exits"] += 1
-                if not ex.is_write:
-                    vcpu.set_mmio_read_data(layout.UNMAPPED_READ, ex.length)
-            elif isinstance(ex, Hlt):
-                res["halted"] = True
-                if target:
-                    raise UnexpectedExit(f"guest halted before reaching marker {target}",
-                                         ex, vcpu.regs_dict())
-                return 0
-            elif isinstance(ex, Interrupted):
-                if deadline is not None and time.monotonic() >= deadline:
-                    regs = vcpu.regs_dict()
-                    raise GuestTimeout(
-                        f"guest did not reach {step.target} within {self.timeout:g} s; "
-                        f"stopped at rip {regs['rip']:#x} (last marker "
-                        f"{_last_marker(res)})", regs)
-            elif isinstance(ex, Shutdown):
-                regs = vcpu.regs_dict()
-                raise UnexpectedExit(
-                    f"guest shut down (KVM_EXIT_SHUTDOWN, triple fault) at rip "
-                    f"{regs['rip']:#x} rsp {regs['rsp']:#x}: {_fmt_regs(regs)}", ex, regs)
-            elif isinstance(ex, InternalError):
-                regs = vcpu.regs_dict()
-                raise UnexpectedExit(
-                    f"KVM_EXIT_INTERNAL_ERROR suberror {ex.suberror} ({ex.suberror_name}) "
-                    f"at rip {regs['rip']:#x}; data {[hex(d) for d in ex.data]}", ex, regs)
-            elif isinstance(ex, (FailEntry, MemoryFault)):
-                raise UnexpectedExit(f"guest stopped: {describe(ex)}", ex)
+                    self._rare_exit(ex, vcpu, step)
+        finally:
+            res["exits"] += exits
+            res["io_exits"] += io_exits
+
+    def _rare_exit(self, ex, vcpu, step):
+        """Every exit but port I/O and HLT: MMIO is answered, a timeout kick is checked
+        against the deadline, the rest end the boot with the vCPU's registers."""
+        res = self.res
+        if isinstance(ex, Mmio):
+            lo = layout.DOORBELL_BASE
+            hi = lo + layout.DOORBELL_STRIDE * layout.PARAM_MAX_DOORBELLS
+            if ex.is_write and lo <= ex.addr < hi:
+                res["doorbell_mmio_exits"] += 1
             else:
-                raise UnexpectedExit(f"unexpected exit: {describe(ex)}", ex)
+                res["other_mmio_exits"] += 1
+            if not ex.is_write:
+                vcpu.set_mmio_read_data(layout.UNMAPPED_READ, ex.length)
+        elif isinstance(ex, Interrupted):
+            if self._deadline is not None and time.monotonic() >= self._deadline:
+                regs = vcpu.regs_dict()
+                raise GuestTimeout(
+                    f"guest did not reach {step.target} within {self.timeout:g} s; "
+                    f"stopped at rip {regs['rip']:#x} (last marker "
+                    f"{_last_marker(res)})", regs)
+        elif isinstance(ex, Shutdown):
+            regs = vcpu.regs_dict()
+            raise UnexpectedExit(
+                f"guest shut down (KVM_EXIT_SHUTDOWN, triple fault) at rip "
+                f"{regs['rip']:#x} rsp {regs['rsp']:#x}: {_fmt_regs(regs)}", ex, regs)
+        elif isinstance(ex, InternalError):
+            regs = vcpu.regs_dict()
+            raise UnexpectedExit(
+                f"KVM_EXIT_INTERNAL_ERROR suberror {ex.suberror} ({ex.suberror_name}) "
+                f"at rip {regs['rip']:#x}; data {[hex(d) for d in ex.data]}", ex, regs)
+        elif isinstance(ex, (FailEntry, MemoryFault)):
+            raise UnexpectedExit(f"guest stopped: {describe(ex)}", ex)
+        else:
+            raise UnexpectedExit(f"unexpected exit: {describe(ex)}", ex)
 
     # --- driver ------------------------------------------------------------------------
     def _snapshot_stats(self, step):
         """After a step, outside its timing: open the VM's and vCPU 0's stats fds and
         take the 'before' values."""
+        from .kvmstats import StatsReader
         owners = {"vm": self.vm if step.op == "vm" else None,
                   "vcpu0": self.vm.vcpus[0] if step.op == "vcpu" else None}
         for key, owner in owners.items():
@@ -230,6 +258,9 @@ class PyBoot:
                 self._stats[key] = (reader, reader.read())
 
     def _collect_stats(self):
+        if not self._stats:
+            return
+        from .kvmstats import diff
         out = {}
         for key, (reader, before) in self._stats.items():
             out[key] = diff(before, reader.read(), reader.layout)
@@ -265,9 +296,10 @@ class PyBoot:
             except OSError as e:
                 raise PyvmmError(f"cannot pin to CPU {self.pin_cpu}: {e.strerror}") from None
             res["pinned_cpu"] = self.pin_cpu
-        res["cpu_start"] = libc.sched_getcpu()
+        res["cpu_start"] = abi.getcpu()
         error = None
         self._kicker = None
+        self._kick_vcpu = None
         self._deadline = None
         if self.timeout:
             # One watchdog thread per process, armed outside the timed phases.
@@ -308,7 +340,7 @@ class PyBoot:
             c1, w1 = _cpu(), _mono()
             res["phases"].append({"op": "teardown", "count": 1, "target": 0, "end_marker": 0,
                                   "wall_ns": w1 - w0, "cpu_ns": c1 - c0, "samples": []})
-            res["cpu_end"] = libc.sched_getcpu()
+            res["cpu_end"] = abi.getcpu()
             if old_aff is not None:
                 os.sched_setaffinity(0, old_aff)
         res["serial"] = self.serial.decode(errors="replace")

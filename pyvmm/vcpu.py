@@ -12,9 +12,14 @@ import time
 
 from . import abi, layout
 from ._fd import FdOwner
-from .abi import MAP_FAILED, ffi, libc
+from .abi import ffi
 from .errors import KvmError, PyvmmError
-from .exits import Exit, Interrupted, decode
+from .exits import Exit, Interrupted, decode, decode_page
+
+_KVM_RUN = abi.KVM_RUN
+_EINTR = errno.EINTR
+_ioctl_val = abi.ioctl_val
+_get_ident = threading.get_ident
 
 KICK_SIGNAL = signal.SIGUSR1
 
@@ -65,6 +70,35 @@ def identity_page_tables() -> bytes:
     return pml4 + pdpt + pds
 
 
+@functools.lru_cache(maxsize=1)
+def long_mode_sregs_patch() -> tuple[tuple[int, bytes], ...]:
+    """What setup_long_mode changes in the struct kvm_sregs that KVM_GET_SREGS returned,
+    as (offset, bytes) runs: the six segments (flat 64-bit code, flat data), the GDT,
+    CR0, CR3, CR4 and EFER. Worked out once through cffi; applying it per vCPU is a few
+    slice assignments instead of some forty attribute writes."""
+    s = ffi.new("struct kvm_sregs *")
+    code = s.cs
+    code.base, code.limit, code.selector = 0, 0xFFFFFFFF, SEL_CODE
+    code.type, code.present, code.dpl, code.db, code.s, code.l, code.g = 11, 1, 0, 0, 1, 1, 1
+    for seg in (s.ds, s.es, s.fs, s.gs, s.ss):
+        seg.base, seg.limit, seg.selector = 0, 0xFFFFFFFF, SEL_DATA
+        seg.type, seg.present, seg.dpl, seg.db, seg.s, seg.l, seg.g = 3, 1, 0, 1, 1, 0, 1
+    s.gdt.base, s.gdt.limit = layout.GDT_GPA, 3 * 8 - 1
+    s.cr3 = layout.PML4_GPA
+    s.cr4 = layout.LM_CR4
+    s.cr0 = layout.LM_CR0
+    s.efer = layout.LM_EFER
+    buf = ffi.buffer(s)
+    out = []
+    for first, last in (("cs", "ss"), ("gdt", "gdt"), ("cr0", "cr0"), ("cr3", "cr4"),
+                        ("efer", "efer")):
+        start = ffi.offsetof("struct kvm_sregs", first)
+        end = ffi.offsetof("struct kvm_sregs", last) + ffi.sizeof(getattr(s, last)) \
+            if last in ("ss", "gdt") else ffi.offsetof("struct kvm_sregs", last) + 8
+        out.append((start, bytes(buf[start:end])))
+    return tuple(out)
+
+
 class Vcpu(FdOwner):
     """A vCPU fd. run() returns typed exits decoded from kvm_run."""
 
@@ -75,15 +109,14 @@ class Vcpu(FdOwner):
         self.vm = vm
         self.id = vcpu_id
         self.mmap_size = mmap_size
-        ptr = libc.mmap(ffi.NULL, mmap_size, _mmap.PROT_READ | _mmap.PROT_WRITE,
-                        _mmap.MAP_SHARED, fd, 0)
-        if ptr == MAP_FAILED:
-            err = ffi.errno
+        address = abi.mmap(mmap_size, _mmap.PROT_READ | _mmap.PROT_WRITE, _mmap.MAP_SHARED,
+                           fd, 0)
+        if address < 0:
             self._close_fd()
-            raise KvmError("mmap(vcpu fd)", err, "cannot map the kvm_run page")
-        self._map = ptr
-        self.run_struct = ffi.cast("struct kvm_run *", ptr)
-        self._page = ffi.buffer(ptr, mmap_size)
+            raise KvmError("mmap(vcpu fd)", -address, "cannot map the kvm_run page")
+        self._map = address
+        self.run_struct = ffi.cast("struct kvm_run *", address)
+        self._page = ffi.buffer(self.run_struct, mmap_size)
         self.thread_id: int | None = None
 
     # --- registers ------------------------------------------------------------------
@@ -151,17 +184,9 @@ class Vcpu(FdOwner):
             write_long_mode_tables(self.vm.write_guest)
         self.set_cpuid(self.vm.kvm.get_supported_cpuid())
         sregs = self.get_sregs()
-        code = sregs.cs
-        code.base, code.limit, code.selector = 0, 0xFFFFFFFF, SEL_CODE
-        code.type, code.present, code.dpl, code.db, code.s, code.l, code.g = 11, 1, 0, 0, 1, 1, 1
-        for seg in (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss):
-            seg.base, seg.limit, seg.selector = 0, 0xFFFFFFFF, SEL_DATA
-            seg.type, seg.present, seg.dpl, seg.db, seg.s, seg.l, seg.g = 3, 1, 0, 1, 1, 0, 1
-        sregs.gdt.base, sregs.gdt.limit = layout.GDT_GPA, 3 * 8 - 1
-        sregs.cr3 = layout.PML4_GPA
-        sregs.cr4 = layout.LM_CR4
-        sregs.cr0 = layout.LM_CR0
-        sregs.efer = layout.LM_EFER
+        buf = ffi.buffer(sregs)
+        for offset, data in long_mode_sregs_patch():
+            buf[offset:offset + len(data)] = data
         self.set_sregs(sregs)
         regs = ffi.new("struct kvm_regs *")
         regs.rip, regs.rflags, regs.rsp = entry, 2, layout.STACK_TOP
@@ -179,14 +204,15 @@ class Vcpu(FdOwner):
 
     def run(self) -> Exit:
         """KVM_RUN once and decode the exit. EINTR becomes an Interrupted exit."""
-        self.thread_id = threading.get_ident()
-        err = self._try_ioctl("KVM_RUN")[1]
-        if err:
-            if err == errno.EINTR:
+        self.thread_id = _get_ident()
+        r = _ioctl_val(self.fd, _KVM_RUN, 0)
+        if r < 0:
+            if r == -_EINTR:
                 self.run_struct.immediate_exit = 0
                 return Interrupted()
-            raise KvmError("KVM_RUN", err, _run_hint(err))
-        return decode(self.run_struct, self._page)
+            self._live_fd()
+            raise KvmError("KVM_RUN", -r, _run_hint(-r))
+        return decode_page(self._page)
 
     def kick(self) -> None:
         """Make the current or next KVM_RUN return with EINTR (used by timeouts)."""
@@ -216,7 +242,7 @@ class Vcpu(FdOwner):
         if self._map is not None:
             self._page = None
             self.run_struct = None
-            libc.munmap(self._map, self.mmap_size)
+            abi.munmap(self._map, self.mmap_size)
             self._map = None
         self._close_fd()
 
@@ -240,14 +266,19 @@ class _KickService:
         self.cond = threading.Condition()
         self.armed: dict[int, list] = {}     # id -> [deadline, vcpu or None]
         self.next_id = 0
+        self.wake_at = 0.0                   # when the thread wakes next, unless notified
         self.thread = threading.Thread(target=self._loop, daemon=True, name="pyvmm-kicker")
         self.thread.start()
 
     def arm(self, timeout: float, vcpu=None) -> "Kick":
         with self.cond:
             self.next_id += 1
-            self.armed[self.next_id] = [time.monotonic() + timeout, vcpu, False]
-            self.cond.notify()
+            deadline = time.monotonic() + timeout
+            self.armed[self.next_id] = [deadline, vcpu, False]
+            if deadline < self.wake_at:
+                # Wake the thread only when it would sleep past this deadline: a boot
+                # that arms a 10 s deadline every few ms then costs the thread nothing.
+                self.cond.notify()
             return Kick(self, self.next_id)
 
     def _loop(self):
@@ -261,6 +292,7 @@ class _KickService:
                         e[2] = True
                     e[0] = now + 0.01
                 wait = min((e[0] for e in self.armed.values()), default=now + 3600) - now
+                self.wake_at = now + max(wait, 0.001)
                 self.cond.wait(max(wait, 0.001))
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import os
 import resource
@@ -257,7 +256,7 @@ class Vm(FdOwner):
         s = self.slots.get(slot)
         if s is None:
             raise PyvmmError(f"memory slot {slot} does not exist")
-        new = dataclasses.replace(s, **changes)
+        new = s.replace(**changes)
         self._apply_slot(new, new.guest_memfd is not None)
         self.slots[slot] = new
 
@@ -434,17 +433,15 @@ class Vm(FdOwner):
     def try_ioeventfd(self, efd: int, addr: int, length: int, pio: bool = False,
                       datamatch: int | None = None, deassign: bool = False) -> int:
         """Raw KVM_IOEVENTFD: returns the errno (0 on success)."""
-        arg = ffi.new("struct kvm_ioeventfd *")
-        arg.addr, arg.len, arg.fd = addr, length, efd
         flags = 0
         if pio:
             flags |= abi.KVM_IOEVENTFD_FLAG_PIO
         if datamatch is not None:
             flags |= abi.KVM_IOEVENTFD_FLAG_DATAMATCH
-            arg.datamatch = datamatch
         if deassign:
             flags |= abi.KVM_IOEVENTFD_FLAG_DEASSIGN
-        arg.flags = flags
+        # one initializer in field order: datamatch, addr, len, fd, flags
+        arg = ffi.new("struct kvm_ioeventfd *", (datamatch or 0, addr, length, efd, flags))
         return self._try_ioctl("KVM_IOEVENTFD", arg)[1]
 
     def ioeventfd(self, addr: int, length: int = 4, pio: bool = False,

@@ -345,7 +345,7 @@ def _compare_plot_many(all_rows, names, out):
     plt.close(fig)
 
 
-BENCH_PTWRITE = "bench-ptwrite"      # `pyvmm bench ptwrite ...` is routed here (cli.main)
+from ..cli import BENCH_PTWRITE  # noqa: E402 (`pyvmm bench ptwrite` is routed to it)
 
 
 def add_ptwrite_parser(sub) -> None:

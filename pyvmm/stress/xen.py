@@ -25,7 +25,6 @@ import time
 from dataclasses import dataclass, field
 
 from .. import abi, layout
-from ..abi import ffi, libc
 from ..latency import latency_summary
 from ..errors import PyvmmError
 from ..exits import Interrupted, Io, Unknown
@@ -105,7 +104,7 @@ def run(cfg: XenStressConfig, on_hang=None) -> XenStressResult:
     vcpu.setup_long_mode()
     vcpu.xen_set_vcpu_info(layout.XEN_VCPU_INFO_GPA)
     vm.xen_bind_evtchn(layout.XEN_SEND_PORT, layout.XEN_DELIVER_PORT, vcpu=0)
-    page = ffi.cast("void *", ram.memory.host_addr + layout.XEN_SHINFO_GPA)
+    page = ram.memory.host_addr + layout.XEN_SHINFO_GPA
 
     def guard(fn):
         def body():
@@ -137,7 +136,7 @@ def run(cfg: XenStressConfig, on_hang=None) -> XenStressResult:
         while not stop.is_set():
             with tracker.op("madvise(MADV_DONTNEED) of shared_info",
                             f"gpa {layout.XEN_SHINFO_GPA:#x}"):
-                if libc.madvise(page, 4096, MADV_DONTNEED) != 0:
+                if abi.madvise(page, 4096, MADV_DONTNEED) != 0:
                     raise PyvmmError("madvise(MADV_DONTNEED) of the shared_info page failed")
             counts["invalidations"] += 1
             time.sleep(rng.random() * 0.002)
