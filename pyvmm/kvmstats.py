@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import os
 import struct
-from dataclasses import dataclass
-
 from ._fd import FdOwner
+from ._record import Record
 from .errors import StatsFormatError  # noqa: F401 (re-exported)
 from .abi import ffi
 
@@ -30,27 +29,28 @@ INTERESTING = ("exits", "io_exits", "mmio_exits", "insn_emulation", "insn_emulat
 
 
 
-@dataclass(frozen=True)
-class StatDesc:
-    name: str
-    type: str
-    unit: str
-    base: int
-    exponent: int
-    size: int          # number of u64 values
-    offset: int        # byte offset within the data block
-    bucket_size: int
+class StatDesc(Record):
+    """One statistic's descriptor: `size` u64 values at byte `offset` of the data block."""
+
+    __slots__ = ("name", "type", "unit", "base", "exponent", "size", "offset", "bucket_size")
+
+    def __init__(self, name: str, type: str, unit: str, base: int, exponent: int, size: int,
+                 offset: int, bucket_size: int):
+        self.name, self.type, self.unit, self.base = name, type, unit, base
+        self.exponent, self.size, self.offset, self.bucket_size = (exponent, size, offset,
+                                                                   bucket_size)
 
     def scale(self, value: int) -> float:
         return value * (self.base ** self.exponent)
 
 
-@dataclass(frozen=True)
-class StatsLayout:
-    id: str
-    descs: tuple[StatDesc, ...]
-    data_offset: int
-    data_size: int
+class StatsLayout(Record):
+    __slots__ = ("id", "descs", "data_offset", "data_size")
+
+    def __init__(self, id: str, descs: tuple[StatDesc, ...], data_offset: int,
+                 data_size: int):
+        self.id, self.descs, self.data_offset, self.data_size = (id, descs, data_offset,
+                                                                 data_size)
 
 
 def layout_extent(header: bytes) -> int:

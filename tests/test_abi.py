@@ -130,3 +130,34 @@ def test_every_ioctl_is_tagged_with_its_fd_kind():
         assert i.fd in ("system", "vm", "vcpu", "vm+vcpu")
         if i.cap is not None:
             assert i.cap_name and i.cap_name.startswith("KVM_CAP_")
+
+
+def test_built_ioctl_numbers_are_ioctl_opts():
+    """The table the build wrote (pyvmm/_ioctl_numbers.py) is what ioctl-opt computes now,
+    for every ioctl, so importing pyvmm without ioctl-opt loses nothing."""
+    from pyvmm import _ioctl_numbers
+    assert _ioctl_numbers.NUMBERS == abi.computed_numbers()
+    assert {i.name: i.number for i in abi.IOCTLS.values()} == abi.computed_numbers()
+
+
+def test_calls_are_compiled_and_return_minus_errno():
+    import errno
+    import mmap
+    import os
+    assert abi.COMPILED_CALLS, "pyvmm._sys was not built"
+    fd = os.open("/dev/null", os.O_RDONLY)
+    try:
+        assert abi.ioctl_val(fd, abi.KVM_GET_API_VERSION, 0) == -errno.ENOTTY
+        assert abi.ioctl(fd, abi.KVM_GET_REGS, abi.ffi.new("struct kvm_regs *")) == \
+            -errno.ENOTTY
+    finally:
+        os.close(fd)
+    assert abi.ioctl_val(-1, abi.KVM_RUN, 0) == -errno.EBADF
+    addr = abi.mmap(4096, mmap.PROT_READ | mmap.PROT_WRITE,
+                    mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+    assert addr > 0 and addr % 4096 == 0
+    assert abi.madvise(addr, 4096, 4) == 0          # MADV_DONTNEED
+    assert abi.munmap(addr, 4096) == 0
+    assert abi.mmap(0, mmap.PROT_READ, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0) == \
+        -errno.EINVAL
+    assert abi.getcpu() >= 0

@@ -45,6 +45,33 @@ def test_boot_doorbell_timeline_and_proof():
     assert "run to HLT" in t.stdout
 
 
+def test_boot_loads_only_what_booting_needs():
+    """`pyvmm boot` imports no table, plot or array library and none of the other rooms
+    (issue #12: a boot process against QEMU's), and still exits with the boot's status
+    after printing its whole timeline."""
+    code = ("import sys; sys.argv = ['pyvmm', 'boot', '--guest', 'hello', '--stats']; "
+            "from pyvmm.cli import main; rc = main(); "
+            "heavy = sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('rich', 'matplotlib', 'numpy', 'jsonschema', 'cffi', 'ioctl_opt', 'dataclasses')"
+            " or m.startswith(('pyvmm.bench', 'pyvmm.lab', 'pyvmm.checks', 'pyvmm.stress'))); "
+            "print('HEAVY', heavy, rc)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=120, cwd=NEUTRAL)
+    assert r.returncode == 0, r.stderr
+    assert "HEAVY [] 0" in r.stdout
+    assert "boot (all but teardown)" in r.stdout and "KVM binary stats" in r.stdout
+    # the console script's fast exit keeps the status and the output
+    import os
+    exe = os.path.join(os.path.dirname(sys.executable), "pyvmm")
+    bad = subprocess.run([exe, "boot", "--guest", "spin", "--timeout", "0.2"],
+                         capture_output=True, text=True, timeout=120, cwd=NEUTRAL)
+    assert bad.returncode == 2 and "did not reach halt" in bad.stderr
+    good = subprocess.run([exe, "boot", "--guest", "hello"], capture_output=True, text=True,
+                          timeout=120, cwd=NEUTRAL)
+    assert good.returncode == 0
+    assert good.stdout.rstrip().splitlines()[-1].startswith("exits to userspace")
+
+
 @pytest.mark.parametrize("args, message", [
     (["boot", "--guest", "nope"], "unknown guest 'nope'"),
     (["boot", "--guest", "spin", "--timeout", "0.2"], "did not reach halt within 0.2 s"),

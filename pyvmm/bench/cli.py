@@ -35,6 +35,10 @@ def add_parsers(sub) -> None:
     b.add_argument("--python-vs-c", action="store_true",
                    help="drive the same recipe with the Python VMM and the C helper, "
                         "interleaved, and print per-phase ratios")
+    b.add_argument("--per-ioctl", action="store_true",
+                   help="with --python-vs-c: trace every syscall of both drivers (tracefs "
+                        "raw_syscalls) and show, per phase, each ioctl's time in the kernel "
+                        "from either side and the user-space time between them")
     b.set_defaults(func=cmd_bench)
 
     r = sub.add_parser("report", help="re-render tables, CSV and plots from a run.json")
@@ -57,6 +61,10 @@ def add_parsers(sub) -> None:
 
 
 def cmd_bench(args) -> int:
+    if args.per_ioctl:
+        if not args.python_vs_c:
+            raise PyvmmError("--per-ioctl compares the two drivers: add --python-vs-c")
+        return per_ioctl(args)
     if args.python_vs_c:
         ns = int_list(args.ns) if args.ns != ",".join(map(str, DEFAULT_NS)) else (0, 10)
         recipes = recipes_arg(args.recipes) if args.recipes != ",".join(DEFAULT_RECIPES) \
@@ -134,6 +142,88 @@ def python_vs_c_table(doc: dict) -> dict:
         t.caption_justify = "left"
         console.print(t)
     return ratios
+
+
+def per_ioctl(args) -> int:
+    """pyvmm bench --python-vs-c --per-ioctl: the syscalls of each phase, from each side."""
+    from .. import hostinfo
+    from .. import recipe as rmod
+    from ..results import envelope, write_json_atomic
+    from . import syscalls
+    ns = int_list(args.ns) if args.ns != ",".join(map(str, DEFAULT_NS)) else (0, 10)
+    recipes = recipes_arg(args.recipes) if args.recipes != ",".join(DEFAULT_RECIPES) \
+        else ("during-boot",)
+    if args.repeats < 3:
+        raise PyvmmError(f"--repeats {args.repeats}: the per-syscall medians need at least 3 "
+                         f"boots per driver")
+    host = hostinfo.collect()
+    if host["kvm_error"]:
+        raise PyvmmError(host["kvm_error"])
+    cells = []
+    out = new_run_dir(args.out, host)
+    path = os.path.join(out, "per-ioctl.json")
+    doc = envelope("pyvmm.per-ioctl/1", host, status="running", cells=cells)
+    try:
+        with progress_bar("text", "bar", "count", "elapsed") as prog:
+            task = prog.add_task("tracing", total=len(recipes) * len(ns))
+            for name in recipes:
+                for n in ns:
+                    prog.update(task, description=f"tracing {name} N={n}")
+                    rec = rmod.parse(rmod.PRESETS.get(name, name), n)
+                    cell = syscalls.compare(rec, boots=args.repeats, warmup=args.warmup,
+                                            ioev_len=args.ioev_len)
+                    cells.append(dict(cell, name=name, n=n))
+                    write_json_atomic(path, doc)
+                    prog.advance(task)
+        doc["status"] = "complete"
+    except KeyboardInterrupt:
+        doc["status"] = "interrupted"
+        write_json_atomic(path, doc)
+        raise
+    write_json_atomic(path, doc)
+    for cell in cells:
+        per_ioctl_table(cell)
+    console.print(f"wrote {path}", highlight=False)
+    return 0
+
+
+def per_ioctl_table(cell: dict) -> None:
+    from .syscalls import align
+    res = "" if cell["resolution_ns"] <= 1 else \
+        f"; trace clock {cell['trace_clock']} prints whole us"
+    t = Table(title=f"Per syscall: {cell['name']} N={cell['n']}, medians of {cell['boots']} "
+                    f"boots per driver (trace clock {cell['trace_clock']}{res})",
+              title_justify="left")
+    for col in ("phase", "syscall", "C us", "Python us", "Python - C us"):
+        t.add_column(col, justify="left" if col in ("phase", "syscall") else "right")
+
+    def us(ns):
+        return "-" if ns is None else f"{ns / 1e3:.1f}"
+
+    def diff(a, b):
+        return "" if a is None or b is None else f"{(b - a) / 1e3:+.1f}"
+    tot = {"c": [0.0, 0.0], "py": [0.0, 0.0]}
+    for c, p in zip(cell["c"], cell["py"]):
+        for k, (cr, pr) in enumerate(align(c["syscalls"], p["syscalls"])):
+            a = cr["kernel_ns"] if cr else None
+            b = pr["kernel_ns"] if pr else None
+            t.add_row(c["phase"] if k == 0 else "", (cr or pr)["name"], us(a), us(b),
+                      diff(a, b))
+        t.add_row("" if c["syscalls"] or p["syscalls"] else c["phase"],
+                  "[italic]user space[/]", us(c["user_ns"]), us(p["user_ns"]),
+                  diff(c["user_ns"], p["user_ns"]))
+        t.add_row("", f"[bold]phase[/] (page faults {c['page_faults']:g} / "
+                      f"{p['page_faults']:g})", us(c["span_ns"]), us(p["span_ns"]),
+                  diff(c["span_ns"], p["span_ns"]), end_section=True)
+        if c["phase"] != "teardown":
+            for side, ph in (("c", c), ("py", p)):
+                tot[side][0] += ph["kernel_ns"]
+                tot[side][1] += ph["user_ns"]
+    t.add_row("[bold]boot[/] (all but teardown)", "in the kernel", us(tot["c"][0]),
+              us(tot["py"][0]), diff(tot["c"][0], tot["py"][0]))
+    t.add_row("", "in user space", us(tot["c"][1]), us(tot["py"][1]),
+              diff(tot["c"][1], tot["py"][1]))
+    console.print(t)
 
 
 def cmd_report(args) -> int:

@@ -20,6 +20,7 @@ import difflib
 import os
 import re
 import statistics
+import subprocess
 import threading
 import time
 
@@ -56,12 +57,13 @@ def _ioctl_names() -> dict[int, str]:
 class Call:
     """One syscall of the traced thread: number, arguments, entry and exit times (ns)."""
 
-    __slots__ = ("nr", "args", "t_in", "t_out", "ret")
+    __slots__ = ("nr", "args", "t_in", "t_out", "ret", "faults_before")
 
-    def __init__(self, nr: int, args: tuple[int, ...], t_in: float):
+    def __init__(self, nr: int, args: tuple[int, ...], t_in: float, faults_before: int = 0):
         self.nr, self.args, self.t_in = nr, args, t_in
         self.t_out = t_in
         self.ret = 0
+        self.faults_before = faults_before      # user page faults since the last call
 
     def name(self, ioctls: dict[int, str]) -> str:
         base = SYSCALL_NAMES.get(self.nr, f"syscall {self.nr}")
@@ -81,6 +83,7 @@ def parse_trace(text: str, tid: int) -> tuple[list[Call], list[tuple[int, float]
     calls: list[Call] = []
     marks: list[tuple[int, float, int]] = []
     open_call = None
+    faults = 0
     for line in text.splitlines():
         if line.startswith("#"):
             continue
@@ -93,7 +96,8 @@ def parse_trace(text: str, tid: int) -> tuple[list[Call], list[tuple[int, float]
             e = _ENTER.match(rest)
             if e:
                 args = tuple(int(a, 16) for a in e.group(2).split(",") if a.strip())
-                open_call = Call(int(e.group(1)), args, ts)
+                open_call = Call(int(e.group(1)), args, ts, faults)
+                faults = 0
         elif kind == "sys_exit":
             e = _EXIT.match(rest)
             if e and open_call is not None and open_call.nr == int(e.group(1)):
@@ -101,6 +105,8 @@ def parse_trace(text: str, tid: int) -> tuple[list[Call], list[tuple[int, float]
                 open_call.ret = int(e.group(2))
                 calls.append(open_call)
                 open_call = None
+        elif kind == "page_fault_user":
+            faults += 1
         elif kind == "tracing_mark_write":
             k = _MARK.search(rest)
             if k:
@@ -112,13 +118,15 @@ class SyscallTrace:
     """raw_syscalls of one thread, recorded in tracefs. Restores every setting it
     touched on exit."""
 
-    FILES = ("trace_clock", "events/raw_syscalls/filter", "events/raw_syscalls/enable",
-             "tracing_on")
+    EVENTS = ("raw_syscalls", "exceptions/page_fault_user")
+    FILES = ("trace_clock", "tracing_on") + tuple(
+        f"events/{e}/{f}" for e in EVENTS for f in ("filter", "enable"))
 
     def __init__(self, tid: int | None = None, root: str = TRACEFS):
         self.tid = tid or threading.get_native_id()
         self.root = root
         self._saved: dict[str, str] = {}
+        self.events: list[str] = []
         self.clock = "mono"
         self.ns_per_tick = 1e9      # 'mono' prints seconds
 
@@ -134,8 +142,11 @@ class SyscallTrace:
             f.write(value)
 
     def __enter__(self) -> "SyscallTrace":
+        if not os.path.exists(self._path("trace")) and os.geteuid() == 0:
+            subprocess.run(["mount", "-t", "tracefs", "nodev", self.root],
+                           capture_output=True)
         if not os.path.exists(self._path("events/raw_syscalls/enable")):
-            if not os.path.isdir(self.root) or not os.path.exists(self._path("trace")):
+            if not os.path.exists(self._path("trace")):
                 raise TraceUnavailable(
                     f"tracefs is not mounted at {self.root}: mount -t tracefs nodev "
                     f"{self.root} (as root)")
@@ -143,32 +154,39 @@ class SyscallTrace:
                                    f"has no syscall tracepoints (CONFIG_FTRACE_SYSCALLS)")
         if not os.access(self._path("tracing_on"), os.W_OK):
             raise TraceUnavailable(f"{self.root} is not writable: run as root")
+        self.events = [e for e in self.EVENTS
+                       if os.path.exists(self._path(f"events/{e}/enable"))]
         for name in self.FILES:
-            self._saved[name] = self._read(name)
+            if os.path.exists(self._path(name)):
+                self._saved[name] = self._read(name)
         clocks = self._saved["trace_clock"]
-        self.clock = "x86-tsc" if "x86-tsc" in clocks.split() or "[x86-tsc]" in clocks \
-            else "mono"
+        self.clock = "x86-tsc" if "x86-tsc" in clocks.replace("[", " ").replace("]", " ") \
+            .split() else "mono"
         self._write("tracing_on", "0")
         self._write("trace_clock", self.clock)
         self._write("trace", "")
-        self._write("events/raw_syscalls/filter", f"common_pid == {self.tid}")
-        self._write("events/raw_syscalls/enable", "1")
+        for e in self.events:
+            self._write(f"events/{e}/filter", f"common_pid == {self.tid}")
+            self._write(f"events/{e}/enable", "1")
         return self
 
     def __exit__(self, *exc) -> None:
         self._write("tracing_on", "0")
-        self._write("events/raw_syscalls/enable", "0")
+        for e in self.events:
+            self._write(f"events/{e}/enable", "0")
         self._write("trace", "")
-        for name in ("trace_clock", "events/raw_syscalls/filter"):
-            old = self._saved.get(name, "")
+        for name, old in self._saved.items():
+            old = old.strip()
             if name == "trace_clock":
                 sel = re.search(r"\[(\S+)\]", old)
                 old = sel.group(1) if sel else "local"
-            elif old.strip() == "none":
-                old = "0"
-            self._write(name, old.strip() or "0")
-        for name in ("events/raw_syscalls/enable", "tracing_on"):
-            self._write(name, self._saved.get(name, "0").strip().lstrip("*") or "0")
+            elif name.endswith("/filter"):
+                old = "0" if old == "none" else old
+            else:
+                old = old.lstrip("*") or "0"
+            if name != "tracing_on":
+                self._write(name, old)
+        self._write("tracing_on", self._saved.get("tracing_on", "0").strip() or "0")
 
     def record(self, fn) -> list[Call]:
         """Run fn() with tracing on; return this thread's calls, timestamps in ns."""
@@ -258,10 +276,12 @@ def phase_profile(phase_boots: list[list[Call]], ioctls: dict[int, str]) -> dict
             c[1 + k].t_out - c[1 + k].t_in for c in same)})
     span = [calls[-1].t_in - calls[0].t_out for calls in phase_boots]
     kern = [sum(c.t_out - c.t_in for c in calls[1:-1]) for calls in phase_boots]
+    faults = [sum(c.faults_before for c in calls[1:]) for calls in phase_boots]
     return {"syscalls": rows, "boots": len(phase_boots), "usual": len(same),
             "span_ns": statistics.median(span), "kernel_ns": statistics.median(kern),
             "user_ns": statistics.median(s - k for s, k in zip(span, kern)),
-            "count": statistics.median(len(s) for s in seqs)}
+            "count": statistics.median(len(s) for s in seqs),
+            "page_faults": statistics.median(faults)}
 
 
 def profile(calls: list[Call], labels: list[str], boots: int) -> list[dict]:
