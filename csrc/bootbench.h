@@ -15,6 +15,7 @@
 #define BB_MAX_IOEV 4094
 #define BB_MAX_VCPUS 64
 #define BB_MAX_MEMSLOT 16
+#define BB_BATCH_MIN 256  /* eexist: ops per batch (the step's count, repeated) */
 
 /* Step kinds. */
 #define BB_OP_VM 1        /* open /dev/kvm, KVM_CREATE_VM */
@@ -60,6 +61,8 @@ struct bb_phase {
     uint64_t cpu_ns;        /* CLOCK_THREAD_CPUTIME_ID */
     uint32_t sample_start;  /* per-operation samples of this step in the sample array */
     uint32_t nsamples;
+    uint64_t batch_ns;      /* eexist: BB_BATCH_MIN or more ops between two clock reads */
+    uint32_t batch_ops;     /* ops in that batch (0: no batch) */
 };
 
 struct bb_event {

@@ -83,7 +83,11 @@ static void print_result(const char *label, const char *recipe, int rep,
                (unsigned long long)p->wall_ns, (unsigned long long)p->cpu_ns);
         for (uint32_t k = 0; k < p->nsamples; k++)
             printf("%s%llu", k ? "," : "", (unsigned long long)s[p->sample_start + k].wall_ns);
-        printf("]}");
+        printf("]");
+        if (p->batch_ops)
+            printf(",\"batch_ns\":%llu,\"batch_ops\":%u", (unsigned long long)p->batch_ns,
+                   p->batch_ops);
+        printf("}");
     }
     printf("],\"events\":[");
     for (int i = 0; i < r->nevents; i++)

@@ -74,6 +74,26 @@ def test_run_json_round_trips_through_report(short_run, capsys):
     assert evidence["assign per op"].endswith(" us") and evidence["kernel-check"] == "not run"
 
 
+def test_eexist_is_batched_alike_by_both_drivers_and_the_report_says_so(short_run):
+    """The cheapest op is timed in batches (K >= BB_BATCH_MIN between two clock reads),
+    by the C helper and the Python VMM alike; the report's overhead line uses them."""
+    from pyvmm import runner
+    rec = rmod.parse("vm,mem,ioev:3,eexist:5")
+    c = native.NativeRunner().run(rec)
+    py = runner.PyBoot(rec).run()
+    batch_min = rmod.native_module().lib.BB_BATCH_MIN
+    for res in (c, py):
+        ee = [p for p in res["phases"] if p["op"] == "eexist"][0]
+        assert ee["batch_ops"] == 5 * -(-batch_min // 5) and ee["batch_ns"] > 0
+        assert len(ee["samples"]) == 5
+        assert "batch_ops" not in [p for p in res["phases"] if p["op"] == "ioev"][0]
+    out, doc = short_run
+    a = report.analyze(doc)
+    assert len(a["eexist_batches"]) == 3          # one per control boot
+    line = report.overhead_line(doc, a)
+    assert f"batches of {8 * -(-batch_min // 8)}" in line and "target < 1%" in line
+
+
 def test_interrupted_sweep_leaves_valid_partial_json(tmp_path):
     cfg = SweepConfig(ns=(0, 1), repeats=5, warmup=0, seed=2, control_n=0)
     sweep = Sweep(cfg, str(tmp_path))

@@ -45,11 +45,14 @@ def result_dict(ffi, r, samples) -> dict:
     phases = []
     for i in range(r.nphases):
         p = r.phases[i]
-        phases.append({
+        ph = {
             "op": OPS.get(p.op, "?"), "count": p.count, "target": p.target,
             "end_marker": p.end_marker, "wall_ns": p.wall_ns, "cpu_ns": p.cpu_ns,
             "samples": [samples[p.sample_start + k].wall_ns for k in range(p.nsamples)],
-        })
+        }
+        if p.batch_ops:
+            ph["batch_ns"], ph["batch_ops"] = p.batch_ns, p.batch_ops
+        phases.append(ph)
     return {
         "ok": bool(r.ok), "error": ffi.string(r.err).decode(errors="replace"),
         "errno": r.err_errno, "failed_step": r.failed_step,

@@ -20,6 +20,8 @@ PHASE = {
         "wall_ns": _NS,
         "cpu_ns": _NS,
         "samples": {"type": "array", "items": _NS},
+        "batch_ns": _NS,
+        "batch_ops": _COUNT,
     },
 }
 
