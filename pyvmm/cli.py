@@ -10,12 +10,11 @@ from . import guests, layout
 from .errors import PyvmmError
 
 # Tables fit the terminal (or $COLUMNS); written to a file or a pipe they stay wide.
-from .ui import console, err_console  # noqa: E402  (the one console every command uses)
+from .ui import BENCH_PTWRITE, console, err_console  # the one console every command uses
 
 # Commands defined by each room's cli module (add_parsers). A command line names one, so
 # only that room is imported: `pyvmm boot` loads what booting needs and no more (no
 # rich, matplotlib or numpy). Help and unknown commands build the whole parser.
-BENCH_PTWRITE = "bench-ptwrite"      # `pyvmm bench ptwrite ...` is routed here (main)
 ROOMS = {"bench": "bench", "report": "bench", "compare": "bench", BENCH_PTWRITE: "bench",
          "lab": "lab", "kernel-check": "lab", "check": "checks", "stress": "stress"}
 
@@ -116,7 +115,8 @@ def cmd_boot(args) -> int:
         res = boot.run()
     except PyvmmError as e:
         if boot.serial:
-            err_console.print(f"guest serial output so far: {boot.serial.decode(errors='replace')!r}")
+            print(f"guest serial output so far: {boot.serial.decode(errors='replace')!r}",
+                  file=sys.stderr)
         return _fail(str(e))
     doorbell_ok = True
     if g.name == "doorbell":

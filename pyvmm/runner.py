@@ -115,6 +115,8 @@ class PyBoot:
             soft = _getrlimit(_RLIMIT_NOFILE)[0]
             if soft != resource.RLIM_INFINITY and len(self.bells) + n + 64 > soft:
                 check_nofile(n + 16, f"ioev:{n}")
+        if not n:
+            return          # the parameter block already lists every doorbell
         vm = self.vm
         bells = self.bells
         base, stride, length = layout.DOORBELL_BASE, layout.DOORBELL_STRIDE, self.ioev_len

@@ -14,6 +14,10 @@ import sys
 from .errors import PyvmmError
 
 
+# `pyvmm bench ptwrite ...` is routed by cli.main to this command (its own parser).
+BENCH_PTWRITE = "bench-ptwrite"
+
+
 class _LazyConsole:
     """A rich Console made on first use. On a terminal (or with $COLUMNS set) tables fit
     its width; written to a file or a pipe they stay 160 columns wide."""

@@ -12,13 +12,21 @@ from ._fd import FdOwner
 from .abi import ffi
 from .errors import KvmError, PyvmmError, ResourceLimit
 from .memory import PAGE_SIZE, GuestMemory, MemorySlot
+from .vcpu import Vcpu
 
 VALID_IOEVENTFD_LENGTHS = (0, 1, 2, 4, 8)
 _mono = time.monotonic_ns
+_new = ffi.new
+_ioctl = abi.ioctl
+_KVM_IOEVENTFD = abi.KVM_IOEVENTFD
+_PIO, _DATAMATCH, _DEASSIGN = (abi.KVM_IOEVENTFD_FLAG_PIO, abi.KVM_IOEVENTFD_FLAG_DATAMATCH,
+                               abi.KVM_IOEVENTFD_FLAG_DEASSIGN)
 
 
 class Ioeventfd:
     """An eventfd bound to a guest address by KVM_IOEVENTFD. Owns the eventfd."""
+
+    __slots__ = ("vm", "efd", "addr", "length", "pio", "datamatch", "assigned")
 
     def __init__(self, vm: "Vm", efd: int, addr: int, length: int, pio: bool,
                  datamatch: int | None):
@@ -405,10 +413,18 @@ class Vm(FdOwner):
     # --- ioeventfds -------------------------------------------------------------------
     def _ioeventfd_ioctl(self, efd: int, addr: int, length: int, pio: bool,
                          datamatch: int | None, deassign: bool) -> None:
+        flags = _PIO if pio else 0
+        if datamatch is not None:
+            flags |= _DATAMATCH
+        if deassign:
+            flags |= _DEASSIGN
+        arg = _new("struct kvm_ioeventfd *", (datamatch or 0, addr, length, efd, flags))
+        fd = self._live_fd()
         t = _mono()
-        err = self.try_ioeventfd(efd, addr, length, pio, datamatch, deassign)
+        r = _ioctl(fd, _KVM_IOEVENTFD, arg)
         self.last_ioeventfd_ns = _mono() - t
-        if err:
+        if r < 0:
+            err = -r
             space = "port" if pio else "MMIO"
             where = f"{space} {addr:#x} len {length}"
 
@@ -476,8 +492,6 @@ class Vm(FdOwner):
     # --- vCPUs ------------------------------------------------------------------------
     def create_vcpu(self, vcpu_id: int | None = None):
         """KVM_CREATE_VCPU. Maps the vCPU's kvm_run page."""
-        from .vcpu import Vcpu
-
         vcpu_id = len(self.vcpus) if vcpu_id is None else vcpu_id
 
         def hint(err: int) -> str:

@@ -8,7 +8,7 @@ import time
 from rich.table import Table
 
 from ..errors import PyvmmError
-from ..ui import console, int_list, recipes_arg  # noqa: F401 (console re-exported)
+from ..ui import BENCH_PTWRITE, console, int_list, recipes_arg  # noqa: F401 (re-exported)
 from ..ui import progress as progress_bar
 from . import report, stats
 from .sweep import DEFAULT_NS, DEFAULT_RECIPES, Sweep, SweepConfig, load_run, new_run_dir
@@ -433,9 +433,6 @@ def _compare_plot_many(all_rows, names, out):
     for ext in ("png", "svg"):
         fig.savefig(os.path.join(out, f"compare.{ext}"), dpi=110)
     plt.close(fig)
-
-
-from ..cli import BENCH_PTWRITE  # noqa: E402 (`pyvmm bench ptwrite` is routed to it)
 
 
 def add_ptwrite_parser(sub) -> None:
