@@ -161,6 +161,8 @@ def run_python(cases: int, cli_cases: int, seed: int) -> list[tuple[str, int, li
          given(ft.apt_text(), st.sampled_from(["6.1", "6.12", "7.3", "latest", "5"]),
                st.text(max_size=12))(ft.check_deb_metadata)),
         ("kit finder", cases, given(ft.package_trees())(ft.check_kit_tree)),
+        ("tracefs text", cases, given(ft.trace_texts(), st.integers(1, 3),
+                                      st.integers(1, 3))(ft.check_trace_text)),
     ]
     out = []
     for name, n, fn in targets:

@@ -9,7 +9,8 @@ parser's own error (one line); any other exception is a finding.
   - Debian metadata: apt-cache records, the kernel picker, split-package parts,
     headers dependencies, the compiler line;
   - kit finder: an unpacked kernel package tree -> kernel, config and modules in load
-    order.
+    order;
+  - tracefs text: the per-syscall tracer's parser, splitter and profiler.
 The C recipe and plan parser is fuzzed by libFuzzer (fuzz/fuzz_recipe.c).
 """
 
@@ -317,3 +318,49 @@ def check_kit_tree(files: dict) -> None:
             return
         assert meta["kvm_module_file"] in meta["modules"]
         assert meta["module_names"][-1] == kernels.KVM_VENDOR_MODULE
+
+
+# --- tracefs text (pyvmm bench --python-vs-c --per-ioctl) ---------------------------------
+
+TRACE_TID = 4242
+_trace_words = st.sampled_from([
+    "sys_enter: NR 16 (3, ae01, 0, 0, 0, 0)", "sys_exit: NR 16 = 5", "sys_exit: NR 16 = -4",
+    "sys_enter: NR 228 (3, 7ffe0000, 0, 0, 0, 0)", "sys_exit: NR 228 = 0",
+    "sys_enter: NR 3 (5)", "sys_exit: NR 3 = 0", "sys_enter: NR 99999 ()",
+    "page_fault_user: address=0x1000 ip=0x2 error_code=0x6",
+    "tracing_mark_write: pyvmm-cal0 1000", "tracing_mark_write: pyvmm-cal1 51000000",
+    "sys_enter: NR 16 (zz)", "sys_exit: NR = ", "sched_switch: prev_comm=x"])
+
+
+@st.composite
+def trace_texts(draw) -> str:
+    """tracefs text as the kernel prints it, with some lines damaged or out of order."""
+    lines, ts = [], 1000.0
+    for _ in range(draw(st.integers(0, 40))):
+        ts += draw(st.floats(0, 50, allow_nan=False))
+        tid = draw(st.sampled_from([TRACE_TID, TRACE_TID, TRACE_TID, 7]))
+        stamp = f"{ts:.6f}" if draw(st.booleans()) else str(int(ts * 1000))
+        line = f"  python-{tid}   [001] ..... {stamp}: {draw(_trace_words)}"
+        if draw(st.integers(0, 9)) == 0:
+            line = draw(st.text(max_size=60))
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def check_trace_text(text: str, nphases: int, boots: int) -> None:
+    """Parsing never fails; splitting and profiling either succeed with consistent
+    numbers or refuse with one line."""
+    from pyvmm.bench import syscalls
+    _count("tracefs text")
+    calls, marks = syscalls.parse_trace(text, TRACE_TID)
+    assert len(calls) <= text.count("sys_exit")
+    assert all(isinstance(c.nr, int) and all(isinstance(a, int) for a in c.args)
+               for c in calls)
+    try:
+        prof = syscalls.profile(calls, [f"p{i}" for i in range(nphases)], boots)
+    except PyvmmError as e:
+        one_line(e)
+        return
+    assert len(prof) == nphases
+    for p in prof:
+        assert p["boots"] == boots and p["usual"] >= 1

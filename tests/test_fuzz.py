@@ -39,6 +39,12 @@ def test_kit_finder_takes_a_kernel_or_says_what_is_missing(files):
     ft.check_kit_tree(files)
 
 
+@FAST
+@given(ft.trace_texts(), st.integers(1, 3), st.integers(1, 3))
+def test_trace_parser_takes_any_tracefs_text(text, nphases, boots):
+    ft.check_trace_text(text, nphases, boots)
+
+
 def test_the_unmutated_run_json_is_accepted_and_reported():
     with open(ft.RUN_JSON, "rb") as f:
         ft.check_run_json(f.read())
