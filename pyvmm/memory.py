@@ -16,6 +16,8 @@ from .abi import ffi
 from .errors import PyvmmError
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+_PROT_RW = _mmap.PROT_READ | _mmap.PROT_WRITE
+_ANONYMOUS = _mmap.MAP_PRIVATE | _mmap.MAP_ANONYMOUS | 0x4000     # 0x4000: MAP_NORESERVE
 
 
 class GuestMemory:
@@ -25,12 +27,10 @@ class GuestMemory:
         if size <= 0 or size % PAGE_SIZE:
             raise PyvmmError(f"guest memory size {size:#x} must be a positive multiple of "
                              f"the page size ({PAGE_SIZE:#x})")
-        prot = _mmap.PROT_READ | _mmap.PROT_WRITE
         if fd is None:
-            flags = _mmap.MAP_PRIVATE | _mmap.MAP_ANONYMOUS | getattr(_mmap, "MAP_NORESERVE", 0)
-            address = abi.mmap(size, prot, flags, -1, 0)
+            address = abi.mmap(size, _PROT_RW, _ANONYMOUS, -1, 0)
         else:
-            address = abi.mmap(size, prot, _mmap.MAP_SHARED, fd, offset)
+            address = abi.mmap(size, _PROT_RW, _mmap.MAP_SHARED, fd, offset)
         if address < 0:
             raise PyvmmError(f"mmap of {size:#x} bytes of guest memory failed: "
                              f"{os.strerror(-address)}")

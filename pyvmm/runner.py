@@ -168,7 +168,7 @@ class PyBoot:
     def _vcpu(self, step, samples):
         for _ in range(step.count):
             v = self.vm.create_vcpu()
-            if self.guest.mode == "long":
+            if self.long_mode:
                 v.setup_long_mode(write_tables=False)
             else:
                 v.setup_real_mode()
@@ -194,6 +194,7 @@ class PyBoot:
         run = vcpu.run
         marker_port, serial_port, data_port = (layout.MARKER_PORT, layout.SERIAL_PORT,
                                                layout.DATA_PORT)
+        rung, abort, events = layout.MARK_RUNG, layout.MARK_ABORT, res["events"]
         exits = io_exits = 0
         try:
             while True:
@@ -206,10 +207,10 @@ class PyBoot:
                         vcpu.set_io_in_data(ex, 0xFFFFFFFF)
                     elif ex.port == marker_port:
                         m = ex.data[0]
-                        res["events"].append([m, _mono() - self._t0])
-                        if m == layout.MARK_RUNG:
+                        events.append([m, _mono() - self._t0])
+                        if m == rung:
                             res["doorbells_expected"] = len(self.bells)
-                        elif m == layout.MARK_ABORT:
+                        elif m == abort:
                             raise UnexpectedExit("guest aborted: bad parameter block", ex)
                         if target and m == target:
                             return m

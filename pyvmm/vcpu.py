@@ -37,11 +37,16 @@ def gdt_image() -> bytes:
     return struct.pack("<3Q", 0, GDT_CODE64, GDT_DATA)
 
 
+@functools.lru_cache(maxsize=1)
+def long_mode_tables() -> bytes:
+    """The GDT page and the page tables that follow it, as one image for GDT_GPA."""
+    return gdt_image().ljust(layout.PML4_GPA - layout.GDT_GPA, b"\0") + identity_page_tables()
+
+
 def write_long_mode_tables(write) -> None:
     """Write the 64-bit entry's GDT and identity page tables with `write(gpa, data)`
-    (Vm.write_guest, or GuestMemory.write on RAM at GPA 0): once per VM."""
-    write(layout.GDT_GPA, gdt_image())
-    write(layout.PML4_GPA, identity_page_tables())
+    (Vm.write_guest, or GuestMemory.write on RAM at GPA 0): once per VM, one write."""
+    write(layout.GDT_GPA, long_mode_tables())
 
 
 def install_kick_handler() -> bool:
@@ -146,9 +151,7 @@ class Vcpu(FdOwner):
 
     def set_sregs(self, sregs) -> None:
         """KVM_SET_SREGS."""
-        self._ioctl("KVM_SET_SREGS", sregs,
-                    hint=lambda e: "the segment/control register state is invalid"
-                    if e == errno.EINVAL else "")
+        self._ioctl("KVM_SET_SREGS", sregs, hint=_sregs_hint)
 
     def regs_dict(self) -> dict[str, int]:
         r = self.get_regs()
@@ -245,6 +248,10 @@ class Vcpu(FdOwner):
             abi.munmap(self._map, self.mmap_size)
             self._map = None
         self._close_fd()
+
+
+def _sregs_hint(err: int) -> str:
+    return "the segment/control register state is invalid" if err == errno.EINVAL else ""
 
 
 def _run_hint(err: int) -> str:

@@ -19,6 +19,7 @@ _mono = time.monotonic_ns
 _new = ffi.new
 _ioctl = abi.ioctl
 _KVM_IOEVENTFD = abi.KVM_IOEVENTFD
+_KVM_SET_USER_MEMORY_REGION = abi.KVM_SET_USER_MEMORY_REGION
 _PIO, _DATAMATCH, _DEASSIGN = (abi.KVM_IOEVENTFD_FLAG_PIO, abi.KVM_IOEVENTFD_FLAG_DATAMATCH,
                                abi.KVM_IOEVENTFD_FLAG_DEASSIGN)
 
@@ -161,10 +162,11 @@ class Vm(FdOwner):
     def set_user_memory_region(self, slot: int, gpa: int, size: int, uaddr: int,
                                flags: int = 0) -> None:
         """KVM_SET_USER_MEMORY_REGION (KVM_CAP_USER_MEMORY). Size 0 deletes the slot."""
-        region = ffi.new("struct kvm_userspace_memory_region *",
-                         (slot, flags, gpa, size, uaddr))
-        self._ioctl("KVM_SET_USER_MEMORY_REGION", region,
-                    hint=self._slot_hint(slot, gpa, size, uaddr, flags))
+        region = _new("struct kvm_userspace_memory_region *", (slot, flags, gpa, size, uaddr))
+        r = _ioctl(self._live_fd(), _KVM_SET_USER_MEMORY_REGION, region)
+        if r < 0:       # the hint is worked out only for a failure
+            raise KvmError("KVM_SET_USER_MEMORY_REGION", -r,
+                           self._slot_hint(slot, gpa, size, uaddr, flags)(-r))
 
     def try_set_user_memory_region2(self, slot: int, gpa: int, size: int, uaddr: int,
                                     flags: int = 0, guest_memfd: int = 0,

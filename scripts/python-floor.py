@@ -25,7 +25,7 @@ from pyvmm import abi, guests, layout, recipe
 from pyvmm.abi import ffi
 from pyvmm.bench.native import NativeRunner
 from pyvmm.kvm import shared
-from pyvmm.vcpu import gdt_image, identity_page_tables, long_mode_sregs_patch
+from pyvmm.vcpu import long_mode_sregs_patch, long_mode_tables
 
 MAP_NORESERVE = 0x4000
 PRW = mmap.PROT_READ | mmap.PROT_WRITE
@@ -38,8 +38,7 @@ def make_boot():
     cpuid = kvm.get_supported_cpuid()
     run_size = kvm.get_vcpu_mmap_size()
     image = guests.load("doorbell")
-    tables = gdt_image() + bytes(layout.PML4_GPA - layout.GDT_GPA - 24) + \
-        identity_page_tables()
+    tables = long_mode_tables()
     params = struct.pack("<QQ", layout.PARAM_MAGIC, 0)
     bar_bytes = layout.BAR_PATTERN.to_bytes(4, "little")
     patch = long_mode_sregs_patch()
