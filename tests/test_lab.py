@@ -2,7 +2,6 @@
 metadata, module order, kernel-check on objects compiled here; and one slow test (marked
 `lab`) that boots Debian's 6.1 under QEMU when PYVMM_LAB=1."""
 
-import gzip
 import json
 import os
 import shutil

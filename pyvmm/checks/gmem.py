@@ -12,7 +12,6 @@ project's 6.18 host the invalidated range reads as MMIO. docs/checks.md lists ev
 from __future__ import annotations
 
 import errno
-import os
 import threading
 import time
 from dataclasses import dataclass, field

@@ -10,7 +10,6 @@ Kernel messages stay on ttyS0, so they never interleave with the data.
 from __future__ import annotations
 
 import gzip
-import os
 import shlex
 from dataclasses import dataclass
 
