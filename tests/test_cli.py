@@ -79,6 +79,8 @@ def test_boot_loads_only_what_booting_needs():
     (["boot", "--guest", "mmiofetch"], "KVM_EXIT_INTERNAL_ERROR suberror 1"),
     (["boot", "--recipe", "vm,run"], "needs 'vcpu:K'"),
     (["report", "/nonexistent/dir"], "does not exist"),
+    (["bench", "--per-ioctl"], "--per-ioctl compares the two drivers: add --python-vs-c"),
+    (["bench", "--python-vs-c", "--per-ioctl", "--repeats", "2"], "need at least 3 boots"),
 ])
 def test_bad_input_exits_2_with_one_clear_line(args, message):
     r = pyvmm(*args)
