@@ -10,13 +10,17 @@ from .errors import KvmError
 NUMBERS = {name: i.number for name, i in IOCTLS.items()}
 
 
-def raw_ioctl(fd: int, name: str, arg=0) -> tuple[int, int]:
-    """Issue ioctl `name` on `fd`; return (result, errno). Never raises on kernel errors.
+def call(fd: int, name: str, arg=0) -> int:
+    """Issue ioctl `name` on `fd`: the result, or -errno. `arg` is an int (passed as
+    unsigned long) or a cffi pointer."""
+    if isinstance(arg, int):
+        return ioctl_val(fd, NUMBERS[name], arg)
+    return ioctl(fd, NUMBERS[name], arg)
 
-    `arg` is an int (passed as unsigned long) or a cffi pointer.
-    """
-    r = ioctl_val(fd, NUMBERS[name], arg) if isinstance(arg, int) \
-        else ioctl(fd, NUMBERS[name], arg)
+
+def raw_ioctl(fd: int, name: str, arg=0) -> tuple[int, int]:
+    """Issue ioctl `name` on `fd`; return (result, errno). Never raises on kernel errors."""
+    r = call(fd, name, arg)
     return (r, 0) if r >= 0 else (-1, -r)
 
 
@@ -45,12 +49,7 @@ class FdOwner:
         """Normal tier: raises KvmError naming the ioctl, the errno and a hint.
         `hint` is a string or a callable taking the errno and returning a string.
         """
-        fd = self.fd
-        if fd < 0:
-            self._live_fd()
-        # raw_ioctl inlined: this is every ioctl of a boot, so one Python frame less.
-        r = ioctl_val(fd, NUMBERS[name], arg) if isinstance(arg, int) \
-            else ioctl(fd, NUMBERS[name], arg)
+        r = call(self._live_fd(), name, arg)
         if r < 0:
             text = hint(-r) if callable(hint) else (hint or "")
             raise KvmError(name, -r, text or "")

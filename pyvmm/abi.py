@@ -192,16 +192,11 @@ DOCUMENTED_SIZES = {
 }
 
 
-def addr(cdata) -> int:
-    """Address of a cffi object, as an int to hand to fcntl.ioctl."""
-    return int(ffi.cast("uintptr_t", cdata))
-
-
 # --- the calls --------------------------------------------------------------------------
-# Every syscall of the VMM goes through these five functions. Each returns -errno on
-# failure (never raises): ioctl(fd, request, pointer cdata), ioctl_val(fd, request, int),
+# The VMM's syscalls go through these functions. Each returns -errno on failure (never
+# raises): ioctl(fd, request, pointer cdata), ioctl_val(fd, request, int),
 # mmap(length, prot, flags, fd, offset) -> host address, munmap(address, length),
-# madvise(address, length, advice). They are compiled API-mode calls (pyvmm._sys, see
+# madvise(address, length, advice); and getcpu(). They are compiled API-mode calls (pyvmm._sys, see
 # csrc/build_sys.py); a tree that was never built falls back to libc through libffi.
 # (fcntl.ioctl() passes an integer argument as a C int, which truncates pointers.)
 libc = ffi.dlopen(None)

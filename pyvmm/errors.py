@@ -91,3 +91,7 @@ class LabHang(LabError):
     def __init__(self, msg: str, stream=None):
         super().__init__(msg)
         self.stream = stream
+
+
+class TraceUnavailable(PyvmmError):
+    """tracefs or its syscall events are missing or not writable (bench --per-ioctl)."""

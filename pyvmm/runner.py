@@ -7,6 +7,7 @@ PyvmmError subclasses after everything is torn down.
 
 from __future__ import annotations
 
+import errno
 import os
 import resource
 import struct
@@ -21,7 +22,7 @@ from .kvm import shared as shared_kvm
 from .memory import GuestMemory
 from .vcpu import install_kick_handler, kick_after, write_long_mode_tables
 from .vm import check_nofile
-from .recipe import Recipe
+from .recipe import Recipe, native_module
 
 MARKER_TARGETS = {"probe": layout.MARK_PROBE, "rung": layout.MARK_RUNG, "halt": 0}
 MAX_BAR_SLOTS = 16
@@ -50,6 +51,7 @@ class PyBoot:
         self.guest = guests.info(guest)
         self.image = guests.load(guest)
         self.long_mode = self.guest.mode == "long"
+        self.batch_min = native_module().lib.BB_BATCH_MIN     # eexist: ops per batch
         if len(self.image) > layout.RAM_SIZE - layout.CODE_GPA - 0x10000:
             raise PyvmmError(f"guest image of {len(self.image)} bytes does not fit in RAM")
         self.ioev_len = ioev_len
@@ -109,14 +111,13 @@ class PyBoot:
 
     def _ioev(self, step, samples):
         n = step.count
-        if n:
-            # One getrlimit, as the C helper does; the full count of open fds only when
-            # that says the limit is close.
-            soft = _getrlimit(_RLIMIT_NOFILE)[0]
-            if soft != resource.RLIM_INFINITY and len(self.bells) + n + 64 > soft:
-                check_nofile(n + 16, f"ioev:{n}")
         if not n:
             return          # the parameter block already lists every doorbell
+        # One getrlimit, as the C helper does; the full count of open fds only when that
+        # says the limit is close.
+        soft = _getrlimit(_RLIMIT_NOFILE)[0]
+        if soft != resource.RLIM_INFINITY and len(self.bells) + n + 64 > soft:
+            check_nofile(n + 16, f"ioev:{n}")
         vm = self.vm
         bells = self.bells
         base, stride, length = layout.DOORBELL_BASE, layout.DOORBELL_STRIDE, self.ioev_len
@@ -128,33 +129,24 @@ class PyBoot:
         self._write_params()
 
     def _eexist(self, step, samples):
-        """As the C helper: a batch of at least BATCH_MIN duplicates between two clock
+        """As the C helper: a batch of at least BB_BATCH_MIN duplicates between two clock
         reads, then one clock read around each of `count` more (the distribution)."""
-        import errno
-
-        from .recipe import native_module
-        batch_min = native_module().lib.BB_BATCH_MIN
         first = self.bells[0]
         try_ = self.vm.try_ioeventfd
         efd, addr, length = first.efd, first.addr, first.length
         n = step.count
-        if n:
-            k = n * -(-batch_min // n)
-            t = _mono()
-            for _ in range(k):
-                err = try_(efd, addr, length)
-                if err != errno.EEXIST:
-                    break
-            self._batch = (_mono() - t, k)
+        if not n:
+            return
+        k = n * -(-self.batch_min // n)
+        t = _mono()
+        for _ in range(k):
+            _expect_eexist(try_(efd, addr, length))
+        self._batch = (_mono() - t, k)
         for _ in range(n):
             t = _mono()
             err = try_(efd, addr, length)
             samples.append(_mono() - t)
-            if err != errno.EEXIST:
-                break
-        if n and err != errno.EEXIST:
-            raise PyvmmError(f"duplicate KVM_IOEVENTFD returned errno {err}, expected "
-                             f"EEXIST")
+            _expect_eexist(err)
 
     def _deassign(self, step, samples):
         for _ in range(step.count):
@@ -374,6 +366,11 @@ class PyBoot:
             raise error
         res["ok"] = True
         return res
+
+
+def _expect_eexist(err: int) -> None:
+    if err != errno.EEXIST:
+        raise PyvmmError(f"duplicate KVM_IOEVENTFD returned errno {err}, expected EEXIST")
 
 
 def _last_marker(res) -> str:

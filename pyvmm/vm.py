@@ -16,12 +16,20 @@ from .vcpu import Vcpu
 
 VALID_IOEVENTFD_LENGTHS = (0, 1, 2, 4, 8)
 _mono = time.monotonic_ns
-_new = ffi.new
 _ioctl = abi.ioctl
 _KVM_IOEVENTFD = abi.KVM_IOEVENTFD
-_KVM_SET_USER_MEMORY_REGION = abi.KVM_SET_USER_MEMORY_REGION
-_PIO, _DATAMATCH, _DEASSIGN = (abi.KVM_IOEVENTFD_FLAG_PIO, abi.KVM_IOEVENTFD_FLAG_DATAMATCH,
-                               abi.KVM_IOEVENTFD_FLAG_DEASSIGN)
+
+
+def _ioeventfd_arg(efd: int, addr: int, length: int, pio: bool, datamatch: int | None,
+                   deassign: bool):
+    """A struct kvm_ioeventfd, from one initializer in field order (datamatch, addr, len,
+    fd, flags)."""
+    flags = abi.KVM_IOEVENTFD_FLAG_PIO if pio else 0
+    if datamatch is not None:
+        flags |= abi.KVM_IOEVENTFD_FLAG_DATAMATCH
+    if deassign:
+        flags |= abi.KVM_IOEVENTFD_FLAG_DEASSIGN
+    return ffi.new("struct kvm_ioeventfd *", (datamatch or 0, addr, length, efd, flags))
 
 
 class Ioeventfd:
@@ -162,11 +170,10 @@ class Vm(FdOwner):
     def set_user_memory_region(self, slot: int, gpa: int, size: int, uaddr: int,
                                flags: int = 0) -> None:
         """KVM_SET_USER_MEMORY_REGION (KVM_CAP_USER_MEMORY). Size 0 deletes the slot."""
-        region = _new("struct kvm_userspace_memory_region *", (slot, flags, gpa, size, uaddr))
-        r = _ioctl(self._live_fd(), _KVM_SET_USER_MEMORY_REGION, region)
-        if r < 0:       # the hint is worked out only for a failure
-            raise KvmError("KVM_SET_USER_MEMORY_REGION", -r,
-                           self._slot_hint(slot, gpa, size, uaddr, flags)(-r))
+        region = ffi.new("struct kvm_userspace_memory_region *",
+                         (slot, flags, gpa, size, uaddr))
+        self._ioctl("KVM_SET_USER_MEMORY_REGION", region,
+                    hint=self._slot_hint(slot, gpa, size, uaddr, flags))
 
     def try_set_user_memory_region2(self, slot: int, gpa: int, size: int, uaddr: int,
                                     flags: int = 0, guest_memfd: int = 0,
@@ -415,12 +422,7 @@ class Vm(FdOwner):
     # --- ioeventfds -------------------------------------------------------------------
     def _ioeventfd_ioctl(self, efd: int, addr: int, length: int, pio: bool,
                          datamatch: int | None, deassign: bool) -> None:
-        flags = _PIO if pio else 0
-        if datamatch is not None:
-            flags |= _DATAMATCH
-        if deassign:
-            flags |= _DEASSIGN
-        arg = _new("struct kvm_ioeventfd *", (datamatch or 0, addr, length, efd, flags))
+        arg = _ioeventfd_arg(efd, addr, length, pio, datamatch, deassign)
         fd = self._live_fd()
         t = _mono()
         r = _ioctl(fd, _KVM_IOEVENTFD, arg)
@@ -451,15 +453,7 @@ class Vm(FdOwner):
     def try_ioeventfd(self, efd: int, addr: int, length: int, pio: bool = False,
                       datamatch: int | None = None, deassign: bool = False) -> int:
         """Raw KVM_IOEVENTFD: returns the errno (0 on success)."""
-        flags = 0
-        if pio:
-            flags |= abi.KVM_IOEVENTFD_FLAG_PIO
-        if datamatch is not None:
-            flags |= abi.KVM_IOEVENTFD_FLAG_DATAMATCH
-        if deassign:
-            flags |= abi.KVM_IOEVENTFD_FLAG_DEASSIGN
-        # one initializer in field order: datamatch, addr, len, fd, flags
-        arg = ffi.new("struct kvm_ioeventfd *", (datamatch or 0, addr, length, efd, flags))
+        arg = _ioeventfd_arg(efd, addr, length, pio, datamatch, deassign)
         return self._try_ioctl("KVM_IOEVENTFD", arg)[1]
 
     def ioeventfd(self, addr: int, length: int = 4, pio: bool = False,

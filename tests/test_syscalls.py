@@ -72,11 +72,10 @@ def test_align_pairs_common_calls_and_marks_extra_ones():
 
 
 def test_calibration_marks_scale_tsc_to_ns():
-    tr = syscalls.SyscallTrace(tid=1)
-    tr.clock = "x86-tsc"
-    assert tr._scale([(0, 1000.0, 5_000), (1, 4000.0, 6_000)]) == pytest.approx(1000 / 3000)
+    assert syscalls.ns_per_tick("x86-tsc", [(0, 1000.0, 5_000), (1, 4000.0, 6_000)]) == \
+        pytest.approx(1000 / 3000)
     with pytest.raises(PyvmmError, match="calibrate"):
-        tr._scale([(0, 1000.0, 5_000)])
+        syscalls.ns_per_tick("x86-tsc", [(0, 1000.0, 5_000)])
 
 
 def _tracing_problem():

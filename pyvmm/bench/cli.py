@@ -66,9 +66,7 @@ def cmd_bench(args) -> int:
             raise PyvmmError("--per-ioctl compares the two drivers: add --python-vs-c")
         return per_ioctl(args)
     if args.python_vs_c:
-        ns = int_list(args.ns) if args.ns != ",".join(map(str, DEFAULT_NS)) else (0, 10)
-        recipes = recipes_arg(args.recipes) if args.recipes != ",".join(DEFAULT_RECIPES) \
-            else ("during-boot",)
+        ns, recipes = python_vs_c_cells(args)
         cfg = SweepConfig(ns=ns, recipes=recipes, repeats=args.repeats, warmup=args.warmup,
                           seed=args.seed, ioev_len=args.ioev_len, pin_cpu=args.pin,
                           control_n=0, drivers=("c", "py"))
@@ -144,15 +142,22 @@ def python_vs_c_table(doc: dict) -> dict:
     return ratios
 
 
+def python_vs_c_cells(args) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """The N values and recipes of a Python-vs-C run: what was asked, else N in {0, 10} on
+    during-boot."""
+    ns = int_list(args.ns) if args.ns != ",".join(map(str, DEFAULT_NS)) else (0, 10)
+    recipes = recipes_arg(args.recipes) if args.recipes != ",".join(DEFAULT_RECIPES) \
+        else ("during-boot",)
+    return ns, recipes
+
+
 def per_ioctl(args) -> int:
     """pyvmm bench --python-vs-c --per-ioctl: the syscalls of each phase, from each side."""
     from .. import hostinfo
     from .. import recipe as rmod
     from ..results import envelope, write_json_atomic
     from . import syscalls
-    ns = int_list(args.ns) if args.ns != ",".join(map(str, DEFAULT_NS)) else (0, 10)
-    recipes = recipes_arg(args.recipes) if args.recipes != ",".join(DEFAULT_RECIPES) \
-        else ("during-boot",)
+    ns, recipes = python_vs_c_cells(args)
     if args.repeats < 3:
         raise PyvmmError(f"--repeats {args.repeats}: the per-syscall medians need at least 3 "
                          f"boots per driver")

@@ -24,7 +24,7 @@ import subprocess
 import threading
 import time
 
-from ..errors import PyvmmError
+from ..errors import PyvmmError, TraceUnavailable
 
 TRACEFS = "/sys/kernel/tracing"
 CLOCK_THREAD_CPUTIME_ID = 3
@@ -43,10 +43,6 @@ _LINE = re.compile(r"-(\d+)\s+\[\d+\]\s+\S+\s+(\d+(?:\.\d+)?): (\w+): (.*)$")
 _ENTER = re.compile(r"NR (\d+) \(([0-9a-f, ]*)\)")
 _EXIT = re.compile(r"NR (\d+) = (-?\d+)")
 _MARK = re.compile(r"pyvmm-cal(\d) (\d+)")
-
-
-class TraceUnavailable(PyvmmError):
-    """tracefs or its raw_syscalls events are missing or not writable."""
 
 
 def _ioctl_names() -> dict[int, str]:
@@ -205,7 +201,7 @@ class SyscallTrace:
             raise PyvmmError(f"tracefs dropped {lost} events (buffer too small): trace fewer "
                              f"boots (--repeats) or raise {self.root}/buffer_size_kb")
         calls, marks = parse_trace(text, self.tid)
-        scale = self._scale(marks)
+        scale = ns_per_tick(self.clock, marks)
         for c in calls:
             c.t_in *= scale
             c.t_out *= scale
@@ -214,16 +210,6 @@ class SyscallTrace:
     def _mark(self, k: int) -> None:
         with open(self._path("trace_marker"), "w") as f:
             f.write(f"pyvmm-cal{k} {time.monotonic_ns()}")
-
-    def _scale(self, marks) -> float:
-        """ns per trace tick: 1e9 for 'mono'; for x86-tsc, from the two marks."""
-        if self.clock != "x86-tsc":
-            return 1e9
-        by = {k: (ts, mono) for k, ts, mono in marks}
-        if 0 not in by or 1 not in by or by[1][0] <= by[0][0]:
-            raise PyvmmError("could not calibrate the x86-tsc trace clock: the trace_marker "
-                             "writes are missing from the trace")
-        return (by[1][1] - by[0][1]) / (by[1][0] - by[0][0])
 
     def _lost(self) -> int:
         total = 0
@@ -241,6 +227,18 @@ class SyscallTrace:
     @property
     def resolution_ns(self) -> float:
         return 1.0 if self.clock == "x86-tsc" else 1000.0
+
+
+def ns_per_tick(clock: str, marks) -> float:
+    """ns per trace timestamp unit: 1e9 for 'mono' (seconds); for 'x86-tsc', from the two
+    calibration marks (k, tsc, CLOCK_MONOTONIC ns) written 50 ms apart."""
+    if clock != "x86-tsc":
+        return 1e9
+    by = {k: (ts, mono) for k, ts, mono in marks}
+    if 0 not in by or 1 not in by or by[1][0] <= by[0][0]:
+        raise PyvmmError("could not calibrate the x86-tsc trace clock: the trace_marker "
+                         "writes are missing from the trace")
+    return (by[1][1] - by[0][1]) / (by[1][0] - by[0][0])
 
 
 # --- splitting into boots and phases ---------------------------------------------------
