@@ -43,6 +43,15 @@ def envelope(schema: str, host: dict | None = None, **payload) -> dict:
     return doc
 
 
+def new_doc(cfg, host: dict, environment: str, clock: dict | None) -> dict:
+    """An empty run.json document for a sweep of `cfg` (a SweepConfig), status
+    'running'; the bench and the lab append samples to it."""
+    from .analysis.plan import SCHEMA
+    return envelope(SCHEMA, host, status="running", finished=None,
+                    environment=environment, config=cfg.to_dict(), clock=clock,
+                    kernel_check=None, failures=[], samples=[])
+
+
 def write_json_atomic(path: str, doc: dict) -> None:
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "w") as f:

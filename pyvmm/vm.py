@@ -1,4 +1,4 @@
-"""Vm: one VM fd, its memory slots, ioeventfds and vCPUs."""
+"""Vm: one VM fd, its memory slots, ioeventfds (the objects: ioeventfd.py) and vCPUs."""
 
 from __future__ import annotations
 
@@ -11,69 +11,13 @@ from . import abi
 from ._fd import FdOwner
 from .abi import ffi
 from .errors import KvmError, PyvmmError, ResourceLimit
+from .ioeventfd import Ioeventfd, ioeventfd_arg, ioeventfd_hint
 from .memory import PAGE_SIZE, GuestMemory, MemorySlot
 from .vcpu import Vcpu
 
-VALID_IOEVENTFD_LENGTHS = (0, 1, 2, 4, 8)
 _mono = time.monotonic_ns
 _ioctl = abi.ioctl
 _KVM_IOEVENTFD = abi.KVM_IOEVENTFD
-
-
-def _ioeventfd_arg(efd: int, addr: int, length: int, pio: bool, datamatch: int | None,
-                   deassign: bool):
-    """A struct kvm_ioeventfd, from one initializer in field order (datamatch, addr, len,
-    fd, flags)."""
-    flags = abi.KVM_IOEVENTFD_FLAG_PIO if pio else 0
-    if datamatch is not None:
-        flags |= abi.KVM_IOEVENTFD_FLAG_DATAMATCH
-    if deassign:
-        flags |= abi.KVM_IOEVENTFD_FLAG_DEASSIGN
-    return ffi.new("struct kvm_ioeventfd *", (datamatch or 0, addr, length, efd, flags))
-
-
-class Ioeventfd:
-    """An eventfd bound to a guest address by KVM_IOEVENTFD. Owns the eventfd."""
-
-    __slots__ = ("vm", "efd", "addr", "length", "pio", "datamatch", "assigned")
-
-    def __init__(self, vm: "Vm", efd: int, addr: int, length: int, pio: bool,
-                 datamatch: int | None):
-        self.vm = vm
-        self.efd = efd
-        self.addr = addr
-        self.length = length
-        self.pio = pio
-        self.datamatch = datamatch
-        self.assigned = True
-
-    def describe(self) -> str:
-        space = "port" if self.pio else "MMIO"
-        dm = f" datamatch {self.datamatch:#x}" if self.datamatch is not None else ""
-        return f"{space} {self.addr:#x} len {self.length}{dm}"
-
-    def count(self) -> int:
-        """Read and reset the eventfd counter (0 if it never fired)."""
-        try:
-            return os.eventfd_read(self.efd)
-        except BlockingIOError:
-            return 0
-
-    def deassign(self) -> None:
-        """KVM_IOEVENTFD with KVM_IOEVENTFD_FLAG_DEASSIGN (waits for an SRCU grace period)."""
-        if self.assigned:
-            self.vm._ioeventfd_ioctl(self.efd, self.addr, self.length, self.pio,
-                                     self.datamatch, deassign=True)
-            self.assigned = False
-            self.vm._ioeventfds.discard(self)
-
-    def close(self) -> None:
-        """Close the eventfd. KVM drops its binding when the VM goes away; closing the fd
-        alone does not deassign."""
-        if self.efd >= 0:
-            os.close(self.efd)
-            self.efd = -1
-        self.vm._ioeventfds.discard(self)
 
 
 class GuestMemfd(FdOwner):
@@ -422,38 +366,19 @@ class Vm(FdOwner):
     # --- ioeventfds -------------------------------------------------------------------
     def _ioeventfd_ioctl(self, efd: int, addr: int, length: int, pio: bool,
                          datamatch: int | None, deassign: bool) -> None:
-        arg = _ioeventfd_arg(efd, addr, length, pio, datamatch, deassign)
+        arg = ioeventfd_arg(efd, addr, length, pio, datamatch, deassign)
         fd = self._live_fd()
         t = _mono()
         r = _ioctl(fd, _KVM_IOEVENTFD, arg)
         self.last_ioeventfd_ns = _mono() - t
         if r < 0:
-            err = -r
-            space = "port" if pio else "MMIO"
-            where = f"{space} {addr:#x} len {length}"
-
-            def hint(e: int) -> str:
-                if e == errno.EEXIST:
-                    return f"an ioeventfd already covers {where}"
-                if e == errno.EINVAL:
-                    if length not in VALID_IOEVENTFD_LENGTHS:
-                        return f"length {length} is invalid: use 0, 1, 2, 4 or 8"
-                    if length == 0 and (pio or datamatch is not None):
-                        return "length 0 is only valid for MMIO without datamatch"
-                    if addr + length < addr:
-                        return f"{where} wraps around the address space"
-                    return f"KVM rejected {where}"
-                if e == errno.ENOENT:
-                    return f"no ioeventfd is assigned at {where} for this eventfd"
-                if e == errno.ENOSPC:
-                    return "the KVM I/O bus is full (1000 in-kernel devices)"
-                return ""
-            raise KvmError("KVM_IOEVENTFD", err, hint(err))
+            raise KvmError("KVM_IOEVENTFD", -r,
+                           ioeventfd_hint(-r, addr, length, pio, datamatch))
 
     def try_ioeventfd(self, efd: int, addr: int, length: int, pio: bool = False,
                       datamatch: int | None = None, deassign: bool = False) -> int:
         """Raw KVM_IOEVENTFD: returns the errno (0 on success)."""
-        arg = _ioeventfd_arg(efd, addr, length, pio, datamatch, deassign)
+        arg = ioeventfd_arg(efd, addr, length, pio, datamatch, deassign)
         return self._try_ioctl("KVM_IOEVENTFD", arg)[1]
 
     def ioeventfd(self, addr: int, length: int = 4, pio: bool = False,

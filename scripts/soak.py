@@ -19,7 +19,7 @@ import time
 
 from pyvmm import recipe as rmod, runner as pyrunner
 from pyvmm.bench import native
-from pyvmm.bench.stats import median
+from pyvmm.latency import median
 from pyvmm.results import envelope, write_json_atomic
 from pyvmm.hostinfo import collect, process_facts
 

@@ -26,7 +26,7 @@ import tempfile
 
 from hypothesis import strategies as st
 
-from pyvmm.errors import PyvmmError
+from pyvmm.errors import LabError, PyvmmError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RUN_JSON = os.path.join(HERE, "data", "lab-6.1-defer-free-run.json")
@@ -113,9 +113,10 @@ def check_run_json(data: bytes) -> None:
     """load_run refuses the file with one line, or report and compare handle it."""
     from rich.console import Console
 
-    from pyvmm.bench import cli as bench_cli, report
-    from pyvmm.bench.cli import behaviour_rows, compare_docs
-    from pyvmm.bench.sweep import load_run
+    from pyvmm.analysis import report
+    from pyvmm.analysis.plan import load_run
+    from pyvmm.bench import cli as bench_cli
+    from pyvmm.bench.compare import behaviour_rows, compare_docs
     _count("run.json")
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "run.json")
@@ -209,12 +210,12 @@ def ko_mutants(draw) -> bytes:
 
 
 def check_ko(data: bytes) -> None:
-    from pyvmm.lab import kernels
+    from pyvmm.lab.sources import elf
     _count(".ko ELF/.modinfo")
-    for fn in (kernels.modinfo, kernels.module_depends, kernels.elf_is_dynamic):
+    for fn in (elf.modinfo, elf.module_depends, elf.elf_is_dynamic):
         try:
             fn(data)
-        except kernels.LabError as e:
+        except LabError as e:
             one_line(e)
 
 
@@ -240,23 +241,24 @@ def apt_text(draw) -> str:
 
 
 def check_deb_metadata(text: str, series: str, version: str) -> None:
-    from pyvmm.lab import kernels, modbuild
+    from pyvmm.lab.builds import modules as modbuild
+    from pyvmm.lab.sources import debian
     _count("Debian metadata")
-    recs = kernels.parse_records(text)
+    recs = debian.parse_records(text)
     assert all(isinstance(r, dict) for r in recs)
     for r in recs:
-        kernels.split_parts(r.get("Depends", ""), version)
+        debian.split_parts(r.get("Depends", ""), version)
         modbuild.header_packages(r.get("Depends", ""))
     try:
-        pkg = kernels.pick_kernel(recs, series)
+        pkg = debian.pick_kernel(recs, series)
         assert pkg.name.startswith("linux-image-")
-    except kernels.LabError as e:
+    except LabError as e:
         one_line(e)
     modbuild.kernel_cc(text)
     for a in (version, series):
         try:
-            kernels.compare_versions(version, a)
-        except kernels.LabError as e:
+            debian.compare_versions(version, a)
+        except LabError as e:
             one_line(e)
 
 
@@ -299,7 +301,8 @@ def package_trees(draw) -> dict[str, bytes | str]:
 
 
 def check_kit_tree(files: dict) -> None:
-    from pyvmm.lab import kernels
+    from pyvmm.lab.arch import X86_64
+    from pyvmm.lab.sources import kits
     _count("kit finder")
     with tempfile.TemporaryDirectory() as tmp:
         x = os.path.join(tmp, "x")
@@ -312,12 +315,12 @@ def check_kit_tree(files: dict) -> None:
             with open(full, "wb") as f:
                 f.write(body)
         try:
-            meta = kernels._assemble_kit(x, out, "linux-image-test", "1.0-1")
-        except kernels.LabError as e:
+            meta = kits._assemble_kit(x, out, "linux-image-test", "1.0-1")
+        except LabError as e:
             one_line(e)
             return
         assert meta["kvm_module_file"] in meta["modules"]
-        assert meta["module_names"][-1] == kernels.KVM_VENDOR_MODULE
+        assert meta["module_names"][-1] == X86_64.kvm_vendor_module
 
 
 # --- tracefs text (pyvmm bench --python-vs-c --per-ioctl) ---------------------------------

@@ -8,9 +8,12 @@ import pytest
 
 from pyvmm import guests
 from pyvmm import recipe as rmod
-from pyvmm.bench import native, report
-from pyvmm.bench.cli import behaviour_rows, compare_docs, python_vs_c_table
-from pyvmm.bench.sweep import Sweep, SweepConfig, load_run
+from pyvmm.analysis import report
+from pyvmm.analysis.plan import SweepConfig, load_run
+from pyvmm.bench import native
+from pyvmm.bench.cli import python_vs_c_table
+from pyvmm.bench.compare import behaviour_rows, compare_docs
+from pyvmm.bench.sweep import Sweep
 from pyvmm.errors import PyvmmError
 
 pytestmark = pytest.mark.kvm
@@ -222,7 +225,8 @@ def test_every_results_document_carries_the_envelope():
     assert doc["schema"] == "pyvmm.test/1" and doc["status"] == "ok" and doc["x"] == 1
     assert doc["pyvmm"]["version"] and "commit" in doc["pyvmm"]
     assert doc["command"] and doc["host"]["kernel"] == "k" and doc["created"]
-    from pyvmm.bench.sweep import SweepConfig, new_doc
+    from pyvmm.analysis.plan import SweepConfig
+    from pyvmm.results import new_doc
     run = new_doc(SweepConfig(ns=(0,), recipes=("before-vcpu",), repeats=1, seed=1),
                   {"hostname": "h", "kernel": "k"}, "host", None)
     assert run["schema"] == "pyvmm.run/1" and run["pyvmm"] == doc["pyvmm"]

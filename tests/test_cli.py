@@ -53,7 +53,8 @@ def test_boot_loads_only_what_booting_needs():
             "from pyvmm.cli import main; rc = main(); "
             "heavy = sorted(m for m in sys.modules if m.split('.')[0] in "
             "('rich', 'matplotlib', 'numpy', 'jsonschema', 'cffi', 'ioctl_opt', 'dataclasses')"
-            " or m.startswith(('pyvmm.bench', 'pyvmm.lab', 'pyvmm.checks', 'pyvmm.stress'))); "
+            " or m.startswith(('pyvmm.bench', 'pyvmm.lab', 'pyvmm.checks', 'pyvmm.stress',"
+            " 'pyvmm.analysis', 'pyvmm.ptwrite', 'pyvmm.tracefs'))); "
             "print('HEAVY', heavy, rc)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        timeout=120, cwd=NEUTRAL)
@@ -101,7 +102,7 @@ def test_sigterm_leaves_a_valid_run_marked_interrupted(tmp_path):
     import json
     import signal
     import time
-    from pyvmm.bench.sweep import load_run
+    from pyvmm.analysis.plan import load_run
     p = subprocess.Popen([sys.executable, "-m", "pyvmm", "bench", "--ns", "0,1",
                           "--repeats", "2000", "--warmup", "0", "--control-n", "0",
                           "--out", str(tmp_path)], stdout=subprocess.PIPE,

@@ -59,7 +59,7 @@ def test_the_unmutated_run_json_is_accepted_and_reported():
     (b"\xff\xfe", "is not UTF-8 text"),
 ])
 def test_load_run_names_what_is_wrong(tmp_path, data, message):
-    from pyvmm.bench.sweep import load_run
+    from pyvmm.analysis.plan import load_run
     from pyvmm.errors import PyvmmError
     (tmp_path / "run.json").write_bytes(data)
     with pytest.raises(PyvmmError, match=message):

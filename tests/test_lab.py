@@ -10,9 +10,13 @@ import sys
 
 import pytest
 
-from pyvmm.bench.sweep import SweepConfig, sweep_cells
-from pyvmm.lab import initramfs, kcheck, kernel_lab, kernels, qemu, serial
-from pyvmm.lab.kernels import LabError
+from pyvmm.analysis import stats
+from pyvmm.analysis.plan import SweepConfig, sweep_cells
+from pyvmm.errors import LabError
+from pyvmm.lab.boot import initramfs, qemu, serial
+from pyvmm.lab.builds import kcheck
+from pyvmm.lab.experiments import kernel_lab, prepare
+from pyvmm.lab.sources import apt, debian, elf, kits
 
 # --- initramfs ----------------------------------------------------------------------------
 
@@ -151,13 +155,13 @@ VERSION_PAIRS = [("6.1.176-1", "6.1.192-2"), ("6.12.107-1", "6.12.95-1~bpo12+1")
 
 @pytest.mark.parametrize("a,b", VERSION_PAIRS)
 def test_version_order_matches_dpkg(a, b):
-    ours = kernels.compare_versions(a, b)
+    ours = debian.compare_versions(a, b)
     if shutil.which("dpkg"):
         for op, want in (("lt", -1), ("eq", 0), ("gt", 1)):
             rc = subprocess.run(["dpkg", "--compare-versions", a, op, b]).returncode
             if rc == 0:
                 assert ours == want, f"dpkg says {a} {op} {b}"
-    assert kernels.compare_versions(b, a) == -ours
+    assert debian.compare_versions(b, a) == -ours
 
 
 RECORDS = """Package: linux-image-amd64
@@ -190,54 +194,54 @@ SPLIT_IMAGE_DEPENDS = ("dracut | initramfs-tools (>= 0.120+deb8u2) | linux-initr
 
 
 def test_pick_kernel_takes_the_newest_of_the_series():
-    recs = kernels.parse_records(RECORDS)
+    recs = debian.parse_records(RECORDS)
     assert len(recs) == 5 and "latest Linux" in recs[1]["Description"]
-    p = kernels.pick_kernel(recs, "6.1")
+    p = debian.pick_kernel(recs, "6.1")
     assert (p.name, p.version) == ("linux-image-6.1.0-56-amd64", "6.1.192-2")
     assert p.filename == "linux-image-6.1.0-56-amd64_6.1.192-2_amd64.deb"
-    assert kernels.pick_kernel(recs, "6.12").name == "linux-image-6.12.117+deb13-amd64"
+    assert debian.pick_kernel(recs, "6.12").name == "linux-image-6.12.117+deb13-amd64"
     with pytest.raises(LabError, match=r"unknown kernel version '5.10'.*6\.1, 6\.12, 7\.2, "
                                        r"7\.3"):
-        kernels.pick_kernel(recs, "5.10")
+        debian.pick_kernel(recs, "5.10")
     # 7.x metapackages list linux-base-amd64 before the image; 'latest' is the newest.
-    p73 = kernels.pick_kernel(recs, "7.3")
+    p73 = debian.pick_kernel(recs, "7.3")
     assert (p73.name, p73.series) == ("linux-image-7.3.4+deb13-amd64", "7.3")
-    assert kernels.pick_kernel(recs, "latest") == p73
-    assert kernels.pick_kernel(recs, "7.2").version == "7.2.13-1"
+    assert debian.pick_kernel(recs, "latest") == p73
+    assert debian.pick_kernel(recs, "7.2").version == "7.2.13-1"
 
 
 def test_split_image_parts_are_pinned_to_the_version():
-    parts = kernels.split_parts(SPLIT_IMAGE_DEPENDS, "7.3.4-1~bpo13+1")
+    parts = debian.split_parts(SPLIT_IMAGE_DEPENDS, "7.3.4-1~bpo13+1")
     assert parts == ["linux-base-7.3.4+deb13-amd64", "linux-binary-7.3.4+deb13-amd64",
                      "linux-modules-7.3.4+deb13-amd64"]
-    assert kernels.split_parts(SPLIT_IMAGE_DEPENDS, "7.3.5-1") == []
-    assert kernels.split_parts("linux-base (>= 4.3~), kmod", "6.1.192-2") == []
+    assert debian.split_parts(SPLIT_IMAGE_DEPENDS, "7.3.5-1") == []
+    assert debian.split_parts("linux-base (>= 4.3~), kmod", "6.1.192-2") == []
 
 
 def test_resolve_rejects_bad_specs_before_touching_the_network(tmp_path):
     for bad in ("banana", "6", "6.1.2", "7.3-rc1", ""):
         with pytest.raises(LabError, match=f"unknown kernel version '{bad}'.*latest"):
-            kernels.resolve(bad, log=lambda m: None)
+            apt.resolve(bad, log=lambda m: None)
     with pytest.raises(LabError, match="does not exist"):
-        kernels.resolve(str(tmp_path / "nope.deb"), log=lambda m: None)
-    assert kernels.check_spec("latest") == "latest" and kernels.check_spec("7.3") == "7.3"
+        apt.resolve(str(tmp_path / "nope.deb"), log=lambda m: None)
+    assert debian.check_spec("latest") == "latest" and debian.check_spec("7.3") == "7.3"
 
 
 def test_variants_parse_kernel_and_patch_before_anything_runs(tmp_path):
-    v = kernel_lab.parse_variant("6.1+defer-free-expedited")
+    v = prepare.parse_variant("6.1+defer-free-expedited")
     assert (v.kernel, v.patch, v.label) == ("6.1", "defer-free-expedited",
                                             "6.1+defer-free-expedited")
-    assert kernel_lab.parse_variant("latest") == kernel_lab.Variant("latest")
+    assert prepare.parse_variant("latest") == prepare.Variant("latest")
     with pytest.raises(LabError, match="unknown KVM patch 'nope'.*defer-free"):
-        kernel_lab.parse_variant("6.1+nope")
+        prepare.parse_variant("6.1+nope")
     with pytest.raises(LabError, match="unknown kernel version 'foo'"):
-        kernel_lab.parse_variant("foo+rebuild")
+        prepare.parse_variant("foo+rebuild")
     # A .deb path may hold '+' (Debian's 7.x file names do): only a known patch splits it.
     deb = tmp_path / "linux-image-7.3.4+deb13-amd64_7.3.4-1~bpo13+1_amd64.deb"
     deb.write_bytes(b"")
-    assert kernel_lab.parse_variant(str(deb)).patch is None
-    assert kernel_lab.parse_variant(f"{deb}+rebuild") == kernel_lab.Variant(str(deb), "rebuild")
-    from pyvmm.lab import matrix
+    assert prepare.parse_variant(str(deb)).patch is None
+    assert prepare.parse_variant(f"{deb}+rebuild") == prepare.Variant(str(deb), "rebuild")
+    from pyvmm.lab.experiments import matrix
     vs = matrix.parse_variants(",".join(matrix.DEFAULT_VARIANTS))
     assert [x.label for x in vs] == list(matrix.DEFAULT_VARIANTS)
     with pytest.raises(LabError, match="given twice"):
@@ -246,14 +250,14 @@ def test_variants_parse_kernel_and_patch_before_anything_runs(tmp_path):
 
 def test_load_order_puts_dependencies_first_and_names_what_is_missing():
     deps = {"kvm_amd": ["kvm", "ccp"], "kvm": ["irqbypass"], "ccp": [], "irqbypass": []}
-    order = kernels.load_order("kvm_amd", deps)
+    order = elf.load_order("kvm_amd", deps)
     assert order.index("irqbypass") < order.index("kvm") < order.index("kvm_amd")
     assert order.index("ccp") < order.index("kvm_amd") and len(order) == 4
     with pytest.raises(LabError, match="module ccp \\(needed by kvm_amd\\) is not in"):
-        kernels.load_order("kvm_amd", {"kvm_amd": ["ccp"]})
+        elf.load_order("kvm_amd", {"kvm_amd": ["ccp"]})
     with pytest.raises(LabError, match="cycle: a -> b -> a"):
-        kernels.load_order("a", {"a": ["b"], "b": ["a"]})
-    assert kernels.norm_module("lib/kvm-amd.ko.xz") == "kvm_amd"
+        elf.load_order("a", {"a": ["b"], "b": ["a"]})
+    assert elf.norm_module("lib/kvm-amd.ko.xz") == "kvm_amd"
 
 
 def _cc(tmp_path, name, source, *flags):
@@ -270,16 +274,16 @@ def test_modinfo_is_read_from_a_real_elf_object(tmp_path):
     obj = _cc(tmp_path, "mod", 'const char a[] __attribute__((section(".modinfo"))) = '
                                '"license=GPL\\0depends=kvm,ccp\\0name=kvm_amd";')
     data = obj.read_bytes()
-    info = kernels.modinfo(data)
+    info = elf.modinfo(data)
     assert info["license"] == ["GPL"] and info["name"] == ["kvm_amd"]
-    assert kernels.module_depends(data) == ["kvm", "ccp"]
-    assert kernels.elf_section(data, ".nothing") is None
+    assert elf.module_depends(data) == ["kvm", "ccp"]
+    assert elf.elf_section(data, ".nothing") is None
     with pytest.raises(LabError, match="not an ELF"):
-        kernels.modinfo(b"hello")
+        elf.modinfo(b"hello")
     import lzma
     xz = tmp_path / "mod.ko.xz"
     xz.write_bytes(lzma.compress(data))
-    assert kernels.module_depends(kernels.decompress_module(str(xz))) == ["kvm", "ccp"]
+    assert elf.module_depends(elf.decompress_module(str(xz))) == ["kvm", "ccp"]
 
 
 def test_static_and_dynamic_executables_are_told_apart(tmp_path):
@@ -290,8 +294,8 @@ def test_static_and_dynamic_executables_are_told_apart(tmp_path):
     dyn, sta = tmp_path / "dyn", tmp_path / "sta"
     subprocess.run(["gcc", str(src), "-o", str(dyn)], check=True)
     subprocess.run(["gcc", "-static", str(src), "-o", str(sta)], check=True)
-    assert kernels.elf_is_dynamic(dyn.read_bytes())
-    assert not kernels.elf_is_dynamic(sta.read_bytes())
+    assert elf.elf_is_dynamic(dyn.read_bytes())
+    assert not elf.elf_is_dynamic(sta.read_bytes())
 
 
 def _fake_deb(tmp_path, files, name="test"):
@@ -316,13 +320,13 @@ def test_kernel_package_without_kvm_modules_is_a_clear_error(tmp_path, monkeypat
     deb = _fake_deb(tmp_path, {"boot/vmlinuz-0.1-test": b"kernel",
                                "lib/modules/0.1-test/kernel/fs/foo.ko": b"x"})
     with pytest.raises(LabError, match="has no kvm and kvm-amd modules"):
-        kernels.build_kit(deb, log=lambda m: None)
+        kits.build_kit(deb, log=lambda m: None)
     # Nothing half-written is left in the cache.
-    kits = tmp_path / "cache" / "kits"
-    assert not any(kits.iterdir())
+    kit_dir = tmp_path / "cache" / "kits"
+    assert not any(kit_dir.iterdir())
     deb2 = _fake_deb(tmp_path, {"etc/nothing": b""}, name="empty")
     with pytest.raises(LabError, match="no /boot/vmlinuz"):
-        kernels.build_kit(deb2, log=lambda m: None)
+        kits.build_kit(deb2, log=lambda m: None)
 
 
 @pytest.mark.skipif(not shutil.which("dpkg-deb"), reason="dpkg-deb not installed")
@@ -339,15 +343,15 @@ def test_kit_from_a_package_with_compressed_modules(tmp_path, monkeypatch):
     deb = _fake_deb(tmp_path, {"boot/vmlinuz-0.1-test": b"kernel",
                                "boot/config-0.1-test": b"CONFIG_HZ=300\nCONFIG_PREEMPT=y\n",
                                **mods})
-    kit = kernels.build_kit(deb, log=lambda m: None)
-    names = [kernels.norm_module(m.split("-", 1)[1]) for m in kit.meta["modules"]]
+    kit = kits.build_kit(deb, log=lambda m: None)
+    names = [elf.norm_module(m.split("-", 1)[1]) for m in kit.meta["modules"]]
     assert names[-1] == "kvm_amd" and "unrelated" not in names and len(names) == 4
     assert names.index("irqbypass") < names.index("kvm")
     assert kit.meta["config_hz"] == 300 and kit.meta["preemption"] == "full"
     assert os.path.basename(kit.kvm_ko).endswith("-kvm.ko")
-    assert kernels.module_depends(open(kit.kvm_ko, "rb").read()) == ["irqbypass"]
+    assert elf.module_depends(open(kit.kvm_ko, "rb").read()) == ["irqbypass"]
     # Cached: a second call returns the same kit without unpacking again.
-    again = kernels.build_kit(deb, log=lambda m: pytest.fail("unpacked twice"))
+    again = kits.build_kit(deb, log=lambda m: pytest.fail("unpacked twice"))
     assert again.path == kit.path
 
 
@@ -412,11 +416,11 @@ def test_kernel_check_reads_the_calls_of_the_function_only(tmp_path, source, beh
         assert res["memslot_swap_waits"] is None
     # Agreement: the behaviour, and the stall where the check predicts one.
     want_stall_ns = 5e6 if stall else None
-    assert kcheck.agreement(res, behaviour, want_stall_ns)["agrees"]
+    assert stats.kernel_check_agreement(res, behaviour, want_stall_ns)["agrees"]
     other = "deferred" if behaviour == "sync" else "sync"
-    assert not kcheck.agreement(res, other, want_stall_ns)["agrees"]
+    assert not stats.kernel_check_agreement(res, other, want_stall_ns)["agrees"]
     if stall is not None:
-        assert not kcheck.agreement(res, behaviour, None if stall else 5e6)["agrees"]
+        assert not stats.kernel_check_agreement(res, behaviour, None if stall else 5e6)["agrees"]
 
 
 def test_kernel_check_errors(tmp_path):
@@ -476,7 +480,7 @@ def test_lab_boots_debian_6_1_and_sees_the_pre_618_behaviour(tmp_path):
     assert doc["host"]["kernel"].startswith("6.1.")
     assert doc["kernel_check"]["behaviour"] == "sync" and doc["kernel_check"]["agrees"]
     assert len(doc["samples"]) == 3 * 5 and not doc["failures"]
-    from pyvmm.bench import report
+    from pyvmm.analysis import report
     assert report.analyze(doc)["verdict"].behaviour == "sync"
     assert "registration waits for a grace period" in r.stdout
     assert "kernel-check and measured verdict: agree" in r.stdout
@@ -503,7 +507,7 @@ def test_lab_rebuilds_kvm_with_defer_free_and_sees_the_fix_and_its_stall(tmp_pat
     # The rebuilt kvm.ko frees through call_srcu, and a memslot change still
     # synchronizes: the check predicts the stall, and the measurement must show it.
     assert kc["mechanism"] == "call_srcu" and kc["stall_expected"] is True
-    from pyvmm.bench import report
+    from pyvmm.analysis import report
     v = report.analyze(doc)["verdict"]
     assert v.behaviour == "deferred", v.to_dict()
     assert v.stall_phase == "memslot" and v.stall_ns > 1e6, v.to_dict()
@@ -572,7 +576,7 @@ def test_qemu_driver_reports_an_exit_without_the_end_marker(tmp_path):
 # --- pyvmm inside the lab kernel -----------------------------------------------------------
 
 def test_lab_jobs_and_module_arguments_are_checked_before_anything_runs():
-    from pyvmm.lab import inner, jobs
+    from pyvmm.lab.experiments import inner, jobs
     assert inner.parse_job("ptwrite:2000:3") == ("ptwrite", ["2000", "3"])
     assert inner.parse_job("check:memslot-coherence") == ("check", ["memslot-coherence"])
     for bad, msg in (("bogus", "unknown lab job 'bogus'"), ("ptwrite:x", "takes numbers"),
@@ -588,11 +592,11 @@ def test_lab_jobs_and_module_arguments_are_checked_before_anything_runs():
 def test_init_runs_python_jobs_and_passes_module_parameters():
     init = initramfs.init_script(["01-kvm.ko", "03-kvm_amd.ko"], 1000, 4,
                                  module_args={"03-kvm_amd.ko": "npt=0"},
-                                 python=["env", "A=1", "/x/python3", "-m", "pyvmm.lab.inner",
-                                         "ptwrite:10"])
+                                 python=["env", "A=1", "/x/python3", "-m",
+                                         "pyvmm.lab.experiments.inner", "ptwrite:10"])
     assert "insmod /modules/03-kvm_amd.ko npt=0 " in init
     assert "insmod /modules/01-kvm.ko  " in init
-    assert "env A=1 /x/python3 -m pyvmm.lab.inner ptwrite:10 >&3" in init
+    assert "env A=1 /x/python3 -m pyvmm.lab.experiments.inner ptwrite:10 >&3" in init
     assert "pyvmm-bootbench --plan" not in init
     # Concatenated archives: the runtime is appended as is.
     img = initramfs.build(b"BB", b"H", {"01-kvm.ko": b"K"}, "", extra=b"EXTRA")
@@ -600,7 +604,7 @@ def test_init_runs_python_jobs_and_passes_module_parameters():
 
 
 def test_inner_runner_reports_each_job_as_one_json_line(capsys):
-    from pyvmm.lab import inner
+    from pyvmm.lab.experiments import inner
     rc = inner.main(["check:nonsense"])
     line = json.loads(capsys.readouterr().out.strip())
     assert rc == 1 and line["type"] == "result" and not line["ok"]

@@ -7,17 +7,18 @@ import subprocess
 
 import pytest
 
-from pyvmm.lab import modbuild
-from pyvmm.lab.kernels import LabError
+from pyvmm.errors import LabError
+from pyvmm.lab.builds import modules as modbuild
+from pyvmm.lab.builds import patch as kpatch
 
 
 def test_the_shipped_patches_are_indexed_described_and_in_scope():
-    patches = modbuild.load_patches()
+    patches = kpatch.load_patches()
     assert {"rebuild", "defer-free", "defer-free-expedited", "xen", "xen-lock"} <= set(patches)
     assert not patches["rebuild"].has_diff()           # the control changes nothing
     for p in patches.values():
         assert p.series == ("6.1",) and p.summary
-        modbuild.check_patch_scope(p)
+        kpatch.check_patch_scope(p)
         if p.has_diff():
             # A header that says what the patch does, then the diff.
             head = p.text.split("diff ", 1)[0]
@@ -33,16 +34,16 @@ def test_the_shipped_patches_are_indexed_described_and_in_scope():
 
 def test_index_and_scope_errors_name_the_problem(tmp_path):
     with pytest.raises(LabError, match="line 2: expected 'name series summary'"):
-        modbuild.parse_index("# c\nonly-two 6.1\n")
-    assert modbuild.parse_index("a 6.1,6.12 does x y\n") == [("a", ("6.1", "6.12"),
+        kpatch.parse_index("# c\nonly-two 6.1\n")
+    assert kpatch.parse_index("a 6.1,6.12 does x y\n") == [("a", ("6.1", "6.12"),
                                                                "does x y")]
-    bad = modbuild.Patch("x", ("6.1",), "s", "--- a/mm/slab.c\n+++ b/mm/slab.c\n@@ -1 +1 @@\n")
+    bad = kpatch.Patch("x", ("6.1",), "s", "--- a/mm/slab.c\n+++ b/mm/slab.c\n@@ -1 +1 @@\n")
     with pytest.raises(LabError, match="patch x changes mm/slab.c: the lab rebuilds only"):
-        modbuild.check_patch_scope(bad)
+        kpatch.check_patch_scope(bad)
     with pytest.raises(LabError, match="unknown KVM patch 'zzz'.*rebuild"):
-        modbuild.get_patch("zzz")
+        kpatch.get_patch("zzz")
     (tmp_path / "INDEX").write_text("mine 6.1 a patch without a file\n")
-    assert modbuild.load_patches(str(tmp_path))["mine"].text == ""
+    assert kpatch.load_patches(str(tmp_path))["mine"].text == ""
 
 
 @pytest.mark.skipif(not shutil.which("patch"), reason="patch not installed")
@@ -57,9 +58,9 @@ def test_a_patch_that_does_not_apply_names_file_and_hunk(tmp_path):
                         str(tmp_path / "p.patch")], cwd=tmp_path / "t", capture_output=True,
                        text=True)
     assert p.returncode != 0
-    msg = modbuild.patch_failure(p.stdout + p.stderr, "p")
+    msg = kpatch.patch_failure(p.stdout + p.stderr, "p")
     assert msg == "patch p does not apply: virt/kvm/kvm_main.c: hunk #1 (at line 20)"
-    assert modbuild.patch_failure("garbage\n", "q") == "patch q does not apply: garbage"
+    assert kpatch.patch_failure("garbage\n", "q") == "patch q does not apply: garbage"
 
 
 def test_debian_headers_metadata():
@@ -83,7 +84,7 @@ def test_kbuild_puts_our_includes_first_and_points_srctree_at_the_tree():
 
 
 def test_config_only_and_config_plus_diff_patches():
-    patches = modbuild.load_patches()
+    patches = kpatch.load_patches()
     xen, lock = patches["xen"], patches["xen-lock"]
     assert xen.config() == {"CONFIG_KVM_XEN": "y"} and not xen.has_diff()
     assert lock.config() == {"CONFIG_KVM_XEN": "y"} and lock.files() == ["arch/x86/kvm/xen.c"]
@@ -91,6 +92,6 @@ def test_config_only_and_config_plus_diff_patches():
     assert "+\tmutex_lock(&kvm_xen_lock);" in lock.text
     kb = modbuild.kbuild_file("obj-y += x.o\n", "/t", xen.config())
     assert "ccflags-y += -DCONFIG_KVM_XEN=1" in kb
-    bad = modbuild.Patch("b", ("6.1",), "s", "Config: CONFIG_X=m\n")
+    bad = kpatch.Patch("b", ("6.1",), "s", "Config: CONFIG_X=m\n")
     with pytest.raises(LabError, match="only 'Config: CONFIG_NAME=y'"):
         bad.config()

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from pyvmm.bench import stats
+from pyvmm.analysis import plan, stats
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 
@@ -59,12 +59,12 @@ def test_permutation_test_separates_and_does_not_invent():
 
 def test_interleaved_order_is_balanced_and_seeded():
     cells = [("r", n) for n in (0, 1, 10)]
-    o1 = stats.interleaved_order(cells, 4, seed=9)
-    o2 = stats.interleaved_order(cells, 4, seed=9)
+    o1 = plan.interleaved_order(cells, 4, seed=9)
+    o2 = plan.interleaved_order(cells, 4, seed=9)
     assert o1 == o2 and len(o1) == 12
     for k in range(4):
         assert sorted(o1[3 * k:3 * k + 3]) == sorted(cells)
-    assert o1 != stats.interleaved_order(cells, 4, seed=10)
+    assert o1 != plan.interleaved_order(cells, 4, seed=10)
 
 
 def test_verdict_on_recorded_host_samples_is_deferred():

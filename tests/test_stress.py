@@ -67,7 +67,7 @@ def test_short_stress_run_exercises_every_operation_without_hanging():
 
 @pytest.mark.kvm
 def test_ptwrite_guest_and_its_stats_deltas():
-    from pyvmm.bench import ptwrite
+    from pyvmm import ptwrite
     alone = ptwrite.run_once(500, second_vcpu=False)
     pte, data = alone["pte"], alone["data"]
     # Every PTE write reached KVM's write tracking (the page table is write-protected).

@@ -5,9 +5,9 @@ import os
 
 import pytest
 
-from pyvmm import abi
+from pyvmm import abi, tracefs
 from pyvmm.bench import syscalls
-from pyvmm.errors import PyvmmError
+from pyvmm.errors import PyvmmError, TraceUnavailable
 
 TID = 4242
 
@@ -72,10 +72,10 @@ def test_align_pairs_common_calls_and_marks_extra_ones():
 
 
 def test_calibration_marks_scale_tsc_to_ns():
-    assert syscalls.ns_per_tick("x86-tsc", [(0, 1000.0, 5_000), (1, 4000.0, 6_000)]) == \
+    assert tracefs.ns_per_tick("x86-tsc", [(0, 1000.0, 5_000), (1, 4000.0, 6_000)]) == \
         pytest.approx(1000 / 3000)
     with pytest.raises(PyvmmError, match="calibrate"):
-        syscalls.ns_per_tick("x86-tsc", [(0, 1000.0, 5_000)])
+        tracefs.ns_per_tick("x86-tsc", [(0, 1000.0, 5_000)])
 
 
 def _tracing_problem():
@@ -84,7 +84,7 @@ def _tracing_problem():
     try:
         with syscalls.SyscallTrace():
             return None
-    except syscalls.TraceUnavailable as e:
+    except TraceUnavailable as e:
         return str(e)
 
 
@@ -111,5 +111,5 @@ def test_both_drivers_make_the_same_kvm_ioctls_at_the_same_kernel_cost():
     assert [s["name"] for s in ioev["syscalls"]].count("KVM_IOEVENTFD") == 2
     assert [s["name"] for s in ioev["syscalls"]].count("eventfd2") == 2
     # the tracer put every setting back
-    with open(os.path.join(syscalls.TRACEFS, "events/raw_syscalls/enable")) as f:
+    with open(os.path.join(tracefs.TRACEFS, "events/raw_syscalls/enable")) as f:
         assert f.read().strip() == "0"

@@ -10,7 +10,7 @@ metadata of its own, since the machine exporting is not the one that measured.
 from __future__ import annotations
 
 from ..errors import PyvmmError
-from . import report
+from ..analysis import report
 
 
 def cell_name(recipe: str, n: int) -> str:

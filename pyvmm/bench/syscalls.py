@@ -9,40 +9,23 @@ time the thread spent in user space between them; the same ioctl should cost the
 same from either side, so what differs is the extra syscalls one side makes and the
 user-space time around them.
 
-Timestamps come from trace_clock x86-tsc, converted to ns against CLOCK_MONOTONIC
-with two trace_marker writes 50 ms apart; where that clock is missing, from 'mono',
-which tracefs prints in whole microseconds (the tables then say so).
+The tracefs session, its clock and the text parser are pyvmm.tracefs's; where the
+x86-tsc clock is missing the trace clock is 'mono', which tracefs prints in whole
+microseconds (the tables then say so).
 """
 
 from __future__ import annotations
 
 import difflib
-import os
-import re
 import statistics
-import subprocess
 import threading
-import time
 
-from ..errors import PyvmmError, TraceUnavailable
+from .. import tracefs
+from ..errors import PyvmmError
+from ..tracefs import SYSCALL_NAMES, TRACEFS, ns_per_tick
 
-TRACEFS = "/sys/kernel/tracing"
 CLOCK_THREAD_CPUTIME_ID = 3
 NR_CLOCK_GETTIME = 228          # x86_64
-
-# x86_64 syscall numbers a boot can make (others print as 'syscall N').
-SYSCALL_NAMES = {
-    0: "read", 1: "write", 3: "close", 9: "mmap", 10: "mprotect", 11: "munmap",
-    13: "rt_sigaction", 14: "rt_sigprocmask", 16: "ioctl", 28: "madvise", 39: "getpid",
-    186: "gettid", 202: "futex", 203: "sched_setaffinity", 204: "sched_getaffinity",
-    228: "clock_gettime", 234: "tgkill", 257: "openat", 262: "newfstatat", 290: "eventfd2",
-    302: "prlimit64", 309: "getcpu", 319: "memfd_create", 435: "clone3",
-}
-
-_LINE = re.compile(r"-(\d+)\s+\[\d+\]\s+\S+\s+(\d+(?:\.\d+)?): (\w+): (.*)$")
-_ENTER = re.compile(r"NR (\d+) \(([0-9a-f, ]*)\)")
-_EXIT = re.compile(r"NR (\d+) = (-?\d+)")
-_MARK = re.compile(r"pyvmm-cal(\d) (\d+)")
 
 
 def _ioctl_names() -> dict[int, str]:
@@ -81,164 +64,56 @@ def parse_trace(text: str, tid: int) -> tuple[list[Call], list[tuple[int, float]
     open_call = None
     faults = 0
     for line in text.splitlines():
-        if line.startswith("#"):
+        ev = tracefs.parse_line(line)
+        if ev is None or ev[0] != tid:
             continue
-        m = _LINE.search(line)
-        if not m or int(m.group(1)) != tid:
-            continue
-        ts = float(m.group(2))
-        kind, rest = m.group(3), m.group(4)
+        _, ts, kind, rest = ev
         if kind == "sys_enter":
-            e = _ENTER.match(rest)
+            e = tracefs.sys_enter(rest)
             if e:
-                args = tuple(int(a, 16) for a in e.group(2).split(",") if a.strip())
-                open_call = Call(int(e.group(1)), args, ts, faults)
+                open_call = Call(e[0], e[1], ts, faults)
                 faults = 0
         elif kind == "sys_exit":
-            e = _EXIT.match(rest)
-            if e and open_call is not None and open_call.nr == int(e.group(1)):
+            e = tracefs.sys_exit(rest)
+            if e and open_call is not None and open_call.nr == e[0]:
                 open_call.t_out = ts
-                open_call.ret = int(e.group(2))
+                open_call.ret = e[1]
                 calls.append(open_call)
                 open_call = None
         elif kind == "page_fault_user":
             faults += 1
         elif kind == "tracing_mark_write":
-            k = _MARK.search(rest)
+            k = tracefs.calibration_mark(rest)
             if k:
-                marks.append((int(k.group(1)), ts, int(k.group(2))))
+                marks.append((k[0], ts, k[1]))
     return calls, marks
 
 
-class SyscallTrace:
-    """raw_syscalls of one thread, recorded in tracefs. Restores every setting it
-    touched on exit."""
+class SyscallTrace(tracefs.Session):
+    """raw_syscalls (and user page faults) of one thread, recorded in tracefs. Restores
+    every setting it touched on exit."""
 
     EVENTS = ("raw_syscalls", "exceptions/page_fault_user")
-    FILES = ("trace_clock", "tracing_on") + tuple(
-        f"events/{e}/{f}" for e in EVENTS for f in ("filter", "enable"))
 
     def __init__(self, tid: int | None = None, root: str = TRACEFS):
         self.tid = tid or threading.get_native_id()
-        self.root = root
-        self._saved: dict[str, str] = {}
-        self.events: list[str] = []
-        self.clock = "mono"
-        self.ns_per_tick = 1e9      # 'mono' prints seconds
-
-    def _path(self, name: str) -> str:
-        return os.path.join(self.root, name)
-
-    def _read(self, name: str) -> str:
-        with open(self._path(name)) as f:
-            return f.read()
-
-    def _write(self, name: str, value: str) -> None:
-        with open(self._path(name), "w") as f:
-            f.write(value)
+        super().__init__({e: f"common_pid == {self.tid}" for e in self.EVENTS}, root)
 
     def __enter__(self) -> "SyscallTrace":
-        if not os.path.exists(self._path("trace")) and os.geteuid() == 0:
-            subprocess.run(["mount", "-t", "tracefs", "nodev", self.root],
-                           capture_output=True)
-        if not os.path.exists(self._path("events/raw_syscalls/enable")):
-            if not os.path.exists(self._path("trace")):
-                raise TraceUnavailable(
-                    f"tracefs is not mounted at {self.root}: mount -t tracefs nodev "
-                    f"{self.root} (as root)")
-            raise TraceUnavailable(f"{self.root}/events/raw_syscalls is missing: this kernel "
-                                   f"has no syscall tracepoints (CONFIG_FTRACE_SYSCALLS)")
-        if not os.access(self._path("tracing_on"), os.W_OK):
-            raise TraceUnavailable(f"{self.root} is not writable: run as root")
-        self.events = [e for e in self.EVENTS
-                       if os.path.exists(self._path(f"events/{e}/enable"))]
-        for name in self.FILES:
-            if os.path.exists(self._path(name)):
-                self._saved[name] = self._read(name)
-        clocks = self._saved["trace_clock"]
-        self.clock = "x86-tsc" if "x86-tsc" in clocks.replace("[", " ").replace("]", " ") \
-            .split() else "mono"
-        self._write("tracing_on", "0")
-        self._write("trace_clock", self.clock)
-        self._write("trace", "")
-        for e in self.events:
-            self._write(f"events/{e}/filter", f"common_pid == {self.tid}")
-            self._write(f"events/{e}/enable", "1")
+        self.check("raw_syscalls", "this kernel has no syscall tracepoints "
+                                   "(CONFIG_FTRACE_SYSCALLS)")
+        super().__enter__()
         return self
-
-    def __exit__(self, *exc) -> None:
-        self._write("tracing_on", "0")
-        for e in self.events:
-            self._write(f"events/{e}/enable", "0")
-        self._write("trace", "")
-        for name, old in self._saved.items():
-            old = old.strip()
-            if name == "trace_clock":
-                sel = re.search(r"\[(\S+)\]", old)
-                old = sel.group(1) if sel else "local"
-            elif name.endswith("/filter"):
-                old = "0" if old == "none" else old
-            else:
-                old = old.lstrip("*") or "0"
-            if name != "tracing_on":
-                self._write(name, old)
-        self._write("tracing_on", self._saved.get("tracing_on", "0").strip() or "0")
 
     def record(self, fn) -> list[Call]:
         """Run fn() with tracing on; return this thread's calls, timestamps in ns."""
-        self._write("trace", "")
-        self._write("tracing_on", "1")
-        self._mark(0)
-        try:
-            fn()
-        finally:
-            time.sleep(0.05)
-            self._mark(1)
-            self._write("tracing_on", "0")
-        text = self._read("trace")
-        lost = self._lost()
-        if lost:
-            raise PyvmmError(f"tracefs dropped {lost} events (buffer too small): trace fewer "
-                             f"boots (--repeats) or raise {self.root}/buffer_size_kb")
+        text = super().record(fn, less="trace fewer boots (--repeats)")
         calls, marks = parse_trace(text, self.tid)
         scale = ns_per_tick(self.clock, marks)
         for c in calls:
             c.t_in *= scale
             c.t_out *= scale
         return calls
-
-    def _mark(self, k: int) -> None:
-        with open(self._path("trace_marker"), "w") as f:
-            f.write(f"pyvmm-cal{k} {time.monotonic_ns()}")
-
-    def _lost(self) -> int:
-        total = 0
-        percpu = self._path("per_cpu")
-        for cpu in os.listdir(percpu) if os.path.isdir(percpu) else ():
-            try:
-                with open(os.path.join(percpu, cpu, "stats")) as f:
-                    for line in f:
-                        if line.startswith("overrun:"):
-                            total += int(line.split()[1])
-            except (OSError, ValueError):
-                continue
-        return total
-
-    @property
-    def resolution_ns(self) -> float:
-        return 1.0 if self.clock == "x86-tsc" else 1000.0
-
-
-def ns_per_tick(clock: str, marks) -> float:
-    """ns per trace timestamp unit: 1e9 for 'mono' (seconds); for 'x86-tsc', from the two
-    calibration marks (k, tsc, CLOCK_MONOTONIC ns) written 50 ms apart."""
-    if clock != "x86-tsc":
-        return 1e9
-    by = {k: (ts, mono) for k, ts, mono in marks}
-    if 0 not in by or 1 not in by or by[1][0] <= by[0][0]:
-        raise PyvmmError("could not calibrate the x86-tsc trace clock: the trace_marker "
-                         "writes are missing from the trace")
-    return (by[1][1] - by[0][1]) / (by[1][0] - by[0][0])
 
 
 # --- splitting into boots and phases ---------------------------------------------------

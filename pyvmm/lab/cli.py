@@ -8,10 +8,13 @@ import os
 import time
 
 
-from ..bench import report
+from ..analysis import report
+from ..analysis.plan import DEFAULT_NS, DEFAULT_RECIPES, SweepConfig
 from ..ui import console, err_console, int_list, progress, recipes_arg
-from ..bench.sweep import DEFAULT_NS, DEFAULT_RECIPES, SweepConfig
-from . import kcheck, kernel_lab, kernels, matrix, modbuild
+from .builds import kcheck
+from .builds.patch import load_patches
+from .experiments import kernel_lab, matrix, prepare
+from .sources.debian import KERNEL_SPEC_FORMS
 
 
 def _sweep_args(o, repeats_default: int) -> None:
@@ -49,11 +52,11 @@ def add_parsers(sub) -> None:
                        "show the same table and verdict" + (" (old name of 'lab kernel')"
                                                             if name == "oldkernel" else ""))
         o.add_argument("--kernel", default="6.1",
-                       help=f"{kernels.KERNEL_SPEC_FORMS} (default %(default)s)")
+                       help=f"{KERNEL_SPEC_FORMS} (default %(default)s)")
         o.add_argument("--kvm-patch", default=None, metavar="NAME",
                        help="rebuild kvm.ko and kvm-amd.ko from the kernel's Debian source "
-                            "with this patch of the project's (pyvmm/lab/patches/INDEX: "
-                            f"{', '.join(modbuild.load_patches())})")
+                            "with this patch of the project's (pyvmm/lab/builds/patches/INDEX: "
+                            f"{', '.join(load_patches())})")
         _sweep_args(o, kernel_lab.LAB_REPEATS)
         o.set_defaults(func=cmd_kernel)
 
@@ -72,7 +75,7 @@ def add_parsers(sub) -> None:
     r.add_argument("jobs", nargs="+", metavar="JOB",
                    help="ptwrite:COUNT[:REPEATS], check:NAME[:ITERATIONS], "
                         "stress:SECONDS[:SEED]")
-    r.add_argument("--kernel", default="6.1", help=f"{kernels.KERNEL_SPEC_FORMS}")
+    r.add_argument("--kernel", default="6.1", help=f"{KERNEL_SPEC_FORMS}")
     r.add_argument("--kvm-patch", default=None, metavar="NAME")
     r.add_argument("--kvm-arg", action="append", default=[], metavar="MODULE:NAME=VALUE",
                    help="module parameter, e.g. kvm_amd:npt=0 (shadow paging); repeatable")
@@ -103,14 +106,14 @@ def _sweep_config(args) -> SweepConfig:
                        ioev_len=args.ioev_len, control_n=args.control_n)
 
 
-def _lab_options(args, **kw) -> kernel_lab.LabOptions:
-    return kernel_lab.LabOptions(smp=args.smp, out=args.out, retries=max(0, args.retries),
+def _lab_options(args, **kw) -> prepare.LabOptions:
+    return prepare.LabOptions(smp=args.smp, out=args.out, retries=max(0, args.retries),
                                  total_timeout_s=args.timeout,
                                  stall_timeout_s=args.stall_timeout,
                                  install=not args.no_install, **kw)
 
 
-class RichUi(kernel_lab.Ui):
+class RichUi(prepare.Ui):
     def __init__(self, prog):
         self.prog = prog
         self.task = prog.add_task("starting", total=None)
@@ -129,10 +132,10 @@ class RichUi(kernel_lab.Ui):
 
 def cmd_kernel(args) -> int:
     opts = _lab_options(args, kernel=args.kernel, kvm_patch=args.kvm_patch)
-    kernel_lab.check_options(opts)      # bad arguments fail before any tool or download
+    prepare.check_options(opts)      # bad arguments fail before any tool or download
     cfg = _sweep_config(args)
     boots = len(kernel_lab.make_plan(cfg)) - cfg.warmup
-    variant = kernel_lab.Variant(opts.kernel, opts.kvm_patch).label
+    variant = prepare.Variant(opts.kernel, opts.kvm_patch).label
     console.print(f"pyvmm lab kernel: {variant}, {boots} boots "
                   f"({boots // cfg.repeats} cells x {cfg.repeats} repeats, interleaved, seed "
                   f"{cfg.seed}, {cfg.warmup} warm-up boots discarded), QEMU TCG -smp {args.smp}",
@@ -189,25 +192,25 @@ def cmd_matrix(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from . import inner, jobs
+    from .experiments import inner, jobs
     for j in args.jobs:
         inner.parse_job(j)
-    opts = kernel_lab.LabOptions(kernel=args.kernel, kvm_patch=args.kvm_patch,
+    opts = prepare.LabOptions(kernel=args.kernel, kvm_patch=args.kvm_patch,
                                  kvm_args=jobs.parse_kvm_args(args.kvm_arg), smp=args.smp,
                                  out=args.out, total_timeout_s=args.timeout,
                                  install=not args.no_install)
-    kernel_lab.check_options(opts)
+    prepare.check_options(opts)
     con = console
     if args.json:
         con = err_console
-    variant = kernel_lab.Variant(opts.kernel, opts.kvm_patch).label
+    variant = prepare.Variant(opts.kernel, opts.kvm_patch).label
     extra = " ".join(f"{m}:{p}" for m, p in opts.kvm_args.items())
     con.print(f"pyvmm lab run: {variant}{' ' + extra if extra else ''}, jobs "
               f"{' '.join(args.jobs)}, QEMU TCG -smp {args.smp}", highlight=False)
     with _progress(con) as prog:
         run = jobs.run_jobs(opts, args.jobs, RichUi(prog))
     doc = run.doc
-    from ..bench.cli import ptwrite_table
+    from ..ptwrite.table import ptwrite_table
     for r in doc["results"]:
         if not r["ok"]:
             con.print(f"[red]job {r['job']} failed:[/] {r['error']}", highlight=False)

@@ -1,7 +1,7 @@
 """The Python runtime the lab puts into its initramfs, so that pyvmm itself (the Python
 VMM: checks, stress, ptwrite) runs on a lab kernel, not only the static C helper.
 
-What goes in is what running pyvmm.lab.inner needs, found by importing it (and every
+What goes in is what running pyvmm.lab.experiments.inner needs, found by importing it (and every
 job module) in a child interpreter of this installation and listing sys.modules: the
 interpreter binary, those stdlib and site-packages files (with their compiled .pyc,
 whose mtimes are kept so they stay valid), the whole pyvmm package (guests, helper,
@@ -26,21 +26,23 @@ import sysconfig
 import tempfile
 from dataclasses import dataclass
 
+from ...errors import LabError
+from ..sources.cache import cache_dir
 from .initramfs import Entry, cpio_newc
-from .kernels import LabError, cache_dir
 
 # Imported in the child to find the file set: the inner runner and what its jobs import
 # lazily (the jobs' modules are imported at the top of a function, not of the module).
 PROBE = """
 import json, sys, encodings.utf_8, encodings.latin_1, encodings.ascii, runpy, importlib.util
 import importlib.machinery, traceback, linecache, tokenize
-import pyvmm.lab.inner, pyvmm.bench.ptwrite, pyvmm.checks.races, pyvmm.checks.gmem
+import pyvmm.lab.experiments.inner, pyvmm.ptwrite, pyvmm.checks.races, pyvmm.checks.gmem
 import pyvmm.stress, pyvmm.vcpu, pyvmm.vm, pyvmm.kvm, pyvmm.kvmstats, pyvmm.memory
-import pyvmm.bench.native, pyvmm.recipe, pyvmm.guests, pyvmm.stress.xen
+import pyvmm.recipe, pyvmm.guests, pyvmm.stress.xen
 pyvmm.guests.load("ptwrite"); pyvmm.guests.helper_path()
 for bad in ("rich", "matplotlib", "numpy"):
     if bad in sys.modules:
-        raise SystemExit(f"pyvmm.lab.inner pulled in {bad}: the lab runtime must not need it")
+        raise SystemExit(f"pyvmm.lab.experiments.inner pulled in {bad}: "
+                         "the lab runtime must not need it")
 files = sorted({m.__file__ for m in list(sys.modules.values())
                 if getattr(m, "__file__", None)})
 print(json.dumps({"files": files, "executable": sys._base_executable,
@@ -137,7 +139,7 @@ def build(log=print) -> Runtime:
     site = sorted({p for p in info["path"] if p.endswith("site-packages")})
     command = ["env", "PYTHONNOUSERSITE=1", "PYTHONDONTWRITEBYTECODE=1", "PYVMM_LAB_INNER=1",
                f"PYTHONPATH={':'.join(site)}", os.path.realpath(info["executable"]),
-               "-m", "pyvmm.lab.inner"]
+               "-m", "pyvmm.lab.experiments.inner"]
     size = sum(s for _, s, _ in stat)
     path = os.path.join(cache_dir(), "pyruntime", f"runtime-{key}.cpio.gz")
     if os.path.exists(path):

@@ -1,4 +1,4 @@
-"""`pyvmm bench ptwrite`: what a guest write to its own page tables costs under shadow
+"""The ptwrite workload (`pyvmm bench ptwrite`, and the lab job `ptwrite:N`): what a guest write to its own page tables costs under shadow
 paging, against an ordinary data write, alone and with a second vCPU faulting pages.
 
 The ptwrite guest reports on the data port when its page tables are live (1), when its
@@ -18,7 +18,7 @@ from ..errors import PyvmmError
 from ..exits import Hlt, Interrupted, Io
 from ..kvm import Kvm
 from ..kvmstats import StatsReader, diff
-from .stats import median
+from ..latency import median
 
 PHASES = ("pte", "pde", "data")
 STATS = ("mmu_pte_write", "mmu_flooded", "mmu_shadow_zapped", "mmu_pde_zapped",

@@ -1,8 +1,8 @@
 """`pyvmm lab run`: pyvmm's Python workloads (ptwrite, checks, stress) on a lab kernel.
 
 The same kernel, patched modules and module parameters as `lab kernel`, but /init runs
-the Python VMM (pyvmm.lab.inner) from a Python runtime appended to the initramfs
-(pyvmm.lab.pyruntime) instead of the C helper's plan. Each job's result comes back as
+the Python VMM (pyvmm.lab.experiments.inner) from a Python runtime appended to the
+initramfs (pyvmm.lab.boot.pyruntime) instead of the C helper's plan. Each job's result comes back as
 one JSON line on the data port and lands in results.json beside the usual host facts
 of the inner kernel; the initramfs size, the runtime's file count and the time from
 QEMU's start to /init and to the first result are recorded.
@@ -14,12 +14,13 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from .. import hostinfo
-from ..bench.sweep import new_run_dir
-from ..results import envelope, finishing, write_json_atomic
-from . import initramfs, inner, kernel_lab, pyruntime, qemu
-from .kernel_lab import LabOptions, Ui
-from .kernels import LabError
+from ... import hostinfo
+from ...analysis.plan import new_run_dir
+from ...errors import LabError
+from ...results import envelope, finishing, write_json_atomic
+from ..boot import initramfs, pyruntime, qemu
+from . import inner
+from .prepare import ENVIRONMENT, LabOptions, Ui, Variant, inner_host, module_args, prepare
 
 SCHEMA = "pyvmm.lab-jobs/1"
 
@@ -49,39 +50,39 @@ def run_jobs(opts: LabOptions, jobs: list[str], ui: Ui | None = None) -> JobsRun
     for j in jobs:                       # bad jobs fail before anything is installed
         inner.parse_job(j)
     t_start = time.monotonic()
-    prep = kernel_lab.prepare(opts, ui)
+    prep = prepare(opts, ui)
     timings = prep.timings
     ui.stage("python runtime")
     t = time.monotonic()
     rt = pyruntime.build(ui.log)
     timings["runtime_s"] = time.monotonic() - t
     image = initramfs.build(prep.busybox, prep.helper, prep.modules, "",
-                            module_args=kernel_lab.module_args(prep.kit, opts.kvm_args),
+                            module_args=module_args(prep.kit, opts.kvm_args),
                             python=rt.command + list(jobs), extra=rt.archive)
     outer = hostinfo.collect(with_kvm=False)
-    host = kernel_lab.inner_host(prep.kit, {}, opts.smp, outer)
+    host = inner_host(prep.kit, {}, opts.smp, outer)
     out = new_run_dir(opts.out, dict(host, hostname="lab-run"))
     work = os.path.join(out, "lab")
     os.makedirs(work)
     initrd = os.path.join(work, "initramfs.cpio.gz")
     with open(initrd, "wb") as f:
         f.write(image)
-    variant = kernel_lab.Variant(opts.kernel, opts.kvm_patch)
+    variant = Variant(opts.kernel, opts.kvm_patch)
     doc = envelope(SCHEMA, host, status="running", finished=None,
-                   environment=kernel_lab.ENVIRONMENT, jobs=list(jobs),
+                   environment=ENVIRONMENT, jobs=list(jobs),
                    kernel_check=prep.kernel_check, results=[],
                    lab={"variant": variant.label, "kvm_args": dict(opts.kvm_args),
                         "kvm_patch": None if prep.built is None else dict(prep.built.meta),
                         "initramfs_bytes": len(image), "runtime_bytes": len(rt.archive),
                         "runtime_files": rt.files, "runtime_cached": rt.cached,
-                        "qemu": qemu.qemu_version(), "timings": timings})
+                        "qemu": qemu.qemu_version(prep.kit.arch.qemu), "timings": timings})
     path = os.path.join(out, "results.json")
     write_json_atomic(path, doc)
     # Jobs print only when they finish: the stall bound is the whole run's.
     qcfg = qemu.QemuConfig(kernel=prep.kit.vmlinuz, initrd=initrd, smp=opts.smp,
                            mem_mb=max(opts.mem_mb, 1024), boot_timeout_s=opts.boot_timeout_s,
                            stall_timeout_s=opts.total_timeout_s,
-                           total_timeout_s=opts.total_timeout_s)
+                           total_timeout_s=opts.total_timeout_s, arch=prep.kit.arch)
     t_q = time.monotonic()
     marks = {}
 
@@ -101,7 +102,7 @@ def run_jobs(opts: LabOptions, jobs: list[str], ui: Ui | None = None) -> JobsRun
         timings["qemu_s"] = qemu_s
         timings["to_init_s"] = marks.get("sweep")
         timings["to_first_result_s"] = marks.get("first_result")
-        doc["host"] = kernel_lab.inner_host(prep.kit, stream.facts, opts.smp, outer)
+        doc["host"] = inner_host(prep.kit, stream.facts, opts.smp, outer)
         doc["lab"]["errors"] = stream.errors[-40:]
         doc["lab"]["python_start_uptime_s"] = stream.facts.get("python_start")
         missing = len(jobs) - len(doc["results"])

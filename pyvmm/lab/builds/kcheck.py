@@ -19,7 +19,8 @@ import shutil
 import subprocess
 import tempfile
 
-from .kernels import LabError, decompress_module
+from ...errors import LabError
+from ..sources.elf import decompress_module
 
 FUNCTION = "kvm_io_bus_register_dev"
 MEMSLOT_FUNCTION = "kvm_swap_active_memslots"
@@ -137,14 +138,3 @@ def check(path: str) -> dict:
     out["calls"] = calls
     out["memslot_calls"] = memslot_calls
     return out
-
-
-def agreement(kc: dict, behaviour: str, stall_ns: float | None) -> dict:
-    """Does the static check agree with what was measured? Compares the behaviour and,
-    where the check predicts one, whether there was a post-registration stall."""
-    same = kc.get("behaviour") == behaviour
-    stall_seen = stall_ns is not None
-    predicted = kc.get("stall_expected")
-    stall_ok = predicted is None or predicted == stall_seen
-    return {"agrees": same and stall_ok, "behaviour_agrees": same,
-            "stall_predicted": predicted, "stall_seen": stall_seen}

@@ -13,12 +13,13 @@ import os
 import time
 from dataclasses import dataclass, field, replace
 
-from ..bench import report, stats
-from ..bench.sweep import SweepConfig
-from ..results import envelope, finishing, write_json_atomic
-from . import kernel_lab, modbuild
-from .kernel_lab import LabOptions, Variant, parse_variant
-from .kernels import LabError
+from ...analysis import report
+from ...analysis.plan import SweepConfig
+from ...errors import LabError
+from ...results import envelope, finishing, write_json_atomic
+from ..builds.patch import load_patches
+from . import kernel_lab
+from .prepare import LabOptions, Ui, Variant, check_options, parse_variant
 
 SCHEMA = "pyvmm-lab-matrix/1"
 DEFAULT_VARIANTS = ("6.1", "6.1+rebuild", "6.1+defer-free", "6.1+defer-free-expedited",
@@ -28,7 +29,7 @@ SHARE_NS = (100, 300, 1000)
 
 def parse_variants(text: str) -> list[Variant]:
     """Comma-separated variants, all checked before anything runs."""
-    patches = modbuild.load_patches()
+    patches = load_patches()
     items = [t for t in (x.strip() for x in text.split(",")) if t]
     if not items:
         raise LabError("no variants given: e.g. --variants 6.1,6.1+defer-free,latest")
@@ -40,46 +41,6 @@ def parse_variants(text: str) -> list[Variant]:
     return out
 
 
-def _median_or_none(xs):
-    return stats.median(xs) if xs else None
-
-
-def row_from_doc(variant: Variant, doc: dict, run_dir: str) -> dict:
-    """One table row from a variant's finished run.json."""
-    a = report.analyze(doc)
-    v = a["verdict"]
-    hz = a["hz"]
-    recipes = [r for r in doc["config"]["recipes"] if r != "control"]
-    first = a["recipes"][recipes[0]]["rows"] if recipes else {}
-    kc = doc.get("kernel_check") or {}
-    agree = kc.get("agrees")
-    lab = doc.get("lab") or {}
-    return {
-        "variant": variant.label,
-        "kernel": doc["host"].get("kernel"),
-        "package": doc["host"].get("package"),
-        "patch": variant.patch,
-        "verdict": stats.BEHAVIOUR_NAMES.get(v.behaviour, v.behaviour),
-        "assign_us": None if v.assign_ns is None else v.assign_ns / 1e3,
-        "eexist_us": None if v.eexist_ns is None else v.eexist_ns / 1e3,
-        "deassign_us": None if v.deassign_ns is None else v.deassign_ns / 1e3,
-        "stall_ms": None if v.stall_ns is None else v.stall_ns / 1e6,
-        "stall_jiffies": (None if v.stall_ns is None or not hz else v.stall_ns / (1e9 / hz)),
-        "stall_phase": v.stall_phase,
-        "first_deassign_excess_ms": (None if v.first_deassign_excess_ns is None
-                                     else v.first_deassign_excess_ns / 1e6),
-        "share_recipe": recipes[0] if recipes else None,
-        "reg_share": {str(n): first[n]["registration_share"] for n in SHARE_NS if n in first},
-        "boot_ms": {str(n): first[n]["boot"]["median"] / 1e6 for n in sorted(first)},
-        "hz": hz,
-        "kernel_check": kc.get("mechanism") or kc.get("behaviour"),
-        "kernel_check_summary": kc.get("summary"),
-        "agrees": agree,
-        "modules_cached": (lab.get("timings") or {}).get("modules_cached"),
-        "run": os.path.join(run_dir, "run.json"),
-    }
-
-
 @dataclass
 class MatrixRun:
     doc: dict
@@ -88,11 +49,11 @@ class MatrixRun:
 
 
 def run_matrix(variants: list[Variant], cfg: SweepConfig, base: LabOptions,
-               ui: kernel_lab.Ui | None = None, out_dir: str | None = None) -> MatrixRun:
+               ui: Ui | None = None, out_dir: str | None = None) -> MatrixRun:
     """Run every variant with the same plan; returns the matrix document."""
-    ui = ui or kernel_lab.Ui()
+    ui = ui or Ui()
     for v in variants:         # everything checked before the first download
-        kernel_lab.check_options(replace(base, kernel=v.kernel, kvm_patch=v.patch))
+        check_options(replace(base, kernel=v.kernel, kvm_patch=v.patch))
     if out_dir is None:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         out_dir = os.path.join(base.out, f"matrix-{stamp}")
@@ -120,7 +81,11 @@ def run_matrix(variants: list[Variant], cfg: SweepConfig, base: LabOptions,
                 ui.log(f"variant {v.label} failed: {str(e).splitlines()[0]}")
                 write_json_atomic(path, doc)
                 continue
-            row = row_from_doc(v, run.doc, run.out_dir)
+            # The run's evidence, as every row of a comparison shows it; the variant's
+            # name, its patch and where its run.json lives around it.
+            row = {"variant": v.label, "patch": v.patch,
+                   **report.run_summary(run.doc, SHARE_NS),
+                   "run": os.path.join(run.out_dir, "run.json")}
             row["wall_s"] = round(time.monotonic() - tv, 1)
             row["timings"] = {k: (round(x, 1) if isinstance(x, float) else x)
                               for k, x in run.timings.items()}

@@ -19,11 +19,12 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from ..errors import LabError, LabHang  # noqa: F401 (re-exported)
+from ...errors import LabError, LabHang
+from ..arch import X86_64, Arch
 from .serial import LabStream
 
-QEMU = "qemu-system-x86_64"
-KERNEL_ARGS = "console=ttyS0 panic=-1 quiet tsc=reliable clocksource=tsc"
+QEMU = X86_64.qemu
+KERNEL_ARGS = "console={console} panic=-1 quiet tsc=reliable clocksource=tsc"
 
 
 @dataclass
@@ -36,13 +37,17 @@ class QemuConfig:
     stall_timeout_s: float = 90.0    # longest gap between two data lines after BEGIN
     total_timeout_s: float = 1800.0
     extra_args: str = ""
+    arch: Arch = X86_64
 
 
-def command(cfg: QemuConfig, console_log: str, data_log: str, qemu: str = QEMU) -> list[str]:
+def command(cfg: QemuConfig, console_log: str, data_log: str, qemu: str | None = None) \
+        -> list[str]:
     accel = "tcg" if cfg.smp == 1 else "tcg,thread=single"
-    append = KERNEL_ARGS + (f" {cfg.extra_args}" if cfg.extra_args else "")
-    return [qemu, "-nodefaults", "-no-user-config", "-machine", "pc", "-accel", accel,
-            "-cpu", "EPYC,+svm", "-smp", str(cfg.smp), "-m", str(cfg.mem_mb),
+    append = KERNEL_ARGS.format(console=cfg.arch.console) + (
+        f" {cfg.extra_args}" if cfg.extra_args else "")
+    machine = list(cfg.arch.qemu_machine)
+    return [qemu or cfg.arch.qemu, "-nodefaults", "-no-user-config", *machine[:2],
+            "-accel", accel, *machine[2:], "-smp", str(cfg.smp), "-m", str(cfg.mem_mb),
             "-display", "none", "-monitor", "none",
             "-serial", f"file:{console_log}", "-serial", f"file:{data_log}",
             "-no-reboot", "-kernel", cfg.kernel, "-initrd", cfg.initrd, "-append", append]
@@ -73,9 +78,9 @@ def run(cfg: QemuConfig, workdir: str, on_boot=None, on_stage=None,
     the stage changes ('kernel', 'sweep'). Returns the stream and QEMU's wall time.
     `qemu` overrides the emulator binary (the tests use a stand-in that writes the data
     port file and exits, or hangs)."""
-    qemu = qemu or shutil.which(QEMU)
+    qemu = qemu or shutil.which(cfg.arch.qemu)
     if not qemu:
-        raise LabError(f"{QEMU} not found: apt-get install qemu-system-x86")
+        raise LabError(f"{cfg.arch.qemu} not found: apt-get install {cfg.arch.qemu_package}")
     console_log = os.path.join(workdir, "console.log")
     data_log = os.path.join(workdir, "data.log")
     for p in (console_log, data_log):

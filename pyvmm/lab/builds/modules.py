@@ -16,7 +16,6 @@ new build).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -26,118 +25,16 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-from .kernels import Apt, Kit, LabError, cache_dir, modinfo
+from ...errors import LabError
+from ..sources.apt import Apt
+from ..sources.cache import cache_dir
+from ..sources.elf import modinfo
+from ..sources.kits import Kit
+from ..arch import X86_64, Arch
+from .patch import Patch, check_patch_scope, patch_failure
 
-PATCH_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "patches")
-# What the lab takes from linux-source, relative to the tree's top; patches may touch
-# nothing else.
-SOURCE_SUBSET = ("virt/kvm", "arch/x86/kvm", "include/linux/kvm_host.h")
-KVM_DIR = "arch/x86/kvm"
-BUILT = {"kvm": "kvm.ko", "kvm_amd": "kvm-amd.ko"}
 # tool -> Debian package
 TOOLS = {"make": "make", "patch": "patch", "tar": "tar", "xz": "xz-utils"}
-
-
-# --- patches (pure) -----------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Patch:
-    name: str
-    series: tuple[str, ...]
-    summary: str
-    text: str = ""              # the diff with its header; "" changes nothing
-
-    @property
-    def digest(self) -> str:
-        return hashlib.sha256(self.text.encode()).hexdigest()[:12]
-
-    def files(self) -> list[str]:
-        """Paths the diff changes (from its '+++ b/PATH' lines)."""
-        out = []
-        for line in self.text.splitlines():
-            if line.startswith("+++ "):
-                path = line[4:].split("\t")[0].strip()
-                path = path.split("/", 1)[1] if "/" in path else path
-                if path not in out:
-                    out.append(path)
-        return out
-
-    def has_diff(self) -> bool:
-        return bool(self.files())
-
-    def config(self) -> dict[str, str]:
-        """Kconfig options the patch turns on for the rebuilt modules, from 'Config:
-        CONFIG_X=y' lines in its header (before the diff)."""
-        out = {}
-        for line in self.text.split("\ndiff ", 1)[0].splitlines():
-            m = re.match(r"Config:\s*(CONFIG_\w+)=(y)\s*$", line)
-            if m:
-                out[m.group(1)] = m.group(2)
-            elif line.startswith("Config:"):
-                raise LabError(f"patch {self.name}: bad line {line!r}: only 'Config: "
-                               "CONFIG_NAME=y' is supported")
-        return out
-
-
-def parse_index(text: str) -> list[tuple[str, tuple[str, ...], str]]:
-    """INDEX lines 'name series[,series] summary...' ('#' starts a comment)."""
-    out = []
-    for n, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        parts = line.split(None, 2)
-        if len(parts) < 3:
-            raise LabError(f"patches/INDEX line {n}: expected 'name series summary', got "
-                           f"{line!r}")
-        out.append((parts[0], tuple(parts[1].split(",")), parts[2]))
-    return out
-
-
-def load_patches(folder: str = PATCH_DIR) -> dict[str, Patch]:
-    with open(os.path.join(folder, "INDEX")) as f:
-        index = parse_index(f.read())
-    out = {}
-    for name, series, summary in index:
-        path = os.path.join(folder, f"{name}.patch")
-        text = open(path).read() if os.path.exists(path) else ""
-        out[name] = Patch(name, series, summary, text)
-    return out
-
-
-def get_patch(name: str, folder: str = PATCH_DIR) -> Patch:
-    patches = load_patches(folder)
-    if name not in patches:
-        raise LabError(f"unknown KVM patch '{name}': the project has "
-                       f"{', '.join(patches) or 'none'} (see pyvmm/lab/patches/INDEX)")
-    return patches[name]
-
-
-def check_patch_scope(patch: Patch) -> None:
-    outside = [p for p in patch.files()
-               if not any(p == s or p.startswith(s + "/") for s in SOURCE_SUBSET)]
-    if outside:
-        raise LabError(f"patch {patch.name} changes {', '.join(outside)}: the lab rebuilds "
-                       f"only {', '.join(SOURCE_SUBSET)}")
-
-
-def patch_failure(output: str, patch: str) -> str:
-    """One message naming the file and hunk that did not apply, from `patch` output."""
-    cur, failed = None, []
-    for line in output.splitlines():
-        m = re.match(r"(?:checking|patching) file (\S+)", line)
-        if m:
-            cur = m.group(1)
-        m = re.match(r"Hunk #(\d+) FAILED at (\d+)", line)
-        if m:
-            failed.append(f"{cur}: hunk #{m.group(1)} (at line {m.group(2)})")
-        m = re.search(r"can't find file to patch|No file to patch", line)
-        if m:
-            failed.append(f"{cur or 'a file'}: not in the source")
-    if not failed:
-        last = output.strip().splitlines()[-1:] or ["no output"]
-        return f"patch {patch} does not apply: {last[0]}"
-    return f"patch {patch} does not apply: " + "; ".join(failed)
 
 
 # --- headers (pure) -------------------------------------------------------------------------
@@ -169,7 +66,8 @@ def kernel_cc(kernelvariables: str) -> str:
     return "gcc"
 
 
-def kbuild_file(makefile: str, tree: str, config: dict[str, str] | None = None) -> str:
+def kbuild_file(makefile: str, tree: str, config: dict[str, str] | None = None,
+                kvm_dir: str = X86_64.kvm_dir) -> str:
     """The module directory's Kbuild: the source's Makefile with $(srctree) pointing at
     our tree, and our include directories ahead of the headers' (the patched kvm_host.h;
     a directory two levels down so that trace.h's relative TRACE_INCLUDE_PATH finds
@@ -177,7 +75,7 @@ def kbuild_file(makefile: str, tree: str, config: dict[str, str] | None = None) 
     # Options the kernel was built without but the patch turns on: the Makefile sees them
     # from make's command line, the C code from these defines (autoconf.h lacks them).
     defines = "".join(f"ccflags-y += -D{k}=1\n" for k in sorted(config or {}))
-    return (f"# written by pyvmm: {KVM_DIR}/Makefile with $(srctree) -> {tree}\n"
+    return (f"# written by pyvmm: {kvm_dir}/Makefile with $(srctree) -> {tree}\n"
             f"LINUXINCLUDE := -I{tree}/include -I{tree}/.pyvmm/inc $(LINUXINCLUDE)\n"
             + defines + makefile.replace("$(srctree)", tree))
 
@@ -188,9 +86,10 @@ def kbuild_file(makefile: str, tree: str, config: dict[str, str] | None = None) 
 class BuiltModules:
     path: str
     meta: dict
+    arch: Arch = X86_64
 
     def module(self, name: str) -> str:
-        return os.path.join(self.path, BUILT[name])
+        return os.path.join(self.path, self.arch.built[name])
 
 
 def _atomic_dir(parent: str, final: str, fill, prefix: str) -> str:
@@ -232,6 +131,7 @@ def check_tools(cc: str | None = None) -> None:
 class ModuleBuilder:
     def __init__(self, kit: Kit, log=print):
         self.kit = kit
+        self.arch = kit.arch
         self.log = log
         self.release = kit.meta["kernel_release"]
         self.version = kit.meta["version"]
@@ -242,7 +142,7 @@ class ModuleBuilder:
     @property
     def apt(self) -> Apt:
         if self._apt is None:
-            self._apt = Apt(log=self.log)
+            self._apt = Apt(log=self.log, arch=self.arch)
             self._apt.update()
         return self._apt
 
@@ -255,7 +155,7 @@ class ModuleBuilder:
         meta = os.path.join(final, "build.json")
         if os.path.exists(meta):
             with open(meta) as f:
-                return BuiltModules(final, json.load(f))
+                return BuiltModules(final, json.load(f), self.arch)
         return None
 
     # Each step below is cached on its own.
@@ -293,7 +193,7 @@ class ModuleBuilder:
             except LabError as e:
                 raise LabError(f"no {name} {self.version} in the archives, so the modules of "
                                f"{self.release} cannot be rebuilt: {e}") from None
-            self.log(f"extracting {', '.join(SOURCE_SUBSET)} from {os.path.basename(deb)}")
+            self.log(f"extracting {', '.join(self.arch.source_subset)} from {os.path.basename(deb)}")
             x = os.path.join(tmp, ".deb")
             _run(["dpkg-deb", "-x", deb, x], f"unpacking {os.path.basename(deb)}")
             src = os.path.join(x, "usr", "src")
@@ -302,7 +202,8 @@ class ModuleBuilder:
                 raise LabError(f"{os.path.basename(deb)} holds no source tarball")
             top = tars[0].split(".tar")[0]
             _run(["tar", "-xf", os.path.join(src, tars[0]), "-C", tmp, "--strip-components=1"]
-                 + [f"{top}/{p}" for p in SOURCE_SUBSET], "extracting the KVM sources")
+                 + [f"{top}/{p}" for p in self.arch.source_subset],
+                 "extracting the KVM sources")
             shutil.rmtree(x)
         _atomic_dir(os.path.dirname(final), final, fill, ".source-")
         return final
@@ -312,7 +213,7 @@ class ModuleBuilder:
         if patch.series and self.kit.series not in patch.series:
             raise LabError(f"patch {patch.name} is for {', '.join(patch.series)}, not "
                            f"{self.kit.series} ({self.release})")
-        check_patch_scope(patch)
+        check_patch_scope(patch, self.arch)
         hit = self.cached(patch)
         if hit:
             return hit
@@ -329,7 +230,7 @@ class ModuleBuilder:
 
         def fill(tmp):
             tree = os.path.join(tmp, "tree")
-            for p in SOURCE_SUBSET:
+            for p in self.arch.source_subset:
                 dst = os.path.join(tree, p)
                 os.makedirs(os.path.dirname(dst), exist_ok=True)
                 (shutil.copytree if os.path.isdir(os.path.join(src, p)) else shutil.copy)(
@@ -345,19 +246,21 @@ class ModuleBuilder:
                                        capture_output=True, text=True)
                     if p.returncode != 0:
                         raise LabError(patch_failure(p.stdout + p.stderr, patch.name))
-            kdir = os.path.join(tree, KVM_DIR)
+            kdir = os.path.join(tree, self.arch.kvm_dir)
             config = patch.config()
             with open(os.path.join(kdir, "Makefile")) as f:
-                kb = kbuild_file(f.read(), tree, config)
+                kb = kbuild_file(f.read(), tree, config, self.arch.kvm_dir)
             with open(os.path.join(kdir, "Kbuild"), "w") as f:
                 f.write(kb)
             log = os.path.join(tmp, "build.log")
-            self.log(f"building kvm.ko and kvm-amd.ko for {self.release} with {cc} "
+            self.log(f"building {' and '.join(self.arch.built.values())} for {self.release} "
+                     f"with {cc} "
                      f"(patch {patch.name})")
             tb = time.monotonic()
             try:
                 _run(["make", "-C", hdr, f"M={kdir}", f"-j{os.cpu_count() or 1}",
-                      "CONFIG_KVM_INTEL=", *(f"{k}={v}" for k, v in sorted(config.items())),
+                      *self.arch.build_disable,
+                      *(f"{k}={v}" for k, v in sorted(config.items())),
                       "modules"], "make", log_path=log)
             except LabError:
                 shutil.copy(log, log_keep)
@@ -368,7 +271,7 @@ class ModuleBuilder:
                                + f"\nfull log: {log_keep}") from None
             build_s = time.monotonic() - tb
             want = self.kit_vermagic()
-            for mod, fname in BUILT.items():
+            for mod, fname in self.arch.built.items():
                 built = os.path.join(kdir, fname)
                 with open(built, "rb") as f:
                     vm = (modinfo(f.read()).get("vermagic") or [""])[0]
@@ -409,7 +312,7 @@ def kit_modules(kit: Kit, built: BuiltModules | None) -> dict[str, bytes]:
     kvm and kvm_amd swapped for the rebuilt ones when there are."""
     out = {}
     for path, name in zip(kit.modules(), kit.module_names()):
-        src = built.module(name) if built is not None and name in BUILT else path
+        src = built.module(name) if built is not None and name in kit.arch.built else path
         with open(src, "rb") as f:
             out[os.path.basename(path)] = f.read()
     return out

@@ -142,6 +142,41 @@ def analyze(doc: dict, driver: str = "c") -> dict:
             "eexist_batches": batches}
 
 
+def run_summary(doc: dict, share_ns=(100, 300, 1000)) -> dict:
+    """A finished run in one flat row, as a comparison of runs (the lab matrix) shows
+    it: the kernel, the verdict and its per-op evidence, the stall in ms and jiffies and
+    the step that paid it, the registration share at `share_ns` and the boot medians of
+    the first sweep recipe, the kernel-check and whether it agrees."""
+    a = analyze(doc)
+    v = a["verdict"]
+    hz = a["hz"]
+    recipes = [r for r in doc["config"]["recipes"] if r != "control"]
+    first = a["recipes"][recipes[0]]["rows"] if recipes else {}
+    kc = doc.get("kernel_check") or {}
+    lab = doc.get("lab") or {}
+    return {
+        "kernel": doc["host"].get("kernel"),
+        "package": doc["host"].get("package"),
+        "verdict": stats.BEHAVIOUR_NAMES.get(v.behaviour, v.behaviour),
+        "assign_us": None if v.assign_ns is None else v.assign_ns / 1e3,
+        "eexist_us": None if v.eexist_ns is None else v.eexist_ns / 1e3,
+        "deassign_us": None if v.deassign_ns is None else v.deassign_ns / 1e3,
+        "stall_ms": None if v.stall_ns is None else v.stall_ns / 1e6,
+        "stall_jiffies": (None if v.stall_ns is None or not hz else v.stall_ns / (1e9 / hz)),
+        "stall_phase": v.stall_phase,
+        "first_deassign_excess_ms": (None if v.first_deassign_excess_ns is None
+                                     else v.first_deassign_excess_ns / 1e6),
+        "share_recipe": recipes[0] if recipes else None,
+        "reg_share": {str(n): first[n]["registration_share"] for n in share_ns if n in first},
+        "boot_ms": {str(n): first[n]["boot"]["median"] / 1e6 for n in sorted(first)},
+        "hz": hz,
+        "kernel_check": kc.get("mechanism") or kc.get("behaviour"),
+        "kernel_check_summary": kc.get("summary"),
+        "agrees": kc.get("agrees"),
+        "modules_cached": (lab.get("timings") or {}).get("modules_cached"),
+    }
+
+
 def _fmt_ms(ns) -> str:
     return "-" if ns is None else f"{ns / 1e6:.3f}"
 

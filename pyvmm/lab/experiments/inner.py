@@ -1,4 +1,4 @@
-"""What runs inside a lab kernel: `python -m pyvmm.lab.inner JOB [JOB ...]`.
+"""What runs inside a lab kernel: `python -m pyvmm.lab.experiments.inner JOB [JOB ...]`.
 
 Each JOB is one of the workloads that need the Python VMM, run through the same library
 functions the host commands use, with its result printed as one JSON line on stdout
@@ -14,7 +14,7 @@ to the data port:
                                SECONDS pass
 
 Nothing here imports rich, matplotlib or numpy: the lab's initramfs carries only what
-these jobs need (pyvmm.lab.pyruntime collects it by importing this module's JOBS).
+these jobs need (pyvmm.lab.boot.pyruntime collects it by importing this module's JOBS).
 """
 
 from __future__ import annotations
@@ -25,17 +25,17 @@ import sys
 import time
 import traceback
 
-from ..errors import PyvmmError
+from ...errors import PyvmmError
 
 
 def _ptwrite(count: str = "2000", repeats: str = "3") -> dict:
-    from ..bench import ptwrite
+    from ... import ptwrite
     res = ptwrite.run(int(count), int(repeats))
     return {"count": res["count"], "repeats": res["repeats"], "summary": res["summary"]}
 
 
 def _check(name: str, iterations: str = "2000") -> dict:
-    from ..checks import gmem, races
+    from ...checks import gmem, races
     if name == "guest-memfd":
         why = gmem.supported()
         if why:
@@ -53,7 +53,7 @@ def _check(name: str, iterations: str = "2000") -> dict:
 
 
 def _stress(seconds: str = "10", seed: str = "1") -> dict:
-    from ..stress import Stress, StressConfig
+    from ...stress import Stress, StressConfig
     res = Stress(StressConfig(duration_s=float(seconds), seed=int(seed))).run()
     return res.to_dict()
 
@@ -62,7 +62,7 @@ _STUCK = []     # set when a job leaves threads stuck in the kernel (a deadlock)
 
 
 def _xen(seconds: str = "30", seeds: str = "1", bound: str = "5") -> dict:
-    from ..stress.xen import XenStressConfig, run
+    from ...stress.xen import XenStressConfig, run
     runs = []
     for seed in range(1, int(seeds) + 1):
         r = run(XenStressConfig(duration_s=float(seconds), seed=seed, bound_s=float(bound)))

@@ -4,7 +4,6 @@ change rule, the verdict and where the stall landed (percentiles: pyvmm.latency)
 from __future__ import annotations
 
 import math
-import random
 from dataclasses import dataclass
 
 # Percentiles and latency summaries are shared with checks and stress: they live below
@@ -223,13 +222,13 @@ def verdict(assign_samples, eexist_samples, deassign_samples,
                    recipe or None)
 
 
-def interleaved_order(cells, repeats: int, seed: int) -> list:
-    """Every cell `repeats` times, shuffled in rounds so drift cannot favour one cell:
-    each round holds every cell once, in a fresh random order."""
-    rng = random.Random(seed)
-    order = []
-    for _ in range(repeats):
-        rnd = list(cells)
-        rng.shuffle(rnd)
-        order.extend(rnd)
-    return order
+def kernel_check_agreement(kc: dict, behaviour: str, stall_ns: float | None) -> dict:
+    """Does a static kernel-check (pyvmm kernel-check's dict) agree with what was
+    measured? Compares the behaviour and, where the check predicts one, whether there
+    was a post-registration stall."""
+    same = kc.get("behaviour") == behaviour
+    stall_seen = stall_ns is not None
+    predicted = kc.get("stall_expected")
+    stall_ok = predicted is None or predicted == stall_seen
+    return {"agrees": same and stall_ok, "behaviour_agrees": same,
+            "stall_predicted": predicted, "stall_seen": stall_seen}

@@ -1,0 +1,179 @@
+"""Debian's kernel packages for the lab, fetched through a private apt state under the
+cache (its own sources list and package lists), so the host's apt configuration is
+neither used nor changed: Debian 12 (bookworm) carries 6.1, Debian 13 (trixie) 6.12,
+trixie-backports 7.3 and sid 7.2. From 7.x Debian splits the image package:
+linux-image-R only depends on linux-binary-R (vmlinuz), linux-modules-R (the .ko.xz
+files) and linux-base-R (config, System.map), so a kernel is a set of packages of one
+version, fetched together.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+
+from ...errors import LabError
+from ..arch import X86_64, Arch
+from .cache import cache_dir
+from .debian import KernelPackage, check_spec, parse_records, pick_kernel, split_parts
+
+MIRROR = "http://deb.debian.org/debian"
+SECURITY = "http://deb.debian.org/debian-security"
+KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
+SOURCES = [
+    (MIRROR, "bookworm"), (SECURITY, "bookworm-security"),
+    (MIRROR, "trixie"), (SECURITY, "trixie-security"), (MIRROR, "trixie-backports"),
+    (MIRROR, "sid"),
+]
+SUITES = "bookworm, trixie, trixie-backports, sid"
+LISTS_MAX_AGE_S = 24 * 3600
+
+
+class Apt:
+    """apt-get and apt-cache on the lab's own state, for one architecture's packages."""
+
+    def __init__(self, root: str | None = None, log=print, arch: Arch = X86_64):
+        self.arch = arch
+        self.root = root or os.path.join(
+            cache_dir(), "apt" if arch == X86_64 else f"apt-{arch.debian}")
+        self.log = log
+        for d in ("lists/partial", "cache/archives/partial", "etc"):
+            os.makedirs(os.path.join(self.root, d), exist_ok=True)
+        self.sources = os.path.join(self.root, "etc", "sources.list")
+        text = "".join(f"deb [signed-by={KEYRING}] {url} {suite} main\n" for url, suite in SOURCES)
+        if not os.path.exists(self.sources) or open(self.sources).read() != text:
+            with open(self.sources + ".tmp", "w") as f:
+                f.write(text)
+            os.replace(self.sources + ".tmp", self.sources)
+            try:                # new suites: the lists must be fetched again
+                os.unlink(self._stamp)
+            except FileNotFoundError:
+                pass
+
+    def _opts(self) -> list[str]:
+        r = self.root
+        return ["-o", f"Dir::Etc::SourceList={self.sources}", "-o", "Dir::Etc::SourceParts=-",
+                "-o", f"Dir::State::Lists={r}/lists", "-o", f"Dir::Cache={r}/cache",
+                "-o", "Dir::State::Status=/dev/null", "-o", f"APT::Architecture={self.arch.debian}",
+                "-o", "Debug::NoLocking=1", "-o", "APT::Sandbox::User=root"]
+
+    def _run(self, args: list[str], what: str, cwd: str | None = None) -> str:
+        if not shutil.which(args[0]):
+            raise LabError(f"{args[0]} not found: the lab fetches kernels from Debian with apt; "
+                           "on a non-Debian host pass --kernel PATH.deb")
+        p = subprocess.run([args[0]] + self._opts() + args[1:], cwd=cwd, capture_output=True,
+                           text=True)
+        if p.returncode != 0:
+            tail = "\n".join((p.stderr or p.stdout).strip().splitlines()[-5:])
+            raise LabError(f"apt could not {what}:\n{tail}")
+        return p.stdout
+
+    @property
+    def _stamp(self) -> str:
+        return os.path.join(self.root, "updated")
+
+    def lists_age(self) -> float | None:
+        """Seconds since the last successful update (apt keeps the server's mtimes on
+        the list files, so a stamp file of our own tells the age)."""
+        try:
+            return time.time() - os.path.getmtime(self._stamp)
+        except OSError:
+            return None
+
+    def update(self, force: bool = False) -> None:
+        age = self.lists_age()
+        if not force and age is not None and age < LISTS_MAX_AGE_S:
+            return
+        self.log(f"updating the lab's package lists ({SUITES})")
+        try:
+            self._run(["apt-get", "update", "-q"], "update the package lists from "
+                      f"{MIRROR} (is deb.debian.org reachable?)")
+            with open(self._stamp, "w") as f:
+                f.write(time.strftime("%Y-%m-%dT%H:%M:%S\n"))
+        except LabError:
+            if age is None:
+                raise
+            self.log("  update failed; using the lists from the last update")
+
+    def metapackage_records(self) -> list[dict[str, str]]:
+        meta = self.arch.image_metapackage
+        return parse_records(self._run(["apt-cache", "show", meta],
+                                       f"find {meta} in the package lists"))
+
+    def record(self, name: str, version: str) -> dict[str, str]:
+        """The package record of NAME at VERSION."""
+        recs = parse_records(self._run(["apt-cache", "show", f"{name}={version}"],
+                                       f"find {name} {version} in the package lists"))
+        if not recs:
+            raise LabError(f"{name} {version} is not in the package lists")
+        return recs[0]
+
+    def download_named(self, name: str, version: str, dest_dir: str) -> str:
+        """Download NAME=VERSION into dest_dir, unless a finished copy is there."""
+        os.makedirs(dest_dir, exist_ok=True)
+        have = cached_deb(dest_dir, name, version)
+        if have:
+            return have
+        tmp = tempfile.mkdtemp(prefix=".download-", dir=dest_dir)
+        try:
+            self._run(["apt-get", "download", "-q", f"{name}={version}"],
+                      f"download {name} {version}", cwd=tmp)
+            debs = [f for f in os.listdir(tmp) if f.endswith(".deb")]
+            if len(debs) != 1:
+                raise LabError(f"apt-get download of {name} left {debs!r}, expected one .deb")
+            final = os.path.join(dest_dir, debs[0])
+            os.replace(os.path.join(tmp, debs[0]), final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return final
+
+
+def cached_deb(folder: str, name: str, version: str) -> str | None:
+    """The finished download of NAME=VERSION in `folder` (any architecture), or None."""
+    stem = f"{name}_{version.replace(':', '%3a')}_"
+    try:
+        have = sorted(f for f in os.listdir(folder) if f.startswith(stem) and f.endswith(".deb"))
+    except FileNotFoundError:
+        return None
+    return os.path.join(folder, have[0]) if have else None
+
+
+@dataclass(frozen=True)
+class KernelDebs:
+    """The packages of one kernel: the image package first, then (7.x) its parts."""
+    image: str
+    parts: tuple[str, ...] = ()
+    package: KernelPackage | None = None
+
+    @property
+    def all(self) -> list[str]:
+        return [self.image, *self.parts]
+
+
+def resolve(spec: str, log=print, arch: Arch = X86_64) -> KernelDebs:
+    """A kernel spec ('6.1', '7.3', 'latest' or PATH.deb) to local .deb paths
+    (downloading them)."""
+    spec = check_spec(spec)
+    if spec.endswith(".deb") or os.sep in spec:
+        return KernelDebs(os.path.abspath(spec))
+    apt = Apt(log=log, arch=arch)
+    apt.update()
+    try:
+        pkg = pick_kernel(apt.metapackage_records(), spec, arch)
+    except LabError:
+        apt.update(force=True)      # maybe the lists are stale: retry once, and say so
+        log("  retrying with fresh package lists")
+        pkg = pick_kernel(apt.metapackage_records(), spec, arch)
+    debs = os.path.join(cache_dir(), "debs")
+    rec = apt.record(pkg.name, pkg.version)
+    parts = split_parts(rec.get("Depends", ""), pkg.version)
+    names = [pkg.name] + parts
+    cached = all(cached_deb(debs, n, pkg.version) for n in names)
+    log(f"kernel {spec}: {pkg.name} {pkg.version}" + (f" + {len(parts)} parts" if parts else "")
+        + (" (cached)" if cached else " (downloading)"))
+    paths = [apt.download_named(n, pkg.version, debs) for n in names]
+    return KernelDebs(paths[0], tuple(paths[1:]), pkg)

@@ -1,0 +1,174 @@
+"""Kits: what the lab boots. A kit is the kernel image, its config, and the KVM modules
+with everything they depend on, decompressed and in load order, unpacked from a kernel's
+packages into the cache (written under a temporary name and renamed into place, so an
+interrupted unpack never leaves a half-written entry behind).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+
+from ...errors import LabError
+from ..arch import X86_64, Arch
+from .apt import KernelDebs
+from .cache import cache_dir
+from .elf import MODULE_EXTS, decompress_module, load_order, modinfo, module_depends, norm_module
+
+
+@dataclass
+class Kit:
+    path: str
+    meta: dict
+    arch: Arch = X86_64
+
+    @property
+    def vmlinuz(self) -> str:
+        return os.path.join(self.path, "vmlinuz")
+
+    @property
+    def kvm_ko(self) -> str:
+        return os.path.join(self.path, "modules", self.meta["kvm_module_file"])
+
+    def modules(self) -> list[str]:
+        return [os.path.join(self.path, "modules", f) for f in self.meta["modules"]]
+
+    def module_names(self) -> list[str]:
+        """Kernel module names in load order (kvm, kvm_amd, ...)."""
+        return self.meta.get("module_names") or [
+            norm_module(f.split("-", 1)[1]) for f in self.meta["modules"]]
+
+    @property
+    def series(self) -> str:
+        return ".".join(self.meta["version"].split(":")[-1].split(".")[:2])
+
+
+def _deb_field(deb: str, field: str) -> str:
+    p = subprocess.run(["dpkg-deb", "-f", deb, field], capture_output=True, text=True)
+    if p.returncode != 0:
+        raise LabError(f"{deb} is not a readable Debian package: {p.stderr.strip()}")
+    return p.stdout.strip()
+
+
+def build_kit(debs: KernelDebs | str, log=print, arch: Arch = X86_64) -> Kit:
+    """Unpack the kernel image, config and KVM modules of a kernel's packages (cached)."""
+    if isinstance(debs, str):
+        debs = KernelDebs(debs)
+    if not shutil.which("dpkg-deb"):
+        raise LabError("dpkg-deb not found: it unpacks the kernel package (apt-get install dpkg)")
+    deb = debs.image
+    name, version = _deb_field(deb, "Package"), _deb_field(deb, "Version")
+    kits = os.path.join(cache_dir(), "kits")
+    final = os.path.join(kits, re.sub(r"[^\w.+-]", "_", f"{name}_{version}"))
+    if os.path.exists(os.path.join(final, "kit.json")):
+        with open(os.path.join(final, "kit.json")) as f:
+            return Kit(final, json.load(f), arch)
+    os.makedirs(kits, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".kit-", dir=kits)
+    try:
+        x = os.path.join(tmp, "x")
+        for d in debs.all:
+            log(f"unpacking {os.path.basename(d)}")
+            p = subprocess.run(["dpkg-deb", "-x", d, x], capture_output=True, text=True)
+            if p.returncode != 0:
+                raise LabError(f"dpkg-deb could not unpack {d}: {p.stderr.strip()}")
+        meta = _assemble_kit(x, tmp, name, version, arch)
+        shutil.rmtree(x)
+        with open(os.path.join(tmp, "kit.json"), "w") as f:
+            json.dump(meta, f, indent=1)
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return Kit(final, meta, arch)
+
+
+def _kernel_files(x: str) -> tuple[str, str, str | None]:
+    """(release, vmlinuz path, config path or None) of an unpacked kernel: /boot in the
+    classic layout, /usr/lib/modules/R/{vmlinuz,config} in the split one."""
+    boot = os.path.join(x, "boot")
+    images = sorted(f for f in os.listdir(boot) if f.startswith("vmlinuz-")) \
+        if os.path.isdir(boot) else []
+    if images:
+        release = images[0][len("vmlinuz-"):]
+        cfg = os.path.join(boot, f"config-{release}")
+        return release, os.path.join(boot, images[0]), cfg if os.path.exists(cfg) else None
+    for base in ("usr/lib/modules", "lib/modules"):
+        root = os.path.join(x, base)
+        if not os.path.isdir(root):
+            continue
+        for release in sorted(os.listdir(root)):
+            vmlinuz = os.path.join(root, release, "vmlinuz")
+            if os.path.isfile(vmlinuz):
+                cfg = os.path.join(root, release, "config")
+                return release, vmlinuz, cfg if os.path.exists(cfg) else None
+    raise LabError("the package holds no /boot/vmlinuz-* nor usr/lib/modules/*/vmlinuz: is it a "
+                   "linux-image package (for 7.x, with its linux-binary and linux-modules "
+                   "parts)?")
+
+
+def _assemble_kit(x: str, out: str, name: str, version: str, arch: Arch = X86_64) -> dict:
+    try:
+        release, vmlinuz, cfg_path = _kernel_files(x)
+    except LabError as e:
+        raise LabError(f"{name} {version}: {e}") from None
+    shutil.copy(vmlinuz, os.path.join(out, "vmlinuz"))
+    config = {}
+    if cfg_path:
+        shutil.copy(cfg_path, os.path.join(out, "config"))
+        with open(cfg_path, errors="replace") as f:
+            for line in f:
+                m = re.match(r"(CONFIG_\w+)=(.*)", line)
+                if m:
+                    config[m.group(1)] = m.group(2).strip('"')
+    mod_root = next((os.path.join(x, p, release) for p in ("lib/modules", "usr/lib/modules")
+                     if os.path.isdir(os.path.join(x, p, release))), None)
+    if mod_root is None:
+        raise LabError(f"{name} {version} holds no kernel modules (lib/modules/{release}); "
+                       f"the lab needs a package that ships kvm.ko and "
+                       f"{arch.kvm_vendor_module.replace('_', '-')}.ko")
+    paths: dict[str, str] = {}
+    for d, _, files in os.walk(mod_root):
+        for f in files:
+            if f.endswith(MODULE_EXTS):
+                paths.setdefault(norm_module(f), os.path.join(d, f))
+    vendor = arch.kvm_vendor_module
+    if "kvm" not in paths or vendor not in paths:
+        builtin = ""
+        bpath = os.path.join(mod_root, "modules.builtin")
+        if os.path.exists(bpath) and "kvm.ko" in open(bpath).read():
+            builtin = " (KVM is built into this kernel; the lab expects modules)"
+        raise LabError(f"{name} {version} has no kvm and {vendor.replace('_', '-')} modules"
+                       f"{builtin}")
+    data: dict[str, bytes] = {}
+    deps: dict[str, list[str]] = {}
+
+    def load(m):
+        if m not in data and m in paths:
+            data[m] = decompress_module(paths[m])
+            deps[m] = module_depends(data[m])
+            for d in deps[m]:
+                load(d)
+    load(vendor)
+    order = load_order(vendor, deps)
+    os.makedirs(os.path.join(out, "modules"))
+    files = []
+    for i, m in enumerate(order):
+        fname = f"{i:02d}-{m}.ko"
+        with open(os.path.join(out, "modules", fname), "wb") as f:
+            f.write(data[m])
+        files.append(fname)
+    from ...hostinfo import config_hz, preemption_from_config
+    return {"package": name, "version": version, "kernel_release": release,
+            "modules": files, "module_names": order,
+            "kvm_module_file": files[order.index("kvm")],
+            "config_hz": config_hz(config), "preemption": preemption_from_config(config),
+            "config_source": f"{name} {version}: {os.path.relpath(cfg_path, x)}"
+            if cfg_path else f"{name} {version}: no config",
+            "vermagic": (modinfo(data["kvm"]).get("vermagic") or [""])[0]}

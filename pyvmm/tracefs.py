@@ -1,0 +1,203 @@
+"""The kernel's tracefs, below every room that traces: a session that mounts it when
+needed, changes settings (events, their filters and triggers, the trace clock) and
+restores every one it changed, records with calibration marks, and the parser of the
+text the kernel prints. `pyvmm bench --per-ioctl` and the tracer of other processes
+both read through here.
+
+Timestamps come from trace_clock x86-tsc where the kernel has it, converted to ns
+against CLOCK_MONOTONIC with two trace_marker writes 50 ms apart; elsewhere from
+'mono', which tracefs prints in whole microseconds.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import time
+
+from .errors import PyvmmError, TraceUnavailable
+
+TRACEFS = "/sys/kernel/tracing"
+
+# x86_64 syscall numbers a boot can make (others print as 'syscall N').
+SYSCALL_NAMES = {
+    0: "read", 1: "write", 3: "close", 9: "mmap", 10: "mprotect", 11: "munmap",
+    13: "rt_sigaction", 14: "rt_sigprocmask", 16: "ioctl", 28: "madvise", 39: "getpid",
+    186: "gettid", 202: "futex", 203: "sched_setaffinity", 204: "sched_getaffinity",
+    228: "clock_gettime", 234: "tgkill", 257: "openat", 262: "newfstatat", 290: "eventfd2",
+    302: "prlimit64", 309: "getcpu", 319: "memfd_create", 435: "clone3",
+}
+
+# One event line: "  comm-PID  [CPU] flags  TIMESTAMP: EVENT: BODY"
+_LINE = re.compile(r"-(\d+)\s+\[\d+\]\s+\S+\s+(\d+(?:\.\d+)?): (\w+): (.*)$")
+_ENTER = re.compile(r"NR (\d+) \(([0-9a-f, ]*)\)")
+_EXIT = re.compile(r"NR (\d+) = (-?\d+)")
+_MARK = re.compile(r"pyvmm-cal(\d) (\d+)")
+
+
+def parse_line(line: str) -> tuple[int, float, str, str] | None:
+    """(pid, raw timestamp, event, body) of one event line, None for anything else."""
+    if line.startswith("#"):
+        return None
+    m = _LINE.search(line)
+    if not m:
+        return None
+    return int(m.group(1)), float(m.group(2)), m.group(3), m.group(4)
+
+
+def sys_enter(body: str) -> tuple[int, tuple[int, ...]] | None:
+    """A raw_syscalls:sys_enter body -> (syscall number, arguments)."""
+    e = _ENTER.match(body)
+    if not e:
+        return None
+    return int(e.group(1)), tuple(int(a, 16) for a in e.group(2).split(",") if a.strip())
+
+
+def sys_exit(body: str) -> tuple[int, int] | None:
+    """A raw_syscalls:sys_exit body -> (syscall number, return value)."""
+    e = _EXIT.match(body)
+    return (int(e.group(1)), int(e.group(2))) if e else None
+
+
+def calibration_mark(body: str) -> tuple[int, int] | None:
+    """A trace_marker write of Session.mark -> (k, CLOCK_MONOTONIC ns)."""
+    k = _MARK.search(body)
+    return (int(k.group(1)), int(k.group(2))) if k else None
+
+
+def ns_per_tick(clock: str, marks) -> float:
+    """ns per trace timestamp unit: 1e9 for 'mono' (seconds); for 'x86-tsc', from the two
+    calibration marks (k, tsc, CLOCK_MONOTONIC ns) written 50 ms apart."""
+    if clock != "x86-tsc":
+        return 1e9
+    by = {k: (ts, mono) for k, ts, mono in marks}
+    if 0 not in by or 1 not in by or by[1][0] <= by[0][0]:
+        raise PyvmmError("could not calibrate the x86-tsc trace clock: the trace_marker "
+                         "writes are missing from the trace")
+    return (by[1][1] - by[0][1]) / (by[1][0] - by[0][0])
+
+
+class Session:
+    """One use of tracefs. `events` maps an event ('raw_syscalls', 'sched/sched_switch')
+    to its filter ('' for none); events the kernel lacks are left out (`self.events`
+    says which are on). Every file written is read first and restored on exit."""
+
+    def __init__(self, events: dict[str, str], root: str = TRACEFS):
+        self.root = root
+        self.wanted = dict(events)
+        self.events: list[str] = []
+        self.clock = "mono"
+        self._saved: dict[str, str] = {}
+
+    # --- files ---------------------------------------------------------------------------
+    def path(self, name: str) -> str:
+        return os.path.join(self.root, name)
+
+    def read(self, name: str) -> str:
+        with open(self.path(name)) as f:
+            return f.read()
+
+    def write(self, name: str, value: str) -> None:
+        with open(self.path(name), "w") as f:
+            f.write(value)
+
+    def set(self, name: str, value: str) -> None:
+        """Write a setting, keeping its old value for the restore."""
+        if name not in self._saved and os.path.exists(self.path(name)):
+            self._saved[name] = self.read(name)
+        self.write(name, value)
+
+    def has(self, name: str) -> bool:
+        return os.path.exists(self.path(name))
+
+    # --- life cycle ----------------------------------------------------------------------
+    def check(self, required: str, lacking: str = "this kernel lacks that tracepoint") -> None:
+        """Mount tracefs if it is missing and we are root, then make sure `required`
+        (an events directory) exists (else `lacking` says why) and the settings are
+        writable."""
+        if not self.has("trace") and os.geteuid() == 0:
+            subprocess.run(["mount", "-t", "tracefs", "nodev", self.root],
+                           capture_output=True)
+        if not self.has(f"events/{required}/enable"):
+            if not self.has("trace"):
+                raise TraceUnavailable(
+                    f"tracefs is not mounted at {self.root}: mount -t tracefs nodev "
+                    f"{self.root} (as root)")
+            raise TraceUnavailable(f"{self.root}/events/{required} is missing: {lacking}")
+        if not os.access(self.path("tracing_on"), os.W_OK):
+            raise TraceUnavailable(f"{self.root} is not writable: run as root")
+
+    def __enter__(self) -> "Session":
+        self.events = [e for e in self.wanted if self.has(f"events/{e}/enable")]
+        self._saved["tracing_on"] = self.read("tracing_on")
+        clocks = self.read("trace_clock")
+        self.clock = "x86-tsc" if "x86-tsc" in clocks.replace("[", " ").replace("]", " ") \
+            .split() else "mono"
+        self.write("tracing_on", "0")
+        self.set("trace_clock", self.clock)
+        self.write("trace", "")
+        for e in self.events:
+            self.set(f"events/{e}/filter", self.wanted[e] or "0")
+            self.set(f"events/{e}/enable", "1")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.write("tracing_on", "0")
+        for e in self.events:
+            self.write(f"events/{e}/enable", "0")
+        self.write("trace", "")
+        for name, old in self._saved.items():
+            old = old.strip()
+            if name == "trace_clock":
+                sel = re.search(r"\[(\S+)\]", old)
+                old = sel.group(1) if sel else "local"
+            elif name.endswith("/filter"):
+                old = "0" if old == "none" else old
+            else:
+                old = old.lstrip("*") or "0"
+            if name != "tracing_on":
+                self.write(name, old)
+        self.write("tracing_on", self._saved.get("tracing_on", "0").strip() or "0")
+
+    # --- recording -----------------------------------------------------------------------
+    def record(self, fn, less: str = "trace less") -> str:
+        """Run fn() with tracing on, between two calibration marks; the trace's text.
+        Dropped events are an error (`less` says how to trace less): a trace with holes
+        would mislead."""
+        self.write("trace", "")
+        self.write("tracing_on", "1")
+        self.mark(0)
+        try:
+            fn()
+        finally:
+            time.sleep(0.05)
+            self.mark(1)
+            self.write("tracing_on", "0")
+        text = self.read("trace")
+        lost = self.lost()
+        if lost:
+            raise PyvmmError(f"tracefs dropped {lost} events (buffer too small): {less} "
+                             f"or raise {self.root}/buffer_size_kb")
+        return text
+
+    def mark(self, k: int) -> None:
+        with open(self.path("trace_marker"), "w") as f:
+            f.write(f"pyvmm-cal{k} {time.monotonic_ns()}")
+
+    def lost(self) -> int:
+        total = 0
+        percpu = self.path("per_cpu")
+        for cpu in os.listdir(percpu) if os.path.isdir(percpu) else ():
+            try:
+                with open(os.path.join(percpu, cpu, "stats")) as f:
+                    for line in f:
+                        if line.startswith("overrun:"):
+                            total += int(line.split()[1])
+            except (OSError, ValueError):
+                continue
+        return total
+
+    @property
+    def resolution_ns(self) -> float:
+        return 1.0 if self.clock == "x86-tsc" else 1000.0
