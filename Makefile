@@ -39,9 +39,11 @@ install: $(STAMP)
 $(STAMP): $(SOURCES)
 	@sh scripts/check-build-tools.sh
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check '.[test]'
+	$(BIN)/pip install -q --disable-pip-version-check --config-settings editable_mode=compat \
+	    -e '.[test]'
 	@rm -rf build
 	@touch $@
 
 clean:
-	rm -rf $(VENV) build *.egg-info results
+	rm -rf $(VENV) build *.egg-info results pyvmm/guests pyvmm/bin pyvmm/_build.py \
+	    pyvmm/_ioctl_numbers.py pyvmm/_abi.py pyvmm/_native.*.so pyvmm/_sys.*.so

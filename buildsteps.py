@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 
 from setuptools.command.build_py import build_py
 
@@ -110,9 +111,17 @@ def write_ioctl_numbers(dest_pkg_dir):
 
 
 class BuildPyWithGuests(build_py):
+    """build_py, then the generated files. An editable install (what `make install`
+    does) writes them into the checkout's own pyvmm/ (ignored by git), so the checkout is
+    the install: `python -m pyvmm` works from the repository root and from anywhere."""
+
     def run(self):
         super().run()
-        write_build_info(os.path.join(self.build_lib, "pyvmm"))
-        write_ioctl_numbers(os.path.join(self.build_lib, "pyvmm"))
-        build_all(os.path.join(self.build_lib, "pyvmm"), os.path.join(self.build_lib, "..",
-                                                                       "pyvmm-tmp"))
+        if getattr(self, "editable_mode", False):
+            dest = os.path.join(ROOT, "pyvmm")
+        else:
+            dest = os.path.join(self.build_lib, "pyvmm")
+        write_build_info(dest)
+        write_ioctl_numbers(dest)
+        with tempfile.TemporaryDirectory(prefix="pyvmm-build-") as tmp:
+            build_all(dest, tmp)

@@ -46,7 +46,8 @@ for bad in ("rich", "matplotlib", "numpy"):
 files = sorted({m.__file__ for m in list(sys.modules.values())
                 if getattr(m, "__file__", None)})
 print(json.dumps({"files": files, "executable": sys._base_executable,
-                  "prefix": sys.base_prefix, "path": sys.path}))
+                  "prefix": sys.base_prefix, "path": sys.path,
+                  "package": pyvmm.__path__[0]}))
 """
 
 
@@ -68,14 +69,6 @@ def _probe() -> dict:
     return json.loads(p.stdout)
 
 
-def _package_dir(files: list[str], name: str) -> str | None:
-    for f in files:
-        parts = f.split(os.sep)
-        if name in parts:
-            return os.sep.join(parts[:parts.index(name) + 1])
-    return None
-
-
 def _ldd(path: str) -> list[str]:
     p = subprocess.run(["ldd", path], capture_output=True, text=True)
     out = []
@@ -90,9 +83,7 @@ def collect() -> tuple[list[str], dict]:
     """The absolute paths to copy, and what the probe said."""
     info = _probe()
     files = set(info["files"])
-    pkg = _package_dir(info["files"], "pyvmm")
-    if pkg is None:
-        raise LabError("pyvmm is not installed as a package (run make install)")
+    pkg = info["package"]
     for d, dirs, names in os.walk(pkg):
         dirs[:] = [x for x in dirs if x != "__pycache__"]
         for n in names:
@@ -136,7 +127,12 @@ def build(log=print) -> Runtime:
         st = os.stat(f)
         stat.append((f, st.st_size, int(st.st_mtime)))
     key = hashlib.sha256(json.dumps(stat).encode()).hexdigest()[:16]
+    # site-packages, and the folder that holds pyvmm itself when that is elsewhere (an
+    # editable install: the checkout is the install).
     site = sorted({p for p in info["path"] if p.endswith("site-packages")})
+    pkg_parent = os.path.dirname(info["package"])
+    if pkg_parent not in site:
+        site.append(pkg_parent)
     command = ["env", "PYTHONNOUSERSITE=1", "PYTHONDONTWRITEBYTECODE=1", "PYVMM_LAB_INNER=1",
                f"PYTHONPATH={':'.join(site)}", os.path.realpath(info["executable"]),
                "-m", "pyvmm.lab.experiments.inner"]
