@@ -36,14 +36,14 @@ def _ms(ns: float) -> str:
 def cmd_info(args) -> int:
     import json
 
-    from rich.table import Table
+    from .tables import Grid
 
     from . import hostinfo
     info = hostinfo.collect(args.kvm)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0 if info["kvm_error"] is None else 2
-    t = Table(title="pyvmm info", show_header=False)
+    t = Grid(title="pyvmm info", show_header=False)
     t.add_column("what", style="bold")
     t.add_column("value")
     hz = info["config_hz"]
@@ -63,7 +63,7 @@ def cmd_info(args) -> int:
     console.print(t)
     if info["kvm_error"]:
         return _fail(info["kvm_error"])
-    c = Table(title="KVM capabilities (asked on a VM fd)")
+    c = Grid(title="KVM capabilities (asked on a VM fd)")
     c.add_column("capability")
     c.add_column("value", justify="right")
     for name, value in info["caps"].items():

@@ -74,7 +74,7 @@ def test_run_json_round_trips_through_report(short_run, capsys):
     assert all(r["growth_a"] == 1.0 for r in rows if r["n"] == r["base_n"])
     evidence = behaviour_rows(loaded)
     assert evidence["verdict"] in ("deferred free", "waits for a grace period")
-    assert evidence["assign per op"].endswith(" us") and evidence["kernel-check"] == "not run"
+    assert evidence["assign per op (median)"].endswith(" us") and evidence["kernel-check"] == "not run"
 
 
 def test_eexist_is_batched_alike_by_both_drivers_and_the_report_says_so(short_run):

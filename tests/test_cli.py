@@ -148,3 +148,11 @@ def test_sigterm_leaves_a_valid_run_marked_interrupted(tmp_path):
     doc = load_run(str(run))
     assert doc["status"] == "interrupted" and doc["samples"]
     assert len(doc["samples"]) < 2 * 2000
+
+
+def test_lab_run_help_lists_every_job():
+    r = pyvmm("lab", "run", "--help")
+    assert r.returncode == 0
+    text = " ".join(r.stdout.split())
+    for job in ("ptwrite:COUNT", "check:NAME", "stress:SECONDS", "xen:SECONDS[:SEEDS[:BOUND]]"):
+        assert job in text, job

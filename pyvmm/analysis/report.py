@@ -6,7 +6,7 @@ import csv
 import os
 from collections import defaultdict
 
-from rich.table import Table
+from ..tables import Grid
 
 from . import stats
 
@@ -139,7 +139,7 @@ def analyze(doc: dict, driver: str = "c") -> dict:
                if p and p.get("batch_ops")]
     return {"recipes": recipes, "verdict": verdict, "occupancy": occ,
             "occupancy_slope_ns": slope, "hz": hz, "failures": doc.get("failures", []),
-            "eexist_batches": batches}
+            "eexist_batches": batches, "control_n": doc["config"].get("control_n")}
 
 
 def run_summary(doc: dict, share_ns=(100, 300, 1000)) -> dict:
@@ -161,6 +161,12 @@ def run_summary(doc: dict, share_ns=(100, 300, 1000)) -> dict:
         "assign_us": None if v.assign_ns is None else v.assign_ns / 1e3,
         "eexist_us": None if v.eexist_ns is None else v.eexist_ns / 1e3,
         "deassign_us": None if v.deassign_ns is None else v.deassign_ns / 1e3,
+        # the *_us above are medians of single-op samples at N=per_op_n; the mean and p90
+        # of the same samples, for a reader who compares with strace -T or total/N
+        "per_op_n": a["control_n"],
+        "per_op_us": {op: {"median": st["median"] / 1e3, "mean": st["mean"] / 1e3,
+                           "p90": st["p90"] / 1e3, "n": st["n"]}
+                      for op, st in (v.per_op or {}).items()},
         "stall_ms": None if v.stall_ns is None else v.stall_ns / 1e6,
         "stall_jiffies": (None if v.stall_ns is None or not hz else v.stall_ns / (1e9 / hz)),
         "stall_phase": v.stall_phase,
@@ -185,8 +191,9 @@ def _fmt_us(ns) -> str:
     return "-" if ns is None else f"{ns / 1e3:.2f}"
 
 
-def recipe_table(name: str, rec: dict, template: str) -> Table:
-    t = Table(title=f"recipe {name}: {template}", title_justify="left")
+def recipe_table(name: str, rec: dict, template: str) -> Grid:
+    t = Grid(title=f"recipe {name}: {template}", title_justify="left",
+             continued=f"recipe {name}")
     for col, j in [("N", "right"), ("boots", "right"), ("boot med ms", "right"),
                    ("boot p90 ms", "right"), ("reg. med ms", "right"), ("reg. share", "right"),
                    ("blocked share", "right"), ("per-reg us", "right"),
@@ -228,9 +235,10 @@ def verdict_lines(a: dict) -> list[str]:
     v = a["verdict"]
     lines = [f"verdict: {v.text}"]
     if v.assign_ns is not None:
+        where = f" at N={a['control_n']}" if a.get("control_n") else ""
         lines.append(
-            f"  evidence: assign {v.assign_ns / 1e3:.2f} us, EEXIST control "
-            f"{v.eexist_ns / 1e3:.2f} us, deassign {v.deassign_ns / 1e3:.2f} us per op; "
+            f"  evidence (median per op{where}): assign {v.assign_ns / 1e3:.2f} us, EEXIST "
+            f"control {v.eexist_ns / 1e3:.2f} us, deassign {v.deassign_ns / 1e3:.2f} us; "
             f"assign/EEXIST = {v.assign_over_eexist:.2f} (pre-6.18 if >= "
             f"{stats.ASSIGN_OVER_EEXIST_MIN:g}), assign/deassign = {v.assign_over_deassign:.2f} "
             f"(pre-6.18 if >= {stats.ASSIGN_OVER_DEASSIGN_MIN:g})")

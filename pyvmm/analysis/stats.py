@@ -118,6 +118,10 @@ class Verdict:
     # (the control recipe): a deferred free's pending grace period is paid there too.
     first_deassign_excess_ns: float | None = None
     stall_recipe: str | None = None
+    # The three per-op distributions behind the medians above: {op: summarize()} (n,
+    # min, p10, median, p90, max, mean, in ns). A reader comparing with strace -T or with
+    # total/N expects a mean; the first ops of a boot are heavy, so the two differ.
+    per_op: dict | None = None
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -218,8 +222,11 @@ def verdict(assign_samples, eexist_samples, deassign_samples,
         stall_text = "no post-registration stall measured"
     if first is not None and first >= STALL_MIN_NS:
         stall_text += f"; the first deassign after the assigns waits {_stall_words(first, hz)}"
+    per_op = {op: summarize(xs) for op, xs in (("assign", assign_samples),
+                                                ("eexist", eexist_samples),
+                                                ("deassign", deassign_samples)) if xs}
     return Verdict(behaviour, text, a, e, d, r1, r2, stall, stall_text, phase, first,
-                   recipe or None)
+                   recipe or None, per_op or None)
 
 
 def kernel_check_agreement(kc: dict, behaviour: str, stall_ns: float | None) -> dict:

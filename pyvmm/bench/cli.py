@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import time
 
-from rich.table import Table
+from ..tables import Grid
 
 from ..errors import PyvmmError
 from ..ui import BENCH_PTWRITE, console, int_list, recipes_arg  # noqa: F401 (re-exported)
@@ -120,7 +120,7 @@ def python_vs_c_table(doc: dict) -> dict:
     ratios = {}
     for key in sorted(set(c_cells) & set(py_cells)):
         cr, pr = c_cells[key], py_cells[key]
-        t = Table(title=f"Python VMM vs C helper: {key[0]} N={key[1]} "
+        t = Grid(title=f"Python VMM vs C helper: {key[0]} N={key[1]} "
                         f"({len(pr)} / {len(cr)} boots)", title_justify="left")
         for col in ("phase", "C median ms", "Python median ms", "Python / C"):
             t.add_column(col, justify="right" if col != "phase" else "left")
@@ -199,9 +199,9 @@ def per_ioctl_table(cell: dict) -> None:
     from .syscalls import align
     res = "" if cell["resolution_ns"] <= 1 else \
         f"; trace clock {cell['trace_clock']} prints whole us"
-    t = Table(title=f"Per syscall: {cell['name']} N={cell['n']}, medians of {cell['boots']} "
+    t = Grid(title=f"Per syscall: {cell['name']} N={cell['n']}, medians of {cell['boots']} "
                     f"boots per driver (trace clock {cell['trace_clock']}{res})",
-              title_justify="left")
+             title_justify="left", keys=2, continued="Per syscall")
     for col in ("phase", "syscall", "C us", "Python us", "Python - C us"):
         t.add_column(col, justify="left" if col in ("phase", "syscall") else "right")
 

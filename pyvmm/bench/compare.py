@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 
-from rich.table import Table
+from ..tables import Grid
 
 from ..analysis import report, stats
 from ..analysis.plan import load_run
@@ -51,8 +51,8 @@ def behaviour_rows(doc: dict) -> dict[str, str]:
     return {
         "verdict": {"sync": "waits for a grace period", "deferred": "deferred free"}.get(
             v.behaviour, v.behaviour),
-        "assign per op": us(v.assign_ns), "EEXIST per op": us(v.eexist_ns),
-        "deassign per op": us(v.deassign_ns),
+        "assign per op (median)": us(v.assign_ns), "EEXIST per op (median)": us(v.eexist_ns),
+        "deassign per op (median)": us(v.deassign_ns),
         "assign / EEXIST": ratio(v.assign_over_eexist),
         "assign / deassign": ratio(v.assign_over_deassign),
         "post-registration stall": "-" if v.stall_ns is None else f"{v.stall_ns / 1e6:.2f} ms",
@@ -84,8 +84,8 @@ def compare_many(docs: list[dict], paths: list[str], out: str | None,
     """More than two runs: for each run, the sweep cells against the first run's, and
     the verdict evidence with a row per run."""
     base = docs[0]
-    t = Table(title=f"compare {len(docs)} runs against the first: {run_label(base)}",
-              title_justify="left")
+    t = Grid(title=f"compare {len(docs)} runs against the first: {run_label(base)}",
+             title_justify="left", keys=3, continued="compare")
     for col in ("run", "recipe", "N", "boot med ms", "vs first", "p-value", "change", "growth",
                 "reg. share"):
         t.add_column(col, justify="left" if col in ("run", "recipe") else "right")
@@ -114,7 +114,8 @@ def compare_many(docs: list[dict], paths: list[str], out: str | None,
     for doc, rows in zip(docs[1:], all_rows[1:]):
         console.print(f"{run_label(doc)} vs {run_label(base)}: "
                       f"{change_summary(rows, min_change)}", highlight=False)
-    bt = Table(title="behaviour, a row per run", title_justify="left")
+    bt = Grid(title="behaviour, a row per run", title_justify="left",
+              continued="behaviour")
     evidence = [behaviour_rows(d) for d in docs]
     bt.add_column("run")
     for k in evidence[0]:
@@ -142,7 +143,8 @@ def cmd_compare(args) -> int:
     if not rows:
         raise PyvmmError("the two runs share no (recipe, N) cell to compare")
     name_a, name_b = run_label(a), run_label(b)
-    t = Table(title=f"compare A = {name_a}  vs  B = {name_b}", title_justify="left")
+    t = Grid(title=f"compare A = {name_a}  vs  B = {name_b}", title_justify="left", keys=2,
+             continued="compare A vs B")
     for col in ("recipe", "N", "A boot med ms", "B boot med ms", "B / A", "p-value", "change",
                 "A growth", "B growth", "A reg. share", "B reg. share"):
         t.add_column(col, justify="left" if col == "recipe" else "right")
@@ -164,7 +166,7 @@ def cmd_compare(args) -> int:
     console.print(t)
     console.print(change_summary(rows, min_change), highlight=False)
     ba, bb = behaviour_rows(a), behaviour_rows(b)
-    bt = Table(title="behaviour side by side", title_justify="left")
+    bt = Grid(title="behaviour side by side", title_justify="left")
     for col in ("", "A", "B"):
         bt.add_column(col)
     for k in ba:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from rich.table import Table
+from ..tables import Grid
 
 from ..ui import console, fmt_ns, progress
 from . import gmem, races
@@ -52,7 +52,7 @@ def run_concurrent(name: str, args) -> tuple[int, dict]:
 
 def _show_concurrent(res, d: dict) -> None:
     v = res.verdict
-    t = Table(title=f"pyvmm check {res.name}", show_header=False, title_justify="left")
+    t = Grid(title=f"pyvmm check {res.name}", show_header=False, title_justify="left")
     t.add_column("", style="bold")
     t.add_column("")
     rows = [("iterations", f"{res.iterations} ({res.runs} KVM_RUNs, stopped by "
@@ -68,14 +68,14 @@ def _show_concurrent(res, d: dict) -> None:
     for k, val in rows:
         t.add_row(k, val)
     console.print(t)
-    o = Table(title="outcomes (state / access / what the VMM saw)", title_justify="left")
+    o = Grid(title="outcomes (state / access / what the VMM saw)", title_justify="left")
     o.add_column("state / access / outcome")
     o.add_column("count", justify="right")
     for key, n in d["verdict"]["outcomes"].items():
         o.add_row(key, str(n))
     console.print(o)
     if d["latency"]:
-        lt = Table(title="mutator ioctl latency while the vCPU runs", title_justify="left")
+        lt = Grid(title="mutator ioctl latency while the vCPU runs", title_justify="left")
         for col in ("operation", "count", "p50", "p90", "p99", "max"):
             lt.add_column(col, justify="left" if col == "operation" else "right")
         for name, s in d["latency"].items():
@@ -106,7 +106,7 @@ def run_gmem(args) -> tuple[int, dict]:
     d = {"check": "guest-memfd", "cases": [c.to_dict() for c in cases],
          "violations": sum(not c.ok for c in cases)}
     if not args.json:
-        t = Table(title="pyvmm check guest-memfd", title_justify="left")
+        t = Grid(title="pyvmm check guest-memfd", title_justify="left")
         for col in ("case", "expected", "observed", "result"):
             t.add_column(col)
         for c in cases:

@@ -69,12 +69,13 @@ def add_parsers(sub) -> None:
     _sweep_args(m, kernel_lab.LAB_REPEATS)
     m.set_defaults(func=cmd_matrix)
 
-    r = labs.add_parser("run", help="run pyvmm's Python workloads (ptwrite, checks, stress) "
-                                    "inside a lab kernel, with a Python runtime in the "
-                                    "initramfs")
+    r = labs.add_parser("run", help="run pyvmm's Python workloads (ptwrite, checks, stress, "
+                                    "the Xen seed) inside a lab kernel, with a Python "
+                                    "runtime in the initramfs")
     r.add_argument("jobs", nargs="+", metavar="JOB",
                    help="ptwrite:COUNT[:REPEATS], check:NAME[:ITERATIONS], "
-                        "stress:SECONDS[:SEED]")
+                        "stress:SECONDS[:SEED], xen:SECONDS[:SEEDS[:BOUND]] (the Xen "
+                        "event-channel seed, with --kvm-patch xen or xen-lock)")
     r.add_argument("--kernel", default="6.1", help=f"{KERNEL_SPEC_FORMS}")
     r.add_argument("--kvm-patch", default=None, metavar="NAME")
     r.add_argument("--kvm-arg", action="append", default=[], metavar="MODULE:NAME=VALUE",

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from rich.table import Table
+from ..tables import Grid
 
 
-def ptwrite_table(res: dict, title: str) -> Table:
+def ptwrite_table(res: dict, title: str) -> Grid:
     """The ptwrite summary (pyvmm.ptwrite.run's) as a table: per phase and
     configuration, the cost per write and the KVM stats that moved."""
     from . import PHASES
-    t = Table(title=title, title_justify="left")
+    t = Grid(title=title, title_justify="left", keys=2, continued="ptwrite")
     for col in ("vCPUs", "phase", "per write", "KVM stats deltas of the phase (vCPU 0 + VM)",
                 "second vCPU's deltas"):
         t.add_column(col, justify="right" if col == "per write" else "left")

@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from rich.table import Table
+from ..tables import Grid
 
 from ..ui import console, fmt_ns, progress
 from ..results import envelope, write_json_atomic
@@ -119,7 +119,7 @@ def cmd_stress(args) -> int:
         console.file.flush()
         os._exit(3)     # the stuck threads cannot be joined
     if not args.json:
-        t = Table(title=f"pyvmm stress: {res.elapsed_s:.1f} s, seed {cfg.seed}, "
+        t = Grid(title=f"pyvmm stress: {res.elapsed_s:.1f} s, seed {cfg.seed}, "
                         f"{cfg.vcpus} running vCPUs", title_justify="left")
         for col in ("operation", "count", "ops/s", "p50", "p99", "max", "errors"):
             t.add_column(col, justify="left" if col in ("operation", "errors") else "right")

@@ -82,7 +82,7 @@ def parse_job(text: str) -> tuple[str, list[str]]:
     name, *args = text.split(":")
     if name not in JOBS:
         raise PyvmmError(f"unknown lab job '{name}': {', '.join(JOBS)} "
-                         "(e.g. ptwrite:2000, check:memslot-coherence, stress:30)")
+                         "(e.g. ptwrite:2000, check:memslot-coherence, stress:30, xen:30:3)")
     for a in args:
         if not a or any(c.isspace() for c in a):
             raise PyvmmError(f"lab job '{text}': empty or spaced argument")

@@ -107,14 +107,15 @@ def _short_kernel(r: dict) -> str:
 
 
 def table(doc: dict):
-    """The matrix as a rich table, compact enough for an 80-column terminal's worth of
-    columns: related figures share a cell."""
-    from rich.table import Table
-    t = Table(title=f"pyvmm lab matrix: {len(doc['rows'])} variant(s), seed "
+    """The matrix as a table: related figures share a cell; at any width every value is
+    whole (pyvmm.tables)."""
+    from ...tables import Grid
+    t = Grid(title=f"pyvmm lab matrix: {len(doc['rows'])} variant(s), seed "
                     f"{doc['config']['seed']}, {doc['config']['repeats']} repeats per cell",
               title_justify="left")
     for c, left in (("variant", True), ("kernel", True), ("verdict", True),
-                    ("assign / EEXIST / deassign us", False),
+                    (f"assign / EEXIST / deassign us, median per op at N="
+                     f"{doc['config'].get('control_n', '?')}", False),
                     ("reg. share N=" + "/".join(map(str, SHARE_NS)), False),
                     ("stall ms (jiffies) paid by", False), ("first deassign +ms", False),
                     ("boot ms N=0 -> max", False), ("kernel-check", True), ("agree", False)):
@@ -132,8 +133,7 @@ def table(doc: dict):
         t.add_row(r["variant"], _short_kernel(r), r["verdict"],
                   f"{_f(r['assign_us'])} / {_f(r['eexist_us'])} / {_f(r['deassign_us'])}",
                   shares, stall, _f(r["first_deassign_excess_ms"]), boot,
-                  (r["kernel_check"] or "-").replace("synchronize_srcu_expedited",
-                                                     "synchronize_srcu_exp."),
+                  r["kernel_check"] or "-",
                   {True: "yes", False: "[bold red]NO[/]", None: "-"}[r["agrees"]])
     shares = {r.get("share_recipe") for r in doc["rows"]}
     ns = sorted({int(n) for r in doc["rows"] for n in r["boot_ms"]})
@@ -175,6 +175,7 @@ def plot(doc: dict, out_dir: str) -> list[str]:
 def json_rows(doc: dict) -> dict:
     """The table as one JSON object (what `--json` prints)."""
     keep = ("variant", "kernel", "patch", "verdict", "assign_us", "eexist_us", "deassign_us",
+            "per_op_n", "per_op_us",
             "stall_ms", "stall_jiffies", "stall_phase", "first_deassign_excess_ms",
             "reg_share", "boot_ms", "kernel_check", "kernel_check_summary", "agrees", "run")
     return {"schema": doc["schema"], "status": doc["status"], "seed": doc["config"]["seed"],
