@@ -41,6 +41,10 @@ $(STAMP): $(SOURCES)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check --config-settings editable_mode=compat \
 	    -e '.[test]'
+	@# The checkout is the install: compile its bytecode now, since an editable install
+	@# has none and PYTHONDONTWRITEBYTECODE (set on some hosts) would leave every process
+	@# compiling pyvmm from source at start-up.
+	$(BIN)/python -m compileall -q pyvmm
 	@rm -rf build
 	@touch $@
 

@@ -48,8 +48,14 @@ class FdOwner:
     def _ioctl(self, name: str, arg=0, hint=None) -> int:
         """Normal tier: raises KvmError naming the ioctl, the errno and a hint.
         `hint` is a string or a callable taking the errno and returning a string.
-        """
-        r = call(self._live_fd(), name, arg)
+
+        call()'s dispatch is written out here: every VM and vCPU ioctl of a boot comes
+        through this method, and each Python frame it saves is paid for after a KVM
+        ioctl, when the interpreter's code is cold (docs/methodology.md)."""
+        fd = self.fd
+        if fd < 0:
+            self._live_fd()                 # raises: closed
+        r = (ioctl_val if arg.__class__ is int else ioctl)(fd, NUMBERS[name], arg)
         if r < 0:
             text = hint(-r) if callable(hint) else (hint or "")
             raise KvmError(name, -r, text or "")

@@ -157,7 +157,7 @@ def _fields(fmt: str, *paths: str) -> tuple[int, struct.Struct]:
 
 # The exit reason and the io fields in one read (a boot's exits are mostly port I/O).
 _GAP = ffi.offsetof("struct kvm_run", "io") - ffi.offsetof("struct kvm_run", "exit_reason") - 4
-_REASON_IO_AT, _REASON_IO = _fields(f"<I{_GAP}xBBHIQ", "exit_reason", "io.direction",
+REASON_IO_AT, REASON_IO = _fields(f"<I{_GAP}xBBHIQ", "exit_reason", "io.direction",
                                     "io.size", "io.port", "io.count", "io.data_offset")
 _MMIO_AT, _MMIO = _fields("<Q8sIB", "mmio.phys_addr", "mmio.data", "mmio.len",
                           "mmio.is_write")
@@ -185,7 +185,7 @@ def decode(raw, page=None) -> Exit:
 def decode_page(page) -> Exit:
     """Decode the run page `page` (any buffer: the live mapping or a copy). Port I/O,
     MMIO and HLT, the exits a boot makes, are read with struct; the rest through cffi."""
-    reason, direction, size, port, count, off = _REASON_IO.unpack_from(page, _REASON_IO_AT)
+    reason, direction, size, port, count, off = REASON_IO.unpack_from(page, REASON_IO_AT)
     if reason == _KVM_EXIT_IO:
         if direction == 1:          # KVM_EXIT_IO_OUT
             n = size * count

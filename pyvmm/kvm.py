@@ -11,6 +11,7 @@ from ._fd import FdOwner
 from .errors import KvmError, KvmUnavailable
 
 DEFAULT_PATH = "/dev/kvm"
+_Vm = None          # pyvmm.vm.Vm, once a VM has been created
 
 # Capabilities reported by `pyvmm info`, in display order.
 INFO_CAPS = [
@@ -100,10 +101,11 @@ class Kvm(FdOwner):
 
     def create_vm(self, vm_type: int = 0):
         """KVM_CREATE_VM. Returns a Vm that owns the new fd."""
-        from .vm import Vm
-
+        global _Vm
+        if _Vm is None:     # imported on first use (import pyvmm stays light), then kept:
+            from .vm import Vm as _Vm   # an import statement per VM costs a boot ~4 us
         fd = self._ioctl("KVM_CREATE_VM", vm_type, hint=_create_vm_hint)
-        return Vm(self, fd)
+        return _Vm(self, fd)
 
 
 _SHARED: dict[str, Kvm] = {}

@@ -51,8 +51,11 @@ class GuestMemory:
                              f"of size {self.size:#x}")
 
     def write(self, offset: int, data: bytes) -> None:
-        self._check(offset, len(data))
-        ffi.memmove(self._ptr + offset, data, len(data))
+        n = len(data)
+        ptr = self._ptr
+        if ptr is None or offset < 0 or offset + n > self.size:
+            self._check(offset, n)          # raises, saying which
+        ffi.memmove(ptr + offset, data, n)
 
     def read(self, offset: int, length: int) -> bytes:
         self._check(offset, length)

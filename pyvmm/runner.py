@@ -8,6 +8,7 @@ PyvmmError subclasses after everything is torn down.
 from __future__ import annotations
 
 import errno
+import operator
 import os
 import resource
 import struct
@@ -20,15 +21,20 @@ from .exits import (FailEntry, Hlt, InternalError, Interrupted, Io, MemoryFault,
                      Shutdown, describe)
 from .kvm import shared as shared_kvm
 from .memory import GuestMemory
-from .vcpu import install_kick_handler, kick_after, write_long_mode_tables
+from .vcpu import install_kick_handler, kick_after, long_mode_tables
 from .vm import check_nofile
 from .recipe import Recipe, native_module
 
 MARKER_TARGETS = {"probe": layout.MARK_PROBE, "rung": layout.MARK_RUNG, "halt": 0}
+_MARKER_PORT, _SERIAL_PORT, _DATA_PORT = layout.MARKER_PORT, layout.SERIAL_PORT, \
+    layout.DATA_PORT
+_RUNG, _ABORT = layout.MARK_RUNG, layout.MARK_ABORT
+_from_bytes = int.from_bytes
 MAX_BAR_SLOTS = 16
 
-_PARAM_HEAD = struct.Struct("<QQ")
-_NO_BELLS = _PARAM_HEAD.pack(layout.PARAM_MAGIC, 0)
+_NO_BELLS = struct.pack("<QQ", layout.PARAM_MAGIC, 0)
+_pack = struct.pack
+_addr_of = operator.attrgetter("addr")
 _BAR_BYTES = layout.BAR_PATTERN.to_bytes(4, "little")
 _RLIMIT_NOFILE = resource.RLIMIT_NOFILE
 _getrlimit = resource.getrlimit
@@ -51,6 +57,7 @@ class PyBoot:
         self.guest = guests.info(guest)
         self.image = guests.load(guest)
         self.long_mode = self.guest.mode == "long"
+        self.tables = long_mode_tables() if self.long_mode else b""
         self.batch_min = native_module().lib.BB_BATCH_MIN     # eexist: ops per batch
         if len(self.image) > layout.RAM_SIZE - layout.CODE_GPA - 0x10000:
             raise PyvmmError(f"guest image of {len(self.image)} bytes does not fit in RAM")
@@ -73,8 +80,8 @@ class PyBoot:
 
     # --- steps -------------------------------------------------------------------------
     def _vm(self, step, samples):
-        # The system fd is the process's (kvm.shared): a VMM opens /dev/kvm once.
-        self.kvm = shared_kvm(self.kvm_path)
+        # The system fd is the process's (kvm.shared, taken before the timed phases): a
+        # VMM opens /dev/kvm once, not per VM.
         self.vm = self.kvm.create_vm()
 
     def _mem(self, step, samples):
@@ -83,7 +90,7 @@ class PyBoot:
         mem = self.ram_mem = ram.memory          # RAM at GPA 0: offsets are GPAs
         mem.write(layout.CODE_GPA, self.image)
         if self.long_mode:
-            write_long_mode_tables(mem.write)
+            mem.write(layout.GDT_GPA, self.tables)
         self._write_params()
         bar = self.bar_mem = GuestMemory(layout.BAR_SIZE * MAX_BAR_SLOTS)
         self.vm.memories.append(bar)
@@ -105,8 +112,8 @@ class PyBoot:
 
     def _write_params(self):
         bells = self.bells
-        blob = _PARAM_HEAD.pack(layout.PARAM_MAGIC, len(bells)) + b"".join(
-            b.addr.to_bytes(8, "little") for b in bells) if bells else _NO_BELLS
+        blob = _pack(f"<QQ{len(bells)}Q", layout.PARAM_MAGIC, len(bells),
+                     *map(_addr_of, bells)) if bells else _NO_BELLS
         self.ram_mem.write(layout.PARAM_GPA, blob)
 
     def _ioev(self, step, samples):
@@ -118,14 +125,11 @@ class PyBoot:
         soft = _getrlimit(_RLIMIT_NOFILE)[0]
         if soft != resource.RLIM_INFINITY and len(self.bells) + n + 64 > soft:
             check_nofile(n + 16, f"ioev:{n}")
-        vm = self.vm
-        bells = self.bells
-        base, stride, length = layout.DOORBELL_BASE, layout.DOORBELL_STRIDE, self.ioev_len
-        for _ in range(n):
-            io = vm.ioeventfd(base + stride * self.next_bell, length)
-            samples.append(vm.last_ioeventfd_ns)
-            bells.append(io)
-            self.next_bell += 1
+        first, stride = layout.DOORBELL_BASE + layout.DOORBELL_STRIDE * self.next_bell, \
+            layout.DOORBELL_STRIDE
+        self.bells += self.vm.assign_ioeventfds(
+            range(first, first + stride * n, stride), self.ioev_len, samples=samples)
+        self.next_bell += n
         self._write_params()
 
     def _eexist(self, step, samples):
@@ -164,29 +168,29 @@ class PyBoot:
                 v.setup_long_mode(write_tables=False)
             else:
                 v.setup_real_mode()
+            if self._vcpu0 is None:         # the vCPU the run steps run and time out
+                self._vcpu0 = v
+                if self._kicker is not None:
+                    self._kicker.vcpu = v
 
     def _memslot(self, step, samples):
         for _ in range(step.count):
             if self.nbar >= MAX_BAR_SLOTS:
                 raise PyvmmError(f"more than {MAX_BAR_SLOTS} BAR slots in one boot")
-            t = _mono()
-            self.vm.add_memory(layout.BAR_GPA + layout.BAR_SIZE * self.nbar, layout.BAR_SIZE,
-                               memory=self.bar_mem, offset=layout.BAR_SIZE * self.nbar)
-            samples.append(_mono() - t)
+            off = layout.BAR_SIZE * self.nbar
+            self.vm.add_memory(layout.BAR_GPA + off, layout.BAR_SIZE, slot=1 + self.nbar,
+                               memory=self.bar_mem, offset=off)
+            samples.append(self.vm.last_memslot_ns)     # the ioctl alone, as the C helper
             self.nbar += 1
 
     def _run(self, step, samples):
         res = self.res
         if res["halted"]:
             raise PyvmmError("run: the guest has already halted")
-        vcpu = self.vm.vcpus[0]
+        vcpu = self._vcpu0
         target = MARKER_TARGETS[step.target]
-        if self._kicker is not None and self._kick_vcpu is not vcpu:
-            self._kicker.vcpu = self._kick_vcpu = vcpu
         run = vcpu.run
-        marker_port, serial_port, data_port = (layout.MARKER_PORT, layout.SERIAL_PORT,
-                                               layout.DATA_PORT)
-        rung, abort, events = layout.MARK_RUNG, layout.MARK_ABORT, res["events"]
+        events, t0 = res["events"], self._t0
         exits = io_exits = 0
         try:
             while True:
@@ -197,19 +201,19 @@ class PyBoot:
                     io_exits += 1
                     if not ex.is_write:
                         vcpu.set_io_in_data(ex, 0xFFFFFFFF)
-                    elif ex.port == marker_port:
+                    elif ex.port == _MARKER_PORT:
                         m = ex.data[0]
-                        events.append([m, _mono() - self._t0])
-                        if m == rung:
+                        events.append([m, _mono() - t0])
+                        if m == _RUNG:
                             res["doorbells_expected"] = len(self.bells)
-                        elif m == abort:
+                        elif m == _ABORT:
                             raise UnexpectedExit("guest aborted: bad parameter block", ex)
                         if target and m == target:
                             return m
-                    elif ex.port == serial_port:
+                    elif ex.port == _SERIAL_PORT:
                         self.serial += ex.data
-                    elif ex.port == data_port and ex.size == 4:
-                        res["bar_value"] = ex.value
+                    elif ex.port == _DATA_PORT and ex.size == 4:
+                        res["bar_value"] = _from_bytes(ex.data, "little")
                 elif kind is Hlt:
                     res["halted"] = True
                     if target:
@@ -312,13 +316,14 @@ class PyBoot:
         error = None
         self._kicker = None
         self._batch = None
-        self._kick_vcpu = None
+        self._vcpu0 = None
         self._deadline = None
         if self.timeout:
             # One watchdog thread per process, armed outside the timed phases.
             install_kick_handler()
             self._deadline = time.monotonic() + self.timeout
             self._kicker = kick_after(self.timeout)
+        self.kvm = shared_kvm(self.kvm_path)
         self._t0 = _mono()
         try:
             for i, step in enumerate(self.recipe.steps):

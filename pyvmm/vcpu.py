@@ -14,9 +14,12 @@ from . import abi, layout
 from ._fd import FdOwner
 from .abi import ffi
 from .errors import KvmError, PyvmmError
-from .exits import Exit, Interrupted, decode, decode_page
+from .exits import REASON_IO, REASON_IO_AT, Exit, Interrupted, Io, decode, decode_page
 
 _KVM_RUN = abi.KVM_RUN
+_KVM_EXIT_IO = abi.KVM_EXIT_IO
+_reason_io = REASON_IO.unpack_from
+_new = object.__new__
 _EINTR = errno.EINTR
 _ioctl_val = abi.ioctl_val
 _get_ident = threading.get_ident
@@ -110,7 +113,7 @@ class Vcpu(FdOwner):
     kind = "vCPU fd"
 
     def __init__(self, vm, fd: int, vcpu_id: int, mmap_size: int):
-        super().__init__(fd)
+        self.fd = fd                    # FdOwner's one field, set without a super() call
         self.vm = vm
         self.id = vcpu_id
         self.mmap_size = mmap_size
@@ -206,7 +209,8 @@ class Vcpu(FdOwner):
         return decode(self.run_struct, self._page)
 
     def run(self) -> Exit:
-        """KVM_RUN once and decode the exit. EINTR becomes an Interrupted exit."""
+        """KVM_RUN once and decode the exit. EINTR becomes an Interrupted exit. Port
+        I/O, the exit a boot makes most, is decoded here (as exits.decode_page does)."""
         self.thread_id = _get_ident()
         r = _ioctl_val(self.fd, _KVM_RUN, 0)
         if r < 0:
@@ -215,7 +219,22 @@ class Vcpu(FdOwner):
                 return Interrupted()
             self._live_fd()
             raise KvmError("KVM_RUN", -r, _run_hint(-r))
-        return decode_page(self._page)
+        page = self._page
+        reason, direction, size, port, count, off = _reason_io(page, REASON_IO_AT)
+        if reason == _KVM_EXIT_IO:
+            # Built field by field in this frame: an Io without a second Python frame
+            # per exit (what Io(...) would cost on the boot's hottest path).
+            io = _new(Io)
+            if direction:
+                end = off + size * count
+                if end > len(page):
+                    return decode_page(page)        # raises: data outside the page
+                io.is_write, io.data = True, page[off:end]
+            else:
+                io.is_write, io.data = False, b""
+            io.port, io.size, io.count, io.data_offset = port, size, count, off
+            return io
+        return decode_page(page)
 
     def kick(self) -> None:
         """Make the current or next KVM_RUN return with EINTR (used by timeouts)."""
@@ -281,12 +300,12 @@ class _KickService:
         with self.cond:
             self.next_id += 1
             deadline = time.monotonic() + timeout
-            self.armed[self.next_id] = [deadline, vcpu, False]
+            entry = self.armed[self.next_id] = [deadline, vcpu, False]
             if deadline < self.wake_at:
                 # Wake the thread only when it would sleep past this deadline: a boot
                 # that arms a 10 s deadline every few ms then costs the thread nothing.
                 self.cond.notify()
-            return Kick(self, self.next_id)
+            return Kick(self, self.next_id, entry)
 
     def _loop(self):
         with self.cond:
@@ -307,19 +326,20 @@ class Kick:
     """One armed deadline: set `vcpu` (if not given to kick_after), read `fired`, and
     cancel() when the work is done; no kick comes after cancel() returns."""
 
-    def __init__(self, service: _KickService, kid: int):
-        self.service, self.kid = service, kid
+    def __init__(self, service: _KickService, kid: int, entry: list):
+        self.service, self.kid, self._entry = service, kid, entry
         self.fired = False
 
     @property
     def vcpu(self):
-        return self.service.armed.get(self.kid, [0, None, False])[1]
+        return self._entry[1]
 
     @vcpu.setter
     def vcpu(self, v):
-        with self.service.cond:
-            if self.kid in self.service.armed:
-                self.service.armed[self.kid][1] = v
+        # One store into the armed entry: atomic under the GIL, and the kicker thread
+        # reads it under its lock, so it sees the old vCPU or the new one. No lock here:
+        # this is set inside a boot's timed run phase.
+        self._entry[1] = v
 
     def cancel(self):
         with self.service.cond:

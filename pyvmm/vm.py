@@ -18,6 +18,15 @@ from .vcpu import Vcpu
 _mono = time.monotonic_ns
 _ioctl = abi.ioctl
 _KVM_IOEVENTFD = abi.KVM_IOEVENTFD
+_KVM_SET_USER_MEMORY_REGION = abi.KVM_SET_USER_MEMORY_REGION
+_KVM_SET_USER_MEMORY_REGION2 = abi.KVM_SET_USER_MEMORY_REGION2
+_eventfd = os.eventfd
+
+
+def _drop(_value) -> None:
+    pass
+
+_EFD_FLAGS = os.EFD_NONBLOCK | os.EFD_CLOEXEC
 
 
 class GuestMemfd(FdOwner):
@@ -48,7 +57,7 @@ class Vm(FdOwner):
     kind = "VM fd"
 
     def __init__(self, kvm, fd: int):
-        super().__init__(fd)
+        self.fd = fd                    # FdOwner's one field, set without a super() call
         self.kvm = kvm
         self.slots: dict[int, MemorySlot] = {}
         self.memories: list[GuestMemory] = []
@@ -56,6 +65,7 @@ class Vm(FdOwner):
         self._ioeventfds: set[Ioeventfd] = set()
         self.guest_memfds: list[GuestMemfd] = []
         self.last_ioeventfd_ns = 0   # duration of the last KVM_IOEVENTFD ioctl alone
+        self.last_memslot_ns = 0     # ... and of the last KVM_SET_USER_MEMORY_REGION(2)
 
     # --- capabilities -------------------------------------------------------------
     def check_extension(self, cap: int) -> int:
@@ -113,11 +123,19 @@ class Vm(FdOwner):
 
     def set_user_memory_region(self, slot: int, gpa: int, size: int, uaddr: int,
                                flags: int = 0) -> None:
-        """KVM_SET_USER_MEMORY_REGION (KVM_CAP_USER_MEMORY). Size 0 deletes the slot."""
+        """KVM_SET_USER_MEMORY_REGION (KVM_CAP_USER_MEMORY). Size 0 deletes the slot.
+        last_memslot_ns is the duration of the ioctl alone."""
         region = ffi.new("struct kvm_userspace_memory_region *",
                          (slot, flags, gpa, size, uaddr))
-        self._ioctl("KVM_SET_USER_MEMORY_REGION", region,
-                    hint=self._slot_hint(slot, gpa, size, uaddr, flags))
+        fd = self.fd
+        if fd < 0:
+            self._live_fd()
+        t = _mono()
+        r = _ioctl(fd, _KVM_SET_USER_MEMORY_REGION, region)
+        self.last_memslot_ns = _mono() - t
+        if r < 0:
+            raise KvmError("KVM_SET_USER_MEMORY_REGION", -r,
+                           self._slot_hint(slot, gpa, size, uaddr, flags)(-r))
 
     def try_set_user_memory_region2(self, slot: int, gpa: int, size: int, uaddr: int,
                                     flags: int = 0, guest_memfd: int = 0,
@@ -132,9 +150,14 @@ class Vm(FdOwner):
         """KVM_SET_USER_MEMORY_REGION2 (KVM_CAP_USER_MEMORY2): v1 plus guest_memfd binding."""
         region = self._region2(slot, gpa, size, uaddr, flags, guest_memfd, guest_memfd_offset)
         gmem = guest_memfd if flags & abi.KVM_MEM_GUEST_MEMFD else None
-        self._ioctl("KVM_SET_USER_MEMORY_REGION2", region,
-                    hint=self._slot_hint(slot, gpa, size, uaddr, flags, gmem,
-                                         guest_memfd_offset))
+        fd = self._live_fd()
+        t = _mono()
+        r = _ioctl(fd, _KVM_SET_USER_MEMORY_REGION2, region)
+        self.last_memslot_ns = _mono() - t
+        if r < 0:
+            raise KvmError("KVM_SET_USER_MEMORY_REGION2", -r,
+                           self._slot_hint(slot, gpa, size, uaddr, flags, gmem,
+                                           guest_memfd_offset)(-r))
 
     @staticmethod
     def _region2(slot, gpa, size, uaddr, flags, guest_memfd, guest_memfd_offset):
@@ -177,12 +200,16 @@ class Vm(FdOwner):
         if own:
             alloc = size if size % PAGE_SIZE == 0 else size + PAGE_SIZE - size % PAGE_SIZE
             memory = GuestMemory(alloc)
-        s = MemorySlot(slot, gpa, size, memory, flags, offset,
-                       guest_memfd.fd if guest_memfd is not None else None, guest_memfd_offset)
-        if guest_memfd is not None:
-            s.flags |= abi.KVM_MEM_GUEST_MEMFD
+        if guest_memfd is None:
+            s = MemorySlot(slot, gpa, size, memory, flags, offset)
+        else:
+            s = MemorySlot(slot, gpa, size, memory, flags | abi.KVM_MEM_GUEST_MEMFD, offset,
+                           guest_memfd.fd, guest_memfd_offset)
         try:
-            self._apply_slot(s, v2)
+            if v2 or guest_memfd is not None:
+                self._apply_slot(s, True)
+            else:
+                self.set_user_memory_region(slot, gpa, size, memory.host_addr + offset, flags)
         except Exception:
             if own:
                 memory.close()
@@ -388,15 +415,9 @@ class Vm(FdOwner):
         Guest writes there complete in the kernel and increment the eventfd counter.
         """
         try:
-            efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            efd = _eventfd(0, _EFD_FLAGS)
         except OSError as e:
-            if e.errno in (errno.EMFILE, errno.ENFILE):
-                soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-                raise ResourceLimit(
-                    f"eventfd() failed: {errno.errorcode[e.errno]}: out of file descriptors "
-                    f"after {len(self._ioeventfds)} ioeventfds (RLIMIT_NOFILE soft {soft}, "
-                    f"hard {hard}): raise it with 'ulimit -n'") from None
-            raise
+            raise self._eventfd_error(e) from None
         try:
             self._ioeventfd_ioctl(efd, addr, length, pio, datamatch, deassign=False)
         except Exception:
@@ -406,6 +427,52 @@ class Vm(FdOwner):
         self._ioeventfds.add(io)
         return io
 
+    def assign_ioeventfds(self, addrs, length: int = 4, pio: bool = False,
+                          samples: list | None = None) -> list[Ioeventfd]:
+        """A burst of registrations (what a VMM does while it sets up its devices): for
+        each address a new eventfd and a KVM_IOEVENTFD assign, in order. With `samples`,
+        the duration of each ioctl alone is appended to it. On a failure the eventfd of
+        the failed one is closed and KvmError raised; those assigned before it stay."""
+        fd = self._live_fd()
+        arg = ioeventfd_arg(-1, 0, length, pio, None, False)
+        out: list[Ioeventfd] = []
+        mono, ioctl, req, eventfd, flags = _mono, _ioctl, _KVM_IOEVENTFD, _eventfd, _EFD_FLAGS
+        new = object.__new__
+        sample = samples.append if samples is not None else _drop
+        try:
+            for addr in addrs:
+                try:
+                    efd = eventfd(0, flags)
+                except OSError as e:
+                    raise self._eventfd_error(e) from None
+                arg.addr = addr
+                arg.fd = efd
+                t = mono()
+                r = ioctl(fd, req, arg)
+                sample(mono() - t)
+                if r < 0:
+                    os.close(efd)
+                    raise KvmError("KVM_IOEVENTFD", -r,
+                                   ioeventfd_hint(-r, addr, length, pio, None))
+                # Ioeventfd(self, efd, addr, length, pio, None), field by field in this
+                # frame: one Python frame less per registration of the burst.
+                io = new(Ioeventfd)
+                io.vm, io.efd, io.addr, io.length, io.pio = self, efd, addr, length, pio
+                io.datamatch, io.assigned = None, True
+                out.append(io)
+        finally:
+            self._ioeventfds.update(out)     # what was assigned is owned, failure or not
+        return out
+
+    def _eventfd_error(self, e: OSError) -> Exception:
+        if e.errno in (errno.EMFILE, errno.ENFILE):
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            return ResourceLimit(
+                f"eventfd() failed: {errno.errorcode[e.errno]}: out of file descriptors "
+                f"after {len(self._ioeventfds)} ioeventfds (RLIMIT_NOFILE soft {soft}, "
+                f"hard {hard}): raise it with 'ulimit -n'")
+        return e
+
     @property
     def ioeventfds(self) -> list[Ioeventfd]:
         return sorted(self._ioeventfds, key=lambda i: (i.pio, i.addr))
@@ -414,7 +481,12 @@ class Vm(FdOwner):
     def create_vcpu(self, vcpu_id: int | None = None):
         """KVM_CREATE_VCPU. Maps the vCPU's kvm_run page."""
         vcpu_id = len(self.vcpus) if vcpu_id is None else vcpu_id
+        fd = self._ioctl("KVM_CREATE_VCPU", vcpu_id, hint=self._vcpu_hint(vcpu_id))
+        vcpu = Vcpu(self, fd, vcpu_id, self.kvm.get_vcpu_mmap_size())
+        self.vcpus.append(vcpu)
+        return vcpu
 
+    def _vcpu_hint(self, vcpu_id: int):
         def hint(err: int) -> str:
             if err == errno.EEXIST:
                 return f"vCPU {vcpu_id} already exists"
@@ -422,10 +494,7 @@ class Vm(FdOwner):
                 return (f"vCPU id {vcpu_id} is out of range (max vcpus "
                         f"{self.check_extension(abi.KVM_CAP_MAX_VCPUS)})")
             return ""
-        fd = self._ioctl("KVM_CREATE_VCPU", vcpu_id, hint=hint)
-        vcpu = Vcpu(self, fd, vcpu_id, self.kvm.get_vcpu_mmap_size())
-        self.vcpus.append(vcpu)
-        return vcpu
+        return hint
 
     # --- lifetime ---------------------------------------------------------------------
     def close(self) -> None:

@@ -134,17 +134,24 @@ def test_load_run_rejects_other_files(tmp_path):
         load_run(str(tmp_path / "missing"))
 
 
-def test_python_and_c_drivers_agree(tmp_path):
+def test_python_floor_and_c_drivers_agree(tmp_path):
     cfg = SweepConfig(ns=(3,), recipes=("during-boot",), repeats=3, warmup=1, seed=3,
-                      control_n=0, drivers=("c", "py"))
+                      control_n=0, drivers=("c", "floor", "py"))
     doc = Sweep(cfg, str(tmp_path)).run()
+    assert {s["driver"] for s in doc["samples"]} == {"c", "floor", "py"}
     for s in doc["samples"]:
         r = s["result"]
         assert r["ok"] and r["doorbells_completed"] == 3 and r["doorbell_mmio_exits"] == 0
+        assert r["bar_value"] and r["halted"], s["driver"]
         assert [p["op"] for p in r["phases"]] == ["vm", "mem", "vcpu", "run", "ioev", "run",
                                                   "memslot", "run", "teardown"]
-    ratios = python_vs_c_table(doc)
-    assert list(ratios) == [("during-boot", 3)] and ratios[("during-boot", 3)] > 0
+        assert [e[0] for e in r["events"]][:3] == [1, 2, 3], s["driver"]
+    load_run(str(tmp_path))         # the floor's samples are a valid run.json
+    cells = python_vs_c_table(doc)
+    cell = cells[("during-boot", 3)]
+    assert list(cells) == [("during-boot", 3)] and cell["py/c"] > 0 and cell["floor/c"] > 0
+    assert set(cell["phases"]) >= {"vm", "mem", "ioev", "memslot", "teardown"}
+    assert all(p["py/floor"] > 0 for p in cell["phases"].values())
 
 
 def test_native_run_reports_errors_cleanly():

@@ -53,7 +53,7 @@ SAMPLE = {
     "properties": {
         "recipe": {"type": "string"},
         "n": _COUNT,
-        "driver": {"enum": ["c", "py"]},
+        "driver": {"enum": ["c", "py", "floor"]},
         "seq": {"type": ["integer", "null"]},
         "result": RESULT,
     },

@@ -40,27 +40,24 @@ class Sweep:
         cfg = self.cfg
         check_nofile(max(cfg.ns + (cfg.control_n,)) + 64, f"a sweep up to N={max(cfg.ns)}")
         runner = native.NativeRunner(cfg.ioev_len, cfg.pin_cpu, cfg.timeout_ms)
-        py_boot = None
+        boots = {"c": runner.run}
         if "py" in cfg.drivers:
             from .. import runner as pyrunner
-            py_boot = pyrunner
+            boots["py"] = lambda rec: _py_run(pyrunner, rec, cfg)
+        if "floor" in cfg.drivers:
+            boots["floor"] = _floor_driver(cfg)
         parsed = cell_recipes(cfg)
         order = boot_order(cfg)
         # Warm-up boots (discarded): page in the helper, KVM's caches, the guest image.
         warm = parsed[warmup_cell(cfg)]
         for _ in range(cfg.warmup):
-            runner.run(warm)
-            if py_boot:
-                _py_run(py_boot, warm, cfg)
+            for boot in boots.values():
+                boot(warm)
         total = len(order)
         self.save(force=True)
         with finishing(self.doc, lambda: self.save(force=True)):
             for seq, (rname, n, driver) in enumerate(order):
-                rec = parsed[(rname, n)]
-                if driver == "c":
-                    res = runner.run(rec)
-                else:
-                    res = _py_run(py_boot, rec, cfg)
+                res = boots[driver](parsed[(rname, n)])
                 self.doc["samples"].append({"recipe": rname, "n": n, "driver": driver,
                                             "seq": seq, "result": res})
                 if not res["ok"]:
@@ -85,3 +82,22 @@ def _py_run(pyrunner, rec, cfg) -> dict:
     except PyvmmError:
         b.res["ok"] = False
         return b.res
+
+
+def _floor_driver(cfg):
+    """The floor (pyvmm.floor) as a driver, pinned like the others when asked."""
+    from .. import floor
+    boot = floor.make(cfg.ioev_len, cfg.timeout_ms / 1000 or None)
+    if cfg.pin_cpu is None:
+        return boot
+
+    def pinned(rec):
+        old = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, {cfg.pin_cpu})
+        try:
+            res = boot(rec)
+        finally:
+            os.sched_setaffinity(0, old)
+        res["pinned_cpu"] = cfg.pin_cpu
+        return res
+    return pinned
