@@ -163,6 +163,7 @@ def run_python(cases: int, cli_cases: int, seed: int) -> list[tuple[str, int, li
         ("kit finder", cases, given(ft.package_trees())(ft.check_kit_tree)),
         ("tracefs text", cases, given(ft.trace_texts(), st.integers(1, 3),
                                       st.integers(1, 3))(ft.check_trace_text)),
+        ("start-up trace", cases, given(ft.startup_texts())(ft.check_startup_text)),
     ]
     out = []
     for name, n, fn in targets:

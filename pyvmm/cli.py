@@ -16,7 +16,8 @@ from .ui import BENCH_PTWRITE, console, err_console  # the one console every com
 # only that room is imported: `pyvmm boot` loads what booting needs and no more (no
 # rich, matplotlib or numpy). Help and unknown commands build the whole parser.
 ROOMS = {"bench": "bench", "report": "bench", "compare": "bench", BENCH_PTWRITE: "bench",
-         "lab": "lab", "kernel-check": "lab", "check": "checks", "stress": "stress"}
+         "lab": "lab", "kernel-check": "lab", "check": "checks", "stress": "stress",
+         "trace": "trace"}
 
 
 def _fail(msg: str, code: int = 2) -> int:
@@ -224,7 +225,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_boot)
 
-    rooms = ("bench", "lab", "checks", "stress") if only is None else (only,)
+    rooms = ("bench", "lab", "checks", "stress", "trace") if only is None else (only,)
     if "bench" in rooms:
         from .bench import cli as bench_cli
         bench_cli.add_parsers(sub)
@@ -239,7 +240,22 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     if "stress" in rooms:
         from .stress import cli as stress_cli
         stress_cli.add_parsers(sub)
+    if "trace" in rooms:
+        from .trace import cli as trace_cli
+        trace_cli.add_parsers(sub)
+    if "trace-compare" in rooms:     # pyvmm compare on trace documents
+        from .trace import cli as trace_cli
+        trace_cli.add_compare_parser(sub)
     return p
+
+
+def _compares_traces(args: list[str]) -> bool:
+    """Whether `pyvmm compare ARGS` names trace documents (its first run is one)."""
+    runs = [a for a in args if not a.startswith("-")]
+    if not runs:
+        return False
+    from .trace.compare import is_trace
+    return is_trace(runs[0])
 
 
 def _nonneg(text: str) -> int:
@@ -275,6 +291,8 @@ def main(argv=None) -> int:
     first = argv[0] if argv else None
     if first in ("info", "boot"):
         parser = build_parser(only="")
+    elif first == "compare" and _compares_traces(argv[1:]):
+        parser = build_parser(only="trace-compare")
     else:
         parser = build_parser(only=ROOMS.get(first))
     args = parser.parse_args(argv)

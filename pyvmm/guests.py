@@ -48,6 +48,25 @@ GUESTS = {
 }
 
 
+# Firmware images assembled from guests/ like the guests, for other VMMs (not bootable by
+# pyvmm): name -> what it does.
+FIRMWARE = {
+    "qemu-microvm-fw": "64 KiB -bios image for QEMU microvm: brings up every virtio-mmio "
+                       "device it finds (the queues, then DRIVER_OK), then writes "
+                       "isa-debug-exit (pyvmm trace --vmm qemu-microvm[:K])",
+}
+
+
+def firmware_path(name: str) -> str:
+    if name not in FIRMWARE:
+        raise GuestError(f"unknown firmware '{name}': {', '.join(sorted(FIRMWARE))}")
+    path = os.path.join(PACKAGE_DIR, "guests", f"{name}.bin")
+    if not os.path.isfile(path):
+        raise GuestError(f"firmware {name}.bin is not built: reinstall pyvmm (make install) "
+                         f"so the build assembles guests/{name}.S")
+    return path
+
+
 def info(name: str) -> GuestInfo:
     try:
         return GUESTS[name]

@@ -201,3 +201,265 @@ class Session:
     @property
     def resolution_ns(self) -> float:
         return 1.0 if self.clock == "x86-tsc" else 1000.0
+
+
+# --- a private instance (pyvmm trace) -----------------------------------------------------
+
+# One event line with the tgid column (options/record-tgid): "comm-TID (TGID) [CPU] ..."
+_LINE_TGID = re.compile(r"^\s*(.*?)-(\d+)\s+\(\s*(\d+|-+)\)\s+\[(\d+)\]\s+\S+\s+"
+                        r"(\d+(?:\.\d+)?): (<stack trace>|[^:]+)(?:: ?(.*))?$")
+_FRAME = re.compile(r"^\s*=> (\S+)")
+
+
+class Event:
+    """One trace event: thread, process (tgid, or None), timestamp in trace units, the
+    event's name and body, and the kernel stack a stacktrace trigger recorded after it."""
+
+    __slots__ = ("comm", "tid", "tgid", "cpu", "ts", "name", "body", "stack")
+
+    def __init__(self, comm, tid, tgid, cpu, ts, name, body):
+        self.comm, self.tid, self.tgid, self.cpu = comm, tid, tgid, cpu
+        self.ts, self.name, self.body = ts, name, body
+        self.stack: list[str] | None = None
+
+    def __repr__(self) -> str:
+        return f"Event({self.name} tid={self.tid} ts={self.ts} {self.body!r})"
+
+
+def parse_events(text: str) -> list[Event]:
+    """Every event line of a trace written with record-tgid, in order. A '<stack trace>'
+    record and its '=> function' lines become the `stack` (innermost first, offsets
+    dropped) of the thread's last event before it; damaged lines are skipped."""
+    out: list[Event] = []
+    last: dict[int, Event] = {}
+    frames: list[str] | None = None
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        f = _FRAME.match(line)
+        if f:
+            if frames is not None:
+                frames.append(f.group(1).split("+", 1)[0])
+            continue
+        m = _LINE_TGID.match(line)
+        if not m:
+            frames = None
+            continue
+        comm, tid, tgid, cpu, ts, name, body = m.groups()
+        tid, body = int(tid), body or ""
+        if name == "<stack trace>":
+            owner = last.get(tid)
+            frames = [] if owner is not None else None
+            if owner is not None:
+                owner.stack = frames
+            continue
+        frames = None
+        ev = Event(comm, tid, int(tgid) if tgid.isdigit() else None, int(cpu), float(ts),
+                   name, body)
+        out.append(ev)
+        last[tid] = ev
+    return out
+
+
+class Instance:
+    """A tracefs instance of our own (instances/NAME): its own buffer, events, filters,
+    triggers, options and pid list, so nothing of the main buffer is touched; removed
+    on exit with the uprobes it defined. Use as a context manager."""
+
+    def __init__(self, name: str, root: str = TRACEFS, buffer_kb: int = 16384):
+        self.root = root
+        self.name = name
+        self.dir = os.path.join(root, "instances", name)
+        self.buffer_kb = buffer_kb
+        self.clock = "mono"
+        self._triggers: list[tuple[str, str]] = []
+        self._events: list[str] = []
+        self._uprobes: list[str] = []
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.dir, name)
+
+    def read(self, name: str) -> str:
+        with open(self.path(name)) as f:
+            return f.read()
+
+    def write(self, name: str, value: str) -> None:
+        with open(self.path(name), "w") as f:
+            f.write(value)
+
+    def has(self, name: str) -> bool:
+        return os.path.exists(self.path(name))
+
+    def __enter__(self) -> "Instance":
+        if not os.path.exists(os.path.join(self.root, "trace")):
+            if os.geteuid() == 0:
+                subprocess.run(["mount", "-t", "tracefs", "nodev", self.root],
+                               capture_output=True)
+            if not os.path.exists(os.path.join(self.root, "trace")):
+                raise TraceUnavailable(
+                    f"tracefs is not mounted at {self.root}: mount -t tracefs nodev "
+                    f"{self.root} (as root)")
+        if not os.path.isdir(os.path.join(self.root, "instances")):
+            raise TraceUnavailable(f"{self.root} has no instances/ (tracefs instances need "
+                                   "Linux 3.10 or later)")
+        if os.path.isdir(self.dir):
+            _remove_instance(self.dir)
+        try:
+            os.mkdir(self.dir)
+        except PermissionError:
+            raise TraceUnavailable(f"cannot create a tracefs instance under {self.root}: "
+                                   "run as root") from None
+        except OSError as e:
+            raise TraceUnavailable(f"cannot create a tracefs instance: {e.strerror}") from None
+        try:
+            clocks = self.read("trace_clock").replace("[", " ").replace("]", " ").split()
+            self.clock = "x86-tsc" if "x86-tsc" in clocks else "mono"
+            self.write("trace_clock", self.clock)
+            self.write("buffer_size_kb", str(self.buffer_kb))
+            self.option("record-tgid", True)
+        except BaseException:
+            _remove_instance(self.dir)
+            raise
+        return self
+
+    def option(self, name: str, on: bool) -> bool:
+        p = f"options/{name}"
+        if not self.has(p):
+            return False
+        self.write(p, "1" if on else "0")
+        return True
+
+    def enable(self, event: str, filter: str = "") -> bool:
+        """Enable an event ('sched/sched_switch', or a whole group), with a filter;
+        False when the kernel lacks it or refuses the filter."""
+        if not self.has(f"events/{event}/enable"):
+            return False
+        try:
+            if filter:
+                self.write(f"events/{event}/filter", filter)
+            self.write(f"events/{event}/enable", "1")
+        except OSError:
+            return False
+        self._events.append(event)
+        return True
+
+    def trigger(self, event: str, spec: str) -> bool:
+        """Add an event trigger ('stacktrace if prev_state & 3'); False when refused."""
+        try:
+            self.write(f"events/{event}/trigger", spec)
+        except OSError:
+            return False
+        self._triggers.append((event, spec))
+        return True
+
+    def set_pids(self, pids) -> None:
+        self.write("set_event_pid", " ".join(str(p) for p in pids))
+
+    def add_uprobe(self, group: str, event: str, spec: str) -> bool:
+        """Define a uprobe event group/event (spec: 'PATH:0xOFFSET args...') in the
+        global uprobe_events; False when the kernel has no uprobes or refuses it."""
+        path = os.path.join(self.root, "uprobe_events")
+        if not os.path.exists(path):
+            return False
+        try:
+            _append(path, f"p:{group}/{event} {spec}\n")
+        except OSError:
+            return False
+        self._uprobes.append(f"{group}/{event}")
+        return True
+
+    def start(self) -> None:
+        self.write("trace", "")
+        self.write("tracing_on", "1")
+
+    def stop(self) -> None:
+        self.write("tracing_on", "0")
+
+    def mark(self, k: int) -> None:
+        with open(self.path("trace_marker"), "w") as f:
+            f.write(f"pyvmm-cal{k} {time.monotonic_ns()}")
+
+    def text(self) -> str:
+        return self.read("trace")
+
+    def lost(self) -> int:
+        total = 0
+        percpu = self.path("per_cpu")
+        for cpu in os.listdir(percpu) if os.path.isdir(percpu) else ():
+            try:
+                with open(os.path.join(percpu, cpu, "stats")) as f:
+                    for line in f:
+                        if line.startswith("overrun:"):
+                            total += int(line.split()[1])
+            except (OSError, ValueError):
+                continue
+        return total
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.write("tracing_on", "0")
+        except OSError:
+            pass
+        for event, spec in self._triggers:
+            try:
+                self.write(f"events/{event}/trigger", "!" + spec)
+            except OSError:
+                pass
+        for event in self._events:
+            try:
+                self.write(f"events/{event}/enable", "0")
+            except OSError:
+                pass
+        _remove_instance(self.dir)
+        path = os.path.join(self.root, "uprobe_events")
+        for name in self._uprobes:
+            try:
+                _append(path, f"-:{name}\n")
+            except OSError:
+                pass
+
+
+def _append(path: str, text: str) -> None:
+    """Append a line to a tracefs control file (uprobe_events): one write(2) with
+    O_APPEND; Python's append mode seeks first, which tracefs refuses."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+
+
+def _remove_instance(path: str) -> None:
+    """Remove an instance directory; tracefs refuses while a trigger holds an event, so
+    those are dropped first."""
+    events = os.path.join(path, "events")
+    for dirpath, _, files in os.walk(events) if os.path.isdir(events) else ():
+        if "trigger" in files:
+            try:
+                with open(os.path.join(dirpath, "trigger")) as f:
+                    specs = [l.split(" [")[0].strip() for l in f if l.strip()
+                             and not l.startswith("#")]
+                for spec in specs:
+                    with open(os.path.join(dirpath, "trigger"), "w") as f:
+                        f.write("!" + spec)
+            except OSError:
+                pass
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass
+
+
+def stale_instances(prefix: str, root: str = TRACEFS) -> list[str]:
+    """Instances named PREFIX-PID whose process is gone (a run killed with SIGKILL)."""
+    base = os.path.join(root, "instances")
+    out = []
+    for name in os.listdir(base) if os.path.isdir(base) else ():
+        head, _, pid = name.rpartition("-")
+        if head == prefix and pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            out.append(os.path.join(base, name))
+    return out
+
+
+def remove_instance(path: str) -> None:
+    _remove_instance(path)

@@ -367,3 +367,64 @@ def check_trace_text(text: str, nphases: int, boots: int) -> None:
     assert len(prof) == nphases
     for p in prof:
         assert p["boots"] == boots and p["usual"] >= 1
+
+
+# --- a start-up's trace (pyvmm trace) ---------------------------------------------------------
+
+_STARTUP_EVENTS = st.sampled_from([
+    ("sched_process_exec", "filename=/usr/bin/vmm pid=4242 old_pid=4242"),
+    ("sys_enter", "NR 16 (3, ae01, 0, 0, 0, 0)"), ("sys_exit", "NR 16 = 4"),
+    ("sys_enter", "NR 16 (4, ae41, 0, 0, 0, 0)"), ("sys_exit", "NR 16 = 5"),
+    ("sys_enter", "NR 16 (4, 4040ae79, 1000, 0, 0, 0)"), ("sys_exit", "NR 16 = 0"),
+    ("sys_exit", "NR 16 = -17"), ("sys_enter", "NR 3 (5)"), ("sys_exit", "NR 3 = 0"),
+    ("kvm_ioctl", "(0x7f00) fd=4 cmd=0x4040ae79 arg=0x1000 w0=0x0 w1=0xd0000000 "
+                  "w2=0x800000004 w3=0x4"),
+    ("kvm_ioctl", "(0x7f00) fd=4 cmd=0x4020ae46 arg=0x1000 w0=0x1 w1=0x0 w2=0x0 w3=0x0"),
+    ("kvm_ioctl", "(0x7f00) fd=zz cmd=0x"),
+    ("sched_switch", "prev_comm=vmm prev_pid=4242 prev_prio=120 prev_state=D ==> "
+                     "next_comm=swapper/1 next_pid=0 next_prio=120"),
+    ("sched_switch", "prev_comm=x prev_pid=0 prev_prio=120 prev_state=R ==> "
+                     "next_comm=vmm next_pid=4242 next_prio=120"),
+    ("sched_wakeup", "comm=vmm pid=4242 prio=120 target_cpu=001"),
+    ("kvm_userspace_exit", "reason KVM_EXIT_IO (2)"),
+    ("kvm_pio", "pio_write at 0x80 size 1 count 1 val 0x1"),
+    ("sched_process_exit", "comm=vmm pid=4242 prio=120 group_dead=true"),
+    ("tracing_mark_write", "pyvmm-cal0 1000"), ("<stack trace>", ""),
+    ("sched_switch", "prev_pid="), ("sys_enter", "NR 16 ()")])
+_FRAMES = st.sampled_from(["__schedule", "wait_for_completion", "__synchronize_srcu",
+                           "kvm_io_bus_unregister_dev", "kvm_vm_ioctl", "mutex_lock",
+                           "handle_mm_fault", "x+0x10/0x20"])
+
+
+@st.composite
+def startup_texts(draw) -> str:
+    """A traced start-up as tracefs prints it (record-tgid), damaged at places."""
+    lines, ts = [], 1000.0
+    for _ in range(draw(st.integers(0, 60))):
+        ts += draw(st.floats(0, 0.01, allow_nan=False))
+        name, body = draw(_STARTUP_EVENTS)
+        tid = draw(st.sampled_from([4242, 4242, 4243, 11]))
+        line = f"  vmm-{tid}  ( 4242) [001] d..2. {ts:.6f}: {name}: {body}"
+        if name == "<stack trace>":
+            line = f"  vmm-{tid}  ( 4242) [001] d..2. {ts:.6f}: <stack trace>"
+            lines.append(line)
+            lines += [f" => {draw(_FRAMES)}" for _ in range(draw(st.integers(0, 6)))]
+            continue
+        if draw(st.integers(0, 9)) == 0:
+            line = draw(st.text(max_size=60))
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def check_startup_text(text: str) -> None:
+    """The start-up model and its summary take any trace: no exception, durations never
+    negative, the verdict one of four."""
+    from pyvmm import tracefs
+    from pyvmm.trace import attribute, model
+    _count("start-up trace")
+    s = model.build(tracefs.parse_events(text), 1e9, None, port=0x80)
+    for c in s.ioctls:
+        assert c.ns >= 0 and all(sl.ns >= 0 for sl in c.sleeps)
+    summ = attribute.summary(s, 250)
+    assert summ["behaviour"] in ("sync", "deferred", "none", "unknown")
+    assert summ["startup_ms"] >= 0 and summ["srcu_wait_ms"] >= 0

@@ -45,6 +45,12 @@ def test_trace_parser_takes_any_tracefs_text(text, nphases, boots):
     ft.check_trace_text(text, nphases, boots)
 
 
+@FAST
+@given(ft.startup_texts())
+def test_the_start_up_model_takes_any_trace(text):
+    ft.check_startup_text(text)
+
+
 def test_the_unmutated_run_json_is_accepted_and_reported():
     with open(ft.RUN_JSON, "rb") as f:
         ft.check_run_json(f.read())

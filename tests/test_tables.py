@@ -174,3 +174,22 @@ def test_command_tables_fit_without_cutting(argv, tmp_path):
                            env=dict(os.environ, COLUMNS=str(width)))
         assert r.returncode == 0, r.stderr
         assert_whole(r.stdout, width, " ".join(argv))
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_trace_tables_fit_without_cutting(width):
+    import gzip
+
+    from pyvmm import tracefs
+    from pyvmm.trace import model, record, report, runs
+    with gzip.open(os.path.join(HERE, "data", "qemu-microvm-2.trace.gz"), "rt") as f:
+        events = tracefs.parse_events(f.read())
+    rec = record.Recording()
+    rec.startup = model.build(events, 0.4, None, port=0x80)
+    run = runs.run_dict(rec, 250)
+    doc = {"host": {"kernel": "6.18"}, "traced": ["qemu-system-x86_64"], "hz": 250,
+           "workload": "qemu-microvm:2", "runs": [run, run], "status": "complete",
+           "medians": runs.medians([run, run]), "overhead": None}
+    out = render(width, lambda con: report.render(con, doc))
+    assert_whole(out, width, "the trace report")
+    assert "verdict:" in out and "KVM_IOEVENTFD" in out

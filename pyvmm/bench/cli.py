@@ -53,7 +53,8 @@ def add_parsers(sub) -> None:
     r.set_defaults(func=cmd_report)
 
     c = sub.add_parser("compare", help="per-N ratios between runs (two, or more: a row per "
-                                       "run against the first), with permutation p-values")
+                                       "run against the first), with permutation p-values; "
+                                       "traces (pyvmm trace) figure by figure")
     c.add_argument("runs", nargs="+", metavar="RUN",
                    help="results directories or run.json files; the first is the baseline")
     c.add_argument("--out", default=None, help="where to write the side-by-side plot "

@@ -1,0 +1,195 @@
+"""What each sleep inside a KVM ioctl waited for, and what the start-up paid (pure).
+
+A sleep's kernel stack (a stacktrace trigger on sched_switch, innermost frame first)
+says what the thread waited in: the first frame past the scheduler's own plumbing
+(schedule, wait_for_completion, ...) is the wait, classified by what it belongs to
+(an SRCU or RCU grace period, a mutex, a page fault, ...), and the frames from there up
+to the KVM ioctl handler are the path that asked for it, e.g.
+`__synchronize_srcu <- kvm_io_bus_unregister_dev <- kvm_deassign_ioeventfd_idx <-
+kvm_vm_ioctl`. A stack proves where the thread slept; the sleep's length (switch-out
+to switch-in) is what that wait cost the ioctl.
+"""
+
+from __future__ import annotations
+
+from ..analysis import stats
+from .model import Ioctl, Sleep, Startup
+
+# Frames of the scheduler and of generic waiting, skipped to find what was waited in.
+PLUMBING = {
+    "trace_event_raw_event_sched_switch", "__traceiter_sched_switch", "__schedule",
+    "schedule", "schedule_idle", "schedule_timeout", "schedule_preempt_disabled",
+    "schedule_hrtimeout_range", "schedule_hrtimeout_range_clock", "io_schedule",
+    "io_schedule_timeout", "wait_for_completion", "wait_for_completion_timeout",
+    "wait_for_completion_io", "wait_for_completion_killable",
+    "wait_for_completion_interruptible", "__wait_for_common", "do_wait_for_common",
+    "wait_for_common", "wait_for_common_io", "preempt_schedule_common",
+    "preempt_schedule", "preempt_schedule_irq", "__cond_resched", "_cond_resched",
+    "bit_wait", "bit_wait_io", "out_of_line_wait_on_bit", "__wait_on_bit",
+    "rcuwait_wait_event", "finish_rcuwait",
+}
+# Function -> what a wait in it is, matched on the frames past the plumbing.
+WAITS = [
+    ({"__synchronize_srcu", "synchronize_srcu", "synchronize_srcu_expedited",
+      "srcu_barrier"}, "srcu", "SRCU grace period"),
+    ({"synchronize_rcu", "synchronize_rcu_expedited", "__wait_rcu_gp", "wait_rcu_gp",
+      "synchronize_rcu_tasks", "rcu_barrier"}, "rcu", "RCU grace period"),
+    ({"__mutex_lock", "mutex_lock", "__mutex_lock_slowpath", "mutex_lock_killable",
+      "mutex_lock_interruptible", "__mutex_lock_killable_slowpath",
+      "__mutex_lock_interruptible_slowpath"}, "mutex", "mutex"),
+    ({"rwsem_down_read_slowpath", "rwsem_down_write_slowpath", "down_read", "down_write"},
+     "rwsem", "rw semaphore"),
+    ({"handle_mm_fault", "exc_page_fault", "do_user_addr_fault", "__get_user_pages",
+      "get_user_pages_unlocked", "hva_to_pfn"}, "fault", "page fault"),
+    ({"__flush_work", "flush_work", "__flush_workqueue", "drain_workqueue"}, "work",
+     "work flush"),
+    ({"kvm_vcpu_block", "kvm_vcpu_halt", "kvm_arch_vcpu_ioctl_run"}, "halt", "vCPU halt"),
+    ({"msleep", "usleep_range_state", "schedule_hrtimeout"}, "sleep", "timed sleep"),
+]
+IOCTL_ENTRY = {"kvm_vm_ioctl", "kvm_vcpu_ioctl", "kvm_dev_ioctl", "kvm_device_ioctl"}
+LONG_WAIT_NS = stats.STALL_MIN_NS       # a grace-period wait worth a verdict (0.5 ms)
+PATH_FRAMES = 6
+
+
+class Wait:
+    """What one sleep waited in: kind ('srcu', 'mutex', ..., 'preempted', 'unknown'),
+    its words, the function, and the call path up to the ioctl handler."""
+
+    __slots__ = ("kind", "label", "function", "path")
+
+    def __init__(self, kind: str, label: str, function: str, path: list[str]):
+        self.kind, self.label, self.function, self.path = kind, label, function, path
+
+    @property
+    def path_text(self) -> str:
+        return " <- ".join(self.path)
+
+
+def classify(sleep: Sleep) -> Wait:
+    if sleep.state == "R":
+        return Wait("preempted", "preempted", "", [])
+    if not sleep.stack:
+        return Wait("unknown", "no stack (trigger missing)", "", [])
+    frames = [f for f in sleep.stack if f not in PLUMBING]
+    if not frames:
+        return Wait("unknown", "scheduler only", "", [])
+    for i, f in enumerate(frames):
+        for names, kind, label in WAITS:
+            if f in names:
+                path = []
+                for g in frames[i:]:
+                    path.append(g)
+                    if g in IOCTL_ENTRY or len(path) >= PATH_FRAMES:
+                        break
+                return Wait(kind, label, f, path)
+    path = []
+    for g in frames:
+        path.append(g)
+        if g in IOCTL_ENTRY or len(path) >= PATH_FRAMES:
+            break
+    return Wait("other", frames[0], frames[0], path)
+
+
+def jiffies(ns: float, hz: int | None) -> float | None:
+    return ns / (1e9 / hz) if hz else None
+
+
+def srcu_waits(s: Startup) -> list[dict]:
+    """Every KVM ioctl that waited for an SRCU grace period, in order: its name, what it
+    did, how long it slept in the grace period, the path, and the registrations
+    (KVM_IOEVENTFD assigns) issued since the previous SRCU wait."""
+    out = []
+    since = 0
+    for c in s.ioctls:
+        waits = [(sl, classify(sl)) for sl in c.sleeps]
+        srcu = [(sl, w) for sl, w in waits if w.kind == "srcu"]
+        if srcu:
+            out.append({"seq": c.seq, "name": c.name, "what": c.describe, "tid": c.tid,
+                        "t_ms": c.t_in / 1e6, "ioctl_ms": c.ns / 1e6,
+                        "wait_ms": sum(sl.ns for sl, _ in srcu) / 1e6,
+                        "sleeps": len(srcu), "path": srcu[0][1].path_text,
+                        "registrations_before": since,
+                        "is_registration": _is_assign(c)})
+            since = 0
+        if _is_assign(c):
+            since += 1
+    return out
+
+
+def _is_assign(c: Ioctl) -> bool:
+    return c.name == "KVM_IOEVENTFD" and c.args and not c.args.get("deassign")
+
+
+def summary(s: Startup, hz: int | None) -> dict:
+    """The start-up in figures, and the verdict in the sweep's words."""
+    start = s.milestones.get("exec", 0.0)
+    end = s.milestones.get("process end", 0.0)
+    startup = max(end - start, 0.0)
+    kvm = sum(c.ns for c in s.ioctls)
+    waits = srcu_waits(s)
+    srcu_ns = sum(w["wait_ms"] for w in waits) * 1e6
+    for w in waits:
+        w["jiffies"] = jiffies(w["wait_ms"] * 1e6, hz)
+    by_kind: dict[str, float] = {}
+    for c in s.ioctls:
+        for sl in c.sleeps:
+            k = classify(sl).kind
+            by_kind[k] = by_kind.get(k, 0.0) + sl.ns
+    names: dict[str, list] = {}
+    for c in s.ioctls:
+        n = names.setdefault(c.name, [0, 0.0])
+        n[0] += 1
+        n[1] += c.ns
+    behaviour, text = verdict(s, waits, hz)
+    return {
+        "startup_ms": startup / 1e6,
+        "kvm_ioctls": len(s.ioctls),
+        "kvm_ioctl_ms": kvm / 1e6,
+        "kvm_ioctl_share": kvm / startup if startup else None,
+        "srcu_waits": len(waits),
+        "srcu_wait_ms": srcu_ns / 1e6,
+        "srcu_share": srcu_ns / startup if startup else None,
+        "sleep_ms_by_kind": {k: v / 1e6 for k, v in sorted(by_kind.items())},
+        "by_ioctl": {k: {"count": v[0], "ms": v[1] / 1e6}
+                     for k, v in sorted(names.items(), key=lambda kv: -kv[1][1])},
+        "registrations": sum(1 for c in s.ioctls if _is_assign(c)),
+        "deassigns": sum(1 for c in s.ioctls if c.name == "KVM_IOEVENTFD" and c.args
+                         and c.args.get("deassign")),
+        "waits": waits,
+        "milestones_ms": {k: v / 1e6 for k, v in sorted(s.milestones.items(),
+                                                         key=lambda kv: kv[1])},
+        "process_ms": (s.milestones["process reaped"] / 1e6
+                       if "process reaped" in s.milestones else None),
+        "hz": hz,
+        "behaviour": behaviour,
+        "verdict": text,
+    }
+
+
+def verdict(s: Startup, waits: list[dict], hz: int | None) -> tuple[str, str]:
+    """('sync' | 'deferred' | 'none' | 'unknown', the sentence). Registrations that each
+    wait for a grace period are the pre-6.18 behaviour; a later ioctl that waits long
+    behind the grace periods the registrations left is the 6.18 follow-up."""
+    assigns = [c for c in s.ioctls if _is_assign(c)]
+    sync = [w for w in waits if w["is_registration"]]
+    if sync:
+        total = sum(w["wait_ms"] for w in sync)
+        return "sync", (f"{stats.SYNC_TEXT}: {len(sync)} of {len(assigns)} registrations "
+                        f"waited for a grace period, {total:.2f} ms in all")
+    long = [w for w in waits if w["wait_ms"] * 1e6 >= LONG_WAIT_NS]
+    if long:
+        w = max(long, key=lambda x: x["wait_ms"])
+        j = jiffies(w["wait_ms"] * 1e6, hz)
+        jtext = f" ({j:.1f} jiffies at HZ={hz})" if j is not None else ""
+        what = f"{w['name']} {w['what']}".strip() if w["what"] else w["name"]
+        regs = w["registrations_before"]
+        behind = (f" behind the grace period the {regs} registration"
+                  f"{'s' if regs != 1 else ''} before it started" if regs else "")
+        extra = f" ({len(long)} such waits)" if len(long) > 1 else ""
+        return "deferred", (f"{stats.DEFERRED_TEXT} follow-up: {what} waited "
+                            f"{w['wait_ms']:.2f} ms{jtext}{behind}{extra}")
+    if not any(c.sleeps for c in s.ioctls) and not s.ioctls:
+        return "unknown", "no KVM ioctls were traced"
+    if assigns and not any(c.args for c in assigns):
+        return "unknown", "registrations could not be told from deassigns (no uprobe)"
+    return "none", "no KVM ioctl waited for an SRCU grace period"

@@ -1,0 +1,290 @@
+"""A traced start-up, built from tracefs events (pure: unit tests feed it hand-made
+events). Every KVM ioctl of the process tree, with its thread, fd and the fd's kind,
+name, decoded arguments, time in the kernel and the sleeps inside it (state, kernel
+stack, who woke it); the processes; and the start-up's milestones.
+
+The fd's kind comes from following the fds: the fd KVM_CREATE_VM is issued on is the
+system fd, what it returns a VM fd, what KVM_CREATE_VCPU returns a vCPU fd, a closed fd
+is forgotten; an fd never seen created is named by where the header lists the ioctl.
+"""
+
+from __future__ import annotations
+
+import re
+
+from .. import tracefs
+from . import ioctls
+
+NR_CLOSE, NR_IOCTL = 3, 16
+
+_SWITCH = re.compile(r"prev_pid=(\d+) .*?prev_state=(\S+) ==> next_comm=.*? next_pid=(\d+)")
+_PID = re.compile(r"\bpid=(\d+)")
+_CHILD = re.compile(r"child_pid=(\d+)")
+_EXEC = re.compile(r"filename=(\S+) pid=(\d+)")
+_UPROBE = re.compile(r"fd=(-?\d+) cmd=(0x[0-9a-f]+) arg=(0x[0-9a-f]+)"
+                     r"(?: w0=(\S+) w1=(\S+) w2=(\S+) w3=(\S+))?")
+_PIO = re.compile(r"pio_(read|write) at (0x[0-9a-f]+) size (\d+) count (\d+)(?: val (0x[0-9a-f]+))?")
+_EXIT_REASON = re.compile(r"reason (\S+)")
+
+UPROBE_EVENT = "kvm_ioctl"      # the name of the uprobe event on libc's ioctl
+
+
+class Sleep:
+    """The thread off the CPU inside an ioctl: from switch-out to switch-in (ns)."""
+
+    __slots__ = ("t_out", "t_in", "state", "stack", "waker", "t_wake")
+
+    def __init__(self, t_out: float, state: str, stack: list[str] | None):
+        self.t_out, self.t_in, self.state, self.stack = t_out, t_out, state, stack
+        self.waker: str | None = None
+        self.t_wake: float | None = None
+
+    @property
+    def ns(self) -> float:
+        return self.t_in - self.t_out
+
+
+class Ioctl:
+    """One KVM ioctl: times in ns from the start-up's origin."""
+
+    __slots__ = ("tid", "tgid", "fd", "cmd", "arg", "words", "name", "kind", "args",
+                 "t_in", "t_out", "ret", "sleeps", "seq")
+
+    def __init__(self, tid, tgid, fd, cmd, arg, t_in, words=None):
+        self.tid, self.tgid, self.fd, self.cmd, self.arg = tid, tgid, fd, cmd, arg
+        self.words = words
+        self.t_in = self.t_out = t_in
+        self.ret = 0
+        self.name = ioctls.name(cmd)
+        self.kind: str | None = None
+        self.args: dict = {}
+        self.sleeps: list[Sleep] = []
+        self.seq = 0
+
+    @property
+    def ns(self) -> float:
+        return self.t_out - self.t_in
+
+    @property
+    def describe(self) -> str:
+        return ioctls.describe(self.name, self.args)
+
+
+class Process:
+    __slots__ = ("pid", "parent", "filename", "t_exec", "t_exit", "threads")
+
+    def __init__(self, pid: int, parent: int | None = None):
+        self.pid, self.parent = pid, parent
+        self.filename: str | None = None
+        self.t_exec: float | None = None
+        self.t_exit: float | None = None
+        self.threads: set[int] = {pid}
+
+
+class Startup:
+    """Everything one traced start-up holds (times in ns from `origin`, the root's exec
+    or, without one, the first event)."""
+
+    def __init__(self):
+        self.root: int | None = None
+        self.origin = 0.0
+        self.ioctls: list[Ioctl] = []
+        self.processes: dict[int, Process] = {}
+        self.milestones: dict[str, float] = {}
+        self.ports: list[tuple[float, str, int, int | None]] = []   # (t, r/w, port, val)
+        self.exits: list[tuple[float, str]] = []                   # guest exits to the VMM
+        self.unmatched = 0          # ioctl exits without an entry (trace began mid-call)
+        self.uprobe_hits = 0
+
+    @property
+    def end(self) -> float:
+        return self.milestones.get("process end", 0.0)
+
+
+def build(events: list[tracefs.Event], scale: float, root: int | None,
+          port: int | None = None) -> Startup:
+    """A Startup from parsed events: `scale` is ns per trace unit, `root` the pid of the
+    traced command (its exec is the origin; None: the first process that execs), `port`
+    an I/O port whose first guest write is a milestone. Never raises on damaged events:
+    what cannot be read is skipped."""
+    if root is None:        # the traced command: the first process that execs
+        first = next((e for e in events if e.name == "sched_process_exec"), None)
+        m = _EXEC.search(first.body) if first else None
+        root = int(m.group(2)) if m else None
+    events = sorted(events, key=lambda e: e.ts)     # tracefs merges CPUs in order already
+    s = Startup()
+    s.root = root
+    procs = s.processes
+    fds: dict[int, dict[int, str]] = {}             # tgid -> fd -> kind
+    open_call: dict[int, Ioctl] = {}
+    closing: dict[int, int] = {}                     # tid -> fd being closed
+    pending: dict[int, tuple] = {}                   # tid -> uprobe (fd, cmd, arg, words)
+    asleep: dict[int, tuple[Ioctl, Sleep, tracefs.Event]] = {}
+    tgid_of: dict[int, int] = {}
+    origin = None
+    first_run = None
+
+    def proc(pid: int) -> Process:
+        p = procs.get(pid)
+        if p is None:
+            p = procs[pid] = Process(pid)
+        return p
+
+    for ev in events:
+        t = ev.ts * scale
+        tid = ev.tid
+        tgid = ev.tgid if ev.tgid else tgid_of.get(tid, tid)
+        tgid_of.setdefault(tid, tgid)
+        name, body = ev.name, ev.body
+        if origin is None:
+            origin = t
+        if tid in asleep and not (name == "sched_switch" and ev is asleep[tid][2]):
+            # The thread runs again: tracefs may not show the switch back in (the idle
+            # task's switch is filtered by pid), so its next event of any kind ends the
+            # sleep, at the latest.
+            c, sl, _ = asleep.pop(tid)
+            sl.t_in = t
+            c.sleeps.append(sl)
+        if name == "sched_process_exec":
+            m = _EXEC.search(body)
+            if m:
+                p = proc(int(m.group(2)))
+                p.filename = m.group(1)
+                if p.t_exec is None:
+                    p.t_exec = t
+                if root is not None and p.pid == root and s.milestones.get("exec") is None:
+                    s.milestones["exec"] = t
+        elif name == "sched_process_fork":
+            c = _CHILD.search(body)
+            if c:
+                child = int(c.group(1))
+                # A thread shares its parent's tgid; record-tgid says which it is later.
+                tgid_of.setdefault(child, child)
+        elif name == "sched_process_exit":
+            m = _PID.search(body)
+            if m:
+                pid = int(m.group(1))
+                if pid == tgid_of.get(pid, pid):
+                    proc(pid).t_exit = t
+                    if pid == root:
+                        s.milestones["process end"] = t
+        elif name == UPROBE_EVENT:
+            m = _UPROBE.search(body)
+            if m:
+                s.uprobe_hits += 1
+                words = tuple(int(w, 16) for w in m.groups()[3:7]) if m.group(4) else None
+                pending[tid] = (int(m.group(1)), int(m.group(2), 16), int(m.group(3), 16),
+                                words)
+        elif name == "sys_enter":
+            e = tracefs.sys_enter(body)
+            if not e:
+                continue
+            nr, a = e
+            if nr == NR_IOCTL and len(a) >= 3 and ioctls.is_kvm(a[1]):
+                words = None
+                up = pending.pop(tid, None)
+                if up and up[0] == a[0] and (up[1] & 0xFFFFFFFF) == (a[1] & 0xFFFFFFFF):
+                    words = up[3]
+                call = Ioctl(tid, tgid, a[0], a[1], a[2], t, words)
+                call.kind = fds.get(tgid, {}).get(a[0])
+                call.name = ioctls.name(a[1], call.kind or ioctls.listed_kind(a[1]))
+                call.args = ioctls.args(call.name, a[2], words)
+                open_call[tid] = call
+            elif nr == NR_CLOSE and a:
+                closing[tid] = a[0]
+        elif name == "sys_exit":
+            e = tracefs.sys_exit(body)
+            if not e:
+                continue
+            nr, ret = e
+            if nr == NR_IOCTL:
+                call = open_call.pop(tid, None)
+                if call is None:
+                    continue
+                call.t_out, call.ret = t, ret
+                call.seq = len(s.ioctls)
+                table = fds.setdefault(call.tgid, {})
+                if call.name == "KVM_CREATE_VM" and ret >= 0:
+                    table[call.fd], table[ret] = "system", "vm"
+                elif call.name == "KVM_CREATE_VCPU" and ret >= 0:
+                    table[ret] = "vcpu"
+                elif call.name in ("KVM_GET_API_VERSION", "KVM_GET_VCPU_MMAP_SIZE"):
+                    table[call.fd] = "system"
+                if call.kind is None:
+                    call.kind = table.get(call.fd) or ioctls.listed_kind(call.cmd)
+                s.ioctls.append(call)
+                if call.name == "KVM_RUN" and first_run is None:
+                    first_run = call.t_in
+            elif nr == NR_CLOSE:
+                fd = closing.pop(tid, None)
+                if fd is not None and ret == 0:
+                    fds.get(tgid, {}).pop(fd, None)
+        elif name == "sched_switch":
+            m = _SWITCH.search(body)
+            if not m:
+                continue
+            prev, state, nxt = int(m.group(1)), m.group(2), int(m.group(3))
+            call = open_call.get(prev)
+            if call is not None and prev not in asleep:
+                sl = Sleep(t, state.rstrip("+")[:1] or "R", ev.stack)
+                asleep[prev] = (call, sl, ev)
+            back = asleep.pop(nxt, None)
+            if back is not None:
+                c, sl, _ = back
+                sl.t_in = t
+                c.sleeps.append(sl)
+        elif name in ("sched_wakeup", "sched_waking"):
+            m = _PID.search(body)
+            if m:
+                pid = int(m.group(1))
+                if pid in asleep and asleep[pid][1].t_wake is None:
+                    asleep[pid][1].waker = ev.comm
+                    asleep[pid][1].t_wake = t
+        elif name == "kvm_userspace_exit":
+            m = _EXIT_REASON.search(body)
+            s.exits.append((t, m.group(1) if m else "?"))
+        elif name == "kvm_pio":
+            m = _PIO.search(body)
+            if m:
+                s.ports.append((t, m.group(1)[0], int(m.group(2), 16),
+                                int(m.group(5), 16) if m.group(5) else None))
+    # Calls still open at the end (the trace stopped first) are dropped; their sleeps too.
+    s.origin = s.milestones.get("exec", origin or 0.0)
+    o = s.origin
+    for c in s.ioctls:
+        c.t_in -= o
+        c.t_out -= o
+        for sl in c.sleeps:
+            sl.t_out -= o
+            sl.t_in -= o
+            if sl.t_wake is not None:
+                sl.t_wake -= o
+    for p in procs.values():
+        if p.t_exec is not None:
+            p.t_exec -= o
+        if p.t_exit is not None:
+            p.t_exit -= o
+    s.ports = [(t - o, d, port_, v) for t, d, port_, v in s.ports]
+    s.exits = [(t - o, r) for t, r in s.exits]
+    ms = {k: v - o for k, v in s.milestones.items()}
+    ms["exec"] = 0.0
+    first = {}
+    for c in s.ioctls:
+        first.setdefault(c.name, c.t_in)
+    for label, ioctl in (("KVM_CREATE_VM", "KVM_CREATE_VM"),
+                         ("first KVM_CREATE_VCPU", "KVM_CREATE_VCPU"),
+                         ("first KVM_RUN", "KVM_RUN")):
+        if ioctl in first:
+            ms[label] = first[ioctl]
+    if first_run is not None:
+        after = [t for t, _ in s.exits if t >= first_run - o]
+        if after:
+            ms["first guest exit"] = after[0]
+    if port is not None:
+        hits = [t for t, d, p, _ in s.ports if p == port and d == "w"]
+        if hits:
+            ms[f"first write to port {port:#x}"] = hits[0]
+    if "process end" not in ms and s.ioctls:
+        ms["process end"] = max(c.t_out for c in s.ioctls)
+    s.milestones = dict(sorted(ms.items(), key=lambda kv: kv[1]))
+    return s

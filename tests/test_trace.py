@@ -1,0 +1,325 @@
+"""pyvmm trace: the ioctl table, the decoders, the event parser and the model on hand-made
+and recorded traces (pure), then real traces of pyvmm's own VMM and of QEMU (root,
+tracefs; QEMU where it is installed)."""
+
+import gzip
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from pyvmm import abi, tracefs
+from pyvmm.trace import attribute, ioctls, model, record, workloads
+from pyvmm.trace import compare as tcompare
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+QEMU_TRACE = os.path.join(HERE, "data", "qemu-microvm-2.trace.gz")
+HEADER = "/usr/include/linux/kvm.h"
+
+
+# --- the ioctl table and the decoders (pure) ----------------------------------------------
+
+@pytest.mark.skipif(not os.path.exists(HEADER), reason=f"{HEADER} is not installed "
+                    "(linux-libc-dev)")
+def test_every_table_line_matches_the_installed_kvm_header():
+    text = open(HEADER).read().replace("\\\n", " ")
+    defined = {}
+    for m in re.finditer(r"#define\s+(KVM_\w+)\s+_IO(WR|R|W)?\(KVMIO,\s*(0x[0-9a-fA-F]+)",
+                         text):
+        defined[m.group(1)] = ({"WR": "rw", "R": "r", "W": "w", None: "-"}[m.group(2)],
+                               int(m.group(3), 16))
+    checked = 0
+    for (d, nr), entries in ioctls.table().items():
+        for name, _ in entries:
+            if name in defined:
+                assert defined[name] == (d, nr), name
+                checked += 1
+    assert checked > 100
+
+
+def test_names_come_from_the_number_and_the_fds_kind():
+    for name in ("KVM_IOEVENTFD", "KVM_SET_USER_MEMORY_REGION", "KVM_CREATE_VCPU", "KVM_RUN",
+                 "KVM_CREATE_VM", "KVM_SET_USER_MEMORY_REGION2", "KVM_CREATE_GUEST_MEMFD"):
+        assert ioctls.name(abi.IOCTLS[name].number) == name
+    # one (direction, nr), two meanings: the fd says which
+    get_pit2_or_events = (2 << 30) | (0xAE << 8) | 0x9F | (0x70 << 16)
+    assert ioctls.name(get_pit2_or_events, "vm") == "KVM_GET_PIT2"
+    assert ioctls.name(get_pit2_or_events, "vcpu") == "KVM_GET_VCPU_EVENTS"
+    assert ioctls.name(0x5401).startswith("ioctl ") and not ioctls.is_kvm(0x5401)
+    assert "0xfe" in ioctls.name((0xAE << 8) | 0xFE)
+
+
+def test_arguments_are_read_from_the_struct_words():
+    # struct kvm_ioeventfd: datamatch, addr, len + fd, flags (deassign | pio | datamatch)
+    words = (6, 0x0, (9 << 32) | 2, 0b111)
+    a = ioctls.args("KVM_IOEVENTFD", 0x7ffe0000, words)
+    assert a == {"addr": 0, "len": 2, "eventfd": 9, "flags": 7, "deassign": True, "pio": True,
+                 "datamatch": 6}
+    assert ioctls.describe("KVM_IOEVENTFD", a) == "deassign port 0x0 len 2 datamatch 0x6"
+    # struct kvm_userspace_memory_region: slot + flags, gpa, size, uaddr
+    m = ioctls.args("KVM_SET_USER_MEMORY_REGION", 0, ((1 << 32) | 3, 0xE0000000, 2 << 20, 0))
+    assert (m["slot"], m["flags"], m["gpa"], m["size"], m["delete"]) == (3, 1, 0xE0000000,
+                                                                       2 << 20, False)
+    assert "LOG_DIRTY_PAGES" in ioctls.describe("KVM_SET_USER_MEMORY_REGION", m)
+    assert ioctls.args("KVM_CREATE_VCPU", 3, None) == {"vcpu_id": 3}
+    assert ioctls.args("KVM_IOEVENTFD", 0, None) == {}
+
+
+# --- events and the model (pure) ------------------------------------------------------------
+
+def line(tid, ts, event, body, tgid=None, comm="vmm"):
+    return f"{comm:>16}-{tid:<7} ({tgid or tid:>7}) [001] ..... {ts}: {event}: {body}"
+
+
+def stack(tid, ts, frames, tgid=None):
+    out = [f"{'vmm':>16}-{tid:<7} ({tgid or tid:>7}) [001] d..2. {ts}: <stack trace>"]
+    return out + [f" => {f}" for f in frames]
+
+
+DEASSIGN_STACK = ["trace_event_raw_event_sched_switch", "__schedule", "schedule",
+                  "schedule_timeout", "wait_for_completion", "__synchronize_srcu",
+                  "kvm_io_bus_unregister_dev", "kvm_deassign_ioeventfd_idx", "kvm_vm_ioctl",
+                  "__x64_sys_ioctl", "do_syscall_64"]
+ASSIGN_STACK = ["__schedule", "schedule", "wait_for_completion", "__synchronize_srcu",
+                "kvm_io_bus_register_dev", "kvm_assign_ioeventfd_idx", "kvm_vm_ioctl"]
+IOEVENTFD = 0x4040AE79
+
+
+def boot_trace(assign_stack=None, deassign_ms=6.0, uprobe=True):
+    """A VMM (pid 100) that creates a VM and a vCPU, registers two ioeventfds (a second
+    thread, 101, runs the vCPU), then deassigns one: times in ms, 'mono' clock."""
+    def t(ms):
+        return f"{1000 + ms / 1000:.6f}"
+    L = [line(100, t(0), "sched_process_exec", "filename=/usr/bin/vmm pid=100 old_pid=100"),
+         line(100, t(1), "sys_enter", "NR 16 (3, ae01, 0, 0, 0, 0)"),
+         line(100, t(1.2), "sys_exit", "NR 16 = 4"),
+         line(101, t(2), "sys_enter", "NR 16 (4, ae41, 0, 0, 0, 0)", tgid=100),
+         line(101, t(2.1), "sys_exit", "NR 16 = 5", tgid=100)]
+    ms = 3.0
+    for k in range(2):
+        if uprobe:
+            L.append(line(100, t(ms), "kvm_ioctl", f"(0x7f00) fd=4 cmd=0x4040ae79 arg=0x1000 "
+                                                   f"w0=0x0 w1=0x{0xd0000000 + 8 * k:x} "
+                                                   f"w2=0x800000004 w3=0x0"))
+        L.append(line(100, t(ms), "sys_enter", "NR 16 (4, 4040ae79, 1000, 0, 0, 0)"))
+        if assign_stack:
+            L.append(line(100, t(ms + 0.01), "sched_switch",
+                          "prev_comm=vmm prev_pid=100 prev_prio=120 prev_state=D ==> "
+                          "next_comm=swapper/1 next_pid=0 next_prio=120"))
+            L += stack(100, t(ms + 0.01), assign_stack)
+        L.append(line(100, t(ms + 0.5), "sys_exit", "NR 16 = 0"))
+        ms += 1
+    if uprobe:
+        L.append(line(100, t(ms), "kvm_ioctl", "(0x7f00) fd=4 cmd=0x4040ae79 arg=0x1000 "
+                                               "w0=0x0 w1=0xd0000008 w2=0x800000004 w3=0x4"))
+    L.append(line(100, t(ms), "sys_enter", "NR 16 (4, 4040ae79, 1000, 0, 0, 0)"))
+    L.append(line(100, t(ms + 0.01), "sched_switch",
+                  "prev_comm=vmm prev_pid=100 prev_prio=120 prev_state=D ==> "
+                  "next_comm=swapper/1 next_pid=0 next_prio=120"))
+    L += stack(100, t(ms + 0.01), DEASSIGN_STACK)
+    L.append(f"  kworker/0:1-11 (     11) [000] d..2. {t(ms + deassign_ms)}: sched_wakeup: "
+             "comm=vmm pid=100 prio=120 target_cpu=001")
+    L.append(line(100, t(ms + deassign_ms + 0.02), "sys_exit", "NR 16 = 0"))
+    L.append(line(100, t(ms + deassign_ms + 1), "sys_enter", "NR 3 (5)"))
+    L.append(line(100, t(ms + deassign_ms + 1.1), "sys_exit", "NR 3 = 0"))
+    L.append(line(100, t(ms + deassign_ms + 2), "sched_process_exit",
+                  "comm=vmm pid=100 prio=120 group_dead=true"))
+    return "\n".join(L) + "\n"
+
+
+def test_the_parser_attaches_stacks_and_reads_tgids():
+    evs = tracefs.parse_events(boot_trace(ASSIGN_STACK))
+    switches = [e for e in evs if e.name == "sched_switch"]
+    assert len(switches) == 3 and all(e.stack for e in switches)
+    assert switches[-1].stack[5] == "__synchronize_srcu"
+    assert {e.tgid for e in evs if e.tid == 101} == {100}
+    assert tracefs.parse_events("garbage\n => orphan frame\n\n") == []
+
+
+def test_a_deferred_free_host_pays_at_the_deassign():
+    s = model.build(tracefs.parse_events(boot_trace()), 1e9, None)
+    assert s.root == 100
+    kinds = {c.name: c.kind for c in s.ioctls}
+    assert kinds["KVM_CREATE_VM"] == "system" and kinds["KVM_CREATE_VCPU"] == "vm"
+    assert [c.describe for c in s.ioctls if c.name == "KVM_IOEVENTFD"] == [
+        "assign MMIO 0xd0000000 len 4", "assign MMIO 0xd0000008 len 4",
+        "deassign MMIO 0xd0000008 len 4"]
+    deassign = s.ioctls[-1]
+    assert len(deassign.sleeps) == 1 and deassign.sleeps[0].waker == "kworker/0:1"
+    # the sleep ends when the thread runs again (its sys_exit), not at a switch-in tracefs
+    # did not show
+    assert deassign.sleeps[0].ns == pytest.approx(6.01e6, rel=1e-3)
+    w = attribute.classify(deassign.sleeps[0])
+    assert w.kind == "srcu" and w.path_text == ("__synchronize_srcu <- "
+                                                "kvm_io_bus_unregister_dev <- "
+                                                "kvm_deassign_ioeventfd_idx <- kvm_vm_ioctl")
+    summ = attribute.summary(s, 250)
+    assert summ["behaviour"] == "deferred" and summ["registrations"] == 2
+    assert "deassign MMIO 0xd0000008 len 4 waited 6.01 ms (1.5 jiffies at HZ=250) behind the " \
+           "grace period the 2 registrations before it started" in summ["verdict"]
+    assert list(summ["milestones_ms"])[:3] == ["exec", "KVM_CREATE_VM",
+                                               "first KVM_CREATE_VCPU"]
+    assert summ["srcu_share"] == pytest.approx(summ["srcu_wait_ms"] / summ["startup_ms"])
+
+
+def test_a_pre_6_18_host_pays_at_every_registration():
+    s = model.build(tracefs.parse_events(boot_trace(ASSIGN_STACK)), 1e9, 100)
+    summ = attribute.summary(s, 100)
+    assert summ["behaviour"] == "sync"
+    assert "2 of 2 registrations waited for a grace period" in summ["verdict"]
+
+
+def test_without_the_uprobe_the_stack_still_tells_registrations_apart():
+    s = model.build(tracefs.parse_events(boot_trace(uprobe=False, deassign_ms=0.1)), 1e9,
+                    100)
+    assert all(c.args == {} for c in s.ioctls if c.name == "KVM_IOEVENTFD")
+    summ = attribute.summary(s, 250)
+    assert summ["behaviour"] in ("none", "unknown") and summ["srcu_waits"] == 1
+
+
+def test_a_recorded_qemu_start_up_is_read_back():
+    with gzip.open(QEMU_TRACE, "rt") as f:
+        events = tracefs.parse_events(f.read())
+    marks = [(k[0], e.ts, k[1]) for e in events if e.name == "tracing_mark_write"
+             for k in [tracefs.calibration_mark(e.body)] if k]
+    s = model.build(events, tracefs.ns_per_tick("x86-tsc", marks), None, port=0x80)
+    summ = attribute.summary(s, 250)
+    # QEMU's probe for many ioeventfds: 7 port registrations at port 0, deassigned again;
+    # then the firmware brings up 2 virtio-mmio devices and QEMU registers their notify
+    # addresses while the guest runs
+    regs = [c.describe for c in s.ioctls if c.name == "KVM_IOEVENTFD"]
+    assert regs[:7] == [f"assign port 0x0 len 2 datamatch 0x{k:x}" for k in range(7)]
+    assert sum(1 for r in regs if r.startswith("deassign")) == 7
+    assert [r for r in regs if "MMIO" in r] == ["assign MMIO 0xfeb02c50 len 4 datamatch 0x0",
+                                                "assign MMIO 0xfeb02e50 len 4 datamatch 0x0"]
+    assert [(p, v) for _, d, p, v in s.ports if p == 0x84] == [(0x84, 2)]
+    assert summ["behaviour"] == "deferred" and "datamatch 0x6" in summ["verdict"]
+    assert summ["milestones_ms"]["first KVM_RUN"] < summ["milestones_ms"]["process end"]
+
+
+def test_strace_output_gives_times_without_sleeps():
+    text = ("200 1700000000.000100 ioctl(11, KVM_CREATE_VM, 0) = 12 <0.000350>\n"
+            "200 1700000000.001000 ioctl(12, KVM_IOEVENTFD, {datamatch=0, addr=0, len=2, "
+            "fd=13, flags=KVM_IOEVENTFD_FLAG_PIO|KVM_IOEVENTFD_FLAG_DEASSIGN}) = 0 <0.006000>\n"
+            "201 1700000000.002000 ioctl(1, TCGETS, 0x7ffe) = -1 ENOTTY (Inappropriate) "
+            "<0.000010>\n"
+            "garbage\n")
+    s = record.from_strace(text, 50_000_000)
+    assert [c.name for c in s.ioctls] == ["KVM_CREATE_VM", "KVM_IOEVENTFD"]
+    assert s.ioctls[1].ns == pytest.approx(6e6)
+    assert s.milestones["process end"] == 50e6
+
+
+def test_workloads_are_checked_before_anything_runs():
+    for bad, why in (("nope", "unknown workload"), ("qemu-microvm:x", "number"),
+                     ("qemu-microvm:99", "transports")):
+        with pytest.raises(Exception, match=why):
+            workloads.parse(bad, qemu="/bin/true")
+    w = workloads.parse("qemu-microvm:3", qemu="/usr/bin/qemu-system-x86_64")
+    assert w.argv.count("virtio-rng-device") == 3 and w.ok_status == {1} and w.port == 0x80
+    p = workloads.parse("pyvmm-boot:2")
+    assert "ioev:2" in " ".join(p.argv) and p.captures_json
+
+
+def test_compare_rows_apply_the_change_rule():
+    def doc(ms):
+        return {"runs": [{"summary": {"startup_ms": x, "srcu_wait_ms": 1.0,
+                                      "milestones_ms": {"exec": 0.0, "first KVM_RUN": x / 2}}}
+                         for x in ms]}
+    a = [10 + k / 100 for k in range(12)]
+    rows = {r["figure"]: r for r in tcompare.rows(doc(a), doc([2 * x for x in a]), 0.05)}
+    assert rows["start-up ms"]["ratio"] == pytest.approx(2.0, rel=0.01)
+    assert rows["start-up ms"]["change"] == "2.00x slower"
+    assert rows["SRCU wait ms"]["change"] == "no change"
+    assert "first KVM_RUN (ms)" in rows
+
+
+# --- real traces (root, tracefs) ------------------------------------------------------------
+
+def _no_tracing() -> str | None:
+    if os.geteuid() != 0:
+        return "tracing needs root"
+    if not os.path.isdir(os.path.join(tracefs.TRACEFS, "instances")):
+        return f"no tracefs instances at {tracefs.TRACEFS}"
+    if not os.path.exists(os.path.join(tracefs.TRACEFS, "events/raw_syscalls")):
+        return "no raw_syscalls tracepoints"
+    return None
+
+
+def pyvmm_trace(*args, cwd="/"):
+    return subprocess.run([sys.executable, "-m", "pyvmm", "trace", *args],
+                          capture_output=True, text=True, timeout=600, cwd=cwd)
+
+
+def _nothing_left_behind():
+    inst = os.path.join(tracefs.TRACEFS, "instances")
+    assert not [n for n in os.listdir(inst) if n.startswith(record.PREFIX)
+                and n.endswith(f"-{os.getpid()}")]
+    with open(os.path.join(tracefs.TRACEFS, "uprobe_events")) as f:
+        assert "kvm_ioctl" not in f.read()
+
+
+@pytest.mark.kvm
+def test_tracing_pyvmms_own_boot_agrees_with_its_phase_timer(tmp_path):
+    problem = _no_tracing()
+    if problem:
+        pytest.skip(problem)
+    r = pyvmm_trace("--vmm", "pyvmm-boot:1", "--repeat", "2", "--json", "--out",
+                    str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["schema"] == "pyvmm.trace/1" and doc["status"] == "complete"
+    for run in doc["runs"]:
+        names = [c["name"] for c in run["ioctls"]]
+        assert names[0] == "KVM_GET_API_VERSION" or "KVM_CREATE_VM" in names
+        slot1 = [c for c in run["ioctls"] if c["name"] == "KVM_SET_USER_MEMORY_REGION"
+                 and c["args"].get("slot") == 1]
+        assert len(slot1) == 1 and slot1[0]["args"]["gpa"] == 0xE0000000
+        regs = [c for c in run["ioctls"] if c["name"] == "KVM_IOEVENTFD"]
+        assert [c["what"] for c in regs] == ["assign MMIO 0xd0000000 len 4"]
+        if run["summary"]["behaviour"] == "deferred":
+            # two instruments, one step: the trace's ioctl within 20% of the phase timer
+            (a,) = run["agreement"]
+            assert a["step"] == "memslot" and 0.8 <= a["ratio"] <= 1.2, a
+    (out,) = [d for d in os.listdir(tmp_path)]
+    saved = json.load(open(os.path.join(tmp_path, out, "trace.json")))
+    assert len(saved["runs"]) == 2 and os.path.exists(os.path.join(tmp_path, out,
+                                                                   "trace-2.txt"))
+    _nothing_left_behind()
+
+
+@pytest.mark.kvm
+@pytest.mark.skipif(not shutil.which("qemu-system-x86_64"),
+                    reason="qemu-system-x86_64 not installed (scripts/lab-tools.sh --install)")
+def test_tracing_qemu_microvm_finds_its_ioeventfds_and_their_waits(tmp_path):
+    problem = _no_tracing()
+    if problem:
+        pytest.skip(problem)
+    r = pyvmm_trace("--vmm", "qemu-microvm:2", "--json", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    run = json.loads(r.stdout)["runs"][0]
+    assert run["rc"] == 1
+    mmio = [c["args"]["addr"] for c in run["ioctls"] if c["name"] == "KVM_IOEVENTFD"
+            and not c["args"].get("pio") and not c["args"].get("deassign")]
+    assert len(mmio) == 2 and all(a & 0x1FF == 0x50 for a in mmio)
+    assert [p["value"] for p in run["ports"] if p["port"] == 0x84] == [2]
+    waits = run["summary"]["waits"]
+    assert waits and all(w["path"].startswith(("__synchronize_srcu", "synchronize_srcu"))
+                         for w in waits)
+    _nothing_left_behind()
+
+
+@pytest.mark.parametrize("args,why", [
+    ((), "nothing to trace"), (("--vmm", "nope"), "unknown workload"),
+    (("--port", "xyz", "--", "true"), "--port xyz"), (("--repeat", "0", "--", "true"),
+                                                      "--repeat 0"),
+    (("--vmm", "pyvmm-boot", "--", "true"), "not both"),
+    (("--", "/no/such/vmm"), "not found")])
+def test_bad_trace_arguments_are_one_line(args, why):
+    r = pyvmm_trace(*args)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert why in r.stderr and "Traceback" not in r.stderr
