@@ -381,6 +381,11 @@ _STARTUP_EVENTS = st.sampled_from([
                   "w2=0x800000004 w3=0x4"),
     ("kvm_ioctl", "(0x7f00) fd=4 cmd=0x4020ae46 arg=0x1000 w0=0x1 w1=0x0 w2=0x0 w3=0x0"),
     ("kvm_ioctl", "(0x7f00) fd=zz cmd=0x"),
+    ("kvm_ioctl_done", "(0x7f72) fd=4 cmd=0x4040ae79 arg=0x1000 w0=0x0 w1=0xd0000000 "
+                       "w2=0x800000004 w3=0x5"),
+    ("kvm_ioctl_done", "(0x7f72) fd=4 cmd=0x4020ae46 arg=0x1000"),
+    ("sched_switch", "prev_comm=vmm prev_pid=4242 prev_prio=120 prev_state=R+ ==> "
+                     "next_comm=kworker/0:1 next_pid=11 next_prio=120"),
     ("sched_switch", "prev_comm=vmm prev_pid=4242 prev_prio=120 prev_state=D ==> "
                      "next_comm=swapper/1 next_pid=0 next_prio=120"),
     ("sched_switch", "prev_comm=x prev_pid=0 prev_prio=120 prev_state=R ==> "
@@ -428,3 +433,7 @@ def check_startup_text(text: str) -> None:
     summ = attribute.summary(s, 250)
     assert summ["behaviour"] in ("sync", "deferred", "none", "unknown")
     assert summ["startup_ms"] >= 0 and summ["srcu_wait_ms"] >= 0
+    cost = summ["cost"]
+    assert (cost is not None) == (summ["behaviour"] in ("sync", "deferred"))
+    if cost:
+        assert 0 <= cost["longest_ms"] <= cost["wait_ms"] + 1e-9 and cost["waits"] >= 1

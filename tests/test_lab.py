@@ -18,8 +18,18 @@ from pyvmm.lab.builds import kcheck
 from pyvmm.lab.experiments import kernel_lab, prepare
 from pyvmm.lab.sources import apt, debian, elf, kits
 
-# --- initramfs ----------------------------------------------------------------------------
 
+def lab_only(what: str):
+    """A test that boots a lab kernel: runs with PYVMM_LAB=1 (CI sets it), else skips
+    saying what it would do."""
+    def mark(fn):
+        fn = pytest.mark.skipif(os.environ.get("PYVMM_LAB") != "1",
+                                reason=f"set PYVMM_LAB=1 to {what}")(fn)
+        return pytest.mark.lab(fn)
+    return mark
+
+
+# --- initramfs ----------------------------------------------------------------------------
 
 def test_cpio_round_trip_keeps_names_modes_data_and_alignment():
     entries = [initramfs.Entry("bin", 0o040755),
@@ -450,6 +460,10 @@ def test_kernel_check_cli_bad_path_is_one_line():
     (["lab", "matrix", "--variants", "6.1,6.1+bogus", "--no-install"], "unknown KVM patch 'bogus'"),
     (["lab", "kernel", "--kernel", "6.1", "--smp", "2", "--repeats", "0", "--no-install"],
      "--repeats must be at least 1"),
+    (["lab", "matrix", "--workload", "firecracker", "--no-install"],
+     "--workload firecracker: the lab traces qemu-microvm"),
+    (["lab", "matrix", "--workload", "qemu-microvm", "--trace-repeats", "0", "--no-install"],
+     "--trace-repeats 0: give at least 1"),
 ])
 def test_lab_cli_checks_arguments_before_tools_or_downloads(argv, message, tmp_path):
     # Arguments are checked before the environment: the answer is the same whether or
@@ -464,10 +478,8 @@ def test_lab_cli_checks_arguments_before_tools_or_downloads(argv, message, tmp_p
 
 # --- the real thing -----------------------------------------------------------------------
 
-@pytest.mark.lab
-@pytest.mark.skipif(os.environ.get("PYVMM_LAB") != "1",
-                    reason="set PYVMM_LAB=1 to boot Debian's 6.1 under QEMU (downloads ~70 MB "
-                           "and installs qemu-system-x86 + busybox-static when missing)")
+@lab_only("boot Debian's 6.1 under QEMU (downloads ~70 MB "
+          "and installs qemu-system-x86 + busybox-static when missing)")
 def test_lab_boots_debian_6_1_and_sees_the_pre_618_behaviour(tmp_path):
     r = subprocess.run([sys.executable, "-m", "pyvmm", "lab", "oldkernel", "--kernel", "6.1",
                         "--ns", "0,10", "--repeats", "3", "--warmup", "1",
@@ -486,11 +498,9 @@ def test_lab_boots_debian_6_1_and_sees_the_pre_618_behaviour(tmp_path):
     assert "kernel-check and measured verdict: agree" in r.stdout
 
 
-@pytest.mark.lab
-@pytest.mark.skipif(os.environ.get("PYVMM_LAB") != "1",
-                    reason="set PYVMM_LAB=1 to rebuild 6.1's KVM modules with the defer-free "
-                           "patch and boot them under QEMU (downloads ~150 MB of source and "
-                           "headers, builds for about 15 s)")
+@lab_only("rebuild 6.1's KVM modules with the defer-free "
+          "patch and boot them under QEMU (downloads ~150 MB of source and "
+          "headers, builds for about 15 s)")
 def test_lab_rebuilds_kvm_with_defer_free_and_sees_the_fix_and_its_stall(tmp_path):
     r = subprocess.run([sys.executable, "-m", "pyvmm", "lab", "kernel", "--kernel", "6.1",
                         "--kvm-patch", "defer-free", "--ns", "0,1,10", "--recipes",
@@ -579,8 +589,12 @@ def test_lab_jobs_and_module_arguments_are_checked_before_anything_runs():
     from pyvmm.lab.experiments import inner, jobs
     assert inner.parse_job("ptwrite:2000:3") == ("ptwrite", ["2000", "3"])
     assert inner.parse_job("check:memslot-coherence") == ("check", ["memslot-coherence"])
+    assert inner.parse_job("trace:qemu-microvm:2:3") == ("trace", ["qemu-microvm", "2", "3"])
     for bad, msg in (("bogus", "unknown lab job 'bogus'"), ("ptwrite:x", "takes numbers"),
-                     ("stress::1", "empty or spaced")):
+                     ("stress::1", "empty or spaced"),
+                     ("trace:firecracker", "trace:qemu-microvm"),
+                     ("trace:qemu-microvm:x", "trace:qemu-microvm"),
+                     ("trace:qemu-microvm:1:2:3", "trace:qemu-microvm")):
         with pytest.raises(Exception, match=msg):
             inner.parse_job(bad)
     assert jobs.parse_kvm_args(["kvm_amd:npt=0", "kvm_amd:avic=0", "kvm:x=1"]) == {
@@ -614,10 +628,8 @@ def test_inner_runner_reports_each_job_as_one_json_line(capsys):
     assert s.results == [line] and s.ended
 
 
-@pytest.mark.lab
-@pytest.mark.skipif(os.environ.get("PYVMM_LAB") != "1",
-                    reason="set PYVMM_LAB=1 to run pyvmm's ptwrite inside Debian's 6.1 under "
-                           "QEMU with kvm_amd npt=0 (shadow paging)")
+@lab_only("run pyvmm's ptwrite inside Debian's 6.1 under "
+          "QEMU with kvm_amd npt=0 (shadow paging)")
 def test_lab_runs_python_ptwrite_on_a_shadow_mmu(tmp_path):
     r = subprocess.run([sys.executable, "-m", "pyvmm", "lab", "run", "--kernel", "6.1",
                         "--kvm-arg", "kvm_amd:npt=0", "ptwrite:200:1", "--out", str(tmp_path),
@@ -634,10 +646,8 @@ def test_lab_runs_python_ptwrite_on_a_shadow_mmu(tmp_path):
     assert doc["lab"]["runtime_files"] > 100 and doc["lab"]["initramfs_bytes"] > 1e6
 
 
-@pytest.mark.lab
-@pytest.mark.skipif(os.environ.get("PYVMM_LAB") != "1",
-                    reason="set PYVMM_LAB=1 to rebuild 6.1's KVM with CONFIG_KVM_XEN (with and "
-                           "without the xen-lock fix) and run the Xen seed under QEMU")
+@lab_only("rebuild 6.1's KVM with CONFIG_KVM_XEN (with and "
+          "without the xen-lock fix) and run the Xen seed under QEMU")
 def test_lab_xen_seed_deadlocks_on_6_1_and_not_with_the_fix(tmp_path):
     def run(patch, job):
         r = subprocess.run([sys.executable, "-m", "pyvmm", "lab", "run", "--kernel", "6.1",
@@ -657,3 +667,24 @@ def test_lab_xen_seed_deadlocks_on_6_1_and_not_with_the_fix(tmp_path):
     filt = sides["KVM_X86_SET_MSR_FILTER"]
     assert "kvm_xen_set_evtchn" in vcpu["stack"] and vcpu["state"] == "D"
     assert "synchronize_srcu" in filt["stack"] and filt["state"] == "D"
+
+
+@lab_only("trace QEMU microvm's start-up inside Debian's "
+          "6.1, stock and with the defer-free KVM rebuilt (needs "
+          "qemu-system-x86 on the host: scripts/lab-tools.sh)")
+def test_lab_matrix_traces_qemu_in_each_variant_and_agrees_with_kernel_check(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "pyvmm", "lab", "matrix", "--workload",
+                        "qemu-microvm:1", "--trace-repeats", "1", "--variants",
+                        "6.1,6.1+defer-free", "--out", str(tmp_path), "--json"],
+                       capture_output=True, text=True, cwd="/", timeout=1800)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    doc = json.loads(r.stdout)
+    assert doc["workload"] == "qemu-microvm:1" and not doc["failed"]
+    rows = {row["variant"]: row for row in doc["rows"]}
+    stock, fixed = rows["6.1"], rows["6.1+defer-free"]
+    # QEMU's own ioeventfd probe (7 port registrations) and the device's notify address
+    assert stock["registrations"] >= 8 and fixed["registrations"] >= 8
+    assert stock["behaviour"] == "sync" and "registrations" in stock["paid_by"]
+    assert fixed["behaviour"] == "deferred" and fixed["longest_wait_ms"] >= 0.5
+    assert "deassign" in fixed["paid_by"] or "MEMORY_REGION" in fixed["paid_by"]
+    assert stock["agrees"] is True and fixed["agrees"] is True

@@ -161,6 +161,25 @@ def test_matrix_and_ptwrite_tables_fit_without_cutting(width):
     assert_whole(out, width, "ptwrite")
 
 
+@pytest.mark.parametrize("width", WIDTHS)
+def test_the_traced_lab_matrix_fits_without_cutting(width):
+    from pyvmm.lab.experiments import matrix
+    row = {"variant": "6.1+defer-free-expedited", "kernel": "6.1.0-57-amd64",
+           "verdict": "deferred-free follow-up", "behaviour": "deferred", "same_verdict": 2,
+           "runs": 3, "startup_ms": 405.0, "kvm_ioctl_ms": 42.3, "srcu_waits": 20,
+           "srcu_wait_ms": 8.33, "regression_ms": 7.25, "longest_wait_ms": 7.25,
+           "longest_wait_jiffies": 1.8,
+           "paid_by": "KVM_IOEVENTFD deassign port 0x0 len 2 datamatch 0x6",
+           "kernel_check": "synchronize_srcu_expedited", "agrees": True}
+    none = dict(row, variant="latest", verdict="no SRCU stall", regression_ms=None,
+                longest_wait_ms=None, longest_wait_jiffies=None, paid_by=None, agrees=False)
+    mdoc = {"schema": matrix.SCHEMA, "status": "complete", "workload": "qemu-microvm:2",
+            "trace_repeats": 3, "rows": [row, none], "failed": []}
+    out = render(width, lambda con: matrix.table(mdoc))
+    assert_whole(out, width, "the traced lab matrix")
+    assert all(w in out.split() for w in ("datamatch", "0x6", "(2/3)", "(7.25,", "1.8)"))
+
+
 @pytest.mark.kvm
 @pytest.mark.parametrize("argv", [["info"], ["check", "ioeventfd-ordering",
                                              "--iterations", "300"],

@@ -13,6 +13,7 @@ import sys
 import pytest
 
 from pyvmm import abi, tracefs
+from pyvmm.errors import LabError
 from pyvmm.trace import attribute, ioctls, model, record, workloads
 from pyvmm.trace import compare as tcompare
 
@@ -67,6 +68,43 @@ def test_arguments_are_read_from_the_struct_words():
     assert "LOG_DIRTY_PAGES" in ioctls.describe("KVM_SET_USER_MEMORY_REGION", m)
     assert ioctls.args("KVM_CREATE_VCPU", 3, None) == {"vcpu_id": 3}
     assert ioctls.args("KVM_IOEVENTFD", 0, None) == {}
+
+
+GLIBC_IOCTL = """
+00000000000fdd30 <ioctl@@GLIBC_2.2.5>:
+   fdd30:\tsub    $0x58,%rsp
+   fdd34:\tmov    %rdx,0x30(%rsp)
+   fdd39:\tmov    %fs:0x28,%rax
+   fdd42:\tmov    %rax,0x18(%rsp)
+   fdd47:\txor    %eax,%eax
+   fdd64:\tmov    $0x10,%eax
+   fdd69:\tsyscall
+   fdd6b:\tmov    %eax,%edx
+   fdd6d:\tcmp    $0xfffff000,%eax
+   fdd72:\tja     fdd90 <ioctl@@GLIBC_2.2.5+0x60>
+   fdd74:\tmov    0x18(%rsp),%rax
+"""
+
+
+def test_the_uprobe_goes_after_the_syscall_only_where_the_code_allows():
+    assert record.branch_in(GLIBC_IOCTL) == (0xfdd72, 0x30)
+    site = record.ProbeSite("/lib/libc.so.6", 0xfdd72, "+48(%sp)", True)
+    assert "w1=+8(+48(%sp)):x64" in site.fetch and site.event == model.UPROBE_AFTER
+    assert record.ProbeSite.parse(site.text()) == site
+    assert record.ProbeSite.parse("/lib/libc.so.6:0xfdd30:%dx").after is False
+
+    def changed(old, new):
+        assert old in GLIBC_IOCTL
+        return GLIBC_IOCTL.replace(old, new)
+    # each of these keeps the probe at the entry
+    for text in (changed("mov    %rdx,0x30(%rsp)", "mov    %rcx,0x30(%rsp)"),  # not saved
+                 changed("xor    %eax,%eax", "je     fdd90"),             # a branch before
+                 changed("mov    %eax,%edx", "mov    %eax,%esi"),         # request lost
+                 changed("mov    %eax,%edx", "add    $0x8,%rsp"),         # the slot moves
+                 changed("ja     fdd90", "jmp    fdd90"),                 # not conditional
+                 changed("sub    $0x58,%rsp", "push   %rbx"),              # another frame
+                 "", "garbage\n"):
+        assert record.branch_in(text) is None
 
 
 # --- events and the model (pure) ------------------------------------------------------------
@@ -170,7 +208,73 @@ def test_a_pre_6_18_host_pays_at_every_registration():
     s = model.build(tracefs.parse_events(boot_trace(ASSIGN_STACK)), 1e9, 100)
     summ = attribute.summary(s, 100)
     assert summ["behaviour"] == "sync"
-    assert "2 of 2 registrations waited for a grace period" in summ["verdict"]
+    assert "2 of 2 registrations slept in a grace period" in summ["verdict"]
+
+
+def test_on_one_cpu_a_registration_preempted_by_its_grace_period_still_paid_for_it():
+    # one CPU: the work that runs the grace period preempts the thread that waits for it
+    # (R+, a stack through __cond_resched), which then finds it over and never sleeps
+    preempted = ["__schedule", "preempt_schedule_common", "__cond_resched",
+                 "wait_for_completion", "__synchronize_srcu", "kvm_io_bus_register_dev",
+                 "kvm_assign_ioeventfd_idx", "kvm_vm_ioctl"]
+    text = boot_trace(preempted).replace("prev_state=D ==> next_comm=swapper/1 next_pid=0",
+                                         "prev_state=R+ ==> next_comm=kworker/0:1 next_pid=11",
+                                         2)
+    s = model.build(tracefs.parse_events(text), 1e9, 100)
+    waits = [attribute.classify(sl) for c in s.ioctls[2:4] for sl in c.sleeps]
+    assert [(w.kind, w.function) for w in waits] == [("srcu", "__synchronize_srcu")] * 2
+    assert "preempted" in waits[0].label
+    summ = attribute.summary(s, 250)
+    assert summ["behaviour"] == "sync" and "2 of 2 registrations" in summ["verdict"]
+    # preempted anywhere else is the scheduler's, not a grace period's
+    other = model.Sleep(0.0, "R", ["__schedule", "preempt_schedule_common", "__cond_resched",
+                                   "kvm_vcpu_ioctl"])
+    assert attribute.classify(other).kind == "preempted"
+
+
+def test_a_probe_after_the_syscall_decodes_the_call_that_just_returned():
+    # the same start-up with each uprobe hit moved to just after its call returned
+    lines, held, out = boot_trace().splitlines(), None, []
+    for ln in lines:
+        if " kvm_ioctl: " in ln:
+            held = ln.replace(" kvm_ioctl: ", f" {model.UPROBE_AFTER}: ")
+            continue
+        out.append(ln)
+        if held and "sys_exit: NR 16" in ln:
+            ts = re.search(r"\] \S+ (\S+): ", ln).group(1)      # hit when the call returned
+            out.append(re.sub(r"(\] \S+ )\S+(: )", rf"\g<1>{ts}\g<2>", held, count=1))
+            held = None
+    s = model.build(tracefs.parse_events("\n".join(out) + "\n"), 1e9, None)
+    assert [c.describe for c in s.ioctls if c.name == "KVM_IOEVENTFD"] == [
+        "assign MMIO 0xd0000000 len 4", "assign MMIO 0xd0000008 len 4",
+        "deassign MMIO 0xd0000008 len 4"]
+    assert s.uprobe_hits == 3 and attribute.summary(s, 250)["behaviour"] == "deferred"
+    # a hit after a call that does not match (another fd) decodes nothing
+    wrong = "\n".join(out).replace("fd=4 cmd=0x4040ae79 arg=0x1000 w0=0x0 w1=0xd0000000",
+                                   "fd=7 cmd=0x4040ae79 arg=0x1000 w0=0x0 w1=0xd0000000")
+    s = model.build(tracefs.parse_events(wrong + "\n"), 1e9, None)
+    assert [c.describe for c in s.ioctls if c.name == "KVM_IOEVENTFD"][0] == ""
+
+
+def test_a_long_wait_before_any_registration_is_not_the_follow_up():
+    # a memslot change waits 0.64 ms for a grace period before the first registration; the
+    # deassign after the registrations returns at once
+    stack_ = ["__schedule", "schedule", "wait_for_completion", "__synchronize_srcu",
+              "kvm_swap_active_memslots", "kvm_set_memslot", "kvm_vm_ioctl"]
+    early = [line(100, "1000.002200", "sys_enter", "NR 16 (4, 4020ae46, 1000, 0, 0, 0)"),
+             line(100, "1000.002210", "sched_switch",
+                  "prev_comm=vmm prev_pid=100 prev_prio=120 prev_state=D ==> "
+                  "next_comm=swapper/1 next_pid=0 next_prio=120"),
+             *stack(100, "1000.002210", stack_),
+             line(100, "1000.002850", "sys_exit", "NR 16 = 0")]
+    lines = boot_trace(deassign_ms=0.1).splitlines()
+    lines[5:5] = early
+    s = model.build(tracefs.parse_events("\n".join(lines) + "\n"), 1e9, 100)
+    summ = attribute.summary(s, 250)
+    assert summ["srcu_waits"] == 2
+    assert summ["behaviour"] == "none"
+    assert "KVM_SET_USER_MEMORY_REGION waited 0.64 ms for one no registration started" \
+        in summ["verdict"]
 
 
 def test_without_the_uprobe_the_stack_still_tells_registrations_apart():
@@ -199,6 +303,52 @@ def test_a_recorded_qemu_start_up_is_read_back():
     assert [(p, v) for _, d, p, v in s.ports if p == 0x84] == [(0x84, 2)]
     assert summ["behaviour"] == "deferred" and "datamatch 0x6" in summ["verdict"]
     assert summ["milestones_ms"]["first KVM_RUN"] < summ["milestones_ms"]["process end"]
+
+
+def recorded_summary() -> dict:
+    with gzip.open(QEMU_TRACE, "rt") as f:
+        events = tracefs.parse_events(f.read())
+    marks = [(k[0], e.ts, k[1]) for e in events if e.name == "tracing_mark_write"
+             for k in [tracefs.calibration_mark(e.body)] if k]
+    s = model.build(events, tracefs.ns_per_tick("x86-tsc", marks), None, port=0x80)
+    return attribute.summary(s, 250)
+
+
+def lab_doc(summaries: list[dict], kc: dict) -> dict:
+    """What a lab run of trace:qemu-microvm:2:R leaves (the inner job's result)."""
+    return {"host": {"kernel": "6.1.0-57-amd64", "package": "linux-image-6.1.0-57-amd64"},
+            "kernel_check": kc,
+            "results": [{"job": "trace:qemu-microvm:2:3", "ok": True, "error": None,
+                         "data": {"workload": "qemu-microvm:2",
+                                  "runs": [{"rc": 1, "summary": x} for x in summaries]}}]}
+
+
+def test_a_lab_matrix_row_says_who_paid_and_whether_kernel_check_agrees():
+    from pyvmm.lab.experiments import matrix
+    from pyvmm.lab.experiments.prepare import parse_variant
+    deferred = recorded_summary()
+    sync = attribute.summary(model.build(tracefs.parse_events(boot_trace(ASSIGN_STACK)),
+                                         1e9, 100), 250)
+    kc_defer = {"behaviour": "deferred", "stall_expected": True, "mechanism": "call_srcu"}
+    kc_sync = {"behaviour": "sync", "stall_expected": None,
+               "mechanism": "synchronize_srcu_expedited"}
+    row = matrix.trace_row(parse_variant("6.1+defer-free"),
+                           lab_doc([deferred, deferred, sync], kc_defer), "/x")
+    assert row["behaviour"] == "deferred" and row["same_verdict"] == 2 and row["runs"] == 3
+    assert row["paid_by"] == "KVM_IOEVENTFD deassign port 0x0 len 2 datamatch 0x6"
+    assert row["longest_wait_ms"] == pytest.approx(deferred["cost"]["longest_ms"])
+    assert row["longest_wait_jiffies"] == pytest.approx(row["longest_wait_ms"] / 4)
+    assert row["agrees"] is True and row["run"] == "/x/results.json"
+    row = matrix.trace_row(parse_variant("6.1"), lab_doc([sync], kc_sync), "/x")
+    assert (row["verdict"], row["paid_by"], row["agrees"]) == ("sync-on-register",
+                                                               "2 of 2 registrations", True)
+    # a measurement that contradicts the source is shown as such
+    row = matrix.trace_row(parse_variant("6.1"), lab_doc([deferred], kc_sync), "/x")
+    assert row["agrees"] is False
+    bad = lab_doc([], kc_sync)
+    bad["results"][0].update(ok=False, error="QEMU exited with status 1")
+    with pytest.raises(LabError, match="QEMU exited with status 1"):
+        matrix.trace_row(parse_variant("6.1"), bad, "/x")
 
 
 def test_strace_output_gives_times_without_sleeps():

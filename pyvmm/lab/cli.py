@@ -10,6 +10,7 @@ import time
 
 from ..analysis import report
 from ..analysis.plan import DEFAULT_NS, DEFAULT_RECIPES, SweepConfig
+from ..errors import LabError, PyvmmError
 from ..ui import console, err_console, int_list, progress, recipes_arg
 from .builds import kcheck
 from .builds.patch import load_patches
@@ -66,6 +67,12 @@ def add_parsers(sub) -> None:
                    help="comma-separated KERNEL[+PATCH] (default %(default)s)")
     m.add_argument("--json", action="store_true",
                    help="print the table as one JSON object on stdout (progress on stderr)")
+    m.add_argument("--workload", default=None, metavar="qemu-microvm[:K]",
+                   help="instead of the sweep, trace this VMM's start-up in each variant "
+                        "(pyvmm trace in the lab kernel): a row per variant with start-up, "
+                        "KVM ioctl time, SRCU waits and who paid them")
+    m.add_argument("--trace-repeats", type=int, default=3, metavar="R",
+                   help="with --workload: start-ups traced per variant (default 3)")
     _sweep_args(m, kernel_lab.LAB_REPEATS)
     m.set_defaults(func=cmd_matrix)
 
@@ -172,12 +179,26 @@ def cmd_matrix(args) -> int:
     out_con = console
     if args.json:                       # stdout carries only the JSON object
         out_con = err_console
-    boots = len(kernel_lab.make_plan(cfg)) - cfg.warmup
-    out_con.print(f"pyvmm lab matrix: {len(variants)} variants ({', '.join(v.label for v in variants)})"
-                  f", {boots} boots each, seed {cfg.seed}", highlight=False)
+    workload = None
+    if args.workload:
+        from .experiments import inner
+        if args.trace_repeats < 1:
+            raise LabError(f"--trace-repeats {args.trace_repeats}: give at least 1")
+        workload = args.workload if ":" in args.workload else f"{args.workload}:0"
+        try:
+            inner.parse_job(f"trace:{workload}:{args.trace_repeats}")
+        except PyvmmError:
+            raise LabError(f"--workload {args.workload}: the lab traces qemu-microvm[:K] "
+                           "(K virtio-mmio devices)") from None
+        what = f"{workload} traced {args.trace_repeats} time(s)"
+    else:
+        what = f"{len(kernel_lab.make_plan(cfg)) - cfg.warmup} boots, seed {cfg.seed}"
+    out_con.print(f"pyvmm lab matrix: {len(variants)} variants "
+                  f"({', '.join(v.label for v in variants)}), {what} each", highlight=False)
     t0 = time.monotonic()
     with _progress(out_con) as prog:
-        run = matrix.run_matrix(variants, cfg, base, RichUi(prog))
+        run = matrix.run_matrix(variants, cfg, base, RichUi(prog), workload=workload,
+                                repeats=args.trace_repeats)
     doc = run.doc
     paths = matrix.plot(doc, run.out_dir) if doc["rows"] else []
     out_con.print(matrix.table(doc))

@@ -47,6 +47,7 @@ WAITS = [
     ({"msleep", "usleep_range_state", "schedule_hrtimeout"}, "sleep", "timed sleep"),
 ]
 IOCTL_ENTRY = {"kvm_vm_ioctl", "kvm_vcpu_ioctl", "kvm_dev_ioctl", "kvm_device_ioctl"}
+REGISTER = "kvm_io_bus_register_dev"     # a registration, whatever ioctl asked for it
 LONG_WAIT_NS = stats.STALL_MIN_NS       # a grace-period wait worth a verdict (0.5 ms)
 PATH_FRAMES = 6
 
@@ -67,10 +68,20 @@ class Wait:
 
 def classify(sleep: Sleep) -> Wait:
     if sleep.state == "R":
+        # Preempted. Inside a grace-period wait that is still the grace period's cost:
+        # with one CPU the work that runs the grace period preempts its waiter, which
+        # then finds it over and never sleeps. Anywhere else it is only the scheduler.
+        w = _by_stack(sleep.stack) if sleep.stack else None
+        if w is not None and w.kind in ("srcu", "rcu"):
+            return Wait(w.kind, f"{w.label} (preempted in it)", w.function, w.path)
         return Wait("preempted", "preempted", "", [])
     if not sleep.stack:
         return Wait("unknown", "no stack (trigger missing)", "", [])
-    frames = [f for f in sleep.stack if f not in PLUMBING]
+    return _by_stack(sleep.stack)
+
+
+def _by_stack(stack: list[str]) -> Wait:
+    frames = [f for f in stack if f not in PLUMBING]
     if not frames:
         return Wait("unknown", "scheduler only", "", [])
     for i, f in enumerate(frames):
@@ -103,15 +114,16 @@ def srcu_waits(s: Startup) -> list[dict]:
     for c in s.ioctls:
         waits = [(sl, classify(sl)) for sl in c.sleeps]
         srcu = [(sl, w) for sl, w in waits if w.kind == "srcu"]
+        registers = _is_assign(c) or any(REGISTER in w.path for _, w in waits)
         if srcu:
             out.append({"seq": c.seq, "name": c.name, "what": c.describe, "tid": c.tid,
                         "t_ms": c.t_in / 1e6, "ioctl_ms": c.ns / 1e6,
                         "wait_ms": sum(sl.ns for sl, _ in srcu) / 1e6,
                         "sleeps": len(srcu), "path": srcu[0][1].path_text,
                         "registrations_before": since,
-                        "is_registration": _is_assign(c)})
+                        "is_registration": registers})
             since = 0
-        if _is_assign(c):
+        if registers:
             since += 1
     return out
 
@@ -140,7 +152,7 @@ def summary(s: Startup, hz: int | None) -> dict:
         n = names.setdefault(c.name, [0, 0.0])
         n[0] += 1
         n[1] += c.ns
-    behaviour, text = verdict(s, waits, hz)
+    behaviour, text, cost = verdict(s, waits, hz)
     return {
         "startup_ms": startup / 1e6,
         "kvm_ioctls": len(s.ioctls),
@@ -163,20 +175,31 @@ def summary(s: Startup, hz: int | None) -> dict:
         "hz": hz,
         "behaviour": behaviour,
         "verdict": text,
+        "cost": cost,
     }
 
 
-def verdict(s: Startup, waits: list[dict], hz: int | None) -> tuple[str, str]:
-    """('sync' | 'deferred' | 'none' | 'unknown', the sentence). Registrations that each
-    wait for a grace period are the pre-6.18 behaviour; a later ioctl that waits long
-    behind the grace periods the registrations left is the 6.18 follow-up."""
+def verdict(s: Startup, waits: list[dict], hz: int | None) \
+        -> tuple[str, str, dict | None]:
+    """('sync' | 'deferred' | 'none' | 'unknown', the sentence, what the regression cost:
+    {'paid_by', 'wait_ms' (in all), 'longest_ms', 'waits'} or None). Registrations that
+    each wait for a grace period are the pre-6.18 behaviour; a later ioctl that waits
+    long behind the grace periods the registrations left is the 6.18 follow-up."""
     assigns = [c for c in s.ioctls if _is_assign(c)]
     sync = [w for w in waits if w["is_registration"]]
     if sync:
         total = sum(w["wait_ms"] for w in sync)
-        return "sync", (f"{stats.SYNC_TEXT}: {len(sync)} of {len(assigns)} registrations "
-                        f"waited for a grace period, {total:.2f} ms in all")
-    long = [w for w in waits if w["wait_ms"] * 1e6 >= LONG_WAIT_NS]
+        of = f" of {len(assigns)}" if len(assigns) >= len(sync) else ""
+        return "sync", (f"{stats.SYNC_TEXT}: {len(sync)}{of} registrations slept in a grace "
+                        f"period, {total:.2f} ms in all"), \
+            {"paid_by": f"{len(sync)}{of} registrations", "wait_ms": total,
+             "longest_ms": max(w["wait_ms"] for w in sync), "waits": len(sync)}
+    # The follow-up is a long wait behind registrations (a grace period they started);
+    # one with none before it (a VM's first grace period, say) is someone else's. With
+    # no uprobe, registrations cannot be counted and any long wait is taken for it.
+    counted = any(c.args for c in s.ioctls if c.name == "KVM_IOEVENTFD")
+    long = [w for w in waits if w["wait_ms"] * 1e6 >= LONG_WAIT_NS
+            and (w["registrations_before"] or not counted)]
     if long:
         w = max(long, key=lambda x: x["wait_ms"])
         j = jiffies(w["wait_ms"] * 1e6, hz)
@@ -187,9 +210,17 @@ def verdict(s: Startup, waits: list[dict], hz: int | None) -> tuple[str, str]:
                   f"{'s' if regs != 1 else ''} before it started" if regs else "")
         extra = f" ({len(long)} such waits)" if len(long) > 1 else ""
         return "deferred", (f"{stats.DEFERRED_TEXT} follow-up: {what} waited "
-                            f"{w['wait_ms']:.2f} ms{jtext}{behind}{extra}")
+                            f"{w['wait_ms']:.2f} ms{jtext}{behind}{extra}"), \
+            {"paid_by": what, "wait_ms": sum(x["wait_ms"] for x in long),
+             "longest_ms": w["wait_ms"], "waits": len(long)}
     if not any(c.sleeps for c in s.ioctls) and not s.ioctls:
-        return "unknown", "no KVM ioctls were traced"
+        return "unknown", "no KVM ioctls were traced", None
     if assigns and not any(c.args for c in assigns):
-        return "unknown", "registrations could not be told from deassigns (no uprobe)"
-    return "none", "no KVM ioctl waited for an SRCU grace period"
+        return "unknown", "registrations could not be told from deassigns (no uprobe)", None
+    other = [w for w in waits if w["wait_ms"] * 1e6 >= LONG_WAIT_NS]
+    if other:
+        w = max(other, key=lambda x: x["wait_ms"])
+        what = f"{w['name']} {w['what']}".strip() if w["what"] else w["name"]
+        return "none", (f"no ioctl waited behind the registrations' grace periods ({what} "
+                        f"waited {w['wait_ms']:.2f} ms for one no registration started)"), None
+    return "none", "no KVM ioctl waited for an SRCU grace period", None

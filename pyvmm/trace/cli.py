@@ -53,6 +53,12 @@ def add_parsers(sub) -> None:
     t.add_argument("--strace", action="store_true",
                    help="use strace -f -T instead of tracefs (no sleeps or stacks; slows "
                         "the start-up several times): what is used when tracefs cannot be")
+    t.add_argument("--no-args", action="store_true",
+                   help="no uprobe on the C library's ioctl(): ioctls are named but their "
+                        "arguments are not decoded (the uprobe's trap is most of what "
+                        "tracing costs a start-up; see docs/trace.md)")
+    t.add_argument("--no-stacks", action="store_true",
+                   help="no kernel stack on sleeps: what an ioctl waited in is unknown")
     t.add_argument("--out", default="results", help="parent directory for results")
     t.add_argument("--json", action="store_true",
                    help="print trace.json on stdout (tables and progress on stderr)")
@@ -100,7 +106,8 @@ def cmd_trace(args) -> int:
                       highlight=False)
             use_strace = True
     tr = TraceRun(argv, args.out, args.repeat, port, args.timeout, args.overhead, workload,
-                  ok, use_strace=use_strace, captures_json=captures)
+                  ok, use_strace=use_strace, captures_json=captures,
+                  arguments=not args.no_args, stacks=not args.no_stacks)
     total = args.repeat * (2 if args.overhead else 1)
     con.print(f"pyvmm trace: {workload or ' '.join(argv)}, {args.repeat} traced start-up(s)"
               + (", with as many untraced (A/B)" if args.overhead else "")

@@ -26,7 +26,8 @@ _UPROBE = re.compile(r"fd=(-?\d+) cmd=(0x[0-9a-f]+) arg=(0x[0-9a-f]+)"
 _PIO = re.compile(r"pio_(read|write) at (0x[0-9a-f]+) size (\d+) count (\d+)(?: val (0x[0-9a-f]+))?")
 _EXIT_REASON = re.compile(r"reason (\S+)")
 
-UPROBE_EVENT = "kvm_ioctl"      # the name of the uprobe event on libc's ioctl
+UPROBE_EVENT = "kvm_ioctl"      # the uprobe event at libc's ioctl() entry
+UPROBE_AFTER = "kvm_ioctl_done"  # the same, right after its syscall: it follows the call
 
 
 class Sleep:
@@ -119,6 +120,7 @@ def build(events: list[tracefs.Event], scale: float, root: int | None,
     open_call: dict[int, Ioctl] = {}
     closing: dict[int, int] = {}                     # tid -> fd being closed
     pending: dict[int, tuple] = {}                   # tid -> uprobe (fd, cmd, arg, words)
+    done: dict[int, Ioctl] = {}                      # tid -> the ioctl that just returned
     asleep: dict[int, tuple[Ioctl, Sleep, tracefs.Event]] = {}
     tgid_of: dict[int, int] = {}
     origin = None
@@ -168,18 +170,27 @@ def build(events: list[tracefs.Event], scale: float, root: int | None,
                     proc(pid).t_exit = t
                     if pid == root:
                         s.milestones["process end"] = t
-        elif name == UPROBE_EVENT:
+        elif name == UPROBE_EVENT or name == UPROBE_AFTER:
             m = _UPROBE.search(body)
             if m:
                 s.uprobe_hits += 1
                 words = tuple(int(w, 16) for w in m.groups()[3:7]) if m.group(4) else None
-                pending[tid] = (int(m.group(1)), int(m.group(2), 16), int(m.group(3), 16),
-                                words)
+                up = (int(m.group(1)), int(m.group(2), 16), int(m.group(3), 16), words)
+                if name == UPROBE_EVENT:
+                    pending[tid] = up
+                else:       # after the call: the thread's ioctl that just returned
+                    call = done.pop(tid, None)
+                    if call is not None and call.words is None and call.fd == up[0] \
+                            and (call.cmd & 0xFFFFFFFF) == (up[1] & 0xFFFFFFFF):
+                        call.words = words
+                        call.args = ioctls.args(call.name, call.arg, words)
         elif name == "sys_enter":
             e = tracefs.sys_enter(body)
             if not e:
                 continue
             nr, a = e
+            if nr == NR_IOCTL:
+                done.pop(tid, None)
             if nr == NR_IOCTL and len(a) >= 3 and ioctls.is_kvm(a[1]):
                 words = None
                 up = pending.pop(tid, None)
@@ -213,6 +224,7 @@ def build(events: list[tracefs.Event], scale: float, root: int | None,
                 if call.kind is None:
                     call.kind = table.get(call.fd) or ioctls.listed_kind(call.cmd)
                 s.ioctls.append(call)
+                done[tid] = call
                 if call.name == "KVM_RUN" and first_run is None:
                     first_run = call.t_in
             elif nr == NR_CLOSE:

@@ -9,7 +9,11 @@ our own follows its whole process tree (set_event_pid with event-fork) with
 - kvm_userspace_exit and kvm_pio: the guest's first exit, and writes to a named port;
 - a uprobe on the ioctl() of the C library the command uses (or on the command itself
   when it is static), reading the first 32 bytes its third argument points to: the
-  ioeventfd address, length and flags, the memslot, the coalesced-MMIO zone.
+  ioeventfd address, length and flags, the memslot, the coalesced-MMIO zone. Where the
+  function's code allows, the probe sits on the conditional branch right after its
+  `syscall` instruction rather than on its first one: the kernel emulates a branch, so
+  a hit costs one trap instead of a trap and a single-step (on a host where traps are
+  dear, most of what tracing costs a start-up); the data is then read after the call.
 
 Then the command is released and waited for. Whatever the kernel lacks is left out and
 said (`notes`): no uprobes means no arguments, no trigger means no stacks. Without
@@ -26,18 +30,48 @@ import signal
 import subprocess
 import threading
 import time
+from typing import NamedTuple
 
 from .. import tracefs
 from ..errors import PyvmmError, TraceUnavailable
 from . import model
 
 PREFIX = "pyvmm-trace"
-# A stack for every uninterruptible sleep (D: grace periods, mutexes, I/O), the waits
-# that block an ioctl; interruptible ones (S) are the VMM's threads idling in poll and
-# futex most of the time, and a stack for each would cost the start-up for nothing.
-SLEEP_TRIGGER = "stacktrace if prev_state & 2"
-UPROBE_ARGS = ("fd=%di:s32 cmd=%si:x64 arg=%dx:x64 w0=+0(%dx):x64 w1=+8(%dx):x64 "
-               "w2=+16(%dx):x64 w3=+24(%dx):x64")
+# A stack for every switch-out but an interruptible sleep: uninterruptible sleeps (D:
+# grace periods, mutexes, I/O) and preemptions (R+: on one CPU, a grace period's own
+# work preempts the thread that waits for it before it can sleep). Interruptible ones
+# (S) are the VMM's threads idling in poll and futex most of the time, and a stack for
+# each would cost the start-up for nothing.
+SLEEP_TRIGGER = "stacktrace if prev_state != 1"
+
+
+class ProbeSite(NamedTuple):
+    """Where the uprobe goes and where the third argument is when it fires: `arg` is
+    '%dx' at the function's entry, or a slot of the stack ('+48(%sp)') after the syscall
+    (`after`), where the function saved it; fd and request stay in %di and %si."""
+    path: str
+    offset: int
+    arg: str = "%dx"
+    after: bool = False
+
+    @property
+    def fetch(self) -> str:
+        a = self.arg
+        return (f"fd=%di:s32 cmd=%si:x64 arg={a}:x64 w0=+0({a}):x64 w1=+8({a}):x64 "
+                f"w2=+16({a}):x64 w3=+24({a}):x64")
+
+    @property
+    def event(self) -> str:
+        return model.UPROBE_AFTER if self.after else model.UPROBE_EVENT
+
+    def text(self) -> str:
+        """One line for a lab job's environment (parse() reads it back)."""
+        return f"{self.path}:{self.offset:#x}:{self.arg}"
+
+    @classmethod
+    def parse(cls, text: str) -> "ProbeSite":
+        path, off, arg = text.rsplit(":", 2)
+        return cls(path, int(off, 0), arg, arg != "%dx")
 
 
 class Recording:
@@ -55,6 +89,7 @@ class Recording:
         self.method = "tracefs"
         self.startup: model.Startup | None = None
         self.text = ""              # the trace as tracefs printed it
+        self.probe: str | None = None   # where the uprobe sat, when there was one
 
 
 # --- where ioctl() lives ------------------------------------------------------------------
@@ -78,24 +113,101 @@ def executable(argv0: str) -> str | None:
     return path if head.startswith(b"\x7fELF") else None
 
 
-def ioctl_site(exe: str) -> tuple[str, int] | tuple[None, str]:
-    """(file, offset) of the ioctl() the executable calls: its C library's, or its own
-    when it is linked statically; (None, why) when it cannot be found."""
+def ioctl_site(exe: str) -> ProbeSite | tuple[None, str]:
+    """Where to probe the ioctl() the executable calls: its C library's, or its own when
+    it is linked statically; (None, why) when it cannot be found."""
     p = subprocess.run(["ldd", exe], capture_output=True, text=True)
     libc = None
     for line in p.stdout.splitlines():
         m = re.match(r"\s*libc\.so\.\d+ => (\S+)", line)
         if m:
-            libc = os.path.realpath(m.group(1))
+            libc = m.group(1)       # the path the loader uses (a lab initramfs has only it)
     target = libc or exe
-    off = symbol_offset(target, "ioctl")
-    if off is None:
+    vaddr = symbol_address(target, "ioctl")
+    if vaddr is None:
         return None, f"no ioctl symbol in {target}"
-    return target, off
+    after = branch_after_syscall(target, vaddr)
+    if after is not None:
+        at, slot = after
+        return ProbeSite(target, _file_offset(target, at), f"+{slot}(%sp)", True)
+    return ProbeSite(target, _file_offset(target, vaddr))
+
+
+_REGS = {r: {f"%r{r}", f"%e{r}", f"%{r}", f"%{r}l"} for r in ("di", "si", "dx", "sp")}
+_INSN = re.compile(r"^\s*([0-9a-f]+):\s+(?:(?:ds|cs|fs|gs|notrack|bnd)\s+)*(\S+)\s*(.*?)\s*(?:#.*)?$")
+
+
+def _dest(ops: str) -> str:
+    """The operand an AT&T instruction writes (its last), '' for none."""
+    depth, last = 0, 0
+    for i, ch in enumerate(ops):
+        depth += ch == "("
+        depth -= ch == ")"
+        if ch == "," and depth == 0:
+            last = i + 1
+    return ops[last:].strip()
+
+
+def branch_after_syscall(path: str, vaddr: int) -> tuple[int, int] | None:
+    """(address of the conditional branch right after the function's syscall, stack
+    slot where the function saved its third argument), or None when the code is not the
+    plain shape this needs: straight-line code that saves %rdx to the stack below one
+    frame adjustment, the syscall, and then a conditional branch, with %rdi, %rsi and
+    %rsp untouched until it. Anything else keeps the probe at the entry."""
+    if not shutil.which("objdump"):
+        return None
+    p = subprocess.run(["objdump", "-d", "--no-show-raw-insn", f"--start-address={vaddr:#x}",
+                        f"--stop-address={vaddr + 192:#x}", path],
+                       capture_output=True, text=True)
+    return branch_in(p.stdout)
+
+
+def branch_in(disassembly: str) -> tuple[int, int] | None:
+    """branch_after_syscall on objdump's text (pure)."""
+    slot, framed, called = None, False, False
+    for line in disassembly.splitlines():
+        m = _INSN.match(line)
+        if not m:
+            continue
+        addr, mn, ops = int(m.group(1), 16), m.group(2), m.group(3)
+        dest = _dest(ops)
+        branch = mn.startswith(("j", "call", "ret", "loop")) or mn in ("syscall", "int3",
+                                                                       "push", "pop")
+        if called:
+            if mn.startswith("j") and not mn.startswith("jmp"):
+                return addr, slot
+            if branch or dest in _REGS["di"] | _REGS["si"] | _REGS["sp"]:
+                return None
+            continue
+        if mn == "syscall":
+            if slot is None:
+                return None
+            called = True
+            continue
+        if branch or dest in _REGS["di"] | _REGS["si"]:
+            return None
+        if dest in _REGS["sp"]:
+            if framed or slot is not None or not re.fullmatch(r"\$0x[0-9a-f]+,%rsp", ops) \
+                    or mn != "sub":
+                return None
+            framed = True
+            continue
+        if dest in _REGS["dx"] and slot is None:
+            return None             # the argument changed before it was saved
+        save = re.fullmatch(r"%rdx,(0x[0-9a-f]+)?\(%rsp\)", ops)
+        if mn == "mov" and save and slot is None:
+            slot = int(save.group(1) or "0", 16)
+    return None
 
 
 def symbol_offset(path: str, name: str) -> int | None:
     """The file offset of a defined function symbol (dynamic or static), for a uprobe."""
+    vaddr = symbol_address(path, name)
+    return None if vaddr is None else _file_offset(path, vaddr)
+
+
+def symbol_address(path: str, name: str) -> int | None:
+    """The virtual address of a defined function symbol (dynamic or static)."""
     for args in (["nm", "-D", "--defined-only", path], ["nm", "--defined-only", path]):
         if not shutil.which("nm"):
             return None
@@ -103,7 +215,7 @@ def symbol_offset(path: str, name: str) -> int | None:
         for line in p.stdout.splitlines():
             parts = line.split()
             if len(parts) == 3 and parts[2].split("@", 1)[0] == name and parts[1] in "TtWwiI":
-                return _file_offset(path, int(parts[0], 16))
+                return int(parts[0], 16)
     return None
 
 
@@ -128,11 +240,12 @@ def _clean_stale(root: str) -> None:
 
 def record(argv: list[str], port: int | None = None, timeout_s: float = 120.0,
            output=subprocess.DEVNULL, root: str = tracefs.TRACEFS,
-           env: dict | None = None, stacks: bool = True, arguments: bool = True) \
-        -> Recording:
+           env: dict | None = None, stacks: bool = True, arguments: bool = True,
+           site: ProbeSite | None = None) -> Recording:
     """Run `argv` traced; raises TraceUnavailable when tracefs cannot be used at all.
     `stacks` and `arguments` turn off the stacktrace trigger and the uprobe (less
-    overhead, less said)."""
+    overhead, less said); `site` gives the uprobe's place when this machine has no ldd
+    or binutils to find it (inside a lab kernel)."""
     rec = Recording()
     exe = executable(argv[0])
     if exe is None:
@@ -162,16 +275,29 @@ def record(argv: list[str], port: int | None = None, timeout_s: float = 120.0,
             rec.notes.append("no kvm:kvm_userspace_exit event: no first guest exit")
         if port is not None and not inst.enable("kvm/kvm_pio"):
             rec.notes.append("no kvm:kvm_pio event: port writes are not seen")
-        site = ioctl_site(exe) if arguments else (None, "--no-args")
+        if not arguments:
+            site = (None, "--no-args")
+        elif site is None:
+            site = ioctl_site(exe)
         group = f"pyvmm_{os.getpid()}"
         if site[0] is None:
             rec.notes.append(f"no uprobe ({site[1]}): ioctl arguments are not decoded")
-        elif not inst.add_uprobe(group, model.UPROBE_EVENT,
-                                 f"{site[0]}:{site[1]:#x} {UPROBE_ARGS}"):
-            rec.notes.append("uprobes are not available: ioctl arguments are not decoded")
-        elif not inst.enable(f"{group}/{model.UPROBE_EVENT}"):
-            rec.notes.append("the uprobe could not be enabled: ioctl arguments are not "
-                             "decoded")
+        else:
+            placed = _probe(inst, group, site)
+            if not placed and site.after:
+                # a kernel that refuses the probe after the syscall: the entry, then
+                entry = symbol_offset(site.path, "ioctl")
+                site = ProbeSite(site.path, entry or 0)
+                placed = entry is not None and _probe(inst, group, site)
+            if not placed:
+                rec.notes.append("uprobes are not available: ioctl arguments are not "
+                                 "decoded")
+            elif not inst.enable(f"{group}/{site.event}"):
+                rec.notes.append("the uprobe could not be enabled: ioctl arguments are not "
+                                 "decoded")
+            else:
+                rec.probe = (f"{os.path.basename(site.path)}+{site.offset:#x} "
+                             + ("after the syscall" if site.after else "at ioctl()'s entry"))
         inst.option("event-fork", True)
         rec.pid, rec.rc, rec.wall_ns, released = _run_held(argv, inst, timeout_s, output,
                                                             env)
@@ -201,6 +327,10 @@ def record(argv: list[str], port: int | None = None, timeout_s: float = 120.0,
         rec.notes.append("the uprobe on ioctl() saw no call: the command calls the kernel "
                          "without the C library's ioctl(); arguments are not decoded")
     return rec
+
+
+def _probe(inst: tracefs.Instance, group: str, site: ProbeSite) -> bool:
+    return inst.add_uprobe(group, site.event, f"{site.path}:{site.offset:#x} {site.fetch}")
 
 
 def run_untraced(argv: list[str], timeout_s: float = 120.0, output=subprocess.DEVNULL,

@@ -41,6 +41,7 @@ def run_dict(rec: record.Recording, hz: int | None) -> dict:
     s = rec.startup
     return {"rc": rec.rc, "pid": rec.pid, "wall_ms": rec.wall_ns / 1e6,
             "method": rec.method, "clock": rec.clock, "notes": rec.notes,
+            "probe": rec.probe,
             "summary": attribute.summary(s, hz),
             "ioctls": [ioctl_dict(c) for c in s.ioctls],
             "ports": [{"t_ms": t / 1e6, "dir": d, "port": p, "value": v}
@@ -75,19 +76,22 @@ class TraceRun:
                  timeout_s: float = 120.0, overhead: bool = False, workload: str | None = None,
                  ok_status: set[int] | None = None, host: dict | None = None,
                  hz: int | None = None, use_strace: bool = False,
-                 captures_json: bool = False):
+                 captures_json: bool = False, arguments: bool = True,
+                 stacks: bool = True):
         if repeat < 1:
             raise PyvmmError("--repeat must be at least 1")
         self.argv, self.repeat, self.port, self.timeout_s = argv, repeat, port, timeout_s
         self.overhead, self.ok_status, self.use_strace = overhead, ok_status, use_strace
         self.captures_json = captures_json
+        self.arguments, self.stacks = arguments, stacks
         self.host = host or hostinfo.collect(with_kvm=False)
         self.hz = hz if hz is not None else self.host.get("config_hz")
         self.dir = new_run_dir(out, dict(self.host, hostname=f"trace-{self.host['hostname']}"))
         self.path = os.path.join(self.dir, "trace.json")
         self.doc = envelope(SCHEMA, self.host, status="running", finished=None,
                             traced=list(argv), workload=workload, port=port, hz=self.hz,
-                            repeat=repeat, runs=[], untraced=[], medians=None,
+                            repeat=repeat, arguments=arguments, stacks=stacks,
+                            runs=[], untraced=[], medians=None,
                             overhead=None)
         self._save = Saver(self.path, self.doc)
 
@@ -109,7 +113,8 @@ class TraceRun:
                         rec = record.record_strace(self.argv, self.timeout_s, out.fileno())
                     else:
                         rec = record.record(self.argv, self.port, self.timeout_s,
-                                            out.fileno())
+                                            out.fileno(), arguments=self.arguments,
+                                            stacks=self.stacks)
                 self._check(rec.rc, "traced")
                 with open(os.path.join(self.dir, f"trace-{i + 1}.txt"), "w") as f:
                     f.write(rec.text)

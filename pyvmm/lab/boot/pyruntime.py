@@ -15,20 +15,15 @@ list and the files' sizes and mtimes; the lab appends it to the initramfs.
 
 from __future__ import annotations
 
-import gzip
-import hashlib
 import json
 import os
-import re
 import subprocess
 import sys
 import sysconfig
-import tempfile
 from dataclasses import dataclass
 
 from ...errors import LabError
-from ..sources.cache import cache_dir
-from .initramfs import Entry, cpio_newc
+from .archive import ldd, pack
 
 # Imported in the child to find the file set: the inner runner and what its jobs import
 # lazily (the jobs' modules are imported at the top of a function, not of the module).
@@ -38,6 +33,7 @@ import importlib.machinery, traceback, linecache, tokenize
 import pyvmm.lab.experiments.inner, pyvmm.ptwrite, pyvmm.checks.races, pyvmm.checks.gmem
 import pyvmm.stress, pyvmm.vcpu, pyvmm.vm, pyvmm.kvm, pyvmm.kvmstats, pyvmm.memory
 import pyvmm.recipe, pyvmm.guests, pyvmm.stress.xen
+import pyvmm.trace.record, pyvmm.trace.runs, pyvmm.trace.workloads
 pyvmm.guests.load("ptwrite"); pyvmm.guests.helper_path()
 for bad in ("rich", "matplotlib", "numpy"):
     if bad in sys.modules:
@@ -67,16 +63,6 @@ def _probe() -> dict:
         raise LabError("could not list what the lab's Python runtime needs: "
                        + (p.stderr.strip().splitlines() or ["no output"])[-1])
     return json.loads(p.stdout)
-
-
-def _ldd(path: str) -> list[str]:
-    p = subprocess.run(["ldd", path], capture_output=True, text=True)
-    out = []
-    for line in p.stdout.splitlines():
-        m = re.search(r"(/\S+)\s+\(0x", line)
-        if m:
-            out.append(m.group(1))
-    return out
 
 
 def collect() -> tuple[list[str], dict]:
@@ -115,18 +101,13 @@ def collect() -> tuple[list[str], dict]:
     files.add(os.path.join(stdlib, "os.py"))
     libs = set()
     for f in [exe] + [x for x in files if x.endswith(".so") or ".so." in x]:
-        libs.update(_ldd(f))
+        libs.update(ldd(f))
     files |= libs
     return sorted(files), info
 
 
 def build(log=print) -> Runtime:
     files, info = collect()
-    stat = []
-    for f in files:
-        st = os.stat(f)
-        stat.append((f, st.st_size, int(st.st_mtime)))
-    key = hashlib.sha256(json.dumps(stat).encode()).hexdigest()[:16]
     # site-packages, and the folder that holds pyvmm itself when that is elsewhere (an
     # editable install: the checkout is the install).
     site = sorted({p for p in info["path"] if p.endswith("site-packages")})
@@ -136,29 +117,5 @@ def build(log=print) -> Runtime:
     command = ["env", "PYTHONNOUSERSITE=1", "PYTHONDONTWRITEBYTECODE=1", "PYVMM_LAB_INNER=1",
                f"PYTHONPATH={':'.join(site)}", os.path.realpath(info["executable"]),
                "-m", "pyvmm.lab.experiments.inner"]
-    size = sum(s for _, s, _ in stat)
-    path = os.path.join(cache_dir(), "pyruntime", f"runtime-{key}.cpio.gz")
-    if os.path.exists(path):
-        with open(path, "rb") as f:
-            return Runtime(f.read(), command, len(files), size, True)
-    log(f"building the lab's Python runtime ({len(files)} files, {size / 2**20:.1f} MiB)")
-    entries, dirs = [], set()
-    for f, _, mtime in stat:
-        parent = os.path.dirname(f).lstrip("/")
-        chain = []
-        while parent and parent not in dirs:
-            chain.append(parent)
-            dirs.add(parent)
-            parent = os.path.dirname(parent)
-        entries += [Entry(d, 0o040755) for d in reversed(chain)]
-        mode = os.stat(f).st_mode
-        with open(f, "rb") as fh:
-            entries.append(Entry(f.lstrip("/"), 0o100000 | (mode & 0o777), fh.read(),
-                                 mtime=mtime))
-    blob = gzip.compress(cpio_newc(entries), compresslevel=6, mtime=0)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".runtime-")
-    with os.fdopen(fd, "wb") as f:
-        f.write(blob)
-    os.replace(tmp, path)
-    return Runtime(blob, command, len(files), size, False)
+    blob, cached, size = pack(files, "pyruntime", "the lab's Python runtime", log)
+    return Runtime(blob, command, len(files), size, cached)

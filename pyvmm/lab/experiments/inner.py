@@ -12,6 +12,8 @@ to the data port:
   xen:SECONDS[:SEEDS[:BOUND]]  pyvmm stress --xen, once per seed 1..SEEDS, each until the
                                watchdog sees a hang (BOUND seconds without return) or
                                SECONDS pass
+  trace:qemu-microvm[:K[:R]]   pyvmm trace of QEMU microvm with K virtio devices, R
+                               start-ups (QEMU is copied into the initramfs by the host)
 
 Nothing here imports rich, matplotlib or numpy: the lab's initramfs carries only what
 these jobs need (pyvmm.lab.boot.pyruntime collects it by importing this module's JOBS).
@@ -74,7 +76,29 @@ def _xen(seconds: str = "30", seeds: str = "1", bound: str = "5") -> dict:
     return {"runs": runs}
 
 
-JOBS = {"ptwrite": _ptwrite, "check": _check, "stress": _stress, "xen": _xen}
+def _trace(workload: str = "qemu-microvm", k: str = "0", repeats: str = "1") -> dict:
+    """pyvmm trace of a workload, REPEATS start-ups; what the host found out for it comes
+    in the environment (the QEMU copied in, the uprobe's site, the kernel's HZ)."""
+    from ...trace import attribute, record, workloads
+    w = workloads.parse(f"{workload}:{k}", qemu=os.environ.get("PYVMM_TRACE_QEMU"))
+    site = None
+    if os.environ.get("PYVMM_TRACE_UPROBE"):
+        site = record.ProbeSite.parse(os.environ["PYVMM_TRACE_UPROBE"])
+    hz = int(os.environ.get("PYVMM_TRACE_HZ") or 0) or None
+    runs = []
+    for _ in range(int(repeats)):
+        rec = record.record(w.argv, w.port, timeout_s=300.0, site=site)
+        if rec.rc not in w.ok_status:
+            raise PyvmmError(f"{w.spec} exited with status {rec.rc} in the lab kernel")
+        summ = attribute.summary(rec.startup, hz)
+        summ.pop("by_ioctl", None)
+        runs.append({"rc": rec.rc, "wall_ms": rec.wall_ns / 1e6, "notes": rec.notes,
+                     "probe": rec.probe, "summary": summ})
+    return {"workload": w.spec, "runs": runs}
+
+
+JOBS = {"ptwrite": _ptwrite, "check": _check, "stress": _stress, "xen": _xen,
+        "trace": _trace}
 
 
 def parse_job(text: str) -> tuple[str, list[str]]:
@@ -82,13 +106,18 @@ def parse_job(text: str) -> tuple[str, list[str]]:
     name, *args = text.split(":")
     if name not in JOBS:
         raise PyvmmError(f"unknown lab job '{name}': {', '.join(JOBS)} "
-                         "(e.g. ptwrite:2000, check:memslot-coherence, stress:30, xen:30:3)")
+                         "(e.g. ptwrite:2000, check:memslot-coherence, stress:30, xen:30:3, "
+                         "trace:qemu-microvm:2)")
     for a in args:
         if not a or any(c.isspace() for c in a):
             raise PyvmmError(f"lab job '{text}': empty or spaced argument")
     if name in ("ptwrite", "stress", "xen") and not all(a.replace(".", "", 1).isdigit()
                                                         for a in args):
         raise PyvmmError(f"lab job '{text}': {name} takes numbers")
+    if name == "trace":
+        if not args or args[0] != "qemu-microvm" or not all(a.isdigit() for a in args[1:3]) \
+                or len(args) > 3:
+            raise PyvmmError(f"lab job '{text}': give trace:qemu-microvm[:K[:REPEATS]]")
     return name, args
 
 

@@ -18,7 +18,7 @@ from ... import hostinfo
 from ...analysis.plan import new_run_dir
 from ...errors import LabError
 from ...results import envelope, finishing, write_json_atomic
-from ..boot import initramfs, pyruntime, qemu
+from ..boot import initramfs, pyruntime, qemu, vmmruntime
 from . import inner
 from .prepare import ENVIRONMENT, LabOptions, Ui, Variant, inner_host, module_args, prepare
 
@@ -56,9 +56,14 @@ def run_jobs(opts: LabOptions, jobs: list[str], ui: Ui | None = None) -> JobsRun
     t = time.monotonic()
     rt = pyruntime.build(ui.log)
     timings["runtime_s"] = time.monotonic() - t
+    env, extra, vmm = [], rt.archive, None
+    if any(j.startswith("trace:") for j in jobs):
+        env, vmm = _vmm_for_traces(prep.kit, ui)
+        extra += vmm.archive
+    command = rt.command[:1] + env + rt.command[1:] + list(jobs)
     image = initramfs.build(prep.busybox, prep.helper, prep.modules, "",
                             module_args=module_args(prep.kit, opts.kvm_args),
-                            python=rt.command + list(jobs), extra=rt.archive)
+                            python=command, extra=extra)
     outer = hostinfo.collect(with_kvm=False)
     host = inner_host(prep.kit, {}, opts.smp, outer)
     out = new_run_dir(opts.out, dict(host, hostname="lab-run"))
@@ -75,7 +80,10 @@ def run_jobs(opts: LabOptions, jobs: list[str], ui: Ui | None = None) -> JobsRun
                         "kvm_patch": None if prep.built is None else dict(prep.built.meta),
                         "initramfs_bytes": len(image), "runtime_bytes": len(rt.archive),
                         "runtime_files": rt.files, "runtime_cached": rt.cached,
-                        "qemu": qemu.qemu_version(prep.kit.arch.qemu), "timings": timings})
+                        "qemu": qemu.qemu_version(prep.kit.arch.qemu), "timings": timings,
+                        "traced_vmm": None if vmm is None else {
+                            "binary": vmm.binary, "files": vmm.files,
+                            "bytes": len(vmm.archive), "cached": vmm.cached}})
     path = os.path.join(out, "results.json")
     write_json_atomic(path, doc)
     # Jobs print only when they finish: the stall bound is the whole run's.
@@ -113,3 +121,17 @@ def run_jobs(opts: LabOptions, jobs: list[str], ui: Ui | None = None) -> JobsRun
                            + "\n  ".join(stream.errors[-12:] or ["none"]))
         doc["status"] = "complete" if all(r["ok"] for r in doc["results"]) else "failed"
     return JobsRun(doc, out, timings)
+
+
+def _vmm_for_traces(kit, ui) -> tuple[list[str], "vmmruntime.VmmRuntime"]:
+    """The QEMU the trace jobs run, copied in with its libraries, and what the inner
+    tracer cannot find out in an initramfs without binutils: the uprobe's site in the
+    C library, and the lab kernel's HZ."""
+    from ...trace import record, workloads
+    ui.stage("VMM for the trace")
+    vmm = vmmruntime.build(workloads.QEMU, ui.log)
+    env = [f"PYVMM_TRACE_QEMU={vmm.binary}", f"PYVMM_TRACE_HZ={kit.meta.get('config_hz') or 0}"]
+    site = record.ioctl_site(vmm.binary)
+    if site[0] is not None:
+        env.append(f"PYVMM_TRACE_UPROBE={site.text()}")
+    return env, vmm

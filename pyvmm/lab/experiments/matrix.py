@@ -13,12 +13,12 @@ import os
 import time
 from dataclasses import dataclass, field, replace
 
-from ...analysis import report
+from ...analysis import report, stats
 from ...analysis.plan import SweepConfig
 from ...errors import LabError
 from ...results import envelope, finishing, write_json_atomic
 from ..builds.patch import load_patches
-from . import kernel_lab
+from . import jobs, kernel_lab
 from .prepare import LabOptions, Ui, Variant, check_options, parse_variant
 
 SCHEMA = "pyvmm-lab-matrix/1"
@@ -49,8 +49,10 @@ class MatrixRun:
 
 
 def run_matrix(variants: list[Variant], cfg: SweepConfig, base: LabOptions,
-               ui: Ui | None = None, out_dir: str | None = None) -> MatrixRun:
-    """Run every variant with the same plan; returns the matrix document."""
+               ui: Ui | None = None, out_dir: str | None = None,
+               workload: str | None = None, repeats: int = 3) -> MatrixRun:
+    """Run every variant with the same plan (or, with `workload`, trace that VMM's
+    start-up `repeats` times in each); returns the matrix document."""
     ui = ui or Ui()
     for v in variants:         # everything checked before the first download
         check_options(replace(base, kernel=v.kernel, kvm_patch=v.patch))
@@ -65,6 +67,7 @@ def run_matrix(variants: list[Variant], cfg: SweepConfig, base: LabOptions,
     path = os.path.join(out_dir, "matrix.json")
     doc = envelope(SCHEMA, None, status="running", finished=None,
                    variants=[v.label for v in variants], config=cfg.to_dict(),
+                   workload=workload, trace_repeats=repeats if workload else None,
                    rows=[], failed=[], timings={})
     t0 = time.monotonic()
     write_json_atomic(path, doc)
@@ -75,17 +78,28 @@ def run_matrix(variants: list[Variant], cfg: SweepConfig, base: LabOptions,
             tv = time.monotonic()
             opts = replace(base, kernel=v.kernel, kvm_patch=v.patch, out=out_dir)
             try:
-                run = kernel_lab.run_lab(opts, cfg, ui)
+                if workload:
+                    run = jobs.run_jobs(opts, [f"trace:{workload}:{repeats}"], ui)
+                else:
+                    run = kernel_lab.run_lab(opts, cfg, ui)
             except LabError as e:
                 doc["failed"].append({"variant": v.label, "error": str(e)})
                 ui.log(f"variant {v.label} failed: {str(e).splitlines()[0]}")
                 write_json_atomic(path, doc)
                 continue
-            # The run's evidence, as every row of a comparison shows it; the variant's
-            # name, its patch and where its run.json lives around it.
-            row = {"variant": v.label, "patch": v.patch,
-                   **report.run_summary(run.doc, SHARE_NS),
-                   "run": os.path.join(run.out_dir, "run.json")}
+            if workload:
+                try:
+                    row = trace_row(v, run.doc, run.out_dir)
+                except LabError as e:
+                    doc["failed"].append({"variant": v.label, "error": str(e)})
+                    write_json_atomic(path, doc)
+                    continue
+            else:
+                # The run's evidence, as every row of a comparison shows it; the
+                # variant's name, its patch and where its run.json lives around it.
+                row = {"variant": v.label, "patch": v.patch,
+                       **report.run_summary(run.doc, SHARE_NS),
+                       "run": os.path.join(run.out_dir, "run.json")}
             row["wall_s"] = round(time.monotonic() - tv, 1)
             row["timings"] = {k: (round(x, 1) if isinstance(x, float) else x)
                               for k, x in run.timings.items()}
@@ -93,6 +107,84 @@ def run_matrix(variants: list[Variant], cfg: SweepConfig, base: LabOptions,
             write_json_atomic(path, doc)
         doc["status"] = "complete" if not doc["failed"] else "failed"
     return MatrixRun(doc, out_dir, doc["timings"])
+
+
+def trace_row(variant: Variant, doc: dict, run_dir: str) -> dict:
+    """One row from a variant's traced start-ups (a lab run of trace:WORKLOAD:R): the
+    medians, the longest SRCU wait and who paid it, the verdict by majority, and whether
+    the static kernel-check agrees."""
+    res = [r for r in doc["results"] if r["job"].startswith("trace:")]
+    if not res or not res[0]["ok"]:
+        raise LabError(f"the trace of {variant.label} failed: "
+                       f"{res[0]['error'] if res else 'no result'}")
+    runs = [r["summary"] for r in res[0]["data"]["runs"]]
+    kinds = [r["behaviour"] for r in runs]
+    behaviour = max(set(kinds), key=kinds.count)
+    # what the regression cost, in the runs that gave the majority's verdict: every
+    # registration's wait (sync), or the follow-up's (deferred)
+    costs = [r["cost"] for r in runs if r["behaviour"] == behaviour and r.get("cost")]
+    paid = [c["paid_by"] for c in costs]
+    longest = [c["longest_ms"] for c in costs]
+    hz = runs[0].get("hz")
+    kc = doc.get("kernel_check") or {}
+    as_sweep = "sync" if behaviour == "sync" else "deferred"
+    stall_ns = (stats.median(longest) * 1e6 if behaviour == "deferred" and longest else None)
+    agree = stats.kernel_check_agreement(kc, as_sweep, stall_ns) if kc else {"agrees": None}
+
+    def med(key):
+        xs = [r[key] for r in runs if r.get(key) is not None]
+        return stats.median(xs) if xs else None
+    return {
+        "variant": variant.label, "patch": variant.patch,
+        "kernel": doc["host"].get("kernel"), "package": doc["host"].get("package"),
+        "workload": res[0]["data"]["workload"], "runs": len(runs),
+        "verdict": {"sync": "sync-on-register", "deferred": "deferred-free follow-up",
+                    "none": "no SRCU stall", "unknown": "unknown"}[behaviour],
+        "behaviour": behaviour, "same_verdict": kinds.count(behaviour),
+        "startup_ms": med("startup_ms"), "kvm_ioctl_ms": med("kvm_ioctl_ms"),
+        "srcu_waits": med("srcu_waits"), "srcu_wait_ms": med("srcu_wait_ms"),
+        "registrations": med("registrations"),
+        "regression_ms": stats.median([c["wait_ms"] for c in costs]) if costs else None,
+        "regression_waits": stats.median([c["waits"] for c in costs]) if costs else None,
+        "longest_wait_ms": stats.median(longest) if longest else None,
+        "longest_wait_jiffies": (stats.median(longest) / (1e3 / hz)) if longest and hz
+        else None,
+        "paid_by": max(set(paid), key=paid.count) if paid else None,
+        "hz": hz, "kernel_check": kc.get("mechanism") or kc.get("behaviour"),
+        "kernel_check_summary": kc.get("summary"), "agrees": agree["agrees"],
+        "run": os.path.join(run_dir, "results.json"),
+    }
+
+
+def trace_table(doc: dict):
+    """The matrix of traced start-ups: a row per variant."""
+    from ...tables import Grid
+    t = Grid(title=f"pyvmm lab matrix: {doc['workload']} traced, {doc['trace_repeats']} "
+                   f"start-up(s) per variant, medians", title_justify="left",
+             continued="lab matrix (trace)")
+    for c, left in (("variant", True), ("kernel", True), ("verdict", True),
+                    ("start-up ms", False), ("KVM ioctl ms", False),
+                    ("SRCU waits (n, ms)", False),
+                    ("regression ms (longest, jiffies)", False),
+                    ("paid by", True), ("kernel-check", True), ("agree", False)):
+        t.add_column(c, justify="left" if left else "right")
+    for r in doc["rows"]:
+        j = _f(r["longest_wait_jiffies"], "{:.1f}", "?")
+        t.add_row(r["variant"], _short_kernel(r),
+                  r["verdict"] + (f" ({r['same_verdict']}/{r['runs']})"
+                                  if r["same_verdict"] != r["runs"] else ""),
+                  _f(r["startup_ms"], "{:.1f}"), _f(r["kvm_ioctl_ms"], "{:.1f}"),
+                  f"{_f(r['srcu_waits'], '{:.0f}')}, {_f(r['srcu_wait_ms'])}",
+                  "-" if r["regression_ms"] is None else
+                  f"{r['regression_ms']:.2f} ({r['longest_wait_ms']:.2f}, {j})",
+                  r["paid_by"] or "-", r["kernel_check"] or "-",
+                  {True: "yes", False: "[bold red]NO[/]", None: "-"}[r["agrees"]])
+    t.caption = ("in the lab kernel under QEMU TCG: every instruction is emulated, so times "
+                 "are long, but grace periods run on wall-clock ticks: waits in ms and "
+                 "jiffies carry over, shares of the start-up do not. regression: the "
+                 "registrations' own waits (sync-on-register) or the waits behind the "
+                 "grace periods they started (deferred); paid by: which ioctls")
+    return t
 
 
 # --- output -----------------------------------------------------------------------------
@@ -109,6 +201,8 @@ def _short_kernel(r: dict) -> str:
 def table(doc: dict):
     """The matrix as a table: related figures share a cell; at any width every value is
     whole (pyvmm.tables)."""
+    if doc.get("workload"):
+        return trace_table(doc)
     from ...tables import Grid
     t = Grid(title=f"pyvmm lab matrix: {len(doc['rows'])} variant(s), seed "
                     f"{doc['config']['seed']}, {doc['config']['repeats']} repeats per cell",
@@ -146,6 +240,8 @@ def table(doc: dict):
 
 
 def plot(doc: dict, out_dir: str) -> list[str]:
+    if doc.get("workload"):
+        return []
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -174,6 +270,9 @@ def plot(doc: dict, out_dir: str) -> list[str]:
 
 def json_rows(doc: dict) -> dict:
     """The table as one JSON object (what `--json` prints)."""
+    if doc.get("workload"):
+        return {"schema": doc["schema"], "status": doc["status"],
+                "workload": doc["workload"], "rows": doc["rows"], "failed": doc["failed"]}
     keep = ("variant", "kernel", "patch", "verdict", "assign_us", "eexist_us", "deassign_us",
             "per_op_n", "per_op_us",
             "stall_ms", "stall_jiffies", "stall_phase", "first_deassign_excess_ms",
