@@ -2,7 +2,8 @@
 # Tools the kernel lab needs: QEMU, a static busybox (it runs inside the initramfs),
 # dpkg-deb (unpacks kernel packages), objdump (kernel-check), and for rebuilt KVM
 # modules (--kvm-patch, lab matrix) make, patch, xz and the compiler Debian built the
-# kernel with (gcc-12 for bookworm's 6.1).
+# kernel with (gcc-12 for bookworm's 6.1); for whole-kernel builds (KERNEL@hzN) also
+# flex, bison, bc and the libelf and OpenSSL headers.
 # Says what is missing and fails; with --install (as root, with apt) installs it instead.
 # Nothing is reinstalled when everything is present.
 missing=""
@@ -15,4 +16,9 @@ command -v make >/dev/null 2>&1 || missing="$missing make"
 command -v patch >/dev/null 2>&1 || missing="$missing patch"
 command -v xz >/dev/null 2>&1 || missing="$missing xz-utils"
 command -v gcc-12 >/dev/null 2>&1 || missing="$missing gcc-12"
+command -v flex >/dev/null 2>&1 || missing="$missing flex"
+command -v bison >/dev/null 2>&1 || missing="$missing bison"
+command -v bc >/dev/null 2>&1 || missing="$missing bc"
+[ -e /usr/include/libelf.h ] || missing="$missing libelf-dev"
+[ -e /usr/include/openssl/ssl.h ] || missing="$missing libssl-dev"
 exec sh "$(dirname "$0")/install-packages.sh" "$1" lab $missing

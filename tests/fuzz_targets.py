@@ -384,6 +384,12 @@ _STARTUP_EVENTS = st.sampled_from([
     ("kvm_ioctl_done", "(0x7f72) fd=4 cmd=0x4040ae79 arg=0x1000 w0=0x0 w1=0xd0000000 "
                        "w2=0x800000004 w3=0x5"),
     ("kvm_ioctl_done", "(0x7f72) fd=4 cmd=0x4020ae46 arg=0x1000"),
+    ("timer_start", "timer=00000000aa function=delayed_work_timer_fn expires=1001 "
+                    "[timeout=1] bucket_expiry=1002 cpu=1 idx=3 flags=I"),
+    ("timer_start", "timer=00000000aa function=delayed_work_timer_fn expires=x [timeout=1]"),
+    ("timer_expire_entry", "timer=00000000aa function=delayed_work_timer_fn now=1002 "
+                           "baseclk=1002"),
+    ("workqueue_execute_start", "work struct 00000000cc: function process_srcu"),
     ("sched_switch", "prev_comm=vmm prev_pid=4242 prev_prio=120 prev_state=R+ ==> "
                      "next_comm=kworker/0:1 next_pid=11 next_prio=120"),
     ("sched_switch", "prev_comm=vmm prev_pid=4242 prev_prio=120 prev_state=D ==> "
@@ -430,8 +436,11 @@ def check_startup_text(text: str) -> None:
     s = model.build(tracefs.parse_events(text), 1e9, None, port=0x80)
     for c in s.ioctls:
         assert c.ns >= 0 and all(sl.ns >= 0 for sl in c.sleeps)
-    summ = attribute.summary(s, 250)
+    summ = attribute.summary(s, 250, tracefs.parse_events(text))
     assert summ["behaviour"] in ("sync", "deferred", "none", "unknown")
+    for w in summ["waits"]:
+        if w.get("why"):
+            assert w["why"]["fired_after_jiffies"] > 0 and attribute.why_text(w)
     assert summ["startup_ms"] >= 0 and summ["srcu_wait_ms"] >= 0
     cost = summ["cost"]
     assert (cost is not None) == (summ["behaviour"] in ("sync", "deferred"))

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from pyvmm.analysis import stats
+from pyvmm.analysis import report, stats
 from pyvmm.analysis.plan import SweepConfig, sweep_cells
 from pyvmm.errors import LabError
 from pyvmm.lab.boot import initramfs, qemu, serial
@@ -258,6 +258,81 @@ def test_variants_parse_kernel_and_patch_before_anything_runs(tmp_path):
         matrix.parse_variants("6.1,6.1")
 
 
+def test_whole_kernel_variants_say_their_hz_and_are_checked_before_anything_runs():
+    v = prepare.parse_variant("7.3+srcu-expedited@hz100")
+    assert (v.kernel, v.patch, v.hz, v.label) == ("7.3", "srcu-expedited", 100,
+                                                  "7.3+srcu-expedited@hz100")
+    assert prepare.parse_variant("6.1@hz1000") == prepare.Variant("6.1", None, 1000)
+    assert prepare.split_build("latest") == ("latest", None)
+    for bad, msg in (("6.1@hz123", "HZ 123: a kernel ticks at 100, 250, 300, 1000"),
+                     ("6.1@fast", "unknown build option '@fast'.*@hzN"),
+                     ("6.1+srcu-expedited", "needs a whole-kernel build.*"
+                                            "6.1\\+srcu-expedited@hz250"),
+                     ("7.3+nope@hz100", "unknown KVM patch 'nope'")):
+        with pytest.raises(LabError, match=msg):
+            prepare.parse_variant(bad)
+    # the same checks for `lab kernel` and `lab run` options
+    with pytest.raises(LabError, match="needs a whole-kernel build"):
+        prepare.check_options(prepare.LabOptions(kernel="6.1", kvm_patch="srcu-expedited"))
+    with pytest.raises(LabError, match="'a\"b' is not a plain kernel parameter"):
+        prepare.check_options(prepare.LabOptions(cmdline='x=1 a"b'))
+    assert prepare.check_cmdline("srcutree.srcu_max_nodelay_phase=0 quiet") != ""
+
+
+def test_a_patch_can_be_written_per_series_and_knows_when_it_needs_the_whole_kernel():
+    from pyvmm.lab.builds.patch import load_patches
+    patches = load_patches()
+    p = patches["srcu-expedited"]
+    assert p.series == ("6.1", "7.3") and p.whole_kernel()
+    six, seven = p.for_series("6.1"), p.for_series("7.3")
+    assert "kernel/rcu/srcutree.c" in six.files() and "kernel/rcu/srcutree.c" in seven.files()
+    # 6.1 needs the deferred free too (7.3 has it): only its version adds the rcu_head
+    assert "include/linux/kvm_host.h" in six.files()
+    assert "include/linux/kvm_host.h" not in seven.files()
+    assert six.digest != seven.digest and not patches["defer-free"].whole_kernel()
+    assert patches["srcu-kick"].whole_kernel()
+    assert patches["srcu-kick"].for_series("7.3").files() == ["kernel/rcu/srcutree.c"]
+    assert patches["defer-free"].for_series("7.3") == patches["defer-free"]
+
+
+def test_the_lab_config_is_tinyconfig_plus_ours_plus_debians_timing_and_the_hz():
+    from pyvmm.lab.builds import kernel as kbuild
+    debian = ("CONFIG_HZ_250=y\nCONFIG_HZ=250\nCONFIG_NO_HZ_FULL=y\nCONFIG_PREEMPT_DYNAMIC=y\n"
+              "CONFIG_RCU_NOCB_CPU=y\nCONFIG_TREE_SRCU=y\nCONFIG_DRM=m\n"
+              "# CONFIG_PREEMPT_NONE is not set\n")
+    frag = kbuild.fragment(debian, 100, localversion="-pyvmm-hz100")
+    cfg = kbuild.parse_config(frag)
+    assert cfg["CONFIG_KVM"] == "y" and cfg["CONFIG_KVM_AMD"] == "y"
+    assert cfg["CONFIG_MODULES"] == "n" and "CONFIG_DRM" not in cfg
+    assert cfg["CONFIG_NO_HZ_FULL"] == "y" and cfg["CONFIG_RCU_NOCB_CPU"] == "y"
+    assert (cfg["CONFIG_HZ"], cfg["CONFIG_HZ_100"], cfg["CONFIG_HZ_250"]) == ("100", "y", "n")
+    assert cfg["CONFIG_LOCALVERSION"] == "-pyvmm-hz100"
+    # what Kconfig refused is named; Debian's options may drop, ours may not
+    resolved = dict(cfg, CONFIG_KVM_AMD="", CONFIG_HZ="250")
+    assert kbuild.refused(frag, resolved) == ["CONFIG_HZ", "CONFIG_KVM_AMD"]
+    assert kbuild.refused(frag, dict(cfg, CONFIG_RCU_NOCB_CPU="")) == []
+    # an option this version does not define at all (PROC_SYSCTL is gone in 7.x) is not
+    # asked of it; the HZ always is
+    assert kbuild.refused(frag, resolved, known={"CONFIG_KVM"}) == ["CONFIG_HZ"]
+    with pytest.raises(LabError, match="HZ 99"):
+        kbuild.fragment(debian, 99)
+    log = ("  CC      kernel/rcu/srcutree.o\nkernel/rcu/srcutree.c:12:1: error: expected ';'\n"
+           "make[3]: *** [scripts/Makefile.build:250: kernel/rcu/srcutree.o] Error 1\n")
+    assert kbuild.first_errors(log)[0].startswith("kernel/rcu/srcutree.c:12:1: error")
+
+
+def test_built_kernels_take_module_parameters_on_the_command_line(tmp_path):
+    from pyvmm.lab.sources.kits import Kit
+    kit = Kit(str(tmp_path), {"kvm_builtin": True, "modules": [], "module_names": [],
+                              "version": "7.3.4-1"})
+    assert kit.builtin and kit.kvm_ko.endswith("vmlinux") and kit.series == "7.3"
+    opts = prepare.LabOptions(kvm_args={"kvm-amd": "npt=0 avic=0"},
+                              cmdline="srcutree.srcu_max_nodelay_phase=0")
+    assert prepare.kernel_cmdline(opts, kit) == ("srcutree.srcu_max_nodelay_phase=0 "
+                                                 "kvm_amd.npt=0 kvm_amd.avic=0")
+    assert prepare.module_args(kit, opts.kvm_args) == {}
+
+
 def test_load_order_puts_dependencies_first_and_names_what_is_missing():
     deps = {"kvm_amd": ["kvm", "ccp"], "kvm": ["irqbypass"], "ccp": [], "irqbypass": []}
     order = elf.load_order("kvm_amd", deps)
@@ -433,6 +508,18 @@ def test_kernel_check_reads_the_calls_of_the_function_only(tmp_path, source, beh
         assert not stats.kernel_check_agreement(res, behaviour, None if stall else 5e6)["agrees"]
 
 
+def test_kernel_check_of_a_whole_image_sees_a_kicked_grace_period():
+    deferred = ["__kmalloc", "kvm_io_bus_cmp", "call_srcu"]
+    memslot = ["mutex_unlock", "synchronize_srcu_expedited"]
+    stock = kcheck.classify(deferred, memslot, ["srcu_gp_start", "irq_work_queue"])
+    assert stock["stall_expected"] is True and stock["srcu_kick"] is False
+    kicked = kcheck.classify(deferred, memslot, ["srcu_gp_start", "mod_delayed_work_on"])
+    assert kicked["stall_expected"] is False and kicked["srcu_kick"] is True
+    assert "srcu-kick" in kicked["summary"]
+    # a module (no SRCU in it) says nothing about the kick
+    assert kcheck.classify(deferred, memslot)["srcu_kick"] is None
+
+
 def test_kernel_check_errors(tmp_path):
     with pytest.raises(LabError, match="does not exist"):
         kcheck.check(str(tmp_path / "kvm.ko"))
@@ -492,7 +579,6 @@ def test_lab_boots_debian_6_1_and_sees_the_pre_618_behaviour(tmp_path):
     assert doc["host"]["kernel"].startswith("6.1.")
     assert doc["kernel_check"]["behaviour"] == "sync" and doc["kernel_check"]["agrees"]
     assert len(doc["samples"]) == 3 * 5 and not doc["failures"]
-    from pyvmm.analysis import report
     assert report.analyze(doc)["verdict"].behaviour == "sync"
     assert "registration waits for a grace period" in r.stdout
     assert "kernel-check and measured verdict: agree" in r.stdout
@@ -517,7 +603,6 @@ def test_lab_rebuilds_kvm_with_defer_free_and_sees_the_fix_and_its_stall(tmp_pat
     # The rebuilt kvm.ko frees through call_srcu, and a memslot change still
     # synchronizes: the check predicts the stall, and the measurement must show it.
     assert kc["mechanism"] == "call_srcu" and kc["stall_expected"] is True
-    from pyvmm.analysis import report
     v = report.analyze(doc)["verdict"]
     assert v.behaviour == "deferred", v.to_dict()
     assert v.stall_phase == "memslot" and v.stall_ns > 1e6, v.to_dict()
@@ -688,3 +773,28 @@ def test_lab_matrix_traces_qemu_in_each_variant_and_agrees_with_kernel_check(tmp
     assert fixed["behaviour"] == "deferred" and fixed["longest_wait_ms"] >= 0.5
     assert "deassign" in fixed["paid_by"] or "MEMORY_REGION" in fixed["paid_by"]
     assert stock["agrees"] is True and fixed["agrees"] is True
+
+
+@lab_only("build Debian 6.1's whole kernel at HZ=100 with the defer-free patch (about 4 "
+          "minutes and 140 MB of source the first time, from the cache after), boot it "
+          "under QEMU and see the stall follow the HZ")
+def test_lab_builds_a_whole_kernel_at_another_hz_and_the_stall_follows_it(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "pyvmm", "lab", "kernel", "--kernel",
+                        "6.1@hz100", "--kvm-patch", "defer-free", "--ns", "0,1",
+                        "--recipes", "during-boot", "--repeats", "6", "--control-n", "8",
+                        "--out", str(tmp_path)],
+                       capture_output=True, text=True, cwd="/", timeout=1800)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    (path,) = tmp_path.glob("*/run.json")
+    doc = json.loads(path.read_text())
+    assert doc["host"]["config_hz"] == 100
+    assert doc["host"]["kernel"].endswith("-pyvmm-defer-free-hz100")
+    build = doc["lab"]["kernel_build"]
+    assert build["hz"] == 100 and build["patch"] == "defer-free" and build["build_s"] > 0
+    assert doc["kernel_check"]["mechanism"] == "call_srcu" and doc["kernel_check"]["agrees"]
+    s = report.run_summary(doc)
+    # a deferred free's stall is 1 to 2 jiffies: 10 to 20 ms at HZ=100, where HZ=250
+    # would give 4 to 8 ms
+    assert s["verdict"] == "deferred-free" and s["hz"] == 100
+    assert 0.7 <= s["stall_jiffies"] <= 2.5 and s["stall_ms"] > 8.5
+    assert s["stall_predicted_ms"] is not None

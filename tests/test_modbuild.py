@@ -17,13 +17,19 @@ def test_the_shipped_patches_are_indexed_described_and_in_scope():
     assert {"rebuild", "defer-free", "defer-free-expedited", "xen", "xen-lock"} <= set(patches)
     assert not patches["rebuild"].has_diff()           # the control changes nothing
     for p in patches.values():
-        assert p.series == ("6.1",) and p.summary
-        kpatch.check_patch_scope(p)
-        if p.has_diff():
-            # A header that says what the patch does, then the diff.
-            head = p.text.split("diff ", 1)[0]
-            assert f"pyvmm patch: {p.name}" in head and len(head.splitlines()) > 5
-            assert set(p.files()) & {"virt/kvm/kvm_main.c", "arch/x86/kvm/xen.c"}
+        assert "6.1" in p.series and p.summary
+        for s in p.series:
+            q = p.for_series(s)
+            if not p.whole_kernel():        # the whole-kernel ones are refused there
+                kpatch.check_patch_scope(q)
+            if q.has_diff():
+                # A header that says what the patch does, then the diff.
+                head = q.text.split("diff ", 1)[0]
+                assert f"pyvmm patch: {p.name}" in head and len(head.splitlines()) > 5
+                assert set(q.files()) & {"virt/kvm/kvm_main.c", "arch/x86/kvm/xen.c",
+                                         "kernel/rcu/srcutree.c"}
+    assert {p.name for p in patches.values() if p.whole_kernel()} == {"srcu-expedited",
+                                                                      "srcu-kick"}
     assert patches["defer-free"].digest != patches["defer-free-expedited"].digest
     assert "call_srcu(&kvm->srcu" in patches["defer-free"].text
     assert "srcu_barrier(&kvm->srcu)" in patches["defer-free"].text
@@ -38,7 +44,7 @@ def test_index_and_scope_errors_name_the_problem(tmp_path):
     assert kpatch.parse_index("a 6.1,6.12 does x y\n") == [("a", ("6.1", "6.12"),
                                                                "does x y")]
     bad = kpatch.Patch("x", ("6.1",), "s", "--- a/mm/slab.c\n+++ b/mm/slab.c\n@@ -1 +1 @@\n")
-    with pytest.raises(LabError, match="patch x changes mm/slab.c: the lab rebuilds only"):
+    with pytest.raises(LabError, match="patch x changes mm/slab.c: a module rebuild takes only .*build the whole kernel"):
         kpatch.check_patch_scope(bad)
     with pytest.raises(LabError, match="unknown KVM patch 'zzz'.*rebuild"):
         kpatch.get_patch("zzz")

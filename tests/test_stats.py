@@ -158,3 +158,42 @@ def test_a_change_needs_both_significance_and_size():
     assert stats.change_call(float("nan"), 0.0) == "no data"
     assert stats.geometric_mean([2.0, 0.5]) == pytest.approx(1.0)
     assert stats.geometric_mean([]) is None
+
+
+def test_the_stall_prediction_is_one_and_a_half_jiffies_less_the_gap():
+    # HZ=250: a jiffy is 4 ms; the waiter comes 0.5 ms after the first registration
+    p = stats.predict_stall(250, [0.4e6, 0.5e6, 0.6e6])
+    assert p["gap_ns"] == 0.5e6
+    assert (p["lo_ns"], p["median_ns"], p["hi_ns"]) == (3.5e6, 5.5e6, 7.5e6)
+    assert p["median_jiffies"] == pytest.approx(1.375)
+    # the jiffy count stays, the milliseconds scale with 1/HZ
+    assert stats.predict_stall(100, [0.0])["median_ns"] == 15e6
+    assert stats.predict_stall(1000, [0.0])["median_ns"] == 1.5e6
+    # a waiter that comes later than two jiffies waits nothing; no HZ or no gaps: no figure
+    assert stats.predict_stall(1000, [3e6])["hi_ns"] == 0.0
+    assert stats.predict_stall(None, [0.0]) is None and stats.predict_stall(250, []) is None
+
+
+def test_the_gap_runs_from_the_first_registration_to_the_step_that_waits():
+    from pyvmm.analysis.report import gap_to
+    boot = {"phases": [{"op": "vm", "wall_ns": 900}, {"op": "ioev", "wall_ns": 300},
+                       {"op": "run", "wall_ns": 200}, {"op": "memslot", "wall_ns": 5000},
+                       {"op": "deassign", "wall_ns": 7}]}
+    assert gap_to(boot, "memslot") == 500.0 and gap_to(boot, "deassign") == 5500.0
+    assert gap_to(boot, "vcpu") is None
+    assert gap_to({"phases": [{"op": "memslot", "wall_ns": 1}]}, "memslot") is None
+
+
+def test_with_hz_known_a_stall_of_half_a_jiffy_that_doubled_the_step_counts():
+    # HZ=1000: 1.1 ms on a 0.3 ms step is 1.1 jiffies but only 4.7x; without HZ it is
+    # not a stall (5x), with HZ it is (>= half a jiffy and >= 2x)
+    after = {"during-boot/memslot": [1.4e6] * 5}
+    base = {"during-boot/memslot": [0.3e6] * 5}
+    assert stats.attribute_stall(after, base)[0] is None
+    step, excess, _ = stats.attribute_stall(after, base, hz=1000)
+    assert step == "during-boot/memslot" and excess == pytest.approx(1.1e6)
+    # half a jiffy at HZ=100 is 5 ms: the same growth is not enough there
+    assert stats.attribute_stall(after, base, hz=100)[0] is None
+    # a big step that grew by little stays noise at any HZ
+    assert stats.attribute_stall({"x/teardown": [4.0e6] * 5}, {"x/teardown": [3.4e6] * 5},
+                                 hz=1000)[0] is None

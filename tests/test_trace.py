@@ -256,6 +256,44 @@ def test_a_probe_after_the_syscall_decodes_the_call_that_just_returned():
     assert [c.describe for c in s.ioctls if c.name == "KVM_IOEVENTFD"][0] == ""
 
 
+def test_the_timer_chain_says_why_the_deassign_waited():
+    # the first assign (at 3 ms) queues the grace period's work one jiffy out (HZ=250:
+    # 4 ms jiffies; the assign falls 0.25 into jiffy 1000); the wheel files it for jiffy
+    # 1002; it fires at 10 ms and the deassign (asleep from 5.01 ms) returns at 10.03 ms
+    s = model.build(tracefs.parse_events(boot_trace(deassign_ms=5.0)), 1e9, None)
+    timers = tracefs.parse_events("\n".join([
+        line(100, "1000.003000", "timer_start", "timer=00000000aa function="
+             "delayed_work_timer_fn expires=1001 [timeout=1] bucket_expiry=1002 cpu=1 idx=3 "
+             "flags=I"),
+        line(100, "1000.003100", "timer_start", "timer=00000000bb function="
+             "delayed_work_timer_fn expires=76000 [timeout=75000] bucket_expiry=76001"),
+        line(0, "1000.010000", "timer_expire_entry", "timer=00000000aa function="
+             "delayed_work_timer_fn now=1002 baseclk=1002", comm="<idle>"),
+        line(11, "1000.010010", "workqueue_execute_start",
+             "work struct 00000000cc: function process_srcu", comm="kworker/1:1"),
+    ]) + "\n")
+    summ = attribute.summary(s, 250, timers)
+    (w,) = [w for w in summ["waits"] if w.get("why")]
+    y = w["why"]
+    assert (y["armed_jiffy"], y["due_jiffy"], y["bucket_jiffy"], y["fired_jiffy"]) == (
+        1000, 1001, 1002, 1002)
+    assert y["fired_after_jiffies"] == pytest.approx(1.75)
+    assert y["armed_phase"] == pytest.approx(0.25)
+    assert y["work_ms"] == pytest.approx(10.01) and y["wait_end_after_fire_ms"] == \
+        pytest.approx(0.02, abs=1e-6)
+    text = attribute.why_text(w)
+    assert "queued the grace period's work for jiffy 1001, which the timer wheel filed " \
+           "for jiffy 1002" in text and "1.75 jiffies later" in text
+    # a timer that fired after the call had returned did not end its wait: no chain
+    late = [e for e in timers if e.name != "timer_expire_entry"] + tracefs.parse_events(
+        line(0, "1000.012000", "timer_expire_entry", "timer=00000000aa function="
+             "delayed_work_timer_fn now=1003 baseclk=1003", comm="<idle>") + "\n")
+    assert not any(w.get("why") for w in attribute.summary(s, 250, late)["waits"])
+    # without timer events, or without HZ, nothing is added
+    assert not any(w.get("why") for w in attribute.summary(s, 250)["waits"])
+    assert not any(w.get("why") for w in attribute.summary(s, None, timers)["waits"])
+
+
 def test_a_long_wait_before_any_registration_is_not_the_follow_up():
     # a memslot change waits 0.64 ms for a grace period before the first registration; the
     # deassign after the registrations returns at once

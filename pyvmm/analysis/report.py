@@ -64,6 +64,19 @@ def after_registration(res: dict) -> list[str]:
     return ops[ops.index("ioev") + 1:] if "ioev" in ops else []
 
 
+def gap_to(res: dict, step: str) -> float | None:
+    """Wall time (ns) of a boot from its first registration to the step `step` after
+    them: the registration phase and every step between."""
+    ops = [p["op"] for p in res["phases"]]
+    if "ioev" not in ops:
+        return None
+    i = ops.index("ioev")
+    j = next((k for k in range(i + 1, len(ops)) if ops[k] == step), None)
+    if j is None:
+        return None
+    return float(sum(p["wall_ns"] for p in res["phases"][i:j]))
+
+
 def stall_samples(cells: dict, recipes: list[str], n1: int | None) -> tuple[dict, dict]:
     """Per-step wall times (ns), one per boot, of the steps that may pay a grace period
     left by the registrations: at N=n1 and at N=0, keyed 'recipe/step', for every sweep
@@ -123,6 +136,18 @@ def analyze(doc: dict, driver: str = "c") -> dict:
     per_boot = [(_phase(r, "deassign") or {"samples": []})["samples"] for r in ctrl]
     verdict = stats.verdict(assign, eexist, deassign, hz=hz, phases_after=after,
                             phases_base=base, deassigns_per_boot=per_boot)
+    stall_dist = prediction = None
+    if verdict.stall_phase is not None and positive:
+        key = (f"{verdict.stall_recipe}/" if verdict.stall_recipe else "") + verdict.stall_phase
+        b = stats.median(base[key])
+        stall_dist = stats.summarize([x - b for x in after[key]])
+        gaps = [gap_to(r, verdict.stall_phase)
+                for r in cells.get((verdict.stall_recipe, positive[0]), [])]
+        prediction = stats.predict_stall(hz, gaps)
+    first_prediction = None
+    if verdict.first_deassign_excess_ns is not None and \
+            verdict.first_deassign_excess_ns >= stats.STALL_MIN_NS:
+        first_prediction = stats.predict_stall(hz, [gap_to(r, "deassign") for r in ctrl])
     # Per-op cost against bus occupancy (position of the registration in its boot).
     occupancy = defaultdict(list)
     for (rname, n), rs in cells.items():
@@ -138,6 +163,8 @@ def analyze(doc: dict, driver: str = "c") -> dict:
     batches = [(p["batch_ns"], p["batch_ops"]) for p in (_phase(r, "eexist") for r in ctrl)
                if p and p.get("batch_ops")]
     return {"recipes": recipes, "verdict": verdict, "occupancy": occ,
+            "stall_distribution": stall_dist, "stall_prediction": prediction,
+            "first_deassign_prediction": first_prediction,
             "occupancy_slope_ns": slope, "hz": hz, "failures": doc.get("failures", []),
             "eexist_batches": batches, "control_n": doc["config"].get("control_n")}
 
@@ -170,6 +197,19 @@ def run_summary(doc: dict, share_ns=(100, 300, 1000)) -> dict:
         "stall_ms": None if v.stall_ns is None else v.stall_ns / 1e6,
         "stall_jiffies": (None if v.stall_ns is None or not hz else v.stall_ns / (1e9 / hz)),
         "stall_phase": v.stall_phase,
+        # the stall's spread over boots (the step's time minus its median with no
+        # registrations), and what the SRCU code predicts for it (stats.predict_stall)
+        "stall_p90_ms": (None if a["stall_distribution"] is None
+                         else a["stall_distribution"]["p90"] / 1e6),
+        "stall_predicted_ms": (None if a["stall_prediction"] is None
+                               else a["stall_prediction"]["median_ns"] / 1e6),
+        "stall_predicted_range_ms": (None if a["stall_prediction"] is None else
+                                     [a["stall_prediction"]["lo_ns"] / 1e6,
+                                      a["stall_prediction"]["hi_ns"] / 1e6]),
+        "stall_gap_ms": (None if a["stall_prediction"] is None
+                         else a["stall_prediction"]["gap_ns"] / 1e6),
+        "first_deassign_predicted_ms": (None if a["first_deassign_prediction"] is None else
+                                        a["first_deassign_prediction"]["median_ns"] / 1e6),
         "first_deassign_excess_ms": (None if v.first_deassign_excess_ns is None
                                      else v.first_deassign_excess_ns / 1e6),
         "share_recipe": recipes[0] if recipes else None,
@@ -243,6 +283,18 @@ def verdict_lines(a: dict) -> list[str]:
             f"{stats.ASSIGN_OVER_EEXIST_MIN:g}), assign/deassign = {v.assign_over_deassign:.2f} "
             f"(pre-6.18 if >= {stats.ASSIGN_OVER_DEASSIGN_MIN:g})")
     lines.append(f"  {v.stall_text}")
+    pred, dist = a.get("stall_prediction"), a.get("stall_distribution")
+    if pred is not None and dist is not None:
+        lines.append(f"  stall over boots: median {dist['median'] / 1e6:.2f} ms, p90 "
+                     f"{dist['p90'] / 1e6:.2f} ms; SRCU's queueing predicts "
+                     f"{pred['median_ns'] / 1e6:.2f} ms ({pred['lo_ns'] / 1e6:.2f} to "
+                     f"{pred['hi_ns'] / 1e6:.2f}): 1.5 jiffies (1 to 2) less the "
+                     f"{pred['gap_ns'] / 1e6:.2f} ms since the first registration")
+    fp = a.get("first_deassign_prediction")
+    if fp is not None:
+        lines.append(f"  first deassign: waits {v.first_deassign_excess_ns / 1e6:.2f} ms; "
+                     f"predicted {fp['median_ns'] / 1e6:.2f} ms ({fp['gap_ns'] / 1e6:.2f} ms "
+                     "after the first assign)")
     if a["occupancy_slope_ns"] is not None:
         lines.append(f"  per-registration cost grows {a['occupancy_slope_ns']:.2f} ns per device "
                      f"already on the bus (bus array copy)")

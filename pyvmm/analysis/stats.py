@@ -16,6 +16,11 @@ ASSIGN_OVER_EEXIST_MIN = 5.0     # pre-6.18: every assign waits for a grace peri
 ASSIGN_OVER_DEASSIGN_MIN = 0.5   # ... so it costs about as much as a deassign
 STALL_MIN_NS = 500_000           # a post-registration memslot stall worth reporting
 STALL_MIN_RATIO = 5.0
+# ... or, with the kernel's HZ known, at least half a jiffy and twice the step's time: at
+# HZ=1000 a stall of 1 to 2 jiffies less the time since the registrations is about 1 ms,
+# which a step of 0.3 ms does not grow five times by
+STALL_MIN_JIFFIES = 0.5
+STALL_MIN_RATIO_HZ = 2.0
 
 
 @dataclass(frozen=True)
@@ -138,7 +143,8 @@ BEHAVIOUR_NAMES = {"sync": "sync-on-register", "deferred": "deferred-free",
                    "unknown": "unknown"}
 
 
-def attribute_stall(after: dict, base: dict) -> tuple[str | None, float | None, dict]:
+def attribute_stall(after: dict, base: dict, hz: int | None = None) \
+        -> tuple[str | None, float | None, dict]:
     """The step that paid a post-registration stall.
 
     `after` and `base` map a step to per-boot wall times (ns) with a few registrations
@@ -146,15 +152,19 @@ def attribute_stall(after: dict, base: dict) -> tuple[str | None, float | None, 
     belongs to ('during-boot/memslot'). Returns (step key or None, its excess in ns or
     None, {step: (excess, after median, base median)}); a step counts only when its
     excess is at least STALL_MIN_NS and it grew by STALL_MIN_RATIO; of those that count,
-    the largest excess wins.
+    the largest excess wins. With `hz`, a step that grew by at least half a jiffy and
+    twice its time counts too.
     """
     excess = {}
     for key in after:
         if key.rpartition("/")[2] in STALL_PHASES and after[key] and base.get(key):
             a, b = median(after[key]), median(base[key])
             excess[key] = (a - b, a, b)
+    half_jiffy = STALL_MIN_JIFFIES * 1e9 / hz if hz else math.inf
     real = [k for k, (d, a, b) in excess.items()
-            if d >= STALL_MIN_NS and a >= STALL_MIN_RATIO * max(b, 1.0)]
+            if d >= STALL_MIN_NS and (a >= STALL_MIN_RATIO * max(b, 1.0)
+                                      or (d >= half_jiffy
+                                          and a >= STALL_MIN_RATIO_HZ * max(b, 1.0)))]
     if not real:
         return None, None, excess
     best = max(real, key=lambda k: excess[k][0])
@@ -202,7 +212,7 @@ def verdict(assign_samples, eexist_samples, deassign_samples,
     if memslot_after and memslot_base:
         after.setdefault("memslot", list(memslot_after))
         base.setdefault("memslot", list(memslot_base))
-    phase, stall, excess = attribute_stall(after, base)
+    phase, stall, excess = attribute_stall(after, base, hz)
     first = first_deassign_excess(deassigns_per_boot or [])
     memslots = [k for k in excess if k.rpartition("/")[2] == "memslot"]
     recipe = None
@@ -227,6 +237,29 @@ def verdict(assign_samples, eexist_samples, deassign_samples,
                                                 ("deassign", deassign_samples)) if xs}
     return Verdict(behaviour, text, a, e, d, r1, r2, stall, stall_text, phase, first,
                    recipe or None, per_op or None)
+
+
+def predict_stall(hz: int | None, gaps_ns) -> dict | None:
+    """The deferred free's stall as the SRCU code predicts it (docs/lab.md, "Why the
+    stall is more than one grace period").
+
+    The first registration's call_srcu() starts a normal grace period and queues its
+    processing one jiffy out (queue_delayed_work(..., 1)); the timer wheel never fires a
+    timer early, so a timer due at the next jiffy goes into the bucket after it and runs
+    at the second tick from now: 1 to 2 jiffies after the registration, 1.5 on average
+    over where in its tick the registration fell. A synchronous grace period asked for
+    g later (the memslot change, the first deassign) waits for that one to end and then
+    for its own, an expedited one of microseconds: 1.5 jiffies - g, between 1 - g and
+    2 - g. `gaps_ns`: per boot, the time from the first registration to the step that
+    waits."""
+    gaps = [g for g in gaps_ns or [] if g is not None]
+    if not hz or not gaps:
+        return None
+    j = 1e9 / hz
+    g = median(gaps)
+    return {"median_ns": max(1.5 * j - g, 0.0), "lo_ns": max(j - g, 0.0),
+            "hi_ns": max(2 * j - g, 0.0), "gap_ns": g,
+            "median_jiffies": max(1.5 * j - g, 0.0) / j}
 
 
 def kernel_check_agreement(kc: dict, behaviour: str, stall_ns: float | None) -> dict:

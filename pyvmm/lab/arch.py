@@ -22,6 +22,9 @@ class Arch:
     console: str                    # the kernel console's serial device
     lab_cpu_model: str              # what the emulated CPU is called in the results
     lab_backend: str                # how KVM runs inside the lab, in the results
+    kernel_target: str              # make target of a whole-kernel build, and its file
+    kernel_image: str
+    lab_config: str                 # the lab's config fragment (pyvmm/lab/builds/)
 
     @property
     def source_subset(self) -> tuple[str, ...]:
@@ -40,6 +43,8 @@ X86_64 = Arch(
     build_disable=("CONFIG_KVM_INTEL=",),
     qemu="qemu-system-x86_64", qemu_package="qemu-system-x86",
     qemu_machine=("-machine", "pc", "-cpu", "EPYC,+svm"), console="ttyS0",
-    lab_cpu_model="QEMU EPYC (TCG)", lab_backend="svm (kvm_amd, nested under QEMU TCG)")
+    lab_cpu_model="QEMU EPYC (TCG)", lab_backend="svm (kvm_amd, nested under QEMU TCG)",
+    kernel_target="bzImage", kernel_image="arch/x86/boot/bzImage",
+    lab_config="lab-x86_64.config")
 
 ARCHES = {a.name: a for a in (X86_64,)}

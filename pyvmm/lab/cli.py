@@ -40,6 +40,17 @@ def _sweep_args(o, repeats_default: int) -> None:
                    help="boot again this many times after a hang (each retry is reported)")
     o.add_argument("--no-install", action="store_true",
                    help="fail instead of installing qemu-system-x86 / busybox-static")
+    _cmdline_arg(o)
+
+
+def _cmdline_arg(o) -> None:
+    o.add_argument("--cmdline", default="", metavar="ARGS",
+                   help="kernel parameters for the lab kernel (every variant), e.g. "
+                        "srcutree.srcu_max_nodelay_phase=0; recorded with the results")
+
+
+BUILD_HELP = ("; KERNEL@hzN builds the whole kernel from Debian's source of that version "
+              "with the lab's config at N Hz (100, 250, 300, 1000), KVM built in")
 
 
 def add_parsers(sub) -> None:
@@ -53,7 +64,7 @@ def add_parsers(sub) -> None:
                        "show the same table and verdict" + (" (old name of 'lab kernel')"
                                                             if name == "oldkernel" else ""))
         o.add_argument("--kernel", default="6.1",
-                       help=f"{KERNEL_SPEC_FORMS} (default %(default)s)")
+                       help=f"{KERNEL_SPEC_FORMS} (default %(default)s){BUILD_HELP}")
         o.add_argument("--kvm-patch", default=None, metavar="NAME",
                        help="rebuild kvm.ko and kvm-amd.ko from the kernel's Debian source "
                             "with this patch of the project's (pyvmm/lab/builds/patches/INDEX: "
@@ -64,7 +75,8 @@ def add_parsers(sub) -> None:
     m = labs.add_parser("matrix", help="the same seeded sweep on several kernels and patched "
                                        "KVM builds, one table with a row per variant")
     m.add_argument("--variants", default=",".join(matrix.DEFAULT_VARIANTS),
-                   help="comma-separated KERNEL[+PATCH] (default %(default)s)")
+                   help="comma-separated KERNEL[+PATCH][@hzN] (default %(default)s)"
+                        + BUILD_HELP)
     m.add_argument("--json", action="store_true",
                    help="print the table as one JSON object on stdout (progress on stderr)")
     m.add_argument("--workload", default=None, metavar="qemu-microvm[:K]",
@@ -83,7 +95,7 @@ def add_parsers(sub) -> None:
                    help="ptwrite:COUNT[:REPEATS], check:NAME[:ITERATIONS], "
                         "stress:SECONDS[:SEED], xen:SECONDS[:SEEDS[:BOUND]] (the Xen "
                         "event-channel seed, with --kvm-patch xen or xen-lock)")
-    r.add_argument("--kernel", default="6.1", help=f"{KERNEL_SPEC_FORMS}")
+    r.add_argument("--kernel", default="6.1", help=f"{KERNEL_SPEC_FORMS}{BUILD_HELP}")
     r.add_argument("--kvm-patch", default=None, metavar="NAME")
     r.add_argument("--kvm-arg", action="append", default=[], metavar="MODULE:NAME=VALUE",
                    help="module parameter, e.g. kvm_amd:npt=0 (shadow paging); repeatable")
@@ -93,6 +105,7 @@ def add_parsers(sub) -> None:
     r.add_argument("--timeout", type=float, default=1800.0, metavar="S")
     r.add_argument("--no-install", action="store_true")
     r.add_argument("--json", action="store_true", help="print results.json on stdout")
+    _cmdline_arg(r)
     r.set_defaults(func=cmd_run)
 
     add_kernel_check_parser(labs)
@@ -115,10 +128,12 @@ def _sweep_config(args) -> SweepConfig:
 
 
 def _lab_options(args, **kw) -> prepare.LabOptions:
+    if "kernel" in kw:
+        kw["kernel"], kw["hz"] = prepare.split_build(kw["kernel"])
     return prepare.LabOptions(smp=args.smp, out=args.out, retries=max(0, args.retries),
-                                 total_timeout_s=args.timeout,
-                                 stall_timeout_s=args.stall_timeout,
-                                 install=not args.no_install, **kw)
+                              total_timeout_s=args.timeout,
+                              stall_timeout_s=args.stall_timeout,
+                              install=not args.no_install, cmdline=args.cmdline, **kw)
 
 
 class RichUi(prepare.Ui):
@@ -143,7 +158,7 @@ def cmd_kernel(args) -> int:
     prepare.check_options(opts)      # bad arguments fail before any tool or download
     cfg = _sweep_config(args)
     boots = len(kernel_lab.make_plan(cfg)) - cfg.warmup
-    variant = prepare.Variant(opts.kernel, opts.kvm_patch).label
+    variant = opts.variant.label
     console.print(f"pyvmm lab kernel: {variant}, {boots} boots "
                   f"({boots // cfg.repeats} cells x {cfg.repeats} repeats, interleaved, seed "
                   f"{cfg.seed}, {cfg.warmup} warm-up boots discarded), QEMU TCG -smp {args.smp}",
@@ -156,6 +171,9 @@ def cmd_kernel(args) -> int:
     t = run.timings
     mods = (f", modules {t['modules_s']:.1f} s" + (" (cached)" if t.get("modules_cached") else "")
             if "modules_s" in t else "")
+    if "kernel_build_s" in t:
+        mods += (f", kernel build {t['kernel_build_s']:.1f} s"
+                 + (" (cached)" if t.get("kernel_cached") else ""))
     console.print(f"lab wall time {time.monotonic() - t0:.1f} s (download {t['download_s']:.1f} "
                   f"s{mods}, unpack+initramfs {t['build_s'] + t.get('unpack_s', 0):.1f} s, "
                   f"QEMU {t['qemu_s']:.1f} s); "
@@ -217,15 +235,16 @@ def cmd_run(args) -> int:
     from .experiments import inner, jobs
     for j in args.jobs:
         inner.parse_job(j)
-    opts = prepare.LabOptions(kernel=args.kernel, kvm_patch=args.kvm_patch,
-                                 kvm_args=jobs.parse_kvm_args(args.kvm_arg), smp=args.smp,
-                                 out=args.out, total_timeout_s=args.timeout,
-                                 install=not args.no_install)
+    kernel, hz = prepare.split_build(args.kernel)
+    opts = prepare.LabOptions(kernel=kernel, kvm_patch=args.kvm_patch, hz=hz,
+                              kvm_args=jobs.parse_kvm_args(args.kvm_arg), smp=args.smp,
+                              out=args.out, total_timeout_s=args.timeout,
+                              install=not args.no_install, cmdline=args.cmdline)
     prepare.check_options(opts)
     con = console
     if args.json:
         con = err_console
-    variant = prepare.Variant(opts.kernel, opts.kvm_patch).label
+    variant = opts.variant.label
     extra = " ".join(f"{m}:{p}" for m, p in opts.kvm_args.items())
     con.print(f"pyvmm lab run: {variant}{' ' + extra if extra else ''}, jobs "
               f"{' '.join(args.jobs)}, QEMU TCG -smp {args.smp}", highlight=False)

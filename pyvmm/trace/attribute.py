@@ -12,6 +12,8 @@ to switch-in) is what that wait cost the ioctl.
 
 from __future__ import annotations
 
+import re
+
 from ..analysis import stats
 from .model import Ioctl, Sleep, Startup
 
@@ -132,13 +134,102 @@ def _is_assign(c: Ioctl) -> bool:
     return c.name == "KVM_IOEVENTFD" and c.args and not c.args.get("deassign")
 
 
-def summary(s: Startup, hz: int | None) -> dict:
-    """The start-up in figures, and the verdict in the sweep's words."""
+_TSTART = re.compile(r"timer=(\S+) function=(\S+) expires=(\d+) \[timeout=(-?\d+)\]"
+                     r"(?: bucket_expiry=(\d+))?")
+_TEXPIRE = re.compile(r"timer=(\S+) function=(\S+) now=(\d+)")
+_WORK = re.compile(r"function (\S+)")
+GP_TIMER = "delayed_work_timer_fn"       # a delayed work's timer: SRCU's grace-period work
+GP_WORK = "process_srcu"
+
+
+def grace_period_chain(s: Startup, timer_events, waits: list[dict],
+                       hz: int | None) -> None:
+    """Why a wait lasted what it did, from the timer wheel (record(timers=True)): for each
+    long SRCU wait, the last one-jiffy delayed-work timer a traced thread armed before it
+    (the registration's call_srcu queueing a normal grace period's work), the jiffy it
+    was due at and the bucket the wheel filed it in, when it fired, when process_srcu
+    ran, and how long after that the wait ended. Adds 'why' to those waits."""
+    if not timer_events or not hz:
+        return
+    jiffy = 1e9 / hz
+    tids = {c.tid for c in s.ioctls}
+    arms, fires, works = [], {}, []
+    for e in timer_events:
+        t = e.ts * s.scale - s.origin
+        if e.name == "timer_start":
+            m = _TSTART.search(e.body)
+            if m and m.group(2) == GP_TIMER and m.group(4) == "1" and e.tid in tids:
+                expires = int(m.group(3))
+                arms.append({"t": t, "timer": m.group(1), "expires": expires,
+                             "now": expires - 1, "tid": e.tid, "cpu": e.cpu,
+                             "bucket": int(m.group(5)) if m.group(5) else None})
+        elif e.name == "timer_expire_entry":
+            m = _TEXPIRE.search(e.body)
+            if m and m.group(2) == GP_TIMER:
+                fires.setdefault(m.group(1), []).append((t, int(m.group(3))))
+        elif e.name == "workqueue_execute_start":
+            m = _WORK.search(e.body)
+            if m and m.group(1) == GP_WORK:
+                works.append(t)
+    for w in waits:
+        if w["wait_ms"] * 1e6 < LONG_WAIT_NS:
+            continue
+        start = w["t_ms"] * 1e6
+        end = start + w["ioctl_ms"] * 1e6
+        # the timer armed before the wait that fired while the call slept (a wait
+        # that ended for another reason gets no chain)
+        chain = None
+        for a in reversed([a for a in arms if a["t"] < start]):
+            fired = next(((t, now) for t, now in fires.get(a["timer"], []) if t > a["t"]),
+                         None)
+            if fired is not None and start <= fired[0] <= end:
+                chain = a, fired
+                break
+        if chain is None:
+            continue
+        a, fired = chain
+        ran = next((t for t in works if t >= fired[0]), None)
+        after_j = (fired[0] - a["t"]) / jiffy
+        ticks = fired[1] - a["now"]         # jiffies from arming to the tick that ran it
+        w["why"] = {
+            "armed_ms": a["t"] / 1e6, "armed_jiffy": a["now"], "due_jiffy": a["expires"],
+            "bucket_jiffy": a["bucket"], "fired_jiffy": fired[1], "fired_ms": fired[0] / 1e6,
+            "fired_after_jiffies": after_j, "ticks": ticks,
+            # where in its jiffy the registration fell (the tick that fired it is a
+            # jiffy boundary): the one unknown of the prediction, measured
+            "armed_phase": ticks - after_j,
+            "work_ms": None if ran is None else ran / 1e6,
+            "wait_end_after_fire_ms": (end - fired[0]) / 1e6,
+            "predicted_wait_ms": (fired[0] - start) / 1e6,
+        }
+
+
+def why_text(w: dict) -> str | None:
+    """The chain of one wait in a sentence."""
+    y = w.get("why")
+    if not y:
+        return None
+    bucket = (f", which the timer wheel filed for jiffy {y['bucket_jiffy']} (it never fires "
+              "a timer early)" if y["bucket_jiffy"] else "")
+    phase = (f", {y['armed_phase']:.2f} into it" if 0 <= y["armed_phase"] < 1 else "")
+    late = (f" (jiffy {y['fired_jiffy']}: the tick came late)"
+            if y["bucket_jiffy"] and y["fired_jiffy"] > y["bucket_jiffy"] else "")
+    return (f"why: at +{y['armed_ms']:.3f} ms (jiffy {y['armed_jiffy']}{phase}) a "
+            f"registration queued the grace period's work for jiffy {y['due_jiffy']}{bucket}; "
+            f"it fired at +{y['fired_ms']:.3f} ms{late}, {y['fired_after_jiffies']:.2f} "
+            f"jiffies later, and the wait ended {y['wait_end_after_fire_ms']:.3f} ms after "
+            "that")
+
+
+def summary(s: Startup, hz: int | None, timer_events=None) -> dict:
+    """The start-up in figures, and the verdict in the sweep's words (with
+    `timer_events`, each long SRCU wait's timer chain: grace_period_chain)."""
     start = s.milestones.get("exec", 0.0)
     end = s.milestones.get("process end", 0.0)
     startup = max(end - start, 0.0)
     kvm = sum(c.ns for c in s.ioctls)
     waits = srcu_waits(s)
+    grace_period_chain(s, timer_events, waits, hz)
     srcu_ns = sum(w["wait_ms"] for w in waits) * 1e6
     for w in waits:
         w["jiffies"] = jiffies(w["wait_ms"] * 1e6, hz)

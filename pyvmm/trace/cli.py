@@ -57,6 +57,10 @@ def add_parsers(sub) -> None:
                    help="no uprobe on the C library's ioctl(): ioctls are named but their "
                         "arguments are not decoded (the uprobe's trap is most of what "
                         "tracing costs a start-up; see docs/trace.md)")
+    t.add_argument("--timers", action="store_true",
+                   help="also record the timer wheel and the workqueue, machine-wide: for "
+                        "each long SRCU wait, when the grace period's work was queued, for "
+                        "which jiffy, and when it ran (why the wait lasted what it did)")
     t.add_argument("--no-stacks", action="store_true",
                    help="no kernel stack on sleeps: what an ioctl waited in is unknown")
     t.add_argument("--out", default="results", help="parent directory for results")
@@ -107,7 +111,8 @@ def cmd_trace(args) -> int:
             use_strace = True
     tr = TraceRun(argv, args.out, args.repeat, port, args.timeout, args.overhead, workload,
                   ok, use_strace=use_strace, captures_json=captures,
-                  arguments=not args.no_args, stacks=not args.no_stacks)
+                  arguments=not args.no_args, stacks=not args.no_stacks,
+                  timers=args.timers)
     total = args.repeat * (2 if args.overhead else 1)
     con.print(f"pyvmm trace: {workload or ' '.join(argv)}, {args.repeat} traced start-up(s)"
               + (", with as many untraced (A/B)" if args.overhead else "")

@@ -89,6 +89,7 @@ class Startup:
     def __init__(self):
         self.root: int | None = None
         self.origin = 0.0
+        self.scale = 1.0            # ns per trace clock unit
         self.ioctls: list[Ioctl] = []
         self.processes: dict[int, Process] = {}
         self.milestones: dict[str, float] = {}
@@ -261,6 +262,7 @@ def build(events: list[tracefs.Event], scale: float, root: int | None,
                 s.ports.append((t, m.group(1)[0], int(m.group(2), 16),
                                 int(m.group(5), 16) if m.group(5) else None))
     # Calls still open at the end (the trace stopped first) are dropped; their sleeps too.
+    s.scale = scale
     s.origin = s.milestones.get("exec", origin or 0.0)
     o = s.origin
     for c in s.ioctls:

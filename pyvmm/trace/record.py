@@ -23,6 +23,7 @@ several times).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -43,6 +44,10 @@ PREFIX = "pyvmm-trace"
 # (S) are the VMM's threads idling in poll and futex most of the time, and a stack for
 # each would cost the start-up for nothing.
 SLEEP_TRIGGER = "stacktrace if prev_state != 1"
+
+TIMER_EVENTS = ("timer/timer_start", "timer/timer_expire_entry",
+                "workqueue/workqueue_execute_start")
+TIMER_NAMES = {e.split("/")[1] for e in TIMER_EVENTS}
 
 
 class ProbeSite(NamedTuple):
@@ -89,6 +94,7 @@ class Recording:
         self.method = "tracefs"
         self.startup: model.Startup | None = None
         self.text = ""              # the trace as tracefs printed it
+        self.timer_events: list[tracefs.Event] = []    # with timers=True
         self.probe: str | None = None   # where the uprobe sat, when there was one
 
 
@@ -241,11 +247,14 @@ def _clean_stale(root: str) -> None:
 def record(argv: list[str], port: int | None = None, timeout_s: float = 120.0,
            output=subprocess.DEVNULL, root: str = tracefs.TRACEFS,
            env: dict | None = None, stacks: bool = True, arguments: bool = True,
-           site: ProbeSite | None = None) -> Recording:
+           site: ProbeSite | None = None, timers: bool = False) -> Recording:
     """Run `argv` traced; raises TraceUnavailable when tracefs cannot be used at all.
     `stacks` and `arguments` turn off the stacktrace trigger and the uprobe (less
     overhead, less said); `site` gives the uprobe's place when this machine has no ldd
-    or binutils to find it (inside a lab kernel)."""
+    or binutils to find it (inside a lab kernel). `timers` also records, machine-wide in
+    an instance of its own, the timer wheel and the workqueue (timer_start,
+    timer_expire_entry, workqueue_execute_start): where SRCU's grace-period work was
+    queued and when it ran (attribute.grace_period_chain)."""
     rec = Recording()
     exe = executable(argv[0])
     if exe is None:
@@ -255,7 +264,17 @@ def record(argv: list[str], port: int | None = None, timeout_s: float = 120.0,
         raise TraceUnavailable("tracing another process's KVM ioctls needs root (tracefs)")
     if os.path.isdir(os.path.join(root, "instances")):
         _clean_stale(root)
-    with tracefs.Instance(f"{PREFIX}-{os.getpid()}", root) as inst:
+    with contextlib.ExitStack() as stack:
+        inst = stack.enter_context(tracefs.Instance(f"{PREFIX}-{os.getpid()}", root))
+        also = []
+        if timers:
+            tinst = stack.enter_context(tracefs.Instance(f"{PREFIX}-{os.getpid()}-timers",
+                                                         root, buffer_kb=8192))
+            if all([tinst.enable(e) for e in TIMER_EVENTS]) and tinst.clock == inst.clock:
+                also.append(tinst)
+            else:
+                rec.notes.append("no timer or workqueue events: the grace period's timer "
+                                 "is not shown")
         rec.clock = inst.clock
         if not inst.enable("raw_syscalls", f"id == {model.NR_IOCTL} || id == {model.NR_CLOSE}"):
             raise TraceUnavailable(f"{root}/events/raw_syscalls is missing: this kernel has "
@@ -300,9 +319,12 @@ def record(argv: list[str], port: int | None = None, timeout_s: float = 120.0,
                              + ("after the syscall" if site.after else "at ioctl()'s entry"))
         inst.option("event-fork", True)
         rec.pid, rec.rc, rec.wall_ns, released = _run_held(argv, inst, timeout_s, output,
-                                                            env)
+                                                            env, also)
         text = inst.text()
         rec.text = text
+        if also:
+            rec.timer_events = [e for e in tracefs.parse_events(also[0].text())
+                                if e.name in TIMER_NAMES]
         lost = inst.lost()
         if lost:
             rec.notes.append(f"tracefs dropped {lost} events (buffer full): the trace has "
@@ -341,7 +363,8 @@ def run_untraced(argv: list[str], timeout_s: float = 120.0, output=subprocess.DE
     return rc, wall
 
 
-def _run_held(argv, inst: tracefs.Instance | None, timeout_s: float, output, env):
+def _run_held(argv, inst: tracefs.Instance | None, timeout_s: float, output, env,
+              also: list | None = None):
     """Start the command held before its exec, point the instance at it, release it and
     wait. Returns (pid, exit status, wall ns from release to reaped, CLOCK_MONOTONIC ns
     of the release).
@@ -364,6 +387,8 @@ def _run_held(argv, inst: tracefs.Instance | None, timeout_s: float, output, env
     try:
         if inst is not None:
             inst.set_pids([proc.pid])
+            for other in also or []:
+                other.start()
             inst.start()
             inst.mark(0)
         # The shell is held for the same time traced or not: long enough to be blocked
@@ -391,6 +416,8 @@ def _run_held(argv, inst: tracefs.Instance | None, timeout_s: float, output, env
             time.sleep(0.03)
             inst.mark(1)
             inst.stop()
+            for other in also or []:
+                other.stop()
         if rc == 127 and not shutil.which(argv[0]) and not os.path.exists(argv[0]):
             raise PyvmmError(f"{argv[0]}: command not found")
         return proc.pid, rc, wall, t0

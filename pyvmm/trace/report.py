@@ -5,6 +5,7 @@ they waited in, the summary and the verdict; over several runs, the medians."""
 from __future__ import annotations
 
 from ..tables import Grid
+from .attribute import why_text
 
 LONG_MS = 0.1               # an ioctl this long is listed even when it did not sleep
 LONG_WAIT_MS = 0.5          # a grace-period wait listed on its own line
@@ -94,6 +95,9 @@ def summary_lines(run: dict) -> list[str]:
                          + (f" ({w['registrations_before']} registration"
                             f"{'s' if w['registrations_before'] != 1 else ''} before it)"
                             if w["registrations_before"] else ""))
+            why = why_text(w)
+            if why:
+                lines.append(f"    {why}")
         if short:
             names = sorted({w["name"] for w in short})
             lines.append(f"  and {len(short)} short wait(s) under {LONG_WAIT_MS:g} ms each, "

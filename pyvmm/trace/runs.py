@@ -42,7 +42,7 @@ def run_dict(rec: record.Recording, hz: int | None) -> dict:
     return {"rc": rec.rc, "pid": rec.pid, "wall_ms": rec.wall_ns / 1e6,
             "method": rec.method, "clock": rec.clock, "notes": rec.notes,
             "probe": rec.probe,
-            "summary": attribute.summary(s, hz),
+            "summary": attribute.summary(s, hz, rec.timer_events),
             "ioctls": [ioctl_dict(c) for c in s.ioctls],
             "ports": [{"t_ms": t / 1e6, "dir": d, "port": p, "value": v}
                       for t, d, p, v in s.ports]}
@@ -77,13 +77,13 @@ class TraceRun:
                  ok_status: set[int] | None = None, host: dict | None = None,
                  hz: int | None = None, use_strace: bool = False,
                  captures_json: bool = False, arguments: bool = True,
-                 stacks: bool = True):
+                 stacks: bool = True, timers: bool = False):
         if repeat < 1:
             raise PyvmmError("--repeat must be at least 1")
         self.argv, self.repeat, self.port, self.timeout_s = argv, repeat, port, timeout_s
         self.overhead, self.ok_status, self.use_strace = overhead, ok_status, use_strace
         self.captures_json = captures_json
-        self.arguments, self.stacks = arguments, stacks
+        self.arguments, self.stacks, self.timers = arguments, stacks, timers
         self.host = host or hostinfo.collect(with_kvm=False)
         self.hz = hz if hz is not None else self.host.get("config_hz")
         self.dir = new_run_dir(out, dict(self.host, hostname=f"trace-{self.host['hostname']}"))
@@ -91,6 +91,7 @@ class TraceRun:
         self.doc = envelope(SCHEMA, self.host, status="running", finished=None,
                             traced=list(argv), workload=workload, port=port, hz=self.hz,
                             repeat=repeat, arguments=arguments, stacks=stacks,
+                            timers=timers,
                             runs=[], untraced=[], medians=None,
                             overhead=None)
         self._save = Saver(self.path, self.doc)
@@ -114,7 +115,7 @@ class TraceRun:
                     else:
                         rec = record.record(self.argv, self.port, self.timeout_s,
                                             out.fileno(), arguments=self.arguments,
-                                            stacks=self.stacks)
+                                            stacks=self.stacks, timers=self.timers)
                 self._check(rec.rc, "traced")
                 with open(os.path.join(self.dir, f"trace-{i + 1}.txt"), "w") as f:
                     f.write(rec.text)

@@ -31,17 +31,40 @@ def find_static_busybox() -> str | None:
 
 def ensure_tools(log=print, install: bool = True, arch: Arch = X86_64) -> dict[str, str]:
     """The emulator and a static busybox, installed with apt when missing."""
+    def find():
+        return {"qemu": shutil.which(arch.qemu), "busybox": find_static_busybox()}
     packages = {"qemu": arch.qemu_package, "busybox": BUSYBOX_PACKAGE}
-    found = {"qemu": shutil.which(arch.qemu), "busybox": find_static_busybox()}
+    found = find()
     missing = [packages[k] for k, v in found.items() if not v]
-    if not missing:
-        return found
+    if missing:
+        apt_install(missing, log, install,
+                    f"install QEMU ({arch.qemu}) and a statically linked busybox by hand")
+        found = find()
+        if not all(found.values()):
+            raise LabError(f"{' and '.join(missing)} installed, but still not found")
+    return found
+
+
+def missing_packages(wanted: dict[str, str]) -> list[str]:
+    """The packages of `wanted` (a command, or an absolute path, -> its Debian package)
+    whose command or file is not here."""
+    out = []
+    for what, pkg in wanted.items():
+        present = os.path.exists(what) if what.startswith("/") else shutil.which(what)
+        if not present and pkg not in out:
+            out.append(pkg)
+    return out
+
+
+def apt_install(missing: list[str], log=print, install: bool = True,
+                by_hand: str = "install them by hand") -> None:
+    """Install Debian packages with apt-get (guarded by the caller: only what is
+    missing); one clear error when that cannot be done here."""
     what = " and ".join(missing)
     if not install:
         raise LabError(f"{what} not installed: apt-get install {' '.join(missing)}")
     if not shutil.which("apt-get"):
-        raise LabError(f"{what} missing and not installable here (no apt-get): install QEMU "
-                       f"({arch.qemu}) and a statically linked busybox by hand")
+        raise LabError(f"{what} missing and not installable here (no apt-get): {by_hand}")
     if os.geteuid() != 0:
         raise LabError(f"{what} missing; installing needs root: "
                        f"sudo apt-get install -y {' '.join(missing)}")
@@ -53,8 +76,6 @@ def ensure_tools(log=print, install: bool = True, arch: Arch = X86_64) -> dict[s
         log("  apt-get install failed; updating the package lists and trying once more")
         subprocess.run(["apt-get", "update", "-q"], capture_output=True, text=True, env=env)
         p = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    found = {"qemu": shutil.which(arch.qemu), "busybox": find_static_busybox()}
-    if p.returncode != 0 or not all(found.values()):
+    if p.returncode != 0:
         tail = "\n".join((p.stderr or p.stdout).strip().splitlines()[-5:])
         raise LabError(f"could not install {what}:\n{tail}")
-    return found

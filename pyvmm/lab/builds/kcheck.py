@@ -8,7 +8,10 @@ synchronize_srcu_expedited() on kvm->srcu, e.g. in kvm_swap_active_memslots, wai
 behind: the fix's regression). The proposed remedy uses call_srcu_expedited(); this
 project's defer-free-expedited patch hands the bus to a work item instead. The check
 disassembles the functions with objdump and lists what they call: in a module the calls
-show up as relocations, in a linked image (vmlinux) as call targets.
+show up as relocations, in a linked image (vmlinux) as call targets. In a whole image
+(a lab kernel build) it also reads SRCU itself: which entry points the image has
+(call_srcu_expedited, ...) and whether srcu_gp_start_if_needed kicks a pending grace
+period for an expedited request (this project's srcu-kick patch).
 """
 
 from __future__ import annotations
@@ -55,9 +58,17 @@ def function_calls(disassembly: str, function: str = FUNCTION) -> list[str] | No
     return seen
 
 
-def classify(calls: list[str], memslot_calls: list[str] | None = None) -> dict:
-    """What the calls of kvm_io_bus_register_dev (and of kvm_swap_active_memslots, when
-    given) say about the build."""
+SRCU_START = "srcu_gp_start_if_needed"      # where every SRCU request starts (vmlinux)
+KICK_SYMBOL = "mod_delayed_work_on"         # the srcu-kick patch's call there
+SRCU_API = ("call_srcu", "call_srcu_expedited", "synchronize_srcu_expedited",
+            "srcu_expedite_current")
+
+
+def classify(calls: list[str], memslot_calls: list[str] | None = None,
+             srcu_calls: list[str] | None = None) -> dict:
+    """What the calls of kvm_io_bus_register_dev (and of kvm_swap_active_memslots, and
+    of SRCU's srcu_gp_start_if_needed in a whole image, when given) say about the
+    build."""
     waits = any(w in calls for w in WAIT_SYMBOLS)
     grace = [s for s in calls if s in GRACE_SYMBOLS or s == "call_srcu_expedited"]
     if waits:
@@ -75,7 +86,11 @@ def classify(calls: list[str], memslot_calls: list[str] | None = None) -> dict:
     # A normal grace period left pending by call_srcu is what a later synchronous one
     # waits behind; an expedited one (or none) leaves nothing slow. A work item: the
     # check cannot see what the worker does, so it does not predict.
-    if mechanism == "call_srcu":
+    # srcu-kick: an expedited request runs a pending grace period's work at once
+    kick = srcu_calls is not None and KICK_SYMBOL in srcu_calls
+    if mechanism == "call_srcu" and kick:
+        stall = False
+    elif mechanism == "call_srcu":
         stall = bool(memslot_waits) if memslot_waits is not None else None
     elif mechanism == "work item":
         stall = None
@@ -98,10 +113,13 @@ def classify(calls: list[str], memslot_calls: list[str] | None = None) -> dict:
                                                  else "does not synchronize"))
     if stall is True:
         summary += ", so the next memslot change waits for the pending grace period"
+    if kick:
+        summary += ("; SRCU runs a pending grace period's work at once for an expedited "
+                    "request (srcu-kick), so nothing waits behind it")
     return {"function": FUNCTION, "calls_wait": waits, "grace_calls": grace,
             "behaviour": behaviour, "mechanism": mechanism,
             "memslot_swap_waits": memslot_waits, "stall_expected": stall,
-            "summary": summary}
+            "srcu_kick": kick if srcu_calls is not None else None, "summary": summary}
 
 
 def check(path: str) -> dict:
@@ -133,7 +151,10 @@ def check(path: str) -> dict:
     if calls is None:
         raise LabError(f"{path} has no {FUNCTION}: is it kvm.ko (the KVM core module)?")
     memslot_calls = function_calls(p.stdout, MEMSLOT_FUNCTION)
-    out = classify(calls, memslot_calls)
+    srcu_calls = function_calls(p.stdout, SRCU_START)     # only in a whole image
+    out = classify(calls, memslot_calls, srcu_calls)
+    if srcu_calls is not None:
+        out["srcu_api"] = [f for f in SRCU_API if f"<{f}>:" in p.stdout]
     out["path"] = os.path.abspath(path)
     out["calls"] = calls
     out["memslot_calls"] = memslot_calls

@@ -100,7 +100,12 @@ def _atomic_dir(parent: str, final: str, fill, prefix: str) -> str:
     tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
     try:
         fill(tmp)
-        os.replace(tmp, final)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            # another lab command filled the same entry meanwhile: keep theirs
+            if not os.path.isdir(final):
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
@@ -128,16 +133,20 @@ def check_tools(cc: str | None = None) -> None:
                        "--install)")
 
 
-class ModuleBuilder:
-    def __init__(self, kit: Kit, log=print):
-        self.kit = kit
-        self.arch = kit.arch
-        self.log = log
-        self.release = kit.meta["kernel_release"]
-        self.version = kit.meta["version"]
-        self.root = os.path.join(cache_dir(), "modbuild")
-        self.debs = os.path.join(cache_dir(), "debs")
-        self._apt = None
+def entry_meta(final: str) -> dict | None:
+    """A cache entry's build.json (written last: without it there is no entry)."""
+    meta = os.path.join(final, "build.json")
+    if not os.path.exists(meta):
+        return None
+    with open(meta) as f:
+        return json.load(f)
+
+
+class AptUser:
+    """A builder's private apt state, updated the first time it is needed."""
+    log = print
+    arch: Arch = X86_64
+    _apt: Apt | None = None
 
     @property
     def apt(self) -> Apt:
@@ -146,17 +155,25 @@ class ModuleBuilder:
             self._apt.update()
         return self._apt
 
+
+class ModuleBuilder(AptUser):
+    def __init__(self, kit: Kit, log=print):
+        self.kit = kit
+        self.arch = kit.arch
+        self.log = log
+        self.release = kit.meta["kernel_release"]
+        self.version = kit.meta["version"]
+        self.root = os.path.join(cache_dir(), "modbuild")
+        self.debs = os.path.join(cache_dir(), "debs")
+
     def key(self, patch: Patch) -> str:
         return os.path.join(self.root, "modules", f"{self.release}_{self.version}",
                             f"{patch.name}-{patch.digest}")
 
     def cached(self, patch: Patch) -> BuiltModules | None:
         final = self.key(patch)
-        meta = os.path.join(final, "build.json")
-        if os.path.exists(meta):
-            with open(meta) as f:
-                return BuiltModules(final, json.load(f), self.arch)
-        return None
+        meta = entry_meta(final)
+        return None if meta is None else BuiltModules(final, meta, self.arch)
 
     # Each step below is cached on its own.
     def headers(self) -> str:
@@ -187,29 +204,17 @@ class ModuleBuilder:
         final = os.path.join(self.root, "source", f"{series}_{self.version}")
 
         def fill(tmp):
-            name = f"linux-source-{series}"
-            try:
-                deb = self.apt.download_named(name, self.version, self.debs)
-            except LabError as e:
-                raise LabError(f"no {name} {self.version} in the archives, so the modules of "
-                               f"{self.release} cannot be rebuilt: {e}") from None
-            self.log(f"extracting {', '.join(self.arch.source_subset)} from {os.path.basename(deb)}")
-            x = os.path.join(tmp, ".deb")
-            _run(["dpkg-deb", "-x", deb, x], f"unpacking {os.path.basename(deb)}")
-            src = os.path.join(x, "usr", "src")
-            tars = [f for f in os.listdir(src) if f.startswith("linux-source") and ".tar" in f]
-            if not tars:
-                raise LabError(f"{os.path.basename(deb)} holds no source tarball")
-            top = tars[0].split(".tar")[0]
-            _run(["tar", "-xf", os.path.join(src, tars[0]), "-C", tmp, "--strip-components=1"]
-                 + [f"{top}/{p}" for p in self.arch.source_subset],
-                 "extracting the KVM sources")
-            shutil.rmtree(x)
+            deb = source_deb(self.apt, series, self.version, self.debs,
+                             f"the modules of {self.release} cannot be rebuilt")
+            self.log(f"extracting {', '.join(self.arch.source_subset)} from "
+                     f"{os.path.basename(deb)}")
+            extract_source(deb, tmp, self.arch.source_subset)
         _atomic_dir(os.path.dirname(final), final, fill, ".source-")
         return final
 
     def build(self, patch: Patch) -> BuiltModules:
         """The rebuilt modules (from the cache when built before)."""
+        patch = patch.for_series(self.kit.series)
         if patch.series and self.kit.series not in patch.series:
             raise LabError(f"patch {patch.name} is for {', '.join(patch.series)}, not "
                            f"{self.kit.series} ({self.release})")
@@ -237,15 +242,7 @@ class ModuleBuilder:
                     os.path.join(src, p), dst)
             os.makedirs(os.path.join(tree, ".pyvmm", "inc"))
             if patch.has_diff():
-                pf = os.path.join(tmp, f"{patch.name}.patch")
-                with open(pf, "w") as f:
-                    f.write(patch.text)
-                for dry in (True, False):
-                    p = subprocess.run(["patch", "-p1", "--forward", "--batch", "-i", pf]
-                                       + (["--dry-run"] if dry else []), cwd=tree,
-                                       capture_output=True, text=True)
-                    if p.returncode != 0:
-                        raise LabError(patch_failure(p.stdout + p.stderr, patch.name))
+                apply_patch(patch, tree, tmp)
             kdir = os.path.join(tree, self.arch.kvm_dir)
             config = patch.config()
             with open(os.path.join(kdir, "Makefile")) as f:
@@ -305,6 +302,43 @@ class ModuleBuilder:
             with open(self.kit.kvm_ko, "rb") as f:
                 vm = (modinfo(f.read()).get("vermagic") or [""])[0]
         return vm
+
+
+def apply_patch(patch: Patch, tree: str, workdir: str) -> None:
+    """Apply the patch to `tree` (-p1): a dry run first, so that one that does not apply
+    changes nothing and is named with its file and hunk."""
+    pf = os.path.join(workdir, f"{patch.name}.patch")
+    with open(pf, "w") as f:
+        f.write(patch.text)
+    for dry in (True, False):
+        p = subprocess.run(["patch", "-p1", "--forward", "--batch", "-i", pf]
+                           + (["--dry-run"] if dry else []), cwd=tree,
+                           capture_output=True, text=True)
+        if p.returncode != 0:
+            raise LabError(patch_failure(p.stdout + p.stderr, patch.name))
+
+
+def source_deb(apt: Apt, series: str, version: str, debs: str, what: str) -> str:
+    """Debian's linux-source-SERIES at VERSION, downloaded into `debs` (cached)."""
+    name = f"linux-source-{series}"
+    try:
+        return apt.download_named(name, version, debs)
+    except LabError as e:
+        raise LabError(f"no {name} {version} in the archives, so {what}: {e}") from None
+
+
+def extract_source(deb: str, dest: str, subset: tuple[str, ...] = ()) -> None:
+    """The kernel tree inside a linux-source .deb into `dest` (only `subset` when given)."""
+    x = os.path.join(dest, ".deb")
+    _run(["dpkg-deb", "-x", deb, x], f"unpacking {os.path.basename(deb)}")
+    src = os.path.join(x, "usr", "src")
+    tars = [f for f in os.listdir(src) if f.startswith("linux-source") and ".tar" in f]
+    if not tars:
+        raise LabError(f"{os.path.basename(deb)} holds no source tarball")
+    top = tars[0].split(".tar")[0]
+    _run(["tar", "-xf", os.path.join(src, tars[0]), "-C", dest, "--strip-components=1"]
+         + [f"{top}/{p}" for p in subset], "extracting the kernel source")
+    shutil.rmtree(x)
 
 
 def kit_modules(kit: Kit, built: BuiltModules | None) -> dict[str, bytes]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ...errors import LabError
 from ..arch import X86_64, Arch
@@ -21,6 +21,22 @@ class Patch:
     series: tuple[str, ...]
     summary: str
     text: str = ""              # the diff with its header; "" changes nothing
+    # (series, diff) of NAME.SERIES.patch files: a change written for each series
+    per_series: tuple[tuple[str, str], ...] = ()
+
+    def for_series(self, series: str) -> "Patch":
+        """The patch as written for `series` (NAME.SERIES.patch), else itself."""
+        for s, text in self.per_series:
+            if s == series:
+                return replace(self, text=text)
+        return self
+
+    def whole_kernel(self) -> bool:
+        """Whether any version of it changes files outside what a module rebuild
+        takes (then only a whole-kernel build can apply it)."""
+        texts = [self.text] + [t for _, t in self.per_series]
+        return any(not in_module_scope(f) for t in texts
+                   for f in replace(self, text=t).files())
 
     @property
     def digest(self) -> str:
@@ -76,7 +92,15 @@ def load_patches(folder: str = PATCH_DIR) -> dict[str, Patch]:
     for name, series, summary in index:
         path = os.path.join(folder, f"{name}.patch")
         text = open(path).read() if os.path.exists(path) else ""
-        out[name] = Patch(name, series, summary, text)
+        per = []
+        for s in series:
+            p = os.path.join(folder, f"{name}.{s}.patch")
+            if os.path.exists(p):
+                with open(p) as f:
+                    per.append((s, f.read()))
+        if not text and per:
+            text = per[0][1]
+        out[name] = Patch(name, series, summary, text, tuple(per))
     return out
 
 
@@ -88,13 +112,16 @@ def get_patch(name: str, folder: str = PATCH_DIR) -> Patch:
     return patches[name]
 
 
+def in_module_scope(path: str, arch: Arch = X86_64) -> bool:
+    return any(path == s or path.startswith(s + "/") for s in arch.source_subset)
+
+
 def check_patch_scope(patch: Patch, arch: Arch = X86_64) -> None:
-    subset = arch.source_subset
-    outside = [p for p in patch.files()
-               if not any(p == s or p.startswith(s + "/") for s in subset)]
+    outside = [p for p in patch.files() if not in_module_scope(p, arch)]
     if outside:
-        raise LabError(f"patch {patch.name} changes {', '.join(outside)}: the lab rebuilds "
-                       f"only {', '.join(subset)}")
+        raise LabError(f"patch {patch.name} changes {', '.join(outside)}: a module rebuild "
+                       f"takes only {', '.join(arch.source_subset)}; build the whole kernel "
+                       f"instead (a variant with @hzN, e.g. 7.3+{patch.name}@hz250)")
 
 
 def patch_failure(output: str, patch: str) -> str:

@@ -87,10 +87,10 @@ def _trace(workload: str = "qemu-microvm", k: str = "0", repeats: str = "1") -> 
     hz = int(os.environ.get("PYVMM_TRACE_HZ") or 0) or None
     runs = []
     for _ in range(int(repeats)):
-        rec = record.record(w.argv, w.port, timeout_s=300.0, site=site)
+        rec = record.record(w.argv, w.port, timeout_s=300.0, site=site, timers=True)
         if rec.rc not in w.ok_status:
             raise PyvmmError(f"{w.spec} exited with status {rec.rc} in the lab kernel")
-        summ = attribute.summary(rec.startup, hz)
+        summ = attribute.summary(rec.startup, hz, rec.timer_events)
         summ.pop("by_ioctl", None)
         runs.append({"rc": rec.rc, "wall_ms": rec.wall_ns / 1e6, "notes": rec.notes,
                      "probe": rec.probe, "summary": summ})

@@ -20,7 +20,8 @@ from ...errors import LabError
 from ...results import envelope, finishing, write_json_atomic
 from ..boot import initramfs, pyruntime, qemu, vmmruntime
 from . import inner
-from .prepare import ENVIRONMENT, LabOptions, Ui, Variant, inner_host, module_args, prepare
+from .prepare import (ENVIRONMENT, LabOptions, Ui, build_meta, inner_host, kernel_cmdline,
+                      module_args, prepare)
 
 SCHEMA = "pyvmm.lab-jobs/1"
 
@@ -72,12 +73,13 @@ def run_jobs(opts: LabOptions, jobs: list[str], ui: Ui | None = None) -> JobsRun
     initrd = os.path.join(work, "initramfs.cpio.gz")
     with open(initrd, "wb") as f:
         f.write(image)
-    variant = Variant(opts.kernel, opts.kvm_patch)
     doc = envelope(SCHEMA, host, status="running", finished=None,
                    environment=ENVIRONMENT, jobs=list(jobs),
                    kernel_check=prep.kernel_check, results=[],
-                   lab={"variant": variant.label, "kvm_args": dict(opts.kvm_args),
+                   lab={"variant": opts.variant.label, "kvm_args": dict(opts.kvm_args),
+                        "cmdline": opts.cmdline,
                         "kvm_patch": None if prep.built is None else dict(prep.built.meta),
+                        "kernel_build": build_meta(prep),
                         "initramfs_bytes": len(image), "runtime_bytes": len(rt.archive),
                         "runtime_files": rt.files, "runtime_cached": rt.cached,
                         "qemu": qemu.qemu_version(prep.kit.arch.qemu), "timings": timings,
@@ -90,7 +92,8 @@ def run_jobs(opts: LabOptions, jobs: list[str], ui: Ui | None = None) -> JobsRun
     qcfg = qemu.QemuConfig(kernel=prep.kit.vmlinuz, initrd=initrd, smp=opts.smp,
                            mem_mb=max(opts.mem_mb, 1024), boot_timeout_s=opts.boot_timeout_s,
                            stall_timeout_s=opts.total_timeout_s,
-                           total_timeout_s=opts.total_timeout_s, arch=prep.kit.arch)
+                           total_timeout_s=opts.total_timeout_s,
+                           extra_args=kernel_cmdline(opts, prep.kit), arch=prep.kit.arch)
     t_q = time.monotonic()
     marks = {}
 

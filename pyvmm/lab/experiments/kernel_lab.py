@@ -25,7 +25,8 @@ from ...errors import LabError, LabHang
 from ...results import Saver, finishing, new_doc
 from ..boot import initramfs, qemu
 from ..boot.serial import boot_to_sample, plan_label
-from .prepare import ENVIRONMENT, LabOptions, Ui, Variant, inner_host, module_args, prepare
+from .prepare import (ENVIRONMENT, LabOptions, Ui, build_meta, inner_host, kernel_cmdline,
+                      module_args, prepare)
 
 LAB_REPEATS = 10
 LAB_WARMUP = 2
@@ -77,11 +78,12 @@ def run_lab(opts: LabOptions, cfg: SweepConfig, ui: Ui | None = None) -> LabRun:
     qcfg = qemu.QemuConfig(kernel=kit.vmlinuz, initrd=initrd, smp=opts.smp, mem_mb=opts.mem_mb,
                            boot_timeout_s=opts.boot_timeout_s,
                            stall_timeout_s=opts.stall_timeout_s,
-                           total_timeout_s=opts.total_timeout_s, arch=kit.arch)
-    variant = Variant(opts.kernel, opts.kvm_patch)
-    doc["lab"] = {"kernel_spec": opts.kernel, "variant": variant.label,
-                  "kvm_args": dict(opts.kvm_args),
+                           total_timeout_s=opts.total_timeout_s,
+                           extra_args=kernel_cmdline(opts, kit), arch=kit.arch)
+    doc["lab"] = {"kernel_spec": opts.kernel, "variant": opts.variant.label,
+                  "kvm_args": dict(opts.kvm_args), "cmdline": opts.cmdline,
                   "kvm_patch": None if built is None else dict(built.meta),
+                  "kernel_build": build_meta(prep),
                   "package": host["package"], "smp": opts.smp,
                   "qemu": qemu.qemu_version(kit.arch.qemu),
                   "command": qemu.command(qcfg, "console.log", "data.log"),

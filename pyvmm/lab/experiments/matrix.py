@@ -55,7 +55,7 @@ def run_matrix(variants: list[Variant], cfg: SweepConfig, base: LabOptions,
     start-up `repeats` times in each); returns the matrix document."""
     ui = ui or Ui()
     for v in variants:         # everything checked before the first download
-        check_options(replace(base, kernel=v.kernel, kvm_patch=v.patch))
+        check_options(replace(base, kernel=v.kernel, kvm_patch=v.patch, hz=v.hz))
     if out_dir is None:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         out_dir = os.path.join(base.out, f"matrix-{stamp}")
@@ -76,7 +76,7 @@ def run_matrix(variants: list[Variant], cfg: SweepConfig, base: LabOptions,
         for i, v in enumerate(variants):
             ui.log(f"[{i + 1}/{len(variants)}] variant {v.label}")
             tv = time.monotonic()
-            opts = replace(base, kernel=v.kernel, kvm_patch=v.patch, out=out_dir)
+            opts = replace(base, kernel=v.kernel, kvm_patch=v.patch, hz=v.hz, out=out_dir)
             try:
                 if workload:
                     run = jobs.run_jobs(opts, [f"trace:{workload}:{repeats}"], ui)
@@ -134,6 +134,9 @@ def trace_row(variant: Variant, doc: dict, run_dir: str) -> dict:
     def med(key):
         xs = [r[key] for r in runs if r.get(key) is not None]
         return stats.median(xs) if xs else None
+    # the timer chain of the longest wait of each run (pyvmm trace --timers)
+    whys = [max((w for w in r["waits"] if w.get("why")), key=lambda w: w["wait_ms"])["why"]
+            for r in runs if any(w.get("why") for w in r["waits"])]
     return {
         "variant": variant.label, "patch": variant.patch,
         "kernel": doc["host"].get("kernel"), "package": doc["host"].get("package"),
@@ -150,6 +153,10 @@ def trace_row(variant: Variant, doc: dict, run_dir: str) -> dict:
         "longest_wait_jiffies": (stats.median(longest) / (1e3 / hz)) if longest and hz
         else None,
         "paid_by": max(set(paid), key=paid.count) if paid else None,
+        "gp_timer_fired_after_jiffies": (stats.median([y["fired_after_jiffies"] for y in whys])
+                                         if whys else None),
+        "wait_end_after_gp_timer_ms": (stats.median([y["wait_end_after_fire_ms"]
+                                                     for y in whys]) if whys else None),
         "hz": hz, "kernel_check": kc.get("mechanism") or kc.get("behaviour"),
         "kernel_check_summary": kc.get("summary"), "agrees": agree["agrees"],
         "run": os.path.join(run_dir, "results.json"),
@@ -211,7 +218,7 @@ def table(doc: dict):
                     (f"assign / EEXIST / deassign us, median per op at N="
                      f"{doc['config'].get('control_n', '?')}", False),
                     ("reg. share N=" + "/".join(map(str, SHARE_NS)), False),
-                    ("stall ms (jiffies) paid by", False), ("first deassign +ms", False),
+                    ("stall ms (jiffies), p90, predicted; paid by", False), ("first deassign +ms", False),
                     ("boot ms N=0 -> max", False), ("kernel-check", True), ("agree", False)):
         t.add_column(c, justify="left" if left else "right",
                      no_wrap=c in ("variant", "verdict", "kernel"))
@@ -219,7 +226,8 @@ def table(doc: dict):
         boots = r["boot_ms"]
         nmax = max(boots, key=int) if boots else None
         stall = "-" if r["stall_ms"] is None else (
-            f"{r['stall_ms']:.2f} ({_f(r['stall_jiffies'], '{:.1f}', '?')}) "
+            f"{r['stall_ms']:.2f} ({_f(r['stall_jiffies'], '{:.1f}', '?')}), "
+            f"p90 {_f(r.get('stall_p90_ms'))}, predicted {_f(r.get('stall_predicted_ms'))} "
             f"{r['stall_phase'] or ''}".rstrip())
         shares = " / ".join(_f(r["reg_share"].get(str(n)), "{:.1%}") for n in SHARE_NS)
         boot = ("-" if nmax is None else
@@ -234,7 +242,9 @@ def table(doc: dict):
     t.caption = (f"reg. share and boot medians from recipe "
                  f"{', '.join(sorted(s for s in shares if s))} (max N = {ns[-1] if ns else '-'}); "
                  "per-op costs from the control recipe; stall: the step after the "
-                 "registrations that grew most at the smallest N > 0 against N = 0")
+                 "registrations that grew most at the smallest N > 0 against N = 0 (median "
+                 "over boots, p90), and what the SRCU code predicts from HZ and the time "
+                 "since the first registration (docs/lab.md)")
     t.caption_justify = "left"
     return t
 
@@ -275,7 +285,9 @@ def json_rows(doc: dict) -> dict:
                 "workload": doc["workload"], "rows": doc["rows"], "failed": doc["failed"]}
     keep = ("variant", "kernel", "patch", "verdict", "assign_us", "eexist_us", "deassign_us",
             "per_op_n", "per_op_us",
-            "stall_ms", "stall_jiffies", "stall_phase", "first_deassign_excess_ms",
+            "stall_ms", "stall_jiffies", "stall_phase", "stall_p90_ms", "stall_predicted_ms",
+            "stall_predicted_range_ms", "stall_gap_ms", "hz", "first_deassign_excess_ms",
+            "first_deassign_predicted_ms",
             "reg_share", "boot_ms", "kernel_check", "kernel_check_summary", "agrees", "run")
     return {"schema": doc["schema"], "status": doc["status"], "seed": doc["config"]["seed"],
             "rows": [{k: r.get(k) for k in keep} for r in doc["rows"]],

@@ -6,6 +6,7 @@ and the host facts of the kernel inside QEMU."""
 from __future__ import annotations
 
 import os
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -14,6 +15,8 @@ from ...errors import LabError
 from ..arch import X86_64, Arch
 from ..boot import tools
 from ..builds import kcheck
+from ..builds import kernel as kbuild
+from ..builds.kernel import HZ_VALUES, check_hz
 from ..builds import modules as modbuild
 from ..builds.patch import Patch, get_patch, load_patches
 from ..sources import apt, debian, kits
@@ -49,22 +52,40 @@ def inner_host(kit: kits.Kit, facts: dict[str, str], smp: int, outer: dict) -> d
 
 @dataclass(frozen=True)
 class Variant:
-    """A kernel spec and an optional KVM patch: '6.1', '6.1+defer-free', 'latest'."""
+    """A kernel spec, an optional patch and, for a whole-kernel build, its HZ:
+    '6.1', '6.1+defer-free', 'latest', '7.3+srcu-expedited@hz100'."""
     kernel: str
     patch: str | None = None
+    hz: int | None = None
 
     @property
     def label(self) -> str:
-        return self.kernel + (f"+{self.patch}" if self.patch else "")
+        return (self.kernel + (f"+{self.patch}" if self.patch else "")
+                + (f"@hz{self.hz}" if self.hz else ""))
+
+
+def split_build(text: str) -> tuple[str, int | None]:
+    """'7.3@hz100' -> ('7.3', 100): a whole-kernel build at that HZ; no '@': Debian's own
+    image (None)."""
+    head, at, tail = text.rpartition("@")
+    if not at or os.sep in tail:
+        return text, None
+    m = re.fullmatch(r"hz(\d+)", tail)
+    if not m:
+        raise LabError(f"unknown build option '@{tail}' in '{text}': give @hzN for a "
+                       f"whole-kernel build ticking at N Hz ({', '.join(map(str, HZ_VALUES))}),"
+                       " e.g. 7.3@hz100")
+    return head, check_hz(int(m.group(1)))
 
 
 def parse_variant(text: str, patches: dict | None = None) -> Variant:
-    """'KERNEL[+PATCH]', checked without touching the network (a .deb path may itself
-    hold '+', so only a known patch name after the last '+' splits it)."""
+    """'KERNEL[+PATCH][@hzN]', checked without touching the network (a .deb path may
+    itself hold '+', so only a known patch name after the last '+' splits it)."""
     text = text.strip()
     if not text:
         raise LabError("empty variant: give KERNEL or KERNEL+PATCH, e.g. 6.1+defer-free")
     patches = load_patches() if patches is None else patches
+    text, hz = split_build(text)
     kernel, patch = text, None
     if "+" in text and not text.endswith(".deb"):
         head, _, tail = text.rpartition("+")
@@ -75,7 +96,13 @@ def parse_variant(text: str, patches: dict | None = None) -> Variant:
                            f"{', '.join(patches) or 'none'} "
                            "(see pyvmm/lab/builds/patches/INDEX)")
     debian.check_spec(kernel)
-    return Variant(kernel, patch)
+    if hz and (kernel.endswith(".deb") or os.sep in kernel):
+        raise LabError(f"'{kernel}@hz{hz}': a whole-kernel build starts from a Debian "
+                       "version (6.1, 7.3, latest), not a package file")
+    if patch and not hz and patches[patch].whole_kernel():
+        raise LabError(f"patch {patch} changes the kernel image, not only KVM: it needs a "
+                       f"whole-kernel build, e.g. {kernel}+{patch}@hz250")
+    return Variant(kernel, patch, hz)
 
 
 @dataclass
@@ -93,6 +120,14 @@ class LabOptions:
     install: bool = True
     mem_mb: int = 1024
     arch: Arch = X86_64
+    # A whole kernel built at this HZ instead of Debian's image (None: Debian's).
+    hz: int | None = None
+    # Kernel parameters for the lab kernel (e.g. srcutree.srcu_max_nodelay_phase=0).
+    cmdline: str = ""
+
+    @property
+    def variant(self) -> "Variant":
+        return Variant(self.kernel, self.kvm_patch, self.hz)
 
 
 class Ui:
@@ -113,8 +148,32 @@ def check_options(opts: LabOptions) -> Patch | None:
     or anything downloaded; returns the patch asked for."""
     if opts.smp not in (1, 2):
         raise LabError(f"--smp {opts.smp}: the lab runs with 1 or 2 emulated CPUs")
-    debian.check_spec(opts.kernel)
-    return get_patch(opts.kvm_patch) if opts.kvm_patch else None
+    check_cmdline(opts.cmdline)
+    spec = opts.kernel + (f"+{opts.kvm_patch}" if opts.kvm_patch else "") \
+        + (f"@hz{opts.hz}" if opts.hz else "")
+    v = parse_variant(spec)         # the same checks as a matrix variant
+    return get_patch(v.patch) if v.patch else None
+
+
+def check_cmdline(cmdline: str) -> str:
+    """Kernel parameters: printable words, no quotes, not too long."""
+    if len(cmdline) > 512:
+        raise LabError(f"--cmdline is {len(cmdline)} characters: keep it under 512")
+    for word in cmdline.split():
+        if not word.isprintable() or any(c in word for c in "\"'`$\\;"):
+            raise LabError(f"--cmdline: '{word}' is not a plain kernel parameter "
+                           "(NAME or NAME=VALUE, no quotes or shell characters)")
+    return cmdline
+
+
+def kernel_cmdline(opts: LabOptions, kit: kits.Kit) -> str:
+    """What the lab kernel gets on its command line beyond the lab's own: --cmdline, and
+    the KVM module parameters when KVM is built in (kvm_amd.npt=0 for kvm_amd:npt=0)."""
+    words = opts.cmdline.split()
+    if kit.builtin:
+        for mod, params in opts.kvm_args.items():
+            words += [f"{norm_module(mod)}.{p}" for p in params.split()]
+    return " ".join(words)
 
 
 @dataclass
@@ -128,6 +187,7 @@ class Prepared:
     busybox: bytes
     helper: bytes
     timings: dict
+    kernel_build: kbuild.BuiltKernel | None = None
 
 
 def prepare(opts: LabOptions, ui: Ui) -> Prepared:
@@ -147,7 +207,18 @@ def prepare(opts: LabOptions, ui: Ui) -> Prepared:
     kit = kits.build_kit(deb, log=ui.log, arch=opts.arch)
     timings["unpack_s"] = time.monotonic() - t
     built = None
-    if patch is not None:
+    kernel_build = None
+    if opts.hz:
+        ui.stage(f"kernel build ({opts.variant.label})")
+        t = time.monotonic()
+        builder = kbuild.KernelBuilder(kit, log=ui.log, install=opts.install)
+        timings["kernel_cached"] = builder.cached(patch, opts.hz) is not None
+        kernel_build = builder.build(patch, opts.hz)
+        timings["kernel_build_s"] = time.monotonic() - t
+        kit = kernel_build.kit()
+        kc = kcheck.check(kit.kvm_ko)
+        kc["path"] = f"{kernel_build.meta['kit']['variant']}: vmlinux (KVM built in)"
+    elif patch is not None:
         ui.stage(f"modules ({patch.name})")
         t = time.monotonic()
         builder = modbuild.ModuleBuilder(kit, log=ui.log)
@@ -165,11 +236,22 @@ def prepare(opts: LabOptions, ui: Ui) -> Prepared:
         bb = f.read()
     with open(helper, "rb") as f:
         helper_bin = f.read()
-    return Prepared(kit, modbuild.kit_modules(kit, built), kc, built, bb, helper_bin, timings)
+    return Prepared(kit, modbuild.kit_modules(kit, built), kc, built, bb, helper_bin, timings,
+                    kernel_build)
+
+
+def build_meta(prep: Prepared) -> dict | None:
+    """What a run records of its whole-kernel build (None for Debian's image)."""
+    if prep.kernel_build is None:
+        return None
+    return {k: v for k, v in prep.kernel_build.meta.items() if k != "kit"}
 
 
 def module_args(kit: kits.Kit, args: dict[str, str]) -> dict[str, str]:
-    """{'kvm_amd': 'npt=0'} -> {'03-kvm_amd.ko': 'npt=0'} for the initramfs."""
+    """{'kvm_amd': 'npt=0'} -> {'03-kvm_amd.ko': 'npt=0'} for the initramfs (nothing when
+    KVM is built in: kernel_cmdline passes them)."""
+    if kit.builtin:
+        return {}
     names = dict(zip(kit.module_names(), kit.meta["modules"]))
     out = {}
     for mod, params in args.items():

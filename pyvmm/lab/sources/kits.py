@@ -32,7 +32,16 @@ class Kit:
         return os.path.join(self.path, "vmlinuz")
 
     @property
+    def builtin(self) -> bool:
+        """KVM built into the image (a lab kernel build): no modules to load."""
+        return bool(self.meta.get("kvm_builtin"))
+
+    @property
     def kvm_ko(self) -> str:
+        """What kernel-check reads: kvm.ko, or the image with symbols (vmlinux) when KVM
+        is built in."""
+        if self.builtin:
+            return os.path.join(self.path, "vmlinux")
         return os.path.join(self.path, "modules", self.meta["kvm_module_file"])
 
     def modules(self) -> list[str]:
