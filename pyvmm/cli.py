@@ -7,7 +7,7 @@ import os
 import sys
 
 from . import guests, layout
-from .errors import PyvmmError
+from .errors import NO_SPACE, PyvmmError, disk_full
 
 # Tables fit the terminal (or $COLUMNS); written to a file or a pipe they stay wide.
 from .ui import BENCH_PTWRITE, console, err_console  # the one console every command uses
@@ -302,6 +302,13 @@ def main(argv=None) -> int:
         return args.func(args)
     except PyvmmError as e:
         return _fail(str(e))
+    except OSError as e:
+        if e.errno not in NO_SPACE:
+            raise
+        # a full disk anywhere (results, the lab's cache, a build): one line; what was
+        # written atomically before is intact, what was half-written is removed
+        return _fail(str(disk_full(e.filename or os.getcwd(), None,
+                                   "finished results and cache entries are intact")))
     except Terminated:
         return _fail("terminated (SIGTERM); partial results are marked interrupted", 143)
     except KeyboardInterrupt:

@@ -95,3 +95,20 @@ class LabHang(LabError):
 
 class TraceUnavailable(PyvmmError):
     """tracefs or its syscall events are missing or not writable (bench --per-ioctl)."""
+
+
+class DiskFull(PyvmmError):
+    """No space (or quota) left where pyvmm writes results or its cache."""
+
+
+NO_SPACE = (28, 122)        # ENOSPC, EDQUOT
+
+
+def disk_full(path: str, needed: int | None = None, what: str = "") -> DiskFull:
+    """The one-line error for a full disk: which path, how much was needed, what is
+    intact."""
+    need = f" ({needed / 2**20:.1f} MiB needed)" if needed else ""
+    kept = f"; {what}" if what else ""
+    return DiskFull(f"no space left on the device of {os.path.dirname(path) or '.'} to write "
+                    f"{os.path.basename(path)}{need}: free some space or write elsewhere "
+                    f"(--out, or PYVMM_CACHE for the lab's cache){kept}")

@@ -5,7 +5,11 @@ command line, before it looks at the payload. Written atomically (temporary file
 rename), so an interrupted writer never leaves half a file.
 
     {"schema": "pyvmm.<kind>/<version>", "pyvmm": {"version", "commit"},
-     "created": ISO time, "command": argv, "host": host facts, ...payload}
+     "created": ISO time, "command": argv, "host": host facts,
+     "writer": {"pid", "boot_id", "hostname"}, ...payload}
+
+A document still marked 'running' whose writer is gone (killed with SIGKILL, the machine
+restarted) is told apart from one being written: analysis.liveness.run_state().
 """
 
 from __future__ import annotations
@@ -16,6 +20,9 @@ import json
 import os
 import sys
 import time
+
+from .analysis.liveness import run_state, writer
+from .errors import NO_SPACE, DiskFull, disk_full
 
 
 def now_iso() -> str:
@@ -38,7 +45,7 @@ def envelope(schema: str, host: dict | None = None, **payload) -> dict:
         from .hostinfo import collect
         host = collect(with_kvm=False)
     doc = {"schema": schema, "pyvmm": pyvmm_build(), "created": now_iso(),
-           "command": list(sys.argv), "host": host}
+           "command": list(sys.argv), "host": host, "writer": writer()}
     doc.update(payload)
     return doc
 
@@ -52,13 +59,33 @@ def new_doc(cfg, host: dict, environment: str, clock: dict | None) -> dict:
                     kernel_check=None, failures=[], samples=[])
 
 
+def partial_lines(con, docs: list[dict], paths: list[str]) -> None:
+    """A line on `con` for each document that is not complete: interrupted, failed,
+    still being written, or died (run_state)."""
+    for d, p in zip(docs, paths):
+        if d.get("status") != "complete":
+            con.print(f"[yellow]{p}: {run_state(d)}[/] (partial results)", highlight=False)
+
+
 def write_json_atomic(path: str, doc: dict) -> None:
+    """Write `doc` to a temporary file beside `path`, fsync, rename: an interrupted or
+    failed write leaves the last complete copy. A full disk is DiskFull, one line."""
+    text = json.dumps(doc, separators=(",", ":"))
     tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(doc, f, separators=(",", ":"))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if e.errno in NO_SPACE:
+            kept = ("the last complete copy is intact" if os.path.exists(path)
+                    else "nothing was written")
+            raise disk_full(path, len(text), kept) from None
+        raise
 
 
 SAVE_EVERY_S = 2.0      # a document being filled is rewritten at most this often
@@ -75,7 +102,14 @@ class Saver:
     def __call__(self, force: bool = False) -> None:
         now = time.monotonic()
         if force or now - self._last >= self.every_s:
-            write_json_atomic(self.path, self.doc)
+            try:
+                write_json_atomic(self.path, self.doc)
+            except DiskFull:
+                # mid-run: keep going (the samples are in memory, the file on disk is
+                # the last complete copy) and try again at the next save; the final,
+                # forced save reports it
+                if force:
+                    raise
             self._last = now
 
 

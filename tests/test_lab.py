@@ -798,3 +798,17 @@ def test_lab_builds_a_whole_kernel_at_another_hz_and_the_stall_follows_it(tmp_pa
     assert s["verdict"] == "deferred-free" and s["hz"] == 100
     assert 0.7 <= s["stall_jiffies"] <= 2.5 and s["stall_ms"] > 8.5
     assert s["stall_predicted_ms"] is not None
+
+
+def test_a_dying_lab_kernel_is_named_even_when_its_call_trace_is_long(tmp_path):
+    log = tmp_path / "console.log"
+    log.write_text("[ 1.0] booting\n[ 1.6] Kernel panic - not syncing: Attempted to kill "
+                   "init! exitcode=0x00000000\n" + "".join(f"[ 1.7] frame {i}\n"
+                                                          for i in range(40)))
+    assert qemu.kernel_death(str(log)) == ("Kernel panic - not syncing: Attempted to kill "
+                                           "init! exitcode=0x00000000")
+    log.write_text("[ 2.0] BUG: kernel NULL pointer dereference, address: 0000000000000008\n")
+    assert qemu.kernel_death(str(log)).startswith("BUG: kernel NULL pointer dereference")
+    log.write_text("all fine\n")
+    assert qemu.kernel_death(str(log)) is None
+    assert qemu.kernel_death(str(tmp_path / "missing")) is None

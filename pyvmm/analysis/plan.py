@@ -112,6 +112,8 @@ def load_run(path: str) -> dict:
     problem = first_error(doc)
     if problem:
         raise PyvmmError(f"{path} is not a valid run.json: {problem}")
+    # where it was read from and when it was last written (results.run_state)
+    doc["_source"] = {"path": os.path.abspath(path), "mtime": os.path.getmtime(path)}
     return doc
 
 

@@ -363,7 +363,9 @@ def render(console, doc: dict, driver: str = "c") -> dict:
         console.print(f"[red]{len(a['failures'])} boot(s) failed[/]; first: "
                       f"{a['failures'][0]['error']}")
     if doc.get("status") != "complete":
-        console.print(f"[yellow]run status: {doc.get('status')}[/] (partial results)")
+        from .liveness import run_state
+        console.print(f"[yellow]run status: {run_state(doc)}[/] (partial results)",
+                      highlight=False)
     return a
 
 

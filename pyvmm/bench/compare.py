@@ -11,6 +11,7 @@ from ..tables import Grid
 from ..analysis import report, stats
 from ..analysis.plan import load_run
 from ..errors import PyvmmError
+from ..results import partial_lines
 from ..ui import console
 
 
@@ -135,10 +136,13 @@ def cmd_compare(args) -> int:
     if not 0 <= args.min_change < 100:
         raise PyvmmError(f"--min-change {args.min_change:g}: give a percentage from 0 to 100")
     min_change = args.min_change / 100
+    docs = [load_run(p) for p in args.runs]
     if len(args.runs) > 2:
-        return compare_many([load_run(p) for p in args.runs], args.runs, args.out, min_change)
+        rc = compare_many(docs, args.runs, args.out, min_change)
+        partial_lines(console, docs, args.runs)
+        return rc
     args.a, args.b = args.runs
-    a, b = load_run(args.a), load_run(args.b)
+    a, b = docs
     rows = compare_docs(a, b)
     if not rows:
         raise PyvmmError("the two runs share no (recipe, N) cell to compare")
@@ -180,6 +184,7 @@ def cmd_compare(args) -> int:
     _compare_plot_many([[dict(r, growth_b=r["growth_a"]) for r in rows], rows],
                        [f"A {name_a}", f"B {name_b}"], out)
     console.print(f"side-by-side plot: {os.path.join(out, 'compare.png')}", highlight=False)
+    partial_lines(console, docs, args.runs)
     return 0
 
 

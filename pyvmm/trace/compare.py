@@ -9,6 +9,7 @@ import os
 
 from ..analysis import stats
 from ..errors import PyvmmError
+from ..results import partial_lines
 from ..tables import Grid
 from ..ui import console
 from .runs import SCHEMA
@@ -46,6 +47,7 @@ def load(path: str) -> dict:
         raise PyvmmError(f"{path} is not a trace document (schema {SCHEMA})")
     if not doc.get("runs"):
         raise PyvmmError(f"{path} holds no finished run")
+    doc["_source"] = {"path": os.path.abspath(path), "mtime": os.path.getmtime(path)}
     return doc
 
 
@@ -108,4 +110,6 @@ def cmd_compare(args) -> int:
         console.print(t)
         for name, d in (("A", base), ("B", doc)):
             console.print(f"{name}: {d['runs'][0]['summary']['verdict']}", highlight=False)
+    partial_lines(console, docs, args.runs)
     return 0
+

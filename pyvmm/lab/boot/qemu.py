@@ -13,6 +13,7 @@ with the last lines of both.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -146,6 +147,24 @@ def run(cfg: QemuConfig, workdir: str, on_boot=None, on_stage=None,
     return stream, elapsed
 
 
+_DEATH = re.compile(r"Kernel panic - not syncing:.*|BUG: .*|Oops: .*|"
+                    r"general protection fault.*|kernel BUG at .*")
+
+
+def kernel_death(console_log: str) -> str | None:
+    """The first line where the lab kernel said it was dying (a panic, an oops, a BUG),
+    which a long call trace after it pushes out of the console's last lines."""
+    try:
+        with open(console_log, errors="replace") as f:
+            for line in f:
+                m = _DEATH.search(line)
+                if m:
+                    return m.group(0).strip()[:200]
+    except OSError:
+        pass
+    return None
+
+
 def _kill(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         proc.kill()
@@ -158,6 +177,9 @@ def _kill(proc: subprocess.Popen) -> None:
 def _hang_text(why: str, stream: LabStream, console_log: str, data_log: str,
                workdir: str) -> str:
     parts = [f"{why} ({len(stream.boots)} boots recorded)."]
+    died = kernel_death(console_log)
+    if died:
+        parts.append(f"the lab kernel said: {died}")
     con = tail(console_log)
     if con:
         parts.append("last kernel console lines:\n  " + "\n  ".join(con))

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from ...errors import LabError
 from ..arch import X86_64, Arch
 from ..boot.tools import apt_install, missing_packages
-from ..sources.cache import cache_dir
+from ..sources.cache import cache_dir, locked, manifest
 from ..sources.kits import Kit
 from .modules import (AptUser, _atomic_dir, apply_patch, entry_meta, extract_source,
                       source_deb)
@@ -184,7 +184,7 @@ class KernelBuilder(AptUser):
 
     def cached(self, patch: Patch | None, hz: int) -> BuiltKernel | None:
         final = self.key(patch, hz)
-        meta = entry_meta(final)
+        meta = entry_meta(final, self.log)
         return None if meta is None else BuiltKernel(final, meta, self.arch)
 
     def source(self) -> str:
@@ -196,7 +196,8 @@ class KernelBuilder(AptUser):
                              f"no lab kernel can be built for {self.series}")
             self.log(f"unpacking the whole source tree from {os.path.basename(deb)}")
             extract_source(deb, tmp)
-        return _atomic_dir(os.path.dirname(final), final, fill, ".source-")
+        return _atomic_dir(os.path.dirname(final), final, fill, ".source-",
+                           f"unpacking the {self.series} source tree", self.log)
 
     def build(self, patch: Patch | None, hz: int) -> BuiltKernel:
         """The built kernel (from the cache when built before)."""
@@ -294,6 +295,7 @@ class KernelBuilder(AptUser):
                         "config_source": f"tinyconfig + {self.arch.lab_config} + Debian's "
                                          f"timing options, HZ={hz}",
                         "vermagic": None, "variant": label},
+                "files": manifest(res, ["vmlinuz", "vmlinux", "config"]),
             }
             with open(os.path.join(res, "build.json"), "w") as f:
                 json.dump(meta, f, indent=1)
@@ -306,11 +308,13 @@ class KernelBuilder(AptUser):
 
         parent = os.path.dirname(final)
         os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".kernel-", dir=parent)
-        try:
-            fill(tmp)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        with locked(final, f"building the lab kernel {label}", self.log):
+            if self.cached(patch, hz) is None:
+                tmp = tempfile.mkdtemp(prefix=".kernel-", dir=parent)
+                try:
+                    fill(tmp)
+                finally:
+                    shutil.rmtree(tmp, ignore_errors=True)
         hit = self.cached(patch, hz)
         if hit is None:
             raise LabError(f"the lab kernel {label} was built but its cache entry is "

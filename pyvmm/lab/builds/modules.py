@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from ...errors import LabError
 from ..sources.apt import Apt
-from ..sources.cache import cache_dir
+from ..sources.cache import cache_dir, locked, manifest, whole_entry
 from ..sources.elf import modinfo
 from ..sources.kits import Kit
 from ..arch import X86_64, Arch
@@ -92,11 +92,20 @@ class BuiltModules:
         return os.path.join(self.path, self.arch.built[name])
 
 
-def _atomic_dir(parent: str, final: str, fill, prefix: str) -> str:
-    """Create `final` by filling a temporary sibling and renaming it."""
+def _atomic_dir(parent: str, final: str, fill, prefix: str, what: str = "filling the cache",
+                log=print) -> str:
+    """Create `final` by filling a temporary sibling and renaming it, under the entry's
+    lock (another command filling it meanwhile: this one waits and uses theirs)."""
     if os.path.isdir(final):
         return final
     os.makedirs(parent, exist_ok=True)
+    with locked(final, what, log):
+        if os.path.isdir(final):
+            return final
+        return _fill_dir(parent, final, fill, prefix)
+
+
+def _fill_dir(parent: str, final: str, fill, prefix: str) -> str:
     tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
     try:
         fill(tmp)
@@ -133,13 +142,9 @@ def check_tools(cc: str | None = None) -> None:
                        "--install)")
 
 
-def entry_meta(final: str) -> dict | None:
-    """A cache entry's build.json (written last: without it there is no entry)."""
-    meta = os.path.join(final, "build.json")
-    if not os.path.exists(meta):
-        return None
-    with open(meta) as f:
-        return json.load(f)
+def entry_meta(final: str, log=print) -> dict | None:
+    """A build's build.json, if the build is whole (cache.whole_entry)."""
+    return whole_entry(final, "build.json", "build|building it again", log)
 
 
 class AptUser:
@@ -172,7 +177,7 @@ class ModuleBuilder(AptUser):
 
     def cached(self, patch: Patch) -> BuiltModules | None:
         final = self.key(patch)
-        meta = entry_meta(final)
+        meta = entry_meta(final, self.log)
         return None if meta is None else BuiltModules(final, meta, self.arch)
 
     # Each step below is cached on its own.
@@ -196,7 +201,8 @@ class ModuleBuilder(AptUser):
             fixed = re.sub(r"include\s+/usr/src/", f"include {final}/usr/src/", text)
             with open(mk, "w") as f:
                 f.write(fixed)
-        _atomic_dir(os.path.dirname(final), final, fill, ".headers-")
+        _atomic_dir(os.path.dirname(final), final, fill, ".headers-",
+                    f"unpacking the headers of {self.release}", self.log)
         return os.path.join(final, "usr", "src", f"linux-headers-{self.release}")
 
     def source(self) -> str:
@@ -209,7 +215,8 @@ class ModuleBuilder(AptUser):
             self.log(f"extracting {', '.join(self.arch.source_subset)} from "
                      f"{os.path.basename(deb)}")
             extract_source(deb, tmp, self.arch.source_subset)
-        _atomic_dir(os.path.dirname(final), final, fill, ".source-")
+        _atomic_dir(os.path.dirname(final), final, fill, ".source-",
+                    f"unpacking the KVM source of {self.release}", self.log)
         return final
 
     def build(self, patch: Patch) -> BuiltModules:
@@ -288,10 +295,12 @@ class ModuleBuilder(AptUser):
                     "kernel_release": self.release, "version": self.version, "cc": cc,
                     "vermagic": want, "build_s": round(build_s, 1),
                     "fetch_s": round(t_fetch, 1),
-                    "built": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                    "built": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                    "files": manifest(tmp, list(self.arch.built.values()))}
             with open(os.path.join(tmp, "build.json"), "w") as f:
                 json.dump(meta, f, indent=1)
-        _atomic_dir(os.path.dirname(final), final, fill, ".build-")
+        _atomic_dir(os.path.dirname(final), final, fill, ".build-",
+                    f"building the KVM modules of {self.release} with {patch.name}", self.log)
         hit = self.cached(patch)
         assert hit is not None
         return hit

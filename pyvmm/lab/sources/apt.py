@@ -16,9 +16,9 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-from ...errors import LabError
+from ...errors import LabError, disk_full
 from ..arch import X86_64, Arch
-from .cache import cache_dir
+from .cache import cache_dir, locked, sha256_file
 from .debian import KernelPackage, check_spec, parse_records, pick_kernel, split_parts
 
 MIRROR = "http://deb.debian.org/debian"
@@ -68,7 +68,11 @@ class Apt:
         p = subprocess.run([args[0]] + self._opts() + args[1:], cwd=cwd, capture_output=True,
                            text=True)
         if p.returncode != 0:
-            tail = "\n".join((p.stderr or p.stdout).strip().splitlines()[-5:])
+            out = (p.stderr or p.stdout).strip()
+            if "No space left on device" in out:
+                raise disk_full(os.path.join(cwd or self.root, "apt"), None,
+                                "nothing half-downloaded is kept")
+            tail = "\n".join(out.splitlines()[-5:])
             raise LabError(f"apt could not {what}:\n{tail}")
         return p.stdout
 
@@ -88,6 +92,13 @@ class Apt:
         age = self.lists_age()
         if not force and age is not None and age < LISTS_MAX_AGE_S:
             return
+        with locked(os.path.join(self.root, "lists"), "updating the lab's package lists",
+                    self.log):
+            if not force and (self.lists_age() or LISTS_MAX_AGE_S) < LISTS_MAX_AGE_S:
+                return              # another command updated them while this one waited
+            self._update(age)
+
+    def _update(self, age: float | None) -> None:
         self.log(f"updating the lab's package lists ({SUITES})")
         try:
             self._run(["apt-get", "update", "-q"], "update the package lists from "
@@ -113,11 +124,42 @@ class Apt:
         return recs[0]
 
     def download_named(self, name: str, version: str, dest_dir: str) -> str:
-        """Download NAME=VERSION into dest_dir, unless a finished copy is there."""
+        """Download NAME=VERSION into dest_dir, unless a finished copy is there; a copy is
+        checked against the size and SHA-256 the package index gives (before it is used,
+        and after it is fetched), and a damaged one is fetched again."""
         os.makedirs(dest_dir, exist_ok=True)
-        have = cached_deb(dest_dir, name, version)
-        if have:
-            return have
+        with locked(os.path.join(dest_dir, f".{name}_{version.replace(':', '%3a')}"),
+                    f"downloading {name} {version}", self.log):
+            have = cached_deb(dest_dir, name, version)
+            if have:
+                problem = self.check_deb(have, name, version)
+                if problem is None:
+                    return have
+                self.log(f"the cached {os.path.basename(have)} is damaged ({problem}): "
+                         "fetching it again")
+                os.unlink(have)
+            path = self._download(name, version, dest_dir)
+            problem = self.check_deb(path, name, version)
+            if problem is not None:
+                os.unlink(path)
+                raise LabError(f"{name} {version} came down damaged ({problem}); try again")
+            return path
+
+    def check_deb(self, path: str, name: str, version: str) -> str | None:
+        """What is wrong with a .deb against the index's Size and SHA256, or None."""
+        try:
+            rec = self.record(name, version)
+        except LabError:
+            return None             # not in the lists (any more): nothing to check against
+        size, digest = rec.get("Size"), rec.get("SHA256")
+        have = os.path.getsize(path)
+        if size and size.isdigit() and have != int(size):
+            return f"{have} bytes, the index says {size}"
+        if digest and sha256_file(path) != digest:
+            return "its SHA-256 is not the index's"
+        return None
+
+    def _download(self, name: str, version: str, dest_dir: str) -> str:
         tmp = tempfile.mkdtemp(prefix=".download-", dir=dest_dir)
         try:
             self._run(["apt-get", "download", "-q", f"{name}={version}"],

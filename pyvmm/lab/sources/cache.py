@@ -1,9 +1,23 @@
 """The lab's cache: PYVMM_CACHE, else $XDG_CACHE_HOME/pyvmm, else ~/.cache/pyvmm.
-Downloads, kits, module builds and runtimes live under it, each entry written under a
-temporary name and renamed into place."""
+Downloads, kits, module and kernel builds and runtimes live under it, each entry written
+under a temporary name and renamed into place, so an interrupted writer never leaves half
+an entry. Two more guarantees:
+
+- Concurrency: an entry is filled under an exclusive lock of its own (flock on a file
+  under <cache>/locks/, released by the kernel when its holder exits, however it exits),
+  so two
+  pyvmm commands never download or build the same entry at once; the one that waits says
+  for what, and then finds the entry made.
+- Integrity: a derived entry (kit, build, runtime) carries a manifest of its files' sizes
+  and SHA-256, checked before the entry is used; a damaged entry is said in one line and
+  made again. Downloads are checked against the size and SHA-256 of the package index.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import os
 
 
@@ -14,3 +28,87 @@ def cache_dir() -> str:
         base = os.path.join(xdg, "pyvmm")
     os.makedirs(base, exist_ok=True)
     return base
+
+
+@contextlib.contextmanager
+def locked(entry: str, what: str, log=print):
+    """Hold the lock of one cache entry (a path) while filling it: an exclusive flock; a
+    second holder waits, after saying which process it waits for and for what. The
+    caller checks again, inside, whether the entry is now there."""
+    # one lock file per entry, kept apart (<cache>/locks/) so that entry folders hold
+    # entries only
+    key = hashlib.sha256(os.path.abspath(entry).encode()).hexdigest()[:24]
+    lock = os.path.join(cache_dir(), "locks", f"{key}.lock")
+    os.makedirs(os.path.dirname(lock), exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            except OSError:
+                holder = "?"
+            log(f"waiting for another pyvmm (pid {holder}), which is {what}")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def manifest(folder: str, names) -> dict[str, list]:
+    """{name: [size, sha256]} of files under `folder` (relative names)."""
+    out = {}
+    for name in names:
+        path = os.path.join(folder, name)
+        out[name] = [os.path.getsize(path), sha256_file(path)]
+    return out
+
+
+def manifest_problem(folder: str, files: dict | None) -> str | None:
+    """What is wrong with an entry against its manifest, or None. An entry written before
+    manifests existed (None) passes."""
+    if files is None:
+        return None
+    for name, (size, digest) in sorted(files.items()):
+        path = os.path.join(folder, name)
+        try:
+            have = os.path.getsize(path)
+        except OSError:
+            return f"{name} is missing"
+        if have != size:
+            return f"{name} has {have} bytes, its manifest {size}"
+        if sha256_file(path) != digest:
+            return f"{name} does not match its SHA-256"
+    return None
+
+
+def whole_entry(final: str, meta_name: str, what: str, log=print) -> dict | None:
+    """The metadata of the entry at `final` (META_NAME, written last: without it there is
+    no entry) if the files its manifest lists are whole; a damaged entry is said, removed,
+    and None returned, so that the caller makes it again. `what`: how the message names
+    it and what happens next ('kit X ... unpacking it again')."""
+    path = os.path.join(final, meta_name)
+    if not os.path.exists(path):
+        return None
+    import json
+    import shutil
+    with open(path) as f:
+        meta = json.load(f)
+    problem = manifest_problem(final, meta.get("files"))
+    if problem is None:
+        return meta
+    name, _, again = what.partition("|")
+    log(f"the cached {name} {os.path.basename(final)} is damaged ({problem}): {again}")
+    shutil.rmtree(final, ignore_errors=True)
+    return None

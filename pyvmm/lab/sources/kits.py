@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from ...errors import LabError
 from ..arch import X86_64, Arch
 from .apt import KernelDebs
-from .cache import cache_dir
+from .cache import cache_dir, locked, manifest, whole_entry
 from .elf import MODULE_EXTS, decompress_module, load_order, modinfo, module_depends, norm_module
 
 
@@ -74,10 +74,23 @@ def build_kit(debs: KernelDebs | str, log=print, arch: Arch = X86_64) -> Kit:
     name, version = _deb_field(deb, "Package"), _deb_field(deb, "Version")
     kits = os.path.join(cache_dir(), "kits")
     final = os.path.join(kits, re.sub(r"[^\w.+-]", "_", f"{name}_{version}"))
-    if os.path.exists(os.path.join(final, "kit.json")):
-        with open(os.path.join(final, "kit.json")) as f:
-            return Kit(final, json.load(f), arch)
+    hit = _cached_kit(final, arch, log)
+    if hit is not None:
+        return hit
     os.makedirs(kits, exist_ok=True)
+    with locked(final, f"unpacking {name} {version}", log):
+        hit = _cached_kit(final, arch, log)
+        return hit if hit is not None else _unpack_kit(debs, final, kits, name, version,
+                                                        arch, log)
+
+
+def _cached_kit(final: str, arch: Arch, log) -> Kit | None:
+    """The kit at `final` if it is whole (kit.json, written last, and its manifest)."""
+    meta = whole_entry(final, "kit.json", "kit|unpacking it again", log)
+    return None if meta is None else Kit(final, meta, arch)
+
+
+def _unpack_kit(debs, final: str, kits: str, name: str, version: str, arch: Arch, log) -> Kit:
     tmp = tempfile.mkdtemp(prefix=".kit-", dir=kits)
     try:
         x = os.path.join(tmp, "x")
@@ -88,6 +101,10 @@ def build_kit(debs: KernelDebs | str, log=print, arch: Arch = X86_64) -> Kit:
                 raise LabError(f"dpkg-deb could not unpack {d}: {p.stderr.strip()}")
         meta = _assemble_kit(x, tmp, name, version, arch)
         shutil.rmtree(x)
+        names = ["vmlinuz"] + [os.path.join("modules", m) for m in meta["modules"]]
+        if os.path.exists(os.path.join(tmp, "config")):
+            names.append("config")
+        meta["files"] = manifest(tmp, names)
         with open(os.path.join(tmp, "kit.json"), "w") as f:
             json.dump(meta, f, indent=1)
         if os.path.exists(final):
