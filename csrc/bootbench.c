@@ -34,11 +34,12 @@ static const char *const op_names[] = {
     [BB_OP_VM] = "vm",           [BB_OP_MEM] = "mem",         [BB_OP_IOEV] = "ioev",
     [BB_OP_EEXIST] = "eexist",   [BB_OP_DEASSIGN] = "deassign", [BB_OP_VCPU] = "vcpu",
     [BB_OP_RUN] = "run",         [BB_OP_MEMSLOT] = "memslot", [BB_OP_TEARDOWN] = "teardown",
+    [BB_OP_GIC] = "gic",
 };
 
 const char *bb_op_name(int op)
 {
-    if (op <= 0 || op > BB_OP_TEARDOWN)
+    if (op <= 0 || op > BB_OP_LAST)
         return "?";
     return op_names[op];
 }
@@ -105,21 +106,24 @@ int bb_parse_plan_line(char *line, char **label, char **text, char *err, size_t 
 
 static int lookup_op(const char *name, size_t n)
 {
-    for (int op = BB_OP_VM; op <= BB_OP_TEARDOWN; op++)
+    for (int op = BB_OP_VM; op <= BB_OP_LAST; op++)
         if (strlen(op_names[op]) == n && strncmp(op_names[op], name, n) == 0)
             return op;
     return 0;
 }
 
 /* Grammar: step[,step...]; step = name[:arg]. Spaces around steps are allowed.
- * Order rules: vm first; mem after vm; vcpu after mem; run after vcpu; at most one
- * teardown, last. Counts are bounded so a typo cannot exhaust the host. */
+ * Order rules: vm first; mem after vm; vcpu after mem; run after vcpu; gic (arm64) once,
+ * after vcpu and before the first run; at most one teardown, last. Counts are bounded
+ * so a typo cannot exhaust the host. The grammar is the same on every architecture (the
+ * host checks the lab's recipes); an arm64-only step fails when an x86 boot runs it. */
 int bb_parse_recipe(const char *text, struct bb_recipe *out, char *err, size_t errlen)
 {
     memset(out, 0, sizeof(*out));
     if (!text || !*text)
         return perr(err, errlen, "empty recipe: give steps like 'vm,mem,ioev:10,vcpu:1,run'");
     int have_vm = 0, have_mem = 0, have_vcpu = 0, registered = 0, teardown = 0;
+    int have_gic = 0, have_run = 0;
     const char *p = text;
     int idx = 0;
     while (*p) {
@@ -142,7 +146,8 @@ int bb_parse_recipe(const char *text, struct bb_recipe *out, char *err, size_t e
         if (!op)
             return perr(err, errlen,
                         "step %d '%.*s': unknown step; known steps: vm, mem, ioev:N, eexist:N, "
-                        "deassign:N, vcpu:K, run[:probe|rung|halt], memslot[:K], teardown",
+                        "deassign:N, vcpu:K, gic, run[:probe|rung|halt], memslot[:K], "
+                        "teardown",
                         idx, (int)(end - start), start);
         if (teardown)
             return perr(err, errlen, "step %d '%s': teardown must be the last step", idx,
@@ -164,7 +169,8 @@ int bb_parse_recipe(const char *text, struct bb_recipe *out, char *err, size_t e
                     return perr(err, errlen,
                                 "step %d: run target '%.*s' is unknown: use probe, rung or halt",
                                 idx, (int)alen, arg);
-            } else if (op == BB_OP_VM || op == BB_OP_MEM || op == BB_OP_TEARDOWN) {
+            } else if (op == BB_OP_VM || op == BB_OP_MEM || op == BB_OP_TEARDOWN ||
+                       op == BB_OP_GIC) {
                 return perr(err, errlen, "step %d: '%s' takes no argument", idx, bb_op_name(op));
             } else {
                 if (alen == 0 || alen > 9)
@@ -231,6 +237,20 @@ int bb_parse_recipe(const char *text, struct bb_recipe *out, char *err, size_t e
         case BB_OP_RUN:
             if (!have_vcpu)
                 return perr(err, errlen, "step %d: 'run' needs 'vcpu:K' before it", idx);
+            have_run = 1;
+            break;
+        case BB_OP_GIC:
+            if (!have_vcpu)
+                return perr(err, errlen,
+                            "step %d: 'gic' needs 'vcpu:K' before it (it makes a redistributor "
+                            "for each vCPU made so far)", idx);
+            if (have_gic)
+                return perr(err, errlen, "step %d: 'gic' appears twice", idx);
+            if (have_run)
+                return perr(err, errlen,
+                            "step %d: 'gic' must come before the first 'run' (KVM refuses a "
+                            "GIC once a vCPU has run)", idx);
+            have_gic = 1;
             break;
         case BB_OP_MEMSLOT:
             if (!have_mem)
@@ -263,7 +283,7 @@ int bb_format_recipe(const struct bb_recipe *r, char *buf, size_t len)
             snprintf(one, sizeof(one), "run:%s",
                      s->target == BB_TARGET_PROBE ? "probe"
                      : s->target == BB_TARGET_RUNG ? "rung" : "halt");
-        else if (s->op == BB_OP_VM || s->op == BB_OP_MEM)
+        else if (s->op == BB_OP_VM || s->op == BB_OP_MEM || s->op == BB_OP_GIC)
             snprintf(one, sizeof(one), "%s", bb_op_name(s->op));
         else
             snprintf(one, sizeof(one), "%s:%d", bb_op_name(s->op), s->count);
@@ -307,6 +327,7 @@ struct boot {
     uint64_t deadline;
     timer_t timer;
     int have_timer;
+    int gic;          /* arm64: the VGICv3 device fd, -1 before the vcpu step makes it */
 };
 
 static int fail(struct boot *b, int err, const char *fmt, ...)
@@ -357,6 +378,7 @@ static int step_vm(struct boot *b)
     return 0;
 }
 
+#if !defined(__aarch64__)
 static void build_page_tables(uint8_t *ram)
 {
     uint64_t *pml4 = (uint64_t *)(ram + PML4_GPA);
@@ -372,6 +394,7 @@ static void build_page_tables(uint8_t *ram)
     gdt[1] = GDT_CODE64;   /* protocol.inc: flat 64-bit code */
     gdt[2] = GDT_DATA;     /* flat data */
 }
+#endif
 
 static int step_mem(struct boot *b)
 {
@@ -391,7 +414,9 @@ static int step_mem(struct boot *b)
     if (ioctl(b->vm, KVM_SET_USER_MEMORY_REGION, &region) < 0)
         return fail(b, errno, "KVM_SET_USER_MEMORY_REGION (RAM) failed: %s", strerror(errno));
     memcpy(b->ram + CODE_GPA, o->guest, o->guest_len);
-    build_page_tables(b->ram);
+#if !defined(__aarch64__)
+    build_page_tables(b->ram);     /* arm64 runs with the MMU off: nothing to map */
+#endif
     write_params(b);
     /* Backing for the BAR window, prepared here so the 'memslot' step times the ioctl. */
     b->bar_len = (size_t)BAR_SIZE * BB_MAX_MEMSLOT;
@@ -513,6 +538,104 @@ static int step_deassign(struct boot *b, int n)
     return 0;
 }
 
+#if defined(__aarch64__)
+/* arm64: every vCPU is initialised for the target KVM prefers (asked once per process),
+ * with PSCI 0.2 so that the guest can power off; vCPUs other than 0 start powered off.
+ * One sample per KVM_CREATE_VCPU.
+ *
+ * The gic step makes the VM's GICv3 after the vCPUs, the way QEMU and Firecracker order
+ * it: the device, its distributor and its redistributor region (which puts one
+ * redistributor per vCPU on the KVM MMIO bus: K kvm_io_bus_register_dev calls, each
+ * waiting for a grace period before Linux 6.18), then its initialisation. Samples: the
+ * distributor address, the redistributor address (the K registrations), the
+ * initialisation. (The distributor itself goes on the bus at the first KVM_RUN.) */
+static struct kvm_vcpu_init preferred;
+static int have_preferred;
+
+#define ARM64_CORE_REG(x) (KVM_REG_ARM64 | KVM_REG_SIZE_U64 | KVM_REG_ARM_CORE | \
+                           (offsetof(struct kvm_regs, x) / sizeof(uint32_t)))
+
+static int set_one_reg(struct boot *b, int fd, uint64_t id, uint64_t value, const char *what)
+{
+    struct kvm_one_reg reg = {.id = id, .addr = (uint64_t)(uintptr_t)&value};
+    if (ioctl(fd, KVM_SET_ONE_REG, &reg) < 0)
+        return fail(b, errno, "KVM_SET_ONE_REG (%s) failed: %s", what, strerror(errno));
+    return 0;
+}
+
+static int gic_attr(struct boot *b, uint32_t group, uint64_t attr, uint64_t value,
+                    const char *what)
+{
+    struct kvm_device_attr a = {.group = group, .attr = attr,
+                                .addr = (uint64_t)(uintptr_t)&value};
+    uint64_t t = wall_ns();
+    int rc = ioctl(b->gic, KVM_SET_DEVICE_ATTR, &a);
+    sample(b, wall_ns() - t);
+    if (rc < 0)
+        return fail(b, errno, "GICv3 %s (KVM_SET_DEVICE_ATTR) failed: %s", what,
+                    strerror(errno));
+    return 0;
+}
+
+static int step_gic(struct boot *b)
+{
+    struct kvm_create_device dev = {.type = KVM_DEV_TYPE_ARM_VGIC_V3};
+    if (ioctl(b->vm, KVM_CREATE_DEVICE, &dev) < 0)
+        return fail(b, errno, "KVM_CREATE_DEVICE (GICv3) failed: %s%s", strerror(errno),
+                    errno == ENODEV ? " (the host's GIC cannot run a virtual GICv3)" : "");
+    b->gic = (int)dev.fd;
+    if (gic_attr(b, KVM_DEV_ARM_VGIC_GRP_ADDR, KVM_VGIC_V3_ADDR_TYPE_DIST, ARM_GICD_GPA,
+                 "distributor address") ||
+        gic_attr(b, KVM_DEV_ARM_VGIC_GRP_ADDR, KVM_VGIC_V3_ADDR_TYPE_REDIST, ARM_GICR_GPA,
+                 "redistributor address"))
+        return -1;
+    struct kvm_device_attr init = {.group = KVM_DEV_ARM_VGIC_GRP_CTRL,
+                                   .attr = KVM_DEV_ARM_VGIC_CTRL_INIT};
+    uint64_t t = wall_ns();
+    int rc = ioctl(b->gic, KVM_SET_DEVICE_ATTR, &init);
+    sample(b, wall_ns() - t);
+    if (rc < 0)
+        return fail(b, errno, "GICv3 initialisation (KVM_DEV_ARM_VGIC_CTRL_INIT) failed: %s",
+                    strerror(errno));
+    return 0;
+}
+
+static int step_vcpu(struct boot *b, int k)
+{
+    if (!have_preferred) {
+        if (ioctl(b->vm, KVM_ARM_PREFERRED_TARGET, &preferred) < 0)
+            return fail(b, errno, "KVM_ARM_PREFERRED_TARGET failed: %s", strerror(errno));
+        have_preferred = 1;
+    }
+    for (int i = 0; i < k; i++) {
+        struct vcpu *v = &b->vcpus[b->nvcpus];
+        uint64_t t = wall_ns();
+        v->fd = ioctl(b->vm, KVM_CREATE_VCPU, b->nvcpus);
+        sample(b, wall_ns() - t);
+        if (v->fd < 0)
+            return fail(b, errno, "KVM_CREATE_VCPU %d failed: %s", b->nvcpus, strerror(errno));
+        v->run = mmap(NULL, (size_t)b->mmap_size, PROT_READ | PROT_WRITE, MAP_SHARED, v->fd, 0);
+        if (v->run == MAP_FAILED) {
+            v->run = NULL;
+            close(v->fd);
+            return fail(b, errno, "mmap of kvm_run failed: %s", strerror(errno));
+        }
+        b->nvcpus++;
+        struct kvm_vcpu_init init = preferred;
+        init.features[0] |= 1u << KVM_ARM_VCPU_PSCI_0_2;
+        if (b->nvcpus > 1)
+            init.features[0] |= 1u << KVM_ARM_VCPU_POWER_OFF;
+        if (ioctl(v->fd, KVM_ARM_VCPU_INIT, &init) < 0)
+            return fail(b, errno, "KVM_ARM_VCPU_INIT (target %u) failed: %s", init.target,
+                        strerror(errno));
+        if (set_one_reg(b, v->fd, ARM64_CORE_REG(regs.pc), CODE_GPA, "pc") ||
+            set_one_reg(b, v->fd, ARM64_CORE_REG(sp_el1), STACK_TOP, "sp_el1"))
+            return -1;
+    }
+    return 0;
+}
+
+#else
 static void fill_seg(struct kvm_segment *s, uint16_t sel, uint8_t type, int code)
 {
     s->base = 0;
@@ -548,6 +671,12 @@ static int set_cpuid(struct boot *b, int vcpu_fd)
     if (ioctl(vcpu_fd, KVM_SET_CPUID2, &supported_cpuid) < 0)
         return fail(b, errno, "KVM_SET_CPUID2 failed: %s", strerror(errno));
     return 0;
+}
+
+static int step_gic(struct boot *b)
+{
+    return fail(b, EINVAL, "'gic' is an arm64 step (a GICv3); this helper is built for x86, "
+                "whose recipes have no interrupt controller step");
 }
 
 static int step_vcpu(struct boot *b, int k)
@@ -590,6 +719,8 @@ static int step_vcpu(struct boot *b, int k)
     }
     return 0;
 }
+
+#endif
 
 static int step_memslot(struct boot *b, int k)
 {
@@ -638,9 +769,32 @@ static const char *exit_name(uint32_t reason)
 
 static void save_rip(struct boot *b, int fd)
 {
+#if defined(__aarch64__)
+    uint64_t pc = 0;
+    struct kvm_one_reg reg = {.id = ARM64_CORE_REG(regs.pc), .addr = (uint64_t)(uintptr_t)&pc};
+    if (ioctl(fd, KVM_GET_ONE_REG, &reg) == 0)
+        b->res->rip = pc;
+#else
     struct kvm_regs regs;
     if (ioctl(fd, KVM_GET_REGS, &regs) == 0)
         b->res->rip = regs.rip;
+#endif
+}
+
+/* A phase marker from the guest (a port write on x86, an MMIO write on arm64): 1 when
+ * it ends the run step, -1 on an abort, 0 to go on. */
+static int on_marker(struct boot *b, int m, int target, int *end_marker)
+{
+    record_event(b, m);
+    if (m == MARK_RUNG) /* the guest rang every doorbell assigned by now */
+        b->res->doorbells_expected = (uint64_t)b->nbells;
+    if (m == MARK_ABORT)
+        return fail(b, EPROTO, "guest aborted: bad parameter block");
+    if (target != BB_TARGET_HALT && m == target) {
+        *end_marker = m;
+        return 1;
+    }
+    return 0;
 }
 
 static int step_run(struct boot *b, int target, int *end_marker)
@@ -675,16 +829,9 @@ static int step_run(struct boot *b, int target, int *end_marker)
                 break;
             }
             if (run->io.port == MARKER_PORT) {
-                int m = data[0];
-                record_event(b, m);
-                if (m == MARK_RUNG) /* the guest rang every doorbell assigned by now */
-                    r->doorbells_expected = (uint64_t)b->nbells;
-                if (m == MARK_ABORT)
-                    return fail(b, EPROTO, "guest aborted: bad parameter block");
-                if (target != BB_TARGET_HALT && m == target) {
-                    *end_marker = m;
-                    return 0;
-                }
+                int done = on_marker(b, data[0], target, end_marker);
+                if (done)
+                    return done < 0 ? -1 : 0;
             } else if (run->io.port == DATA_PORT && run->io.size == 4) {
                 memcpy(&r->bar_value, data, 4);
             }
@@ -692,6 +839,20 @@ static int step_run(struct boot *b, int target, int *end_marker)
         }
         case KVM_EXIT_MMIO: {
             uint64_t a = run->mmio.phys_addr;
+#if defined(__aarch64__)
+            if (run->mmio.is_write && a == ARM_MARKER_GPA) {
+                r->io_exits++;      /* the guest's port I/O, by MMIO */
+                int done = on_marker(b, run->mmio.data[0], target, end_marker);
+                if (done)
+                    return done < 0 ? -1 : 0;
+                break;
+            }
+            if (run->mmio.is_write && a == ARM_DATA_GPA && run->mmio.len == 4) {
+                r->io_exits++;
+                memcpy(&r->bar_value, run->mmio.data, 4);
+                break;
+            }
+#endif
             if (run->mmio.is_write && a >= DOORBELL_BASE &&
                 a < DOORBELL_BASE + (uint64_t)DOORBELL_STRIDE * BB_MAX_IOEV)
                 r->doorbell_mmio_exits++;
@@ -701,6 +862,16 @@ static int step_run(struct boot *b, int target, int *end_marker)
                 memset(run->mmio.data, 0xff, sizeof(run->mmio.data));
             break;
         }
+#if defined(__aarch64__)
+        case KVM_EXIT_SYSTEM_EVENT:
+            if (run->system_event.type != KVM_SYSTEM_EVENT_SHUTDOWN) {
+                save_rip(b, v->fd);
+                return fail(b, EIO, "KVM_RUN: system event %u at pc %#llx (expected the "
+                            "guest's SYSTEM_OFF)", run->system_event.type,
+                            (unsigned long long)r->rip);
+            }
+            /* fall through: PSCI SYSTEM_OFF is arm64's HLT */
+#endif
         case KVM_EXIT_HLT:
             r->halted = 1;
             *end_marker = 0;
@@ -773,6 +944,9 @@ static void teardown(struct boot *b)
         close(b->vcpus[i].fd);
     }
     b->nvcpus = 0;
+    if (b->gic >= 0)
+        close(b->gic);
+    b->gic = -1;
     if (b->vm >= 0)
         close(b->vm);
     if (b->kvm >= 0)
@@ -798,7 +972,7 @@ int bb_run(const struct bb_recipe *recipe, const struct bb_options *opt,
     b.res = res;
     b.samples = samples;
     b.cap = samples ? cap : 0;
-    b.kvm = b.vm = -1;
+    b.kvm = b.vm = b.gic = -1;
 
     if (opt->ioev_len != 0 && opt->ioev_len != 1 && opt->ioev_len != 2 && opt->ioev_len != 4 &&
         opt->ioev_len != 8) {
@@ -847,6 +1021,7 @@ int bb_run(const struct bb_recipe *recipe, const struct bb_options *opt,
         case BB_OP_VCPU: rc = step_vcpu(&b, s->count); break;
         case BB_OP_RUN: rc = step_run(&b, s->target, &ph->end_marker); break;
         case BB_OP_MEMSLOT: rc = step_memslot(&b, s->count); break;
+        case BB_OP_GIC: rc = step_gic(&b); break;
         default: rc = fail(&b, EINVAL, "unknown step kind %d", s->op); break;
         }
         ph->cpu_ns = cpu_ns() - c0;

@@ -27,6 +27,8 @@
 #define BB_OP_RUN 7       /* run[:probe|rung|halt]  run vCPU 0 to that point */
 #define BB_OP_MEMSLOT 8   /* memslot[:K]  K new slots at the BAR window */
 #define BB_OP_TEARDOWN 9  /* close everything (always done; timed) */
+#define BB_OP_GIC 10      /* gic       arm64: the VM's GICv3 for the vCPUs made so far */
+#define BB_OP_LAST 10
 
 /* Run targets (guest markers, see guests/protocol.inc). */
 #define BB_TARGET_HALT 0

@@ -31,8 +31,8 @@ static void usage(FILE *f)
             "       pyvmm-bootbench --plan FILE [--ioev-len L] [--pin CPU] [--timeout-ms MS]\n"
             "       pyvmm-bootbench --check (--recipe STEPS | --plan FILE)\n"
             "plan file: one boot per line, 'LABEL RECIPE'\n"
-            "steps: vm, mem, ioev:N, eexist:N, deassign:N, vcpu:K, run[:probe|rung|halt],\n"
-            "       memslot[:K], teardown\n");
+            "steps: vm, mem, ioev:N, eexist:N, deassign:N, vcpu:K, gic (arm64),\n"
+            "       run[:probe|rung|halt], memslot[:K], teardown\n");
 }
 
 static int parse_int(const char *flag, const char *v, long lo, long hi, long *out)

@@ -82,7 +82,7 @@ def cmd_info(args) -> int:
 # --- boot ---------------------------------------------------------------------------------
 PHASE_LABELS = {"vm": "create VM", "mem": "memory", "ioev": "ioeventfds", "vcpu": "vCPUs",
                 "run": "run", "memslot": "memslot change", "eexist": "EEXIST controls",
-                "deassign": "deassign", "teardown": "teardown"}
+                "deassign": "deassign", "teardown": "teardown", "gic": "GICv3"}
 
 
 def phase_label(p: dict) -> str:

@@ -76,6 +76,15 @@ MARKER_PORT = 0x80           # phase markers: one byte per OUT
 DATA_PORT = 0x84             # 32-bit values reported by the guest
 
 # Phase markers written to MARKER_PORT.
+# arm64 (guests/aarch64/): markers and data by MMIO, the GICv3's addresses, the guest's
+# way out (PSCI SYSTEM_OFF through HVC)
+ARM_MARKER_GPA = 0x0A000000
+ARM_DATA_GPA = 0x0A000004
+ARM_GICD_GPA = 0x08000000
+ARM_GICR_GPA = 0x080A0000
+ARM_GICR_STRIDE = 0x20000      # two 64 KiB frames per vCPU
+PSCI_SYSTEM_OFF = 0x84000008
+
 MARK_START = 0x01            # guest code began executing
 MARK_PROBE = 0x02            # 'device probe': the VMM may register ioeventfds now
 MARK_RUNG = 0x03             # every doorbell in the parameter block was written

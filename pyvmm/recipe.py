@@ -11,7 +11,7 @@ from ._record import Record
 from .errors import PyvmmError, RecipeError  # noqa: F401 (RecipeError re-exported)
 
 OPS = {1: "vm", 2: "mem", 3: "ioev", 4: "eexist", 5: "deassign", 6: "vcpu", 7: "run",
-       8: "memslot", 9: "teardown"}
+       8: "memslot", 9: "teardown", 10: "gic"}
 TARGETS = {0: "halt", 2: "probe", 3: "rung"}
 
 # Named recipes. N is the registration count being swept.
@@ -40,7 +40,7 @@ class Step(Record):
     def __str__(self) -> str:
         if self.op == "run":
             return f"run:{self.target}"
-        if self.op in ("vm", "mem"):
+        if self.op in ("vm", "mem", "gic"):
             return self.op
         return f"{self.op}:{self.count}"
 

@@ -161,6 +161,10 @@ class PyBoot:
             io.close()
         self._write_params()
 
+    def _gic(self, step, samples):
+        raise PyvmmError("'gic' is an arm64 step (a GICv3): the Python VMM runs x86 guests; "
+                         "arm64 recipes run in the lab (pyvmm lab kernel --arch arm64)")
+
     def _vcpu(self, step, samples):
         for _ in range(step.count):
             v = self.vm.create_vcpu()
@@ -303,7 +307,7 @@ class PyBoot:
         }
         handlers = {"vm": self._vm, "mem": self._mem, "ioev": self._ioev,
                     "eexist": self._eexist, "deassign": self._deassign, "vcpu": self._vcpu,
-                    "run": self._run, "memslot": self._memslot}
+                    "run": self._run, "memslot": self._memslot, "gic": self._gic}
         old_aff = None
         if self.pin_cpu is not None:
             old_aff = os.sched_getaffinity(0)

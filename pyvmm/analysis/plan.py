@@ -46,7 +46,9 @@ class SweepConfig:
         if self.seed is None:
             self.seed = int(time.time()) & 0xFFFFFFFF
         for name in self.recipes:
-            tmpl = rmod.PRESETS.get(name, name)
+            # a named template given by the caller (e.g. the lab's vcpus experiment), a
+            # preset, or the recipe text itself
+            tmpl = self.templates.get(name) or rmod.PRESETS.get(name, name)
             self.templates[name] = tmpl
             for n in self.ns:
                 rmod.parse(tmpl, n)     # validate every cell before the first boot

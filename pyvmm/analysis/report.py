@@ -10,7 +10,7 @@ from ..tables import Grid
 
 from . import stats
 
-PHASE_ORDER = ["vm", "mem", "vcpu", "ioev", "eexist", "deassign", "run", "memslot"]
+PHASE_ORDER = ["vm", "mem", "vcpu", "gic", "ioev", "eexist", "deassign", "run", "memslot"]
 
 
 def _phase(res: dict, op: str, index: int = 0):

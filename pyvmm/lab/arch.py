@@ -25,6 +25,11 @@ class Arch:
     kernel_target: str              # make target of a whole-kernel build, and its file
     kernel_image: str
     lab_config: str                 # the lab's config fragment (pyvmm/lab/builds/)
+    kvm_builtin: bool = False       # Debian's image has KVM built in (no modules to load)
+    lab_modules: tuple[str, ...] = ()   # modules /init loads besides KVM's (data port)
+    data_tty: str = "/dev/ttyS1"    # where /init writes the lab's data
+    cross_prefix: str = ""          # binutils/gcc prefix for this architecture's binaries
+    kernel_args: str = "tsc=reliable clocksource=tsc"   # the lab's own kernel parameters
 
     @property
     def source_subset(self) -> tuple[str, ...]:
@@ -47,4 +52,30 @@ X86_64 = Arch(
     kernel_target="bzImage", kernel_image="arch/x86/boot/bzImage",
     lab_config="lab-x86_64.config")
 
-ARCHES = {a.name: a for a in (X86_64,)}
+# arm64: Debian's image has KVM built in (nVHE under QEMU's virtualization=on), the
+# virt machine has one UART, so the data goes out through a virtio console (hvc0).
+ARM64 = Arch(
+    name="aarch64", debian="arm64", image_metapackage="linux-image-arm64",
+    kvm_vendor_module="", kvm_dir="arch/arm64/kvm",
+    modules_built=(), build_disable=(),
+    qemu="qemu-system-aarch64", qemu_package="qemu-system-arm",
+    qemu_machine=("-machine", "virt,virtualization=on,gic-version=3", "-cpu", "max"),
+    console="ttyAMA0",
+    lab_cpu_model="QEMU max (TCG)", lab_backend="nVHE KVM (built in), nested under QEMU TCG",
+    kernel_target="Image", kernel_image="arch/arm64/boot/Image",
+    lab_config="lab-arm64.config", kvm_builtin=True,
+    lab_modules=("virtio_mmio", "virtio_console"), data_tty="/dev/hvc0",
+    cross_prefix="aarch64-linux-gnu-", kernel_args="")
+
+ARCHES = {a.name: a for a in (X86_64, ARM64)}
+ALIASES = {"x86_64": X86_64, "amd64": X86_64, "x86": X86_64, "arm64": ARM64,
+           "aarch64": ARM64}
+
+
+def get_arch(name: str) -> Arch:
+    """'arm64' (or aarch64), 'x86_64' (or amd64, x86) -> its Arch; one line when unknown."""
+    from ..errors import LabError
+    a = ALIASES.get(name.strip().lower())
+    if a is None:
+        raise LabError(f"unknown architecture '{name}': the lab runs x86_64 or arm64")
+    return a

@@ -12,9 +12,10 @@ from ..analysis import report
 from ..analysis.plan import DEFAULT_NS, DEFAULT_RECIPES, SweepConfig
 from ..errors import LabError, PyvmmError
 from ..ui import console, err_console, int_list, progress, recipes_arg
+from .arch import get_arch
 from .builds import kcheck
 from .builds.patch import load_patches
-from .experiments import kernel_lab, matrix, prepare
+from .experiments import kernel_lab, matrix, prepare, vcpus
 from .sources.debian import KERNEL_SPEC_FORMS
 
 
@@ -40,7 +41,15 @@ def _sweep_args(o, repeats_default: int) -> None:
                    help="boot again this many times after a hang (each retry is reported)")
     o.add_argument("--no-install", action="store_true",
                    help="fail instead of installing qemu-system-x86 / busybox-static")
+    _arch_arg(o)
     _cmdline_arg(o)
+
+
+def _arch_arg(o) -> None:
+    o.add_argument("--arch", default="x86_64", metavar="ARCH",
+                   help="the lab's architecture: x86_64 (default) or arm64 (Debian's arm64 "
+                        "kernels under qemu-system-aarch64, KVM built in; also as a variant "
+                        "prefix, e.g. arm64:6.1)")
 
 
 def _cmdline_arg(o) -> None:
@@ -88,6 +97,17 @@ def add_parsers(sub) -> None:
     _sweep_args(m, kernel_lab.LAB_REPEATS)
     m.set_defaults(func=cmd_matrix)
 
+    vc = labs.add_parser("vcpus", help="arm64: the registration share of a tiny boot against "
+                                       "its vCPU count (one GICv3 redistributor per vCPU on the "
+                                       "KVM MMIO bus), and the memslot stall after it, one "
+                                       "table for several kernels")
+    vc.add_argument("--variants", default=",".join(vcpus.DEFAULT_VARIANTS),
+                    help="comma-separated kernels, arm64 by default (default %(default)s)")
+    vc.add_argument("--vcpus", default=",".join(map(str, vcpus.DEFAULT_VCPUS)),
+                    help="vCPU counts (default %(default)s)")
+    _sweep_args(vc, kernel_lab.LAB_REPEATS)
+    vc.set_defaults(func=cmd_vcpus, ns=",".join(map(str, vcpus.DEFAULT_NS)), arch="arm64")
+
     r = labs.add_parser("run", help="run pyvmm's Python workloads (ptwrite, checks, stress, "
                                     "the Xen seed) inside a lab kernel, with a Python "
                                     "runtime in the initramfs")
@@ -128,7 +148,9 @@ def _sweep_config(args) -> SweepConfig:
 
 
 def _lab_options(args, **kw) -> prepare.LabOptions:
+    kw["arch"] = get_arch(args.arch)
     if "kernel" in kw:
+        kw["kernel"], kw["arch"] = prepare.split_arch(kw["kernel"], kw["arch"])
         kw["kernel"], kw["hz"] = prepare.split_build(kw["kernel"])
     return prepare.LabOptions(smp=args.smp, out=args.out, retries=max(0, args.retries),
                               total_timeout_s=args.timeout,
@@ -191,7 +213,7 @@ def _progress(con):
 
 
 def cmd_matrix(args) -> int:
-    variants = matrix.parse_variants(args.variants)
+    variants = matrix.parse_variants(args.variants, get_arch(args.arch))
     base = _lab_options(args)
     cfg = _sweep_config(args)
     out_con = console
@@ -231,11 +253,40 @@ def cmd_matrix(args) -> int:
     return 0 if ok else 1
 
 
+def cmd_vcpus(args) -> int:
+    variants = vcpus.parse_variants(args.variants)
+    ks = vcpus.check_vcpus(int_list(args.vcpus))
+    cfg = vcpus.sweep_config(ks, int_list(args.ns), args.repeats, args.warmup, args.seed,
+                             args.control_n)
+    base = _lab_options(args)
+    boots = len(kernel_lab.make_plan(cfg)) - cfg.warmup
+    console.print(f"pyvmm lab vcpus: {', '.join(v.label for v in variants)}; vCPUs "
+                  f"{','.join(map(str, ks))}, N {','.join(map(str, cfg.ns))}; {boots} boots "
+                  f"each (seed {cfg.seed})", highlight=False)
+    t0 = time.monotonic()
+    with _progress(console) as prog:
+        run = vcpus.run_vcpus(variants, ks, cfg, base, RichUi(prog))
+    doc = run.doc
+    console.print(vcpus.table(doc))
+    for line in vcpus.notes(doc):
+        console.print(line, highlight=False)
+    for f in doc["failed"]:
+        console.print(f"[red]variant {f['variant']} failed:[/] {f['error']}", highlight=False)
+    console.print(f"vcpus wall time {time.monotonic() - t0:.1f} s; "
+                  f"{os.path.join(run.out_dir, 'vcpus.json')}", highlight=False)
+    return 0 if not doc["failed"] else 1
+
+
 def cmd_run(args) -> int:
     from .experiments import inner, jobs
     for j in args.jobs:
         inner.parse_job(j)
-    kernel, hz = prepare.split_build(args.kernel)
+    kernel, arch = prepare.split_arch(args.kernel)
+    if arch.cross_prefix:
+        raise LabError(f"pyvmm lab run: the jobs need a Python runtime of the lab's "
+                       f"architecture, which the {arch.debian} lab does not have; it runs the "
+                       "sweep (pyvmm lab kernel --arch arm64, lab matrix --arch arm64)")
+    kernel, hz = prepare.split_build(kernel)
     opts = prepare.LabOptions(kernel=kernel, kvm_patch=args.kvm_patch, hz=hz,
                               kvm_args=jobs.parse_kvm_args(args.kvm_arg), smp=args.smp,
                               out=args.out, total_timeout_s=args.timeout,

@@ -19,7 +19,7 @@ FACT = "PYVMM-LAB-FACT"
 ERROR = "PYVMM-LAB-ERROR"
 DATA_TTY = "/dev/ttyS1"
 BUSYBOX_APPLETS = ("sh", "mount", "insmod", "cat", "echo", "uname", "nproc", "stty", "poweroff",
-                   "sleep", "ls", "grep", "head", "cut", "tr", "dmesg", "tail", "env")
+                   "sleep", "ls", "grep", "head", "cut", "tr", "dmesg", "tail", "env", "awk")
 
 
 @dataclass(frozen=True)
@@ -76,21 +76,37 @@ def read_cpio_newc(blob: bytes) -> dict[str, Entry]:
 
 def init_script(modules: list[str], timeout_ms: int, ioev_len: int,
                 clock_cost: bool = True, module_args: dict[str, str] | None = None,
-                python: list[str] | None = None) -> str:
+                python: list[str] | None = None, data_tty: str = DATA_TTY) -> str:
     """The /init shell script (busybox sh). `modules` are file names under /modules,
     in load order; `module_args` adds parameters to a module's insmod (by file name).
     With `python` (a command line, e.g. the inner runner) /init runs that instead of the
-    helper's plan, with its stdout on the data port."""
+    helper's plan, with its stdout on the data port. A `data_tty` other than the second
+    serial port (arm64's virtio console, /dev/hvc0) exists only once the modules are
+    loaded: /init loads them first, saying any failure on the kernel console."""
     q = shlex.quote
+    late = data_tty != DATA_TTY
     lines = [
         "#!/bin/sh",
-        "# pyvmm old-kernel lab: load KVM, run the plan, report on ttyS1, power off.",
+        f"# pyvmm old-kernel lab: load KVM, run the plan, report on {data_tty}, power off.",
         "export PATH=/bin",
         "mount -t proc proc /proc",
         "mount -t sysfs sysfs /sys",
         "mount -t devtmpfs devtmpfs /dev",
-        f"stty -F {DATA_TTY} raw -echo 2>/dev/null",
-        f"exec 3>{DATA_TTY}",
+    ]
+    if late:
+        for m in modules:
+            lines.append(f"insmod /modules/{q(m)} || {{ echo 'pyvmm-lab: insmod {m} failed'; "
+                         "poweroff -f; }")
+        lines += [
+            "i=0",
+            f"while [ ! -c {data_tty} ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done",
+            f"[ -c {data_tty} ] || {{ echo 'pyvmm-lab: no {data_tty} (the data port)'; "
+            "poweroff -f; }",
+        ]
+        modules = []
+    lines += [
+        f"stty -F {data_tty} raw -echo 2>/dev/null",
+        f"exec 3>{data_tty}",
         f"say() {{ echo \"$*\" >&3; }}",
         f"fail() {{ say \"{ERROR} $*\"; echo \"pyvmm-lab: $*\"; say \"{END} rc=3\"; "
         "poweroff -f; sleep 5; echo o > /proc/sysrq-trigger; }",
@@ -148,7 +164,7 @@ def init_script(modules: list[str], timeout_ms: int, ioev_len: int,
 def build(busybox: bytes, helper: bytes, modules: dict[str, bytes], plan: str,
           timeout_ms: int = 60000, ioev_len: int = 4,
           module_args: dict[str, str] | None = None, python: list[str] | None = None,
-          extra: bytes = b"") -> bytes:
+          extra: bytes = b"", data_tty: str = DATA_TTY) -> bytes:
     """The gzip-compressed initramfs. `modules` maps file name -> contents, in load order.
     `extra` is another gzip'd newc archive appended as is (the kernel unpacks
     concatenated archives in turn): the cached Python runtime."""
@@ -160,7 +176,7 @@ def build(busybox: bytes, helper: bytes, modules: dict[str, bytes], plan: str,
     entries.append(Entry("plan", f, plan.encode()))
     entries.append(Entry("init", x, init_script(list(modules), timeout_ms, ioev_len,
                                                 module_args=module_args,
-                                                python=python).encode()))
+                                                python=python, data_tty=data_tty).encode()))
     # The console device must exist before devtmpfs is mounted, for the kernel to open it.
     entries.append(Entry("dev/console", 0o020600, b"", (5, 1)))
     return gzip.compress(cpio_newc(entries), compresslevel=6, mtime=0) + extra

@@ -25,7 +25,7 @@ from ..arch import X86_64, Arch
 from .serial import LabStream
 
 QEMU = X86_64.qemu
-KERNEL_ARGS = "console={console} panic=-1 quiet tsc=reliable clocksource=tsc"
+KERNEL_ARGS = "console={console} panic=-1 quiet"
 
 
 @dataclass
@@ -44,13 +44,19 @@ class QemuConfig:
 def command(cfg: QemuConfig, console_log: str, data_log: str, qemu: str | None = None) \
         -> list[str]:
     accel = "tcg" if cfg.smp == 1 else "tcg,thread=single"
-    append = KERNEL_ARGS.format(console=cfg.arch.console) + (
-        f" {cfg.extra_args}" if cfg.extra_args else "")
+    words = [KERNEL_ARGS.format(console=cfg.arch.console), cfg.arch.kernel_args,
+             cfg.extra_args]
+    append = " ".join(w for w in words if w)
     machine = list(cfg.arch.qemu_machine)
+    if cfg.arch.data_tty == "/dev/ttyS1":
+        data = ["-serial", f"file:{data_log}"]
+    else:       # a virtio console (the machine has one UART)
+        data = ["-device", "virtio-serial-device", "-chardev", f"file,id=data,path={data_log}",
+                "-device", "virtconsole,chardev=data"]
     return [qemu or cfg.arch.qemu, "-nodefaults", "-no-user-config", *machine[:2],
             "-accel", accel, *machine[2:], "-smp", str(cfg.smp), "-m", str(cfg.mem_mb),
             "-display", "none", "-monitor", "none",
-            "-serial", f"file:{console_log}", "-serial", f"file:{data_log}",
+            "-serial", f"file:{console_log}", *data,
             "-no-reboot", "-kernel", cfg.kernel, "-initrd", cfg.initrd, "-append", append]
 
 

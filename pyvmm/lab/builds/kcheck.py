@@ -137,7 +137,12 @@ def check(path: str) -> dict:
         target = tmp
     try:
         with open(target, "rb") as f:
-            if f.read(4) != b"\x7fELF":
+            head = f.read(64)
+            if head[0x38:0x3c] == b"ARM\x64":
+                raise LabError(f"{path} is an arm64 Image, which carries no symbols: "
+                               "pyvmm lab kernel --arch arm64 reads them from the lab kernel "
+                               "itself (or give the vmlinux of a build)")
+            if head[:4] != b"\x7fELF":
                 raise LabError(f"{path} is not an ELF file: give kvm.ko from a kernel build or "
                                "package")
         p = subprocess.run(["objdump", "-d", "-r", "--no-show-raw-insn", target],
@@ -156,6 +161,125 @@ def check(path: str) -> dict:
     if srcu_calls is not None:
         out["srcu_api"] = [f for f in SRCU_API if f"<{f}>:" in p.stdout]
     out["path"] = os.path.abspath(path)
+    out["calls"] = calls
+    out["memslot_calls"] = memslot_calls
+    return out
+
+
+# ---- an image without symbols (Debian's arm64 Image: KVM built in, System.map a stub) ---
+#
+# The lab kernel itself says where its functions are: /init reads /proc/kallsyms (in
+# address order for the kernel proper) and reports, as FACT lines, the address of each
+# symbol the check needs and of the symbol after each function it disassembles (its
+# end). Addresses are taken relative to _stext, the first byte of the text segment, whose
+# place in the Image file its EFI header gives (BaseOfCode: the header ends there, aligned
+# to the 64 KiB segment alignment); so the check reads the code from the Image on the host
+# whatever KASLR did. The calls it finds are PC-relative (bl, b), untouched by relocation.
+
+KSYM_FACT = "ksym"
+KSYM_NEXT_FACT = "ksym-next"
+DISASSEMBLED = (FUNCTION, MEMSLOT_FUNCTION, SRCU_START)
+ANCHOR = "_stext"
+KSYMS_WANTED = tuple(dict.fromkeys((ANCHOR,) + DISASSEMBLED + GRACE_SYMBOLS + WORK_SYMBOLS
+                                   + SRCU_API + (KICK_SYMBOL,)))
+
+
+def kallsyms_awk() -> str:
+    """The awk program /init runs on /proc/kallsyms: 'ksym NAME ADDR' for every wanted
+    symbol, 'ksym-next NAME ADDR' with the address of the line after a disassembled
+    function (the first symbol of each name only)."""
+    wanted = " ".join(KSYMS_WANTED)
+    funcs = " ".join(DISASSEMBLED)
+    return ("BEGIN { n = split(\"" + wanted + "\", w, \" \"); for (i = 1; i <= n; i++) "
+            "want[w[i]] = 1; m = split(\"" + funcs + "\", f, \" \"); for (i = 1; i <= m; i++) "
+            "fn[f[i]] = 1 } "
+            "NF < 3 || $4 != \"\" { next } "
+            "pending != \"\" && $1 != paddr { print \"" + FACT_PREFIX + " " + KSYM_NEXT_FACT
+            + ":\" pending \" \" $1; pending = \"\" } "
+            "($3 in want) && !($3 in seen) { seen[$3] = 1; print \"" + FACT_PREFIX + " "
+            + KSYM_FACT + ":\" $3 \" \" $1; if ($3 in fn) { pending = $3; paddr = $1 } }")
+
+
+FACT_PREFIX = "PYVMM-LAB-FACT"
+
+
+def ksyms_from_facts(facts: dict[str, str]) -> tuple[dict[str, int], dict[str, int]]:
+    """(symbol -> address, disassembled function -> end address) from a lab boot's facts."""
+    syms, ends = {}, {}
+    for key, val in facts.items():
+        kind, _, name = key.partition(":")
+        try:
+            addr = int(val.split()[0], 16)
+        except (ValueError, IndexError):
+            continue
+        if kind == KSYM_FACT:
+            syms[name] = addr
+        elif kind == KSYM_NEXT_FACT:
+            ends[name] = addr
+    return syms, ends
+
+
+_A64_CALL = re.compile(r"^\s*([0-9a-f]+):\s+[0-9a-f]{8}\s+(bl|b)\s+0x([0-9a-f]+)")
+
+
+def stext_offset(image: str) -> int:
+    """Where _stext sits in an arm64 Image file: the BaseOfCode of its PE/COFF header
+    (the EFI stub's), or 64 KiB (the segment alignment) for an image without one."""
+    import struct
+    with open(image, "rb") as f:
+        head = f.read(4096)
+    if len(head) < 0x40 or head[0x38:0x3c] != b"ARM\x64":
+        raise LabError(f"{image} is not an arm64 Image (no ARM\\x64 magic at 0x38)")
+    pe = struct.unpack_from("<I", head, 0x3c)[0]
+    if head[:2] == b"MZ" and 0 < pe < len(head) - 48 and head[pe:pe + 4] == b"PE\0\0":
+        return struct.unpack_from("<I", head, pe + 24 + 20)[0]
+    return 0x10000
+
+
+def image_calls(image: str, syms: dict[str, int], ends: dict[str, int], function: str,
+                objdump: str) -> list[str] | None:
+    """The wanted symbols `function` calls (bl) or jumps to (b, a tail call), in order of
+    first use; None when the kernel did not report the function (inlined, or absent)."""
+    if function not in syms or function not in ends or ANCHOR not in syms:
+        return None
+    base = syms[ANCHOR] - stext_offset(image)        # the address of the file's byte 0
+    start, end = syms[function] - base, ends[function] - base
+    if not 0 <= start < end or end - start > 1 << 20:
+        raise LabError(f"{function}: the kernel reported a range the image cannot hold "
+                       f"({start:#x}..{end:#x} from the start of the image)")
+    p = subprocess.run([objdump, "-D", "-b", "binary", "-m", "aarch64",
+                        f"--adjust-vma={base:#x}", f"--start-address={base + start:#x}",
+                        f"--stop-address={base + end:#x}", image],
+                       capture_output=True, text=True)
+    if p.returncode != 0:
+        raise LabError(f"{objdump} failed on {image}: {p.stderr.strip()[:300]}")
+    by_addr = {a: n for n, a in syms.items()}
+    seen: list[str] = []
+    for line in p.stdout.splitlines():
+        m = _A64_CALL.match(line)
+        if m:
+            name = by_addr.get(int(m.group(3), 16))
+            if name and name != function and name not in seen:
+                seen.append(name)
+    return seen
+
+
+def check_image(image: str, facts: dict[str, str], objdump: str) -> dict:
+    """The check on an Image without symbols, with the addresses the lab kernel reported
+    (ksyms_from_facts); the same result as check()."""
+    if not shutil.which(objdump):
+        raise LabError(f"{objdump} not found: it disassembles the arm64 image (apt-get "
+                       "install binutils-aarch64-linux-gnu)")
+    syms, ends = ksyms_from_facts(facts)
+    calls = image_calls(image, syms, ends, FUNCTION, objdump)
+    if calls is None:
+        raise LabError(f"the lab kernel did not report {FUNCTION} and its end in "
+                       "/proc/kallsyms: kernel-check cannot read this image")
+    memslot_calls = image_calls(image, syms, ends, MEMSLOT_FUNCTION, objdump)
+    srcu_calls = image_calls(image, syms, ends, SRCU_START, objdump)
+    out = classify(calls, memslot_calls, srcu_calls)
+    out["srcu_api"] = [f for f in SRCU_API if f in syms]
+    out["path"] = os.path.abspath(image)
     out["calls"] = calls
     out["memslot_calls"] = memslot_calls
     return out

@@ -60,7 +60,8 @@ def run_lab(opts: LabOptions, cfg: SweepConfig, ui: Ui | None = None) -> LabRun:
     plan = make_plan(cfg)
     image = initramfs.build(prep.busybox, prep.helper, prep.modules, "\n".join(plan) + "\n",
                             timeout_ms=HELPER_TIMEOUT_MS, ioev_len=cfg.ioev_len,
-                            module_args=module_args(kit, opts.kvm_args))
+                            module_args=module_args(kit, opts.kvm_args),
+                            data_tty=kit.arch.data_tty)
     timings["build_s"] = time.monotonic() - t
 
     outer = hostinfo.collect(with_kvm=False)

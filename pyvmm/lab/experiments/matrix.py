@@ -19,6 +19,7 @@ from ...errors import LabError
 from ...results import envelope, finishing, write_json_atomic
 from ..builds.patch import load_patches
 from . import jobs, kernel_lab
+from ..arch import X86_64, Arch
 from .prepare import LabOptions, Ui, Variant, check_options, parse_variant
 
 SCHEMA = "pyvmm-lab-matrix/1"
@@ -27,13 +28,14 @@ DEFAULT_VARIANTS = ("6.1", "6.1+rebuild", "6.1+defer-free", "6.1+defer-free-expe
 SHARE_NS = (100, 300, 1000)
 
 
-def parse_variants(text: str) -> list[Variant]:
-    """Comma-separated variants, all checked before anything runs."""
+def parse_variants(text: str, arch: Arch = X86_64) -> list[Variant]:
+    """Comma-separated variants, all checked before anything runs; `arch` (--arch) for
+    those without an 'arm64:' prefix."""
     patches = load_patches()
     items = [t for t in (x.strip() for x in text.split(",")) if t]
     if not items:
         raise LabError("no variants given: e.g. --variants 6.1,6.1+defer-free,latest")
-    out = [parse_variant(t, patches) for t in items]
+    out = [parse_variant(t, patches, arch) for t in items]
     labels = [v.label for v in out]
     dup = sorted({x for x in labels if labels.count(x) > 1})
     if dup:
@@ -55,7 +57,7 @@ def run_matrix(variants: list[Variant], cfg: SweepConfig, base: LabOptions,
     start-up `repeats` times in each); returns the matrix document."""
     ui = ui or Ui()
     for v in variants:         # everything checked before the first download
-        check_options(replace(base, kernel=v.kernel, kvm_patch=v.patch, hz=v.hz))
+        check_options(replace(base, kernel=v.kernel, kvm_patch=v.patch, hz=v.hz, arch=v.arch))
     if out_dir is None:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         out_dir = os.path.join(base.out, f"matrix-{stamp}")
@@ -76,7 +78,8 @@ def run_matrix(variants: list[Variant], cfg: SweepConfig, base: LabOptions,
         for i, v in enumerate(variants):
             ui.log(f"[{i + 1}/{len(variants)}] variant {v.label}")
             tv = time.monotonic()
-            opts = replace(base, kernel=v.kernel, kvm_patch=v.patch, hz=v.hz, out=out_dir)
+            opts = replace(base, kernel=v.kernel, kvm_patch=v.patch, hz=v.hz, arch=v.arch,
+                            out=out_dir)
             try:
                 if workload:
                     run = jobs.run_jobs(opts, [f"trace:{workload}:{repeats}"], ui)

@@ -12,14 +12,16 @@ from dataclasses import dataclass, field
 
 from ... import guests
 from ...errors import LabError
-from ..arch import X86_64, Arch
+from ..arch import ARM64, X86_64, Arch, get_arch
 from ..boot import tools
 from ..builds import kcheck
 from ..builds import kernel as kbuild
 from ..builds.kernel import HZ_VALUES, check_hz
 from ..builds import modules as modbuild
 from ..builds.patch import Patch, get_patch, load_patches
+from ..builds import crosshelper
 from ..sources import apt, debian, kits
+from ..sources.cache import cache_dir, locked
 from ..sources.elf import norm_module
 
 ENVIRONMENT = "qemu-tcg"
@@ -52,16 +54,27 @@ def inner_host(kit: kits.Kit, facts: dict[str, str], smp: int, outer: dict) -> d
 
 @dataclass(frozen=True)
 class Variant:
-    """A kernel spec, an optional patch and, for a whole-kernel build, its HZ:
-    '6.1', '6.1+defer-free', 'latest', '7.3+srcu-expedited@hz100'."""
+    """A kernel spec, an optional patch, for a whole-kernel build its HZ, and the
+    architecture: '6.1', '6.1+defer-free', 'latest', '7.3+srcu-expedited@hz100',
+    'arm64:6.1'."""
     kernel: str
     patch: str | None = None
     hz: int | None = None
+    arch: Arch = X86_64
 
     @property
     def label(self) -> str:
-        return (self.kernel + (f"+{self.patch}" if self.patch else "")
+        return ((f"arm64:" if self.arch == ARM64 else "") + self.kernel
+                + (f"+{self.patch}" if self.patch else "")
                 + (f"@hz{self.hz}" if self.hz else ""))
+
+
+def split_arch(text: str, default: Arch = X86_64) -> tuple[str, Arch]:
+    """'arm64:6.1' -> ('6.1', ARM64); without a prefix, `default` (--arch)."""
+    head, colon, tail = text.partition(":")
+    if colon and head and not os.sep in head and not head[0].isdigit():
+        return tail, get_arch(head)
+    return text, default
 
 
 def split_build(text: str) -> tuple[str, int | None]:
@@ -78,13 +91,14 @@ def split_build(text: str) -> tuple[str, int | None]:
     return head, check_hz(int(m.group(1)))
 
 
-def parse_variant(text: str, patches: dict | None = None) -> Variant:
-    """'KERNEL[+PATCH][@hzN]', checked without touching the network (a .deb path may
-    itself hold '+', so only a known patch name after the last '+' splits it)."""
+def parse_variant(text: str, patches: dict | None = None, arch: Arch = X86_64) -> Variant:
+    """'[ARCH:]KERNEL[+PATCH][@hzN]', checked without touching the network (a .deb path
+    may itself hold '+', so only a known patch name after the last '+' splits it)."""
     text = text.strip()
     if not text:
         raise LabError("empty variant: give KERNEL or KERNEL+PATCH, e.g. 6.1+defer-free")
     patches = load_patches() if patches is None else patches
+    text, arch = split_arch(text, arch)
     text, hz = split_build(text)
     kernel, patch = text, None
     if "+" in text and not text.endswith(".deb"):
@@ -102,7 +116,12 @@ def parse_variant(text: str, patches: dict | None = None) -> Variant:
     if patch and not hz and patches[patch].whole_kernel():
         raise LabError(f"patch {patch} changes the kernel image, not only KVM: it needs a "
                        f"whole-kernel build, e.g. {kernel}+{patch}@hz250")
-    return Variant(kernel, patch, hz)
+    if arch.kvm_builtin and (patch or hz):
+        raise LabError(f"'{Variant(kernel, patch, hz, arch).label}': on {arch.debian} KVM is "
+                       "built into Debian's image, so a patched or @hzN variant needs a "
+                       "cross-compiled whole-kernel build, which the arm64 lab does not "
+                       f"have yet; run Debian's own kernels (arm64:6.1, arm64:7.3)")
+    return Variant(kernel, patch, hz, arch)
 
 
 @dataclass
@@ -127,7 +146,7 @@ class LabOptions:
 
     @property
     def variant(self) -> "Variant":
-        return Variant(self.kernel, self.kvm_patch, self.hz)
+        return Variant(self.kernel, self.kvm_patch, self.hz, self.arch)
 
 
 class Ui:
@@ -151,7 +170,7 @@ def check_options(opts: LabOptions) -> Patch | None:
     check_cmdline(opts.cmdline)
     spec = opts.kernel + (f"+{opts.kvm_patch}" if opts.kvm_patch else "") \
         + (f"@hz{opts.hz}" if opts.hz else "")
-    v = parse_variant(spec)         # the same checks as a matrix variant
+    v = parse_variant(spec, arch=opts.arch)      # the same checks as a matrix variant
     return get_patch(v.patch) if v.patch else None
 
 
@@ -196,8 +215,14 @@ def prepare(opts: LabOptions, ui: Ui) -> Prepared:
     timings = {}
     ui.stage("tools")
     tools.ensure_tools(ui.log, opts.install, opts.arch)
-    busybox = tools.find_static_busybox()
-    helper = guests.helper_path()
+    if opts.arch.cross_prefix:       # the helper and busybox of the lab's architecture
+        helper_bin, _ = crosshelper.helper(opts.arch, ui.log, opts.install)
+        bb = crosshelper.busybox(opts.arch, ui.log)
+    else:
+        with open(tools.find_static_busybox(), "rb") as f:
+            bb = f.read()
+        with open(guests.helper_path(), "rb") as f:
+            helper_bin = f.read()
     ui.stage("download")
     t = time.monotonic()
     deb = apt.resolve(opts.kernel, log=ui.log, arch=opts.arch)
@@ -228,16 +253,65 @@ def prepare(opts: LabOptions, ui: Ui) -> Prepared:
         timings["modules_cached"] = was_cached
         kc = kcheck.check(built.module("kvm"))
         kc["path"] = f"{kit.meta['package']}: kvm.ko rebuilt with patch {patch.name}"
+    elif kit.arch.kvm_builtin:
+        ui.stage("kernel symbols")
+        kc = image_check(kit, bb, opts, ui)
+        kc["path"] = f"{kit.meta['package']}: Image (KVM built in), symbols from the lab kernel"
     else:
         kc = kcheck.check(kit.kvm_ko)
         kc["path"] = f"{kit.meta['package']}: {kit.meta['kvm_module_file'].split('-', 1)[1]}"
     ui.log(f"kernel-check: {kc['summary']}")
-    with open(busybox, "rb") as f:
-        bb = f.read()
-    with open(helper, "rb") as f:
-        helper_bin = f.read()
     return Prepared(kit, modbuild.kit_modules(kit, built), kc, built, bb, helper_bin, timings,
                     kernel_build)
+
+
+def image_check(kit: kits.Kit, busybox: bytes, opts: LabOptions, ui: Ui) -> dict:
+    """kernel-check of an image without symbols (Debian's arm64): one short boot of the
+    kit reads /proc/kallsyms for the addresses the check needs (cached per kit), then the
+    code is read from the image on this host (kcheck.check_image)."""
+    import json
+    path = os.path.join(cache_dir(), "ksyms", os.path.basename(kit.path) + ".json")
+    facts = None
+    if os.path.exists(path):
+        with open(path) as f:
+            facts = json.load(f).get("facts")
+    if not facts:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with locked(path, f"reading the symbols of {kit.meta['package']}", ui.log):
+            facts = _read_ksyms(kit, busybox, opts, ui)
+            tmp = path + f".tmp{os.getpid()}"
+            with open(tmp, "w") as f:
+                json.dump({"package": kit.meta["package"], "version": kit.meta["version"],
+                           "facts": facts}, f, indent=1)
+            os.replace(tmp, path)
+    return kcheck.check_image(kit.vmlinuz, facts, f"{kit.arch.cross_prefix}objdump")
+
+
+def _read_ksyms(kit: kits.Kit, busybox: bytes, opts: LabOptions, ui: Ui) -> dict[str, str]:
+    import tempfile
+    from ..boot import initramfs, qemu
+    ui.log(f"reading {kit.meta['package']}'s symbols from /proc/kallsyms (one boot)")
+    mods = {}
+    for p in kit.modules():
+        with open(p, "rb") as f:
+            mods[os.path.basename(p)] = f.read()
+    image = initramfs.build(busybox, b"", mods, "", data_tty=kit.arch.data_tty,
+                            python=["awk", kcheck.kallsyms_awk(), "/proc/kallsyms"])
+    with tempfile.TemporaryDirectory(prefix="pyvmm-ksyms-") as work:
+        initrd = os.path.join(work, "initramfs.cpio.gz")
+        with open(initrd, "wb") as f:
+            f.write(image)
+        cfg = qemu.QemuConfig(kernel=kit.vmlinuz, initrd=initrd, mem_mb=opts.mem_mb,
+                              boot_timeout_s=opts.boot_timeout_s,
+                              stall_timeout_s=opts.stall_timeout_s,
+                              total_timeout_s=opts.total_timeout_s, arch=kit.arch)
+        stream, _ = qemu.run(cfg, work)
+    facts = {k: v for k, v in stream.facts.items()
+             if k.startswith((kcheck.KSYM_FACT + ":", kcheck.KSYM_NEXT_FACT + ":"))}
+    if f"{kcheck.KSYM_FACT}:{kcheck.FUNCTION}" not in facts:
+        raise LabError(f"{kit.meta['package']}: /proc/kallsyms in the lab kernel has no "
+                       f"{kcheck.FUNCTION} (errors: {'; '.join(stream.errors[-3:]) or 'none'})")
+    return facts
 
 
 def build_meta(prep: Prepared) -> dict | None:

@@ -115,6 +115,11 @@ class Apt:
         return parse_records(self._run(["apt-cache", "show", meta],
                                        f"find {meta} in the package lists"))
 
+    def records(self, name: str) -> list[dict[str, str]]:
+        """Every version of package NAME the lists hold."""
+        return parse_records(self._run(["apt-cache", "show", name],
+                                       f"find {name} in the package lists"))
+
     def record(self, name: str, version: str) -> dict[str, str]:
         """The package record of NAME at VERSION."""
         recs = parse_records(self._run(["apt-cache", "show", f"{name}={version}"],

@@ -32,6 +32,12 @@ class Kit:
         return os.path.join(self.path, "vmlinuz")
 
     @property
+    def system_map(self) -> str | None:
+        """The image's symbol table (kept for an image that is not ELF: arm64's Image)."""
+        p = os.path.join(self.path, "System.map")
+        return p if os.path.exists(p) else None
+
+    @property
     def builtin(self) -> bool:
         """KVM built into the image (a lab kernel build): no modules to load."""
         return bool(self.meta.get("kvm_builtin"))
@@ -102,8 +108,9 @@ def _unpack_kit(debs, final: str, kits: str, name: str, version: str, arch: Arch
         meta = _assemble_kit(x, tmp, name, version, arch)
         shutil.rmtree(x)
         names = ["vmlinuz"] + [os.path.join("modules", m) for m in meta["modules"]]
-        if os.path.exists(os.path.join(tmp, "config")):
-            names.append("config")
+        for extra in ("config", "System.map"):
+            if os.path.exists(os.path.join(tmp, extra)):
+                names.append(extra)
         meta["files"] = manifest(tmp, names)
         with open(os.path.join(tmp, "kit.json"), "w") as f:
             json.dump(meta, f, indent=1)
@@ -113,6 +120,14 @@ def _unpack_kit(debs, final: str, kits: str, name: str, version: str, arch: Arch
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return Kit(final, meta, arch)
+
+
+def _system_map(x: str, release: str) -> str | None:
+    for p in (f"boot/System.map-{release}", f"usr/lib/modules/{release}/System.map",
+              f"lib/modules/{release}/System.map"):
+        if os.path.isfile(os.path.join(x, p)):
+            return os.path.join(x, p)
+    return None
 
 
 def _kernel_files(x: str) -> tuple[str, str, str | None]:
@@ -164,6 +179,9 @@ def _assemble_kit(x: str, out: str, name: str, version: str, arch: Arch = X86_64
         for f in files:
             if f.endswith(MODULE_EXTS):
                 paths.setdefault(norm_module(f), os.path.join(d, f))
+    if arch.kvm_builtin:
+        return _builtin_kvm_kit(x, out, name, version, release, mod_root, paths, config,
+                                cfg_path, arch)
     vendor = arch.kvm_vendor_module
     if "kvm" not in paths or vendor not in paths:
         builtin = ""
@@ -198,3 +216,56 @@ def _assemble_kit(x: str, out: str, name: str, version: str, arch: Arch = X86_64
             "config_source": f"{name} {version}: {os.path.relpath(cfg_path, x)}"
             if cfg_path else f"{name} {version}: no config",
             "vermagic": (modinfo(data["kvm"]).get("vermagic") or [""])[0]}
+
+
+def _builtin_kvm_kit(x: str, out: str, name: str, version: str, release: str, mod_root: str,
+                     paths: dict[str, str], config: dict, cfg_path: str | None,
+                     arch: Arch) -> dict:
+    """A kit of an image with KVM built in (Debian's arm64): the image, its System.map
+    (kernel-check reads the image through it) and the modules /init needs besides KVM
+    (the virtio console that carries the lab's data), each with what it depends on."""
+    if config.get("CONFIG_KVM") != "y":
+        raise LabError(f"{name} {version}: CONFIG_KVM is {config.get('CONFIG_KVM', 'unset')}; "
+                       f"the {arch.name} lab expects KVM built into the image")
+    smap = _system_map(x, release)
+    if smap is None:
+        raise LabError(f"{name} {version} ships no System.map: kernel-check cannot read its "
+                       "image")
+    shutil.copy(smap, os.path.join(out, "System.map"))
+    builtin = set()
+    bpath = os.path.join(mod_root, "modules.builtin")
+    if os.path.exists(bpath):
+        with open(bpath) as f:
+            builtin = {norm_module(os.path.basename(l.strip())) for l in f if l.strip()}
+    data: dict[str, bytes] = {}
+    deps: dict[str, list[str]] = {}
+    order: list[str] = []
+
+    def load(m):
+        if m in data or m in builtin:
+            return
+        if m not in paths:
+            raise LabError(f"{name} {version} has no module {m} (the lab's data port needs "
+                           "it) and does not build it in")
+        data[m] = decompress_module(paths[m])
+        deps[m] = module_depends(data[m])
+        for d in deps[m]:
+            load(d)
+        order.append(m)             # after what it depends on
+    for m in arch.lab_modules:
+        load(m)
+    os.makedirs(os.path.join(out, "modules"))
+    files = []
+    for i, m in enumerate(order):
+        fname = f"{i:02d}-{m}.ko"
+        with open(os.path.join(out, "modules", fname), "wb") as f:
+            f.write(data[m])
+        files.append(fname)
+    from ...hostinfo import config_hz, preemption_from_config
+    return {"package": name, "version": version, "kernel_release": release,
+            "modules": files, "module_names": order, "kvm_module_file": None,
+            "kvm_builtin": True, "arch": arch.name,
+            "config_hz": config_hz(config), "preemption": preemption_from_config(config),
+            "config_source": f"{name} {version}: {os.path.relpath(cfg_path, x)}"
+            if cfg_path else f"{name} {version}: no config",
+            "vermagic": (modinfo(data[order[0]]).get("vermagic") or [""])[0] if order else ""}
