@@ -538,6 +538,30 @@ static int step_deassign(struct boot *b, int n)
     return 0;
 }
 
+/* KVM_CREATE_VCPU and its kvm_run mapping; with `timed`, a sample of the ioctl. */
+static struct vcpu *new_vcpu(struct boot *b, int timed)
+{
+    struct vcpu *v = &b->vcpus[b->nvcpus];
+    uint64_t t = wall_ns();
+    v->fd = ioctl(b->vm, KVM_CREATE_VCPU, b->nvcpus);
+    int e = errno;
+    if (timed)
+        sample(b, wall_ns() - t);
+    if (v->fd < 0) {
+        fail(b, e, "KVM_CREATE_VCPU %d failed: %s", b->nvcpus, strerror(e));
+        return NULL;
+    }
+    v->run = mmap(NULL, (size_t)b->mmap_size, PROT_READ | PROT_WRITE, MAP_SHARED, v->fd, 0);
+    if (v->run == MAP_FAILED) {
+        v->run = NULL;
+        close(v->fd);
+        fail(b, errno, "mmap of kvm_run failed: %s", strerror(errno));
+        return NULL;
+    }
+    b->nvcpus++;
+    return v;
+}
+
 #if defined(__aarch64__)
 /* arm64: every vCPU is initialised for the target KVM prefers (asked once per process),
  * with PSCI 0.2 so that the guest can power off; vCPUs other than 0 start powered off.
@@ -608,19 +632,9 @@ static int step_vcpu(struct boot *b, int k)
         have_preferred = 1;
     }
     for (int i = 0; i < k; i++) {
-        struct vcpu *v = &b->vcpus[b->nvcpus];
-        uint64_t t = wall_ns();
-        v->fd = ioctl(b->vm, KVM_CREATE_VCPU, b->nvcpus);
-        sample(b, wall_ns() - t);
-        if (v->fd < 0)
-            return fail(b, errno, "KVM_CREATE_VCPU %d failed: %s", b->nvcpus, strerror(errno));
-        v->run = mmap(NULL, (size_t)b->mmap_size, PROT_READ | PROT_WRITE, MAP_SHARED, v->fd, 0);
-        if (v->run == MAP_FAILED) {
-            v->run = NULL;
-            close(v->fd);
-            return fail(b, errno, "mmap of kvm_run failed: %s", strerror(errno));
-        }
-        b->nvcpus++;
+        struct vcpu *v = new_vcpu(b, 1);
+        if (!v)
+            return -1;
         struct kvm_vcpu_init init = preferred;
         init.features[0] |= 1u << KVM_ARM_VCPU_PSCI_0_2;
         if (b->nvcpus > 1)
@@ -682,17 +696,9 @@ static int step_gic(struct boot *b)
 static int step_vcpu(struct boot *b, int k)
 {
     for (int i = 0; i < k; i++) {
-        struct vcpu *v = &b->vcpus[b->nvcpus];
-        v->fd = ioctl(b->vm, KVM_CREATE_VCPU, b->nvcpus);
-        if (v->fd < 0)
-            return fail(b, errno, "KVM_CREATE_VCPU %d failed: %s", b->nvcpus, strerror(errno));
-        v->run = mmap(NULL, (size_t)b->mmap_size, PROT_READ | PROT_WRITE, MAP_SHARED, v->fd, 0);
-        if (v->run == MAP_FAILED) {
-            v->run = NULL;
-            close(v->fd);
-            return fail(b, errno, "mmap of kvm_run failed: %s", strerror(errno));
-        }
-        b->nvcpus++;
+        struct vcpu *v = new_vcpu(b, 0);
+        if (!v)
+            return -1;
         if (set_cpuid(b, v->fd))
             return -1;
         struct kvm_sregs sregs;

@@ -30,6 +30,7 @@ class Arch:
     data_tty: str = "/dev/ttyS1"    # where /init writes the lab's data
     cross_prefix: str = ""          # binutils/gcc prefix for this architecture's binaries
     kernel_args: str = "tsc=reliable clocksource=tsc"   # the lab's own kernel parameters
+    kbuild_arch: str = "x86"        # ARCH= of a kernel build
 
     @property
     def source_subset(self) -> tuple[str, ...]:
@@ -39,6 +40,18 @@ class Arch:
     @property
     def built(self) -> dict[str, str]:
         return dict(self.modules_built)
+
+    @property
+    def objdump(self) -> str:
+        """objdump for this architecture's binaries (the cross one for arm64)."""
+        return f"{self.cross_prefix}objdump"
+
+    @property
+    def make_args(self) -> tuple[str, ...]:
+        """What `make` of a kernel build needs for this architecture on an x86 host."""
+        if not self.cross_prefix:
+            return ()
+        return (f"ARCH={self.kbuild_arch}", f"CROSS_COMPILE={self.cross_prefix}")
 
 
 X86_64 = Arch(
@@ -65,7 +78,7 @@ ARM64 = Arch(
     kernel_target="Image", kernel_image="arch/arm64/boot/Image",
     lab_config="lab-arm64.config", kvm_builtin=True,
     lab_modules=("virtio_mmio", "virtio_console"), data_tty="/dev/hvc0",
-    cross_prefix="aarch64-linux-gnu-", kernel_args="")
+    cross_prefix="aarch64-linux-gnu-", kernel_args="", kbuild_arch="arm64")
 
 ARCHES = {a.name: a for a in (X86_64, ARM64)}
 ALIASES = {"x86_64": X86_64, "amd64": X86_64, "x86": X86_64, "arm64": ARM64,

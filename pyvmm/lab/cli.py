@@ -150,8 +150,14 @@ def _sweep_config(args) -> SweepConfig:
 def _lab_options(args, **kw) -> prepare.LabOptions:
     kw["arch"] = get_arch(args.arch)
     if "kernel" in kw:
-        kw["kernel"], kw["arch"] = prepare.split_arch(kw["kernel"], kw["arch"])
-        kw["kernel"], kw["hz"] = prepare.split_build(kw["kernel"])
+        # a whole variant name: [arm64:]KERNEL[+PATCH][@hzN] (--kvm-patch gives the patch
+        # too; both at once must agree)
+        v = prepare.parse_variant(kw["kernel"], arch=kw["arch"])
+        if v.patch and kw.get("kvm_patch") and kw["kvm_patch"] != v.patch:
+            raise LabError(f"--kernel {kw['kernel']} names patch {v.patch} but --kvm-patch "
+                           f"says {kw['kvm_patch']}: give one")
+        kw.update(kernel=v.kernel, arch=v.arch, hz=v.hz,
+                  kvm_patch=v.patch or kw.get("kvm_patch"))
     return prepare.LabOptions(smp=args.smp, out=args.out, retries=max(0, args.retries),
                               total_timeout_s=args.timeout,
                               stall_timeout_s=args.stall_timeout,

@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import subprocess
-import tempfile
 
 from ...errors import LabError
 from ..arch import Arch
@@ -21,6 +20,7 @@ from ..boot.tools import apt_install, missing_packages
 from ..sources.apt import Apt
 from ..sources.cache import cache_dir, locked, manifest, whole_entry
 from ..sources.debian import compare_versions
+from .modules import _fill_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))))
@@ -74,19 +74,33 @@ def _key(arch: Arch, files: list[str]) -> str:
     return h.hexdigest()[:16]
 
 
+def _entry(final: str, meta_name: str, what: str, fill, log) -> dict:
+    """The cache entry at `final` (its META_NAME, written last, with a manifest), made by
+    fill(tmp) in a temporary sibling under the entry's lock when it is missing or
+    damaged."""
+    meta = whole_entry(final, meta_name, f"{what}|making it again", log)
+    if meta is not None:
+        return meta
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    with locked(final, f"making the {what}", log):
+        meta = whole_entry(final, meta_name, f"{what}|making it again", log)
+        if meta is None:
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            _fill_dir(os.path.dirname(final), final, fill, f".{meta_name.split('.')[0]}-")
+            with open(os.path.join(final, meta_name)) as f:
+                meta = json.load(f)
+    return meta
+
+
 def helper(arch: Arch, log=print, install: bool = True) -> tuple[bytes, dict]:
     """The static helper for `arch` (contents, and its build facts)."""
     ensure_cross_tools(arch, log, install)
     files = _sources(arch)
     key = _key(arch, files)
     final = os.path.join(cache_dir(), "helpers", f"{arch.name}-{key}")
-    meta = whole_entry(final, "helper.json", "helper|building it again", log)
-    if meta is None:
-        os.makedirs(os.path.dirname(final), exist_ok=True)
-        with locked(final, f"building the {arch.name} helper", log):
-            meta = whole_entry(final, "helper.json", "helper|building it again", log)
-            if meta is None:
-                meta = _build(arch, final, key, log)
+    meta = _entry(final, "helper.json", f"{arch.name} helper",
+                  lambda tmp: _build(arch, tmp, key, log), log)
     with open(os.path.join(final, "pyvmm-bootbench"), "rb") as f:
         return f.read(), {k: v for k, v in meta.items() if k != "files"}
 
@@ -98,40 +112,31 @@ def _run(cmd: list[str], what: str) -> None:
         raise LabError(f"{what} failed:\n  {first}")
 
 
-def _build(arch: Arch, final: str, key: str, log) -> dict:
+def _build(arch: Arch, tmp: str, key: str, log) -> None:
     p = arch.cross_prefix
     log(f"building the static pyvmm-bootbench for {arch.name} ({p}gcc)")
-    tmp = tempfile.mkdtemp(prefix=".helper-", dir=os.path.dirname(final))
-    try:
-        guest = os.path.join(GUESTS, arch.name, "doorbell.S")
-        obj, elf, binf = (os.path.join(tmp, n) for n in ("guest.o", "guest.elf", "guest.bin"))
-        _run([f"{p}gcc", "-c", "-x", "assembler-with-cpp", "-I", GUESTS, "-o", obj, guest],
-             f"assembling {guest}")
-        _run([f"{p}ld", "-Ttext=0x10000", "-e", "_start", "-o", elf, obj], "linking the guest")
-        _run([f"{p}objcopy", "-O", "binary", elf, binf], "objcopy of the guest")
-        blob = os.path.join(tmp, "blob.o")
-        _run([f"{p}gcc", "-c", f'-DDOORBELL_BIN="{binf}"', "-o", blob,
-              os.path.join(CSRC, "guest_blob.S")], "embedding the guest")
-        out = os.path.join(tmp, "pyvmm-bootbench")
-        _run([f"{p}gcc", "-static", "-O2", "-Wall", "-I", CSRC, "-I", GUESTS, "-o", out,
-              os.path.join(CSRC, "main.c"), os.path.join(CSRC, "bootbench.c"), blob],
-             f"the static {arch.name} helper build")
-        for n in (obj, elf, blob):
-            os.unlink(n)
-        os.rename(binf, os.path.join(tmp, "guest.bin"))
-        meta = {"arch": arch.name, "key": key,
-                "compiler": subprocess.run([f"{p}gcc", "--version"], capture_output=True,
-                                           text=True).stdout.splitlines()[0],
-                "guest_bytes": os.path.getsize(os.path.join(tmp, "guest.bin"))}
-        meta["files"] = manifest(tmp, ["pyvmm-bootbench", "guest.bin"])
-        with open(os.path.join(tmp, "helper.json"), "w") as f:
-            json.dump(meta, f, indent=1)
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return meta
+    guest = os.path.join(GUESTS, arch.name, "doorbell.S")
+    obj, elf, binf = (os.path.join(tmp, n) for n in ("guest.o", "guest.elf", "guest.bin"))
+    _run([f"{p}gcc", "-c", "-x", "assembler-with-cpp", "-I", GUESTS, "-o", obj, guest],
+         f"assembling {guest}")
+    _run([f"{p}ld", "-Ttext=0x10000", "-e", "_start", "-o", elf, obj], "linking the guest")
+    _run([f"{p}objcopy", "-O", "binary", elf, binf], "objcopy of the guest")
+    blob = os.path.join(tmp, "blob.o")
+    _run([f"{p}gcc", "-c", f'-DDOORBELL_BIN="{binf}"', "-o", blob,
+          os.path.join(CSRC, "guest_blob.S")], "embedding the guest")
+    out = os.path.join(tmp, "pyvmm-bootbench")
+    _run([f"{p}gcc", "-static", "-O2", "-Wall", "-I", CSRC, "-I", GUESTS, "-o", out,
+          os.path.join(CSRC, "main.c"), os.path.join(CSRC, "bootbench.c"), blob],
+         f"the static {arch.name} helper build")
+    for n in (obj, elf, blob):
+        os.unlink(n)
+    meta = {"arch": arch.name, "key": key,
+            "compiler": subprocess.run([f"{p}gcc", "--version"], capture_output=True,
+                                       text=True).stdout.splitlines()[0],
+            "guest_bytes": os.path.getsize(binf),
+            "files": manifest(tmp, ["pyvmm-bootbench", "guest.bin"])}
+    with open(os.path.join(tmp, "helper.json"), "w") as f:
+        json.dump(meta, f, indent=1)
 
 
 def busybox(arch: Arch, log=print) -> bytes:
@@ -147,29 +152,20 @@ def busybox(arch: Arch, log=print) -> bytes:
                                                                             b["Version"])))
     version = best["Version"]
     final = os.path.join(cache_dir(), "busybox", f"{arch.debian}-{version.replace(':', '_')}")
-    meta = whole_entry(final, "busybox.json", "busybox|unpacking it again", log)
-    if meta is None:
+
+    def fill(tmp):
         deb = apt.download_named("busybox-static", version, os.path.join(cache_dir(), "debs"))
-        os.makedirs(os.path.dirname(final), exist_ok=True)
-        with locked(final, f"unpacking busybox-static for {arch.debian}", log):
-            if whole_entry(final, "busybox.json", "busybox|unpacking it again", log) is None:
-                tmp = tempfile.mkdtemp(prefix=".busybox-", dir=os.path.dirname(final))
-                try:
-                    x = os.path.join(tmp, "x")
-                    _run(["dpkg-deb", "-x", deb, x], f"unpacking {deb}")
-                    src = next((os.path.join(x, d, "busybox") for d in ("bin", "usr/bin")
-                                if os.path.isfile(os.path.join(x, d, "busybox"))), None)
-                    if src is None:
-                        raise LabError(f"{deb} holds no bin/busybox")
-                    shutil.copy(src, os.path.join(tmp, "busybox"))
-                    shutil.rmtree(x)
-                    with open(os.path.join(tmp, "busybox.json"), "w") as f:
-                        json.dump({"version": version, "arch": arch.debian,
-                                   "files": manifest(tmp, ["busybox"])}, f)
-                    if os.path.exists(final):
-                        shutil.rmtree(final)
-                    os.replace(tmp, final)
-                finally:
-                    shutil.rmtree(tmp, ignore_errors=True)
+        x = os.path.join(tmp, "x")
+        _run(["dpkg-deb", "-x", deb, x], f"unpacking {deb}")
+        src = next((os.path.join(x, d, "busybox") for d in ("bin", "usr/bin")
+                    if os.path.isfile(os.path.join(x, d, "busybox"))), None)
+        if src is None:
+            raise LabError(f"{deb} holds no bin/busybox")
+        shutil.copy(src, os.path.join(tmp, "busybox"))
+        shutil.rmtree(x)
+        with open(os.path.join(tmp, "busybox.json"), "w") as f:
+            json.dump({"version": version, "arch": arch.debian,
+                       "files": manifest(tmp, ["busybox"])}, f)
+    _entry(final, "busybox.json", f"{arch.debian} busybox", fill, log)
     with open(os.path.join(final, "busybox"), "rb") as f:
         return f.read()

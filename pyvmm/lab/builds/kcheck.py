@@ -37,6 +37,8 @@ GRACE_SYMBOLS = ("synchronize_srcu", "synchronize_srcu_expedited", "synchronize_
                  "kfree_call_rcu", "srcu_barrier")
 _RELOC = re.compile(r"R_X86_64_(?:PLT32|PC32|32S?|64)\s+([A-Za-z_][\w.]*)")
 _CALL = re.compile(r"\bcall\w*\s+[0-9a-f]+\s+<([A-Za-z_][\w.]*)(?:\+0x[0-9a-f]+)?>")
+# arm64 (a vmlinux of a lab build): bl, and b for a tail call, to a symbol
+_A64_SYM = re.compile(r"\s(?:bl|b)\s+[0-9a-f]+\s+<([A-Za-z_][\w.]*)(?:\+0x[0-9a-f]+)?>")
 
 
 def function_calls(disassembly: str, function: str = FUNCTION) -> list[str] | None:
@@ -50,7 +52,7 @@ def function_calls(disassembly: str, function: str = FUNCTION) -> list[str] | No
     for line in lines[start + 1:]:
         if not line.strip() or re.match(r"^[0-9a-f]+ <.+>:$", line.strip()):
             break
-        for rx in (_RELOC, _CALL):
+        for rx in (_RELOC, _CALL, _A64_SYM):
             for m in rx.finditer(line):
                 sym = m.group(1)
                 if sym not in seen and sym != function:
@@ -122,12 +124,15 @@ def classify(calls: list[str], memslot_calls: list[str] | None = None,
             "srcu_kick": kick if srcu_calls is not None else None, "summary": summary}
 
 
-def check(path: str) -> dict:
-    """Run the check on a kvm.ko (plain or compressed) or a vmlinux with symbols."""
+def check(path: str, objdump: str = "objdump") -> dict:
+    """Run the check on a kvm.ko (plain or compressed) or a vmlinux with symbols
+    (`objdump`: aarch64-linux-gnu-objdump for an arm64 build)."""
     if not os.path.isfile(path):
         raise LabError(f"{path} does not exist: give the path of kvm.ko (or kvm.ko.xz)")
-    if not shutil.which("objdump"):
-        raise LabError("objdump not found: apt-get install binutils")
+    if not shutil.which(objdump):
+        raise LabError(f"{objdump} not found: apt-get install "
+                       + ("binutils" if objdump == "objdump" else
+                          "binutils-" + objdump.rsplit("-", 1)[0]))
     tmp = None
     target = path
     if path.endswith((".xz", ".gz", ".zst")):
@@ -145,7 +150,12 @@ def check(path: str) -> dict:
             if head[:4] != b"\x7fELF":
                 raise LabError(f"{path} is not an ELF file: give kvm.ko from a kernel build or "
                                "package")
-        p = subprocess.run(["objdump", "-d", "-r", "--no-show-raw-insn", target],
+        if objdump == "objdump" and head[4] == 2 and head[18:20] == b"\xb7\x00":
+            objdump = "aarch64-linux-gnu-objdump"      # an arm64 ELF (e_machine 183)
+            if not shutil.which(objdump):
+                raise LabError(f"{path} is an arm64 ELF: disassembling it needs {objdump} "
+                               "(apt-get install binutils-aarch64-linux-gnu)")
+        p = subprocess.run([objdump, "-d", "-r", "--no-show-raw-insn", target],
                            capture_output=True, text=True)
         if p.returncode != 0:
             raise LabError(f"objdump failed on {path}: {p.stderr.strip()[:300]}")

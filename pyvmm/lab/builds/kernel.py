@@ -178,7 +178,8 @@ class KernelBuilder(AptUser):
         h.update(f"recipe {RECIPE}\n".encode())
         h.update(self.fragment(patch, hz).encode())
         h.update((patch.text if patch else "").encode())
-        label = f"{patch.name if patch else 'stock'}-hz{hz}"
+        label = (f"{self.arch.kbuild_arch}-" if self.arch.cross_prefix else "") \
+            + f"{patch.name if patch else 'stock'}-hz{hz}"
         return os.path.join(self.root, "kernels", f"{self.series}_{self.version}",
                             f"{label}-{h.hexdigest()[:12]}")
 
@@ -211,12 +212,16 @@ class KernelBuilder(AptUser):
         if hit:
             return hit
         ensure_build_tools(self.log, self.install)
+        if self.arch.cross_prefix:
+            from .crosshelper import ensure_cross_tools
+            ensure_cross_tools(self.arch, self.log, self.install)
         t0 = time.monotonic()
         src = self.source()
         t_fetch = time.monotonic() - t0
         frag = self.fragment(patch, hz)
         final = self.key(patch, hz)
-        label = f"{self.series}{'+' + patch.name if patch else ''}@hz{hz}"
+        label = (("arm64:" if self.arch.cross_prefix else "")
+                 + f"{self.series}{'+' + patch.name if patch else ''}@hz{hz}")
         log_keep = os.path.join(self.root, "logs", f"{os.path.basename(final)}.log")
         os.makedirs(os.path.dirname(log_keep), exist_ok=True)
 
@@ -233,8 +238,8 @@ class KernelBuilder(AptUser):
 
             def make(*args, what):
                 with open(log, "ab") as f:
-                    p = subprocess.run(["make", "-C", tree, f"O={out}", *args], stdout=f,
-                                       stderr=subprocess.STDOUT)
+                    p = subprocess.run(["make", "-C", tree, f"O={out}", *self.arch.make_args,
+                                        *args], stdout=f, stderr=subprocess.STDOUT)
                 if p.returncode != 0:
                     shutil.copy(log, log_keep)
                     with open(log, errors="replace") as f:
@@ -248,7 +253,9 @@ class KernelBuilder(AptUser):
             with open(log, "ab") as f:
                 p = subprocess.run([os.path.join(tree, "scripts", "kconfig", "merge_config.sh"),
                                     "-m", "-O", out, os.path.join(out, ".config"), frag_path],
-                                   stdout=f, stderr=subprocess.STDOUT, cwd=tree)
+                                   stdout=f, stderr=subprocess.STDOUT, cwd=tree,
+                                   env=dict(os.environ, **dict(a.split("=", 1) for a in
+                                                              self.arch.make_args)))
             if p.returncode != 0:
                 shutil.copy(log, log_keep)
                 raise LabError(f"merging the lab config for {label} failed; log: {log_keep}")
@@ -266,7 +273,8 @@ class KernelBuilder(AptUser):
             tb = time.monotonic()
             make(f"-j{self.jobs}", self.arch.kernel_target, what=self.arch.kernel_target)
             build_s = time.monotonic() - tb
-            release = subprocess.run(["make", "-s", "-C", tree, f"O={out}", "kernelrelease"],
+            release = subprocess.run(["make", "-s", "-C", tree, f"O={out}",
+                                      *self.arch.make_args, "kernelrelease"],
                                      capture_output=True, text=True).stdout.strip()
             res = os.path.join(tmp, "result")
             os.makedirs(res)
@@ -290,7 +298,8 @@ class KernelBuilder(AptUser):
                 "kit": {"package": f"lab build of linux-source-{self.series}",
                         "version": self.version, "kernel_release": release,
                         "modules": [], "module_names": [], "kvm_module_file": None,
-                        "kvm_builtin": True, "config_hz": config_hz(config),
+                        "kvm_builtin": True, "arch": self.arch.name,
+                        "config_hz": config_hz(config),
                         "preemption": preemption_from_config(config),
                         "config_source": f"tinyconfig + {self.arch.lab_config} + Debian's "
                                          f"timing options, HZ={hz}",

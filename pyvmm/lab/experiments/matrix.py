@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from ...analysis import report, stats
 from ...analysis.plan import SweepConfig
@@ -20,7 +20,8 @@ from ...results import envelope, finishing, write_json_atomic
 from ..builds.patch import load_patches
 from . import jobs, kernel_lab
 from ..arch import X86_64, Arch
-from .prepare import LabOptions, Ui, Variant, check_options, parse_variant
+from .prepare import (LabOptions, Ui, Variant, check_options, parse_variant, stamped_dir,
+                      variant_options)
 
 SCHEMA = "pyvmm-lab-matrix/1"
 DEFAULT_VARIANTS = ("6.1", "6.1+rebuild", "6.1+defer-free", "6.1+defer-free-expedited",
@@ -50,6 +51,14 @@ class MatrixRun:
     timings: dict = field(default_factory=dict)
 
 
+def record_failure(doc: dict, path: str, v: Variant, e: LabError, ui: Ui) -> None:
+    """A variant that failed: said in one line, kept in the document, saved at once (the
+    next variant runs)."""
+    doc["failed"].append({"variant": v.label, "error": str(e)})
+    ui.log(f"variant {v.label} failed: {str(e).splitlines()[0]}")
+    write_json_atomic(path, doc)
+
+
 def run_matrix(variants: list[Variant], cfg: SweepConfig, base: LabOptions,
                ui: Ui | None = None, out_dir: str | None = None,
                workload: str | None = None, repeats: int = 3) -> MatrixRun:
@@ -57,14 +66,9 @@ def run_matrix(variants: list[Variant], cfg: SweepConfig, base: LabOptions,
     start-up `repeats` times in each); returns the matrix document."""
     ui = ui or Ui()
     for v in variants:         # everything checked before the first download
-        check_options(replace(base, kernel=v.kernel, kvm_patch=v.patch, hz=v.hz, arch=v.arch))
+        check_options(variant_options(base, v))
     if out_dir is None:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        out_dir = os.path.join(base.out, f"matrix-{stamp}")
-        n = 1
-        while os.path.exists(out_dir):
-            n += 1
-            out_dir = os.path.join(base.out, f"matrix-{stamp}-{n}")
+        out_dir = stamped_dir(base.out, "matrix")
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "matrix.json")
     doc = envelope(SCHEMA, None, status="running", finished=None,
@@ -78,17 +82,14 @@ def run_matrix(variants: list[Variant], cfg: SweepConfig, base: LabOptions,
         for i, v in enumerate(variants):
             ui.log(f"[{i + 1}/{len(variants)}] variant {v.label}")
             tv = time.monotonic()
-            opts = replace(base, kernel=v.kernel, kvm_patch=v.patch, hz=v.hz, arch=v.arch,
-                            out=out_dir)
+            opts = variant_options(base, v, out=out_dir)
             try:
                 if workload:
                     run = jobs.run_jobs(opts, [f"trace:{workload}:{repeats}"], ui)
                 else:
                     run = kernel_lab.run_lab(opts, cfg, ui)
             except LabError as e:
-                doc["failed"].append({"variant": v.label, "error": str(e)})
-                ui.log(f"variant {v.label} failed: {str(e).splitlines()[0]}")
-                write_json_atomic(path, doc)
+                record_failure(doc, path, v, e, ui)
                 continue
             if workload:
                 try:

@@ -64,9 +64,13 @@ class Variant:
 
     @property
     def label(self) -> str:
-        return ((f"arm64:" if self.arch == ARM64 else "") + self.kernel
+        return (("arm64:" if self.arch == ARM64 else "") + self.kernel
                 + (f"+{self.patch}" if self.patch else "")
                 + (f"@hz{self.hz}" if self.hz else ""))
+
+
+# Debian's CONFIG_HZ on each architecture: a patched arm64 variant without @hzN builds at it
+DEBIAN_HZ = {"x86_64": 250, "aarch64": 250}
 
 
 def split_arch(text: str, default: Arch = X86_64) -> tuple[str, Arch]:
@@ -116,11 +120,10 @@ def parse_variant(text: str, patches: dict | None = None, arch: Arch = X86_64) -
     if patch and not hz and patches[patch].whole_kernel():
         raise LabError(f"patch {patch} changes the kernel image, not only KVM: it needs a "
                        f"whole-kernel build, e.g. {kernel}+{patch}@hz250")
-    if arch.kvm_builtin and (patch or hz):
-        raise LabError(f"'{Variant(kernel, patch, hz, arch).label}': on {arch.debian} KVM is "
-                       "built into Debian's image, so a patched or @hzN variant needs a "
-                       "cross-compiled whole-kernel build, which the arm64 lab does not "
-                       f"have yet; run Debian's own kernels (arm64:6.1, arm64:7.3)")
+    if arch.kvm_builtin and patch and not hz:
+        # KVM is built into the image: a patched KVM is a whole-kernel build, at the HZ
+        # of Debian's own kernel unless one is asked for
+        hz = DEBIAN_HZ[arch.name]
     return Variant(kernel, patch, hz, arch)
 
 
@@ -144,9 +147,32 @@ class LabOptions:
     # Kernel parameters for the lab kernel (e.g. srcutree.srcu_max_nodelay_phase=0).
     cmdline: str = ""
 
+    def __post_init__(self):
+        if self.arch.kvm_builtin and self.kvm_patch and not self.hz:
+            self.hz = DEBIAN_HZ[self.arch.name]     # a patched KVM is a whole-kernel build
+
     @property
     def variant(self) -> "Variant":
         return Variant(self.kernel, self.kvm_patch, self.hz, self.arch)
+
+
+def variant_options(base: "LabOptions", v: Variant, **kw) -> "LabOptions":
+    """The options of one variant of a multi-variant experiment (matrix, vcpus)."""
+    from dataclasses import replace
+    return replace(base, kernel=v.kernel, kvm_patch=v.patch, hz=v.hz, arch=v.arch, **kw)
+
+
+def stamped_dir(parent: str, prefix: str) -> str:
+    """A new PARENT/PREFIX-YYYYmmdd-HHMMSS[-n] directory for a multi-variant experiment."""
+    import time
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = os.path.join(parent, f"{prefix}-{stamp}")
+    n = 1
+    while os.path.exists(out):
+        n += 1
+        out = os.path.join(parent, f"{prefix}-{stamp}-{n}")
+    os.makedirs(out)
+    return out
 
 
 class Ui:
@@ -241,7 +267,7 @@ def prepare(opts: LabOptions, ui: Ui) -> Prepared:
         kernel_build = builder.build(patch, opts.hz)
         timings["kernel_build_s"] = time.monotonic() - t
         kit = kernel_build.kit()
-        kc = kcheck.check(kit.kvm_ko)
+        kc = kcheck.check(kit.kvm_ko, kit.arch.objdump)
         kc["path"] = f"{kernel_build.meta['kit']['variant']}: vmlinux (KVM built in)"
     elif patch is not None:
         ui.stage(f"modules ({patch.name})")

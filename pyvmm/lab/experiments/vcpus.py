@@ -24,16 +24,16 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from ...analysis import stats
 from ...analysis.plan import SweepConfig
 from ...errors import LabError
 from ...results import envelope, finishing, write_json_atomic
 from ..arch import ARM64
-from ..builds.patch import load_patches
 from . import kernel_lab
-from .prepare import LabOptions, Ui, Variant, check_options, parse_variant
+from .matrix import parse_variants as matrix_variants, record_failure
+from .prepare import LabOptions, Ui, Variant, check_options, stamped_dir, variant_options
 
 SCHEMA = "pyvmm-lab-vcpus/1"
 DEFAULT_VARIANTS = ("arm64:6.1", "arm64:7.3")
@@ -69,15 +69,8 @@ def sweep_config(ks: tuple[int, ...], ns: tuple[int, ...], repeats: int, warmup:
 
 
 def parse_variants(text: str) -> list[Variant]:
-    patches = load_patches()
-    items = [t for t in (x.strip() for x in text.split(",")) if t]
-    if not items:
-        raise LabError("no variants given: e.g. --variants arm64:6.1,arm64:7.3")
-    out = [parse_variant(t, patches, ARM64) for t in items]
-    labels = [v.label for v in out]
-    if len(set(labels)) != len(labels):
-        raise LabError("a variant is given twice")
-    return out
+    """The matrix's variants, arm64 unless a name says otherwise."""
+    return matrix_variants(text, ARM64)
 
 
 def _phase(res: dict, op: str) -> dict | None:
@@ -148,14 +141,8 @@ def run_vcpus(variants: list[Variant], ks: tuple[int, ...], cfg: SweepConfig,
               base: LabOptions, ui: Ui | None = None) -> VcpusRun:
     ui = ui or Ui()
     for v in variants:
-        check_options(replace(base, kernel=v.kernel, kvm_patch=v.patch, hz=v.hz, arch=v.arch))
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    out_dir = os.path.join(base.out, f"vcpus-{stamp}")
-    n = 1
-    while os.path.exists(out_dir):
-        n += 1
-        out_dir = os.path.join(base.out, f"vcpus-{stamp}-{n}")
-    os.makedirs(out_dir)
+        check_options(variant_options(base, v))
+    out_dir = stamped_dir(base.out, "vcpus")
     path = os.path.join(out_dir, "vcpus.json")
     doc = envelope(SCHEMA, None, status="running", finished=None,
                    variants=[v.label for v in variants], vcpus=list(ks), ns=list(cfg.ns),
@@ -165,14 +152,11 @@ def run_vcpus(variants: list[Variant], ks: tuple[int, ...], cfg: SweepConfig,
     with finishing(doc, lambda: write_json_atomic(path, doc), doc["timings"], t0):
         for i, v in enumerate(variants):
             ui.log(f"[{i + 1}/{len(variants)}] variant {v.label}")
-            opts = replace(base, kernel=v.kernel, kvm_patch=v.patch, hz=v.hz, arch=v.arch,
-                           out=out_dir)
+            opts = variant_options(base, v, out=out_dir)
             try:
                 run = kernel_lab.run_lab(opts, cfg, ui)
             except LabError as e:
-                doc["failed"].append({"variant": v.label, "error": str(e)})
-                ui.log(f"variant {v.label} failed: {str(e).splitlines()[0]}")
-                write_json_atomic(path, doc)
+                record_failure(doc, path, v, e, ui)
                 continue
             kc = run.doc.get("kernel_check") or {}
             doc["results"].append({

@@ -201,13 +201,7 @@ def _assemble_kit(x: str, out: str, name: str, version: str, arch: Arch = X86_64
                 load(d)
     load(vendor)
     order = load_order(vendor, deps)
-    os.makedirs(os.path.join(out, "modules"))
-    files = []
-    for i, m in enumerate(order):
-        fname = f"{i:02d}-{m}.ko"
-        with open(os.path.join(out, "modules", fname), "wb") as f:
-            f.write(data[m])
-        files.append(fname)
+    files = _write_modules(out, order, data)
     from ...hostinfo import config_hz, preemption_from_config
     return {"package": name, "version": version, "kernel_release": release,
             "modules": files, "module_names": order,
@@ -216,6 +210,18 @@ def _assemble_kit(x: str, out: str, name: str, version: str, arch: Arch = X86_64
             "config_source": f"{name} {version}: {os.path.relpath(cfg_path, x)}"
             if cfg_path else f"{name} {version}: no config",
             "vermagic": (modinfo(data["kvm"]).get("vermagic") or [""])[0]}
+
+
+def _write_modules(out: str, order: list[str], data: dict[str, bytes]) -> list[str]:
+    """The kit's modules/NN-name.ko files, numbered in load order."""
+    os.makedirs(os.path.join(out, "modules"))
+    files = []
+    for i, m in enumerate(order):
+        fname = f"{i:02d}-{m}.ko"
+        with open(os.path.join(out, "modules", fname), "wb") as f:
+            f.write(data[m])
+        files.append(fname)
+    return files
 
 
 def _builtin_kvm_kit(x: str, out: str, name: str, version: str, release: str, mod_root: str,
@@ -254,13 +260,7 @@ def _builtin_kvm_kit(x: str, out: str, name: str, version: str, release: str, mo
         order.append(m)             # after what it depends on
     for m in arch.lab_modules:
         load(m)
-    os.makedirs(os.path.join(out, "modules"))
-    files = []
-    for i, m in enumerate(order):
-        fname = f"{i:02d}-{m}.ko"
-        with open(os.path.join(out, "modules", fname), "wb") as f:
-            f.write(data[m])
-        files.append(fname)
+    files = _write_modules(out, order, data)
     from ...hostinfo import config_hz, preemption_from_config
     return {"package": name, "version": version, "kernel_release": release,
             "modules": files, "module_names": order, "kvm_module_file": None,
