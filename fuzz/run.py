@@ -33,7 +33,8 @@ SAN = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-g", 
 SAN_MARKERS = ("ERROR: AddressSanitizer", "runtime error:", "ERROR: LeakSanitizer",
                "SUMMARY: UndefinedBehaviorSanitizer")
 TOKENS = ["vm", "mem", "ioev:", "eexist:", "deassign:", "vcpu:", "run", "run:probe",
-          "run:rung", "run:halt", "memslot", "memslot:", "teardown", ",", ":", "N", "0",
+          "run:rung", "run:halt", "memslot", "memslot:", "teardown", "gic", "gic:", ",", ":",
+          "N", "0",
           "4094", "4095", "999999999", "1000000000", "64", "65", "16", "17", " ", "\t", "#"]
 
 
@@ -43,7 +44,8 @@ def seeds() -> list[str]:
     for tmpl in recipe.PRESETS.values():
         for n in (0, 1, 10, 4094):
             out.append(recipe.expand(tmpl, n))
-    out += ["vm,mem,vcpu:1,run,memslot:3,run,teardown", "vm,mem,ioev:2,deassign:2,vcpu:64,run"]
+    out += ["vm,mem,vcpu:1,run,memslot:3,run,teardown", "vm,mem,ioev:2,deassign:2,vcpu:64,run",
+            "vm,mem,ioev:3,vcpu:16,gic,run:rung,memslot,run"]
     plan = "\n".join(f"{i}/r/{n} {t}" for i, (n, t) in enumerate(zip(range(99), out)))
     return out + [plan + "\n# comment\n\n"]
 
