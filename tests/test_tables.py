@@ -212,3 +212,18 @@ def test_trace_tables_fit_without_cutting(width):
     out = render(width, lambda con: report.render(con, doc))
     assert_whole(out, width, "the trace report")
     assert "verdict:" in out and "KVM_IOEVENTFD" in out
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_the_vcpus_table_fits_without_cutting(width):
+    from pyvmm.lab.experiments import vcpus
+    rows = [{"k": k, "n": n, "boot_ns": 32_400_000.0 + k, "redist_ns": 5_613_000.0,
+             "redist_per_vcpu_ns": 350_812.5, "ioev_ns": 15_599_000.0,
+             "registration_share": 0.428, "memslot_ns": 4_793_000.0, "stall_ns": -42_000.0,
+             "share_with_stall": 0.543} for k in (1, 16) for n in (0, 32)]
+    doc = {"results": [{"variant": "arm64:6.1+defer-free@hz250", "rows": rows},
+                       {"variant": "arm64:7.3", "rows": rows}]}
+    out = render(width, lambda con: vcpus.table(doc))
+    assert_whole(out, width, "lab vcpus")
+    assert all(w in out.split() for w in ("arm64:6.1+defer-free@hz250", "5.613", "-0.042",
+                                          "54.3%", "0.351"))

@@ -18,9 +18,8 @@ from ...errors import LabError
 from ..arch import Arch
 from ..boot.tools import apt_install, missing_packages
 from ..sources.apt import Apt
-from ..sources.cache import cache_dir, locked, manifest, whole_entry
+from ..sources.cache import cache_dir, made_entry, manifest
 from ..sources.debian import compare_versions
-from .modules import _fill_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))))
@@ -74,32 +73,13 @@ def _key(arch: Arch, files: list[str]) -> str:
     return h.hexdigest()[:16]
 
 
-def _entry(final: str, meta_name: str, what: str, fill, log) -> dict:
-    """The cache entry at `final` (its META_NAME, written last, with a manifest), made by
-    fill(tmp) in a temporary sibling under the entry's lock when it is missing or
-    damaged."""
-    meta = whole_entry(final, meta_name, f"{what}|making it again", log)
-    if meta is not None:
-        return meta
-    os.makedirs(os.path.dirname(final), exist_ok=True)
-    with locked(final, f"making the {what}", log):
-        meta = whole_entry(final, meta_name, f"{what}|making it again", log)
-        if meta is None:
-            if os.path.exists(final):
-                shutil.rmtree(final)
-            _fill_dir(os.path.dirname(final), final, fill, f".{meta_name.split('.')[0]}-")
-            with open(os.path.join(final, meta_name)) as f:
-                meta = json.load(f)
-    return meta
-
-
 def helper(arch: Arch, log=print, install: bool = True) -> tuple[bytes, dict]:
     """The static helper for `arch` (contents, and its build facts)."""
     ensure_cross_tools(arch, log, install)
     files = _sources(arch)
     key = _key(arch, files)
     final = os.path.join(cache_dir(), "helpers", f"{arch.name}-{key}")
-    meta = _entry(final, "helper.json", f"{arch.name} helper",
+    meta = made_entry(final, "helper.json", f"{arch.name} helper",
                   lambda tmp: _build(arch, tmp, key, log), log)
     with open(os.path.join(final, "pyvmm-bootbench"), "rb") as f:
         return f.read(), {k: v for k, v in meta.items() if k != "files"}
@@ -166,6 +146,6 @@ def busybox(arch: Arch, log=print) -> bytes:
         with open(os.path.join(tmp, "busybox.json"), "w") as f:
             json.dump({"version": version, "arch": arch.debian,
                        "files": manifest(tmp, ["busybox"])}, f)
-    _entry(final, "busybox.json", f"{arch.debian} busybox", fill, log)
+    made_entry(final, "busybox.json", f"{arch.debian} busybox", fill, log)
     with open(os.path.join(final, "busybox"), "rb") as f:
         return f.read()

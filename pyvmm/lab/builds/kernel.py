@@ -31,9 +31,9 @@ from dataclasses import dataclass
 from ...errors import LabError
 from ..arch import X86_64, Arch
 from ..boot.tools import apt_install, missing_packages
-from ..sources.cache import cache_dir, locked, manifest
+from ..sources.cache import atomic_dir, cache_dir, locked, manifest
 from ..sources.kits import Kit
-from .modules import (AptUser, _atomic_dir, apply_patch, entry_meta, extract_source,
+from .modules import (AptUser, apply_patch, entry_meta, extract_source,
                       source_deb)
 from .patch import Patch
 
@@ -197,7 +197,7 @@ class KernelBuilder(AptUser):
                              f"no lab kernel can be built for {self.series}")
             self.log(f"unpacking the whole source tree from {os.path.basename(deb)}")
             extract_source(deb, tmp)
-        return _atomic_dir(os.path.dirname(final), final, fill, ".source-",
+        return atomic_dir(os.path.dirname(final), final, fill, ".source-",
                            f"unpacking the {self.series} source tree", self.log)
 
     def build(self, patch: Patch | None, hz: int) -> BuiltKernel:

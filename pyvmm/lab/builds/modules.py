@@ -21,13 +21,12 @@ import os
 import re
 import shutil
 import subprocess
-import tempfile
 import time
 from dataclasses import dataclass
 
 from ...errors import LabError
 from ..sources.apt import Apt
-from ..sources.cache import cache_dir, locked, manifest, whole_entry
+from ..sources.cache import atomic_dir, cache_dir, manifest, whole_entry
 from ..sources.elf import modinfo
 from ..sources.kits import Kit
 from ..arch import X86_64, Arch
@@ -90,34 +89,6 @@ class BuiltModules:
 
     def module(self, name: str) -> str:
         return os.path.join(self.path, self.arch.built[name])
-
-
-def _atomic_dir(parent: str, final: str, fill, prefix: str, what: str = "filling the cache",
-                log=print) -> str:
-    """Create `final` by filling a temporary sibling and renaming it, under the entry's
-    lock (another command filling it meanwhile: this one waits and uses theirs)."""
-    if os.path.isdir(final):
-        return final
-    os.makedirs(parent, exist_ok=True)
-    with locked(final, what, log):
-        if os.path.isdir(final):
-            return final
-        return _fill_dir(parent, final, fill, prefix)
-
-
-def _fill_dir(parent: str, final: str, fill, prefix: str) -> str:
-    tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
-    try:
-        fill(tmp)
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            # another lab command filled the same entry meanwhile: keep theirs
-            if not os.path.isdir(final):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
 
 
 def _run(cmd: list[str], what: str, cwd: str | None = None, log_path: str | None = None):
@@ -201,7 +172,7 @@ class ModuleBuilder(AptUser):
             fixed = re.sub(r"include\s+/usr/src/", f"include {final}/usr/src/", text)
             with open(mk, "w") as f:
                 f.write(fixed)
-        _atomic_dir(os.path.dirname(final), final, fill, ".headers-",
+        atomic_dir(os.path.dirname(final), final, fill, ".headers-",
                     f"unpacking the headers of {self.release}", self.log)
         return os.path.join(final, "usr", "src", f"linux-headers-{self.release}")
 
@@ -215,7 +186,7 @@ class ModuleBuilder(AptUser):
             self.log(f"extracting {', '.join(self.arch.source_subset)} from "
                      f"{os.path.basename(deb)}")
             extract_source(deb, tmp, self.arch.source_subset)
-        _atomic_dir(os.path.dirname(final), final, fill, ".source-",
+        atomic_dir(os.path.dirname(final), final, fill, ".source-",
                     f"unpacking the KVM source of {self.release}", self.log)
         return final
 
@@ -299,7 +270,7 @@ class ModuleBuilder(AptUser):
                     "files": manifest(tmp, list(self.arch.built.values()))}
             with open(os.path.join(tmp, "build.json"), "w") as f:
                 json.dump(meta, f, indent=1)
-        _atomic_dir(os.path.dirname(final), final, fill, ".build-",
+        atomic_dir(os.path.dirname(final), final, fill, ".build-",
                     f"building the KVM modules of {self.release} with {patch.name}", self.log)
         hit = self.cached(patch)
         assert hit is not None

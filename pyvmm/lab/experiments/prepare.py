@@ -298,9 +298,13 @@ def image_check(kit: kits.Kit, busybox: bytes, opts: LabOptions, ui: Ui) -> dict
     import json
     path = os.path.join(cache_dir(), "ksyms", os.path.basename(kit.path) + ".json")
     facts = None
-    if os.path.exists(path):
+    try:
         with open(path) as f:
             facts = json.load(f).get("facts")
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, AttributeError):
+        ui.log(f"the cached symbols {path} are damaged: reading them again")
     if not facts:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with locked(path, f"reading the symbols of {kit.meta['package']}", ui.log):

@@ -18,7 +18,10 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import json
 import os
+import shutil
+import tempfile
 
 
 def cache_dir() -> str:
@@ -112,3 +115,49 @@ def whole_entry(final: str, meta_name: str, what: str, log=print) -> dict | None
     log(f"the cached {name} {os.path.basename(final)} is damaged ({problem}): {again}")
     shutil.rmtree(final, ignore_errors=True)
     return None
+
+
+def atomic_dir(parent: str, final: str, fill, prefix: str, what: str = "filling the cache",
+                log=print) -> str:
+    """Create `final` by filling a temporary sibling and renaming it, under the entry's
+    lock (another command filling it meanwhile: this one waits and uses theirs)."""
+    if os.path.isdir(final):
+        return final
+    os.makedirs(parent, exist_ok=True)
+    with locked(final, what, log):
+        if os.path.isdir(final):
+            return final
+        return fill_dir(parent, final, fill, prefix)
+
+
+def fill_dir(parent: str, final: str, fill, prefix: str) -> str:
+    tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
+    try:
+        fill(tmp)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            # another lab command filled the same entry meanwhile: keep theirs
+            if not os.path.isdir(final):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def made_entry(final: str, meta_name: str, what: str, fill, log=print) -> dict:
+    """The entry at `final` (its META_NAME, written last by fill(tmp), with a manifest):
+    made in a temporary sibling under the entry's lock when it is missing or damaged."""
+    meta = whole_entry(final, meta_name, f"{what}|making it again", log)
+    if meta is not None:
+        return meta
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    with locked(final, f"making the {what}", log):
+        meta = whole_entry(final, meta_name, f"{what}|making it again", log)
+        if meta is None:
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            fill_dir(os.path.dirname(final), final, fill, f".{meta_name.split('.')[0]}-")
+            with open(os.path.join(final, meta_name)) as f:
+                meta = json.load(f)
+    return meta
