@@ -78,6 +78,20 @@ def ns_per_tick(clock: str, marks) -> float:
     return (by[1][1] - by[0][1]) / (by[1][0] - by[0][0])
 
 
+def overruns(percpu: str) -> int:
+    """Events the ring buffer dropped, summed over a tracing directory's per_cpu/*/stats."""
+    total = 0
+    for cpu in os.listdir(percpu) if os.path.isdir(percpu) else ():
+        try:
+            with open(os.path.join(percpu, cpu, "stats")) as f:
+                for line in f:
+                    if line.startswith("overrun:"):
+                        total += int(line.split()[1])
+        except (OSError, ValueError):
+            continue
+    return total
+
+
 class Session:
     """One use of tracefs. `events` maps an event ('raw_syscalls', 'sched/sched_switch')
     to its filter ('' for none); events the kernel lacks are left out (`self.events`
@@ -186,17 +200,7 @@ class Session:
             f.write(f"pyvmm-cal{k} {time.monotonic_ns()}")
 
     def lost(self) -> int:
-        total = 0
-        percpu = self.path("per_cpu")
-        for cpu in os.listdir(percpu) if os.path.isdir(percpu) else ():
-            try:
-                with open(os.path.join(percpu, cpu, "stats")) as f:
-                    for line in f:
-                        if line.startswith("overrun:"):
-                            total += int(line.split()[1])
-            except (OSError, ValueError):
-                continue
-        return total
+        return overruns(self.path("per_cpu"))
 
     @property
     def resolution_ns(self) -> float:
@@ -383,17 +387,7 @@ class Instance:
         return self.read("trace")
 
     def lost(self) -> int:
-        total = 0
-        percpu = self.path("per_cpu")
-        for cpu in os.listdir(percpu) if os.path.isdir(percpu) else ():
-            try:
-                with open(os.path.join(percpu, cpu, "stats")) as f:
-                    for line in f:
-                        if line.startswith("overrun:"):
-                            total += int(line.split()[1])
-            except (OSError, ValueError):
-                continue
-        return total
+        return overruns(self.path("per_cpu"))
 
     def __exit__(self, *exc) -> None:
         try:
