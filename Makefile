@@ -50,4 +50,5 @@ $(STAMP): $(SOURCES)
 
 clean:
 	rm -rf $(VENV) build *.egg-info results pyvmm/guests pyvmm/bin pyvmm/_build.py \
-	    pyvmm/_ioctl_numbers.py pyvmm/_abi.py pyvmm/_native.*.so pyvmm/_sys.*.so
+	    pyvmm/vmm/_ioctl_numbers.py pyvmm/vmm/_abi.py pyvmm/_native.*.so pyvmm/vmm/_sys.*.so \
+	    pyvmm/_ioctl_numbers.py pyvmm/_abi.py pyvmm/_sys.*.so

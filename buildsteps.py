@@ -96,15 +96,15 @@ def write_build_info(dest_pkg_dir):
 
 
 def write_ioctl_numbers(dest_pkg_dir):
-    """pyvmm/_ioctl_numbers.py: the ioctl numbers, computed here by ioctl-opt (from the
-    source tree's pyvmm.abi) so that importing pyvmm need not import ioctl-opt and ctypes."""
+    """pyvmm/vmm/_ioctl_numbers.py: the ioctl numbers, computed here by ioctl-opt (from the
+    source tree's pyvmm.vmm.abi) so that importing pyvmm need not import ioctl-opt and ctypes."""
     code = ("import json, sys; sys.path.insert(0, sys.argv[1]); "
-            "from pyvmm.abi import computed_numbers; print(json.dumps(computed_numbers()))")
+            "from pyvmm.vmm.abi import computed_numbers; print(json.dumps(computed_numbers()))")
     p = subprocess.run([sys.executable, "-c", code, ROOT], capture_output=True, text=True)
     if p.returncode != 0:
         raise SystemExit(f"pyvmm build: computing the ioctl numbers failed:\n{p.stderr}")
     numbers = json.loads(p.stdout)
-    with open(os.path.join(dest_pkg_dir, "_ioctl_numbers.py"), "w") as f:
+    with open(os.path.join(dest_pkg_dir, "vmm", "_ioctl_numbers.py"), "w") as f:
         f.write('"""Written by the build (buildsteps.write_ioctl_numbers) from ioctl-opt."""\n'
                 "NUMBERS = {\n" + "".join(f"    {k!r}: {v:#x},\n" for k, v in numbers.items())
                 + "}\n")

@@ -1,6 +1,6 @@
-"""cffi builder for pyvmm._sys: the Python VMM's syscalls as compiled (API-mode) calls.
+"""cffi builder for pyvmm.vmm._sys: the Python VMM's syscalls as compiled (API-mode) calls.
 
-The struct layouts stay in pyvmm._abi (ABI mode, no headers needed); only the calls
+The struct layouts stay in pyvmm.vmm._abi (ABI mode, no headers needed); only the calls
 live here. An API-mode call is a direct C call, where an ABI-mode call through libffi
 builds its frame at run time: on a kvm_pvm host that was about 2.6 us more per ioctl
 right after a vCPU ioctl (caches cold), several times the work of the call itself.
@@ -62,7 +62,7 @@ static int pyvmm_getcpu(void)
 
 ffibuilder = cffi.FFI()
 ffibuilder.cdef(CDEF)
-ffibuilder.set_source("pyvmm._sys", SOURCE, extra_compile_args=["-O2", "-Wall"])
+ffibuilder.set_source("pyvmm.vmm._sys", SOURCE, extra_compile_args=["-O2", "-Wall"])
 
 if __name__ == "__main__":
     ffibuilder.compile(verbose=True)

@@ -88,7 +88,7 @@ def build(tmp: str) -> tuple[str | None, str | None, str]:
                        f"libclang-rt-14-dev): {p.stderr.strip().splitlines()[-1:]}")
     else:
         why.append("clang not installed (apt-get install clang libclang-rt-14-dev)")
-    from pyvmm import guests as g
+    from pyvmm.vmm import guests as g
     blob_src = os.path.join(csrc, "guest_blob.S")
     helper = os.path.join(tmp, "pyvmm-bootbench-san")
     doorbell = g.image_path("doorbell")

@@ -2,7 +2,7 @@
 
 from .errors import (GuestError, GuestTimeout, KvmError, KvmUnavailable, PyvmmError,
                      ResourceLimit, UnexpectedExit)
-from .kvm import Kvm
+from .vmm.kvm import Kvm
 
 __version__ = "0.1.0"
 

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from . import guests, layout
+from .vmm import guests, layout
 from .errors import NO_SPACE, PyvmmError, disk_full
 
 # Tables fit the terminal (or $COLUMNS); written to a file or a pipe they stay wide.
@@ -38,7 +38,6 @@ def cmd_info(args) -> int:
     import json
 
     from .tables import Grid
-
     from . import hostinfo
     info = hostinfo.collect(args.kvm)
     if args.json:
@@ -96,7 +95,8 @@ def phase_label(p: dict) -> str:
 
 
 def cmd_boot(args) -> int:
-    from . import recipe as rmod, runner as pyrunner
+    from . import recipe as rmod
+    from .drivers import runner as pyrunner
 
     g = guests.info(args.guest)
     if args.recipe:
@@ -161,7 +161,7 @@ def boot_text(g, rec, res: dict, doorbell_ok: bool) -> str:
 
 
 def stats_text(stats: dict) -> str:
-    from .kvmstats import interesting
+    from .vmm.kvmstats import interesting
     rows = [(key, name, str(value)) for key, delta in stats.items()
             for name, value in sorted(interesting(delta).items())]
     return "\n".join(["KVM binary stats: change over the boot (KVM_GET_STATS_FD)"]

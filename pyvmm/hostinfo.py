@@ -126,7 +126,7 @@ def collect(kvm_path: str = "/dev/kvm", with_kvm: bool = True) -> dict:
         "kvm_error": None,
     }
     if with_kvm:
-        from .kvm import Kvm
+        from .vmm.kvm import Kvm
         try:
             with Kvm(kvm_path) as kvm:
                 info["kvm_api_version"] = kvm.api_version

@@ -7,7 +7,7 @@ A template may use the letter N for the swept registration count.
 
 from __future__ import annotations
 
-from ._record import Record
+from .vmm.record import Record
 from .errors import PyvmmError, RecipeError  # noqa: F401 (RecipeError re-exported)
 
 OPS = {1: "vm", 2: "mem", 3: "ioev", 4: "eexist", 5: "deassign", 6: "vcpu", 7: "run",

@@ -1,4 +1,4 @@
-"""Benchmark (not a test): the floor (pyvmm.floor, the least Python a boot recipe can
+"""Benchmark (not a test): the floor (pyvmm.drivers.floor, the least Python a boot recipe can
 run) against the C helper, interleaved in one process, boot total and per phase.
 
     .venv/bin/python scripts/python-floor.py [--recipe during-boot] [--n 0] [--boots 300]
@@ -14,8 +14,9 @@ import argparse
 import statistics
 import sys
 
-from pyvmm import floor, recipe
-from pyvmm.bench.native import NativeRunner
+from pyvmm.drivers import floor
+from pyvmm import recipe
+from pyvmm.drivers.native import NativeRunner
 
 
 def main() -> int:

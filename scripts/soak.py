@@ -2,8 +2,8 @@
 
     .venv/bin/python scripts/soak.py [--boots 10000] [--recipe RECIPE] [--out DIR]
 
-Boots alternate between the Python VMM (pyvmm.runner) and the C helper
-in-process (pyvmm.bench.native), each on the same recipe (default: 10 ioeventfds,
+Boots alternate between the Python VMM (pyvmm.drivers.runner) and the C helper
+in-process (pyvmm.drivers.native), each on the same recipe (default: 10 ioeventfds,
 one vCPU, run to HLT, a memslot change). Every --every boots it records this process's
 open fds, RSS and threads; at the end it prints the first and last of those, the
 failures (with the first errors) and the boot medians of the first and last tenth,
@@ -17,8 +17,9 @@ import os
 import sys
 import time
 
-from pyvmm import recipe as rmod, runner as pyrunner
-from pyvmm.bench import native
+from pyvmm import recipe as rmod
+from pyvmm.drivers import runner as pyrunner
+from pyvmm.drivers import native
 from pyvmm.latency import median
 from pyvmm.results import envelope, write_json_atomic
 from pyvmm.hostinfo import collect, process_facts

@@ -6,8 +6,8 @@ import subprocess
 
 import pytest
 
-from pyvmm import abi
-from pyvmm.abi import ffi
+from pyvmm.vmm import abi
+from pyvmm.vmm.abi import ffi
 
 # struct -> fields to check (nested names use '.'), all present in the 6.1 header.
 CHECKED = {
@@ -135,7 +135,7 @@ def test_every_ioctl_is_tagged_with_its_fd_kind():
 def test_built_ioctl_numbers_are_ioctl_opts():
     """The table the build wrote (pyvmm/_ioctl_numbers.py) is what ioctl-opt computes now,
     for every ioctl, so importing pyvmm without ioctl-opt loses nothing."""
-    from pyvmm import _ioctl_numbers
+    from pyvmm.vmm import _ioctl_numbers
     assert _ioctl_numbers.NUMBERS == abi.computed_numbers()
     assert {i.name: i.number for i in abi.IOCTLS.values()} == abi.computed_numbers()
 
@@ -144,7 +144,7 @@ def test_calls_are_compiled_and_return_minus_errno():
     import errno
     import mmap
     import os
-    assert abi.COMPILED_CALLS, "pyvmm._sys was not built"
+    assert abi.COMPILED_CALLS, "pyvmm.vmm._sys was not built"
     fd = os.open("/dev/null", os.O_RDONLY)
     try:
         assert abi.ioctl_val(fd, abi.KVM_GET_API_VERSION, 0) == -errno.ENOTTY

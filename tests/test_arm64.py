@@ -110,7 +110,7 @@ def test_gic_step_order_is_checked(text, why):
 
 @pytest.mark.kvm
 def test_x86_helper_refuses_the_gic_step_on_real_kvm():
-    from pyvmm import guests
+    from pyvmm.vmm import guests
     r = subprocess.run([guests.helper_path(), "--recipe", "vm,mem,vcpu:1,gic,run"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 1

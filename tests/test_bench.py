@@ -6,11 +6,11 @@ import subprocess
 
 import pytest
 
-from pyvmm import guests
+from pyvmm.vmm import guests
 from pyvmm import recipe as rmod
 from pyvmm.analysis import report
 from pyvmm.analysis.plan import SweepConfig, load_run
-from pyvmm.bench import native
+from pyvmm.drivers import native
 from pyvmm.bench.cli import python_vs_c_table
 from pyvmm.bench.compare import behaviour_rows, compare_docs
 from pyvmm.bench.sweep import Sweep
@@ -80,7 +80,7 @@ def test_run_json_round_trips_through_report(short_run, capsys):
 def test_eexist_is_batched_alike_by_both_drivers_and_the_report_says_so(short_run):
     """The cheapest op is timed in batches (K >= BB_BATCH_MIN between two clock reads),
     by the C helper and the Python VMM alike; the report's overhead line uses them."""
-    from pyvmm import runner
+    from pyvmm.drivers import runner
     rec = rmod.parse("vm,mem,ioev:3,eexist:5")
     c = native.NativeRunner().run(rec)
     py = runner.PyBoot(rec).run()

@@ -25,7 +25,7 @@ def test_the_checkout_is_the_install():
     """From the repository root (where a newcomer stands) and from anywhere else, the
     same package is imported, with its compiled modules, and importing it parses no C
     (no pycparser: the cdef was compiled by the build)."""
-    probe = ("import sys, pyvmm, pyvmm.abi, pyvmm.recipe; pyvmm.recipe.native_module(); "
+    probe = ("import sys, pyvmm, pyvmm.vmm.abi, pyvmm.recipe; pyvmm.recipe.native_module(); "
              "print(pyvmm.__file__, 'pycparser' in sys.modules)")
     seen = []
     for cwd in (ROOT, NEUTRAL):

@@ -4,9 +4,9 @@ import struct
 
 import pytest
 
-from pyvmm import abi
-from pyvmm.abi import ffi
-from pyvmm.exits import (FailEntry, Hlt, InternalError, Interrupted, Io, MemoryFault, Mmio,
+from pyvmm.vmm import abi
+from pyvmm.vmm.abi import ffi
+from pyvmm.vmm.exits import (FailEntry, Hlt, InternalError, Interrupted, Io, MemoryFault, Mmio,
                          Shutdown, SystemEvent, Unknown, decode, describe)
 
 PAGE = 4096

@@ -3,7 +3,7 @@
 import os
 import re
 
-from pyvmm import layout
+from pyvmm.vmm import layout
 
 PROTOCOL = os.path.join(os.path.dirname(__file__), "..", "guests", "protocol.inc")
 

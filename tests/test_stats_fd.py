@@ -4,8 +4,8 @@ import struct
 
 import pytest
 
-from pyvmm import kvmstats as stats, layout
-from pyvmm.kvmstats import StatsFormatError, StatsReader, decode_data, diff, parse_layout
+from pyvmm.vmm import kvmstats as stats, layout
+from pyvmm.vmm.kvmstats import StatsFormatError, StatsReader, decode_data, diff, parse_layout
 
 NAME = 48
 

@@ -5,7 +5,8 @@ import os
 
 import pytest
 
-from pyvmm import abi, tracefs
+from pyvmm.vmm import abi
+from pyvmm import tracefs
 from pyvmm.bench import syscalls
 from pyvmm.errors import PyvmmError, TraceUnavailable
 

@@ -12,7 +12,8 @@ import sys
 
 import pytest
 
-from pyvmm import abi, tracefs
+from pyvmm.vmm import abi
+from pyvmm import tracefs
 from pyvmm.errors import LabError
 from pyvmm.trace import attribute, ioctls, model, record, workloads
 from pyvmm.trace import compare as tcompare

@@ -6,12 +6,14 @@ import struct
 
 import pytest
 
-from pyvmm import Kvm, layout
-from pyvmm import recipe as rmod, runner as pyrunner
+from pyvmm import Kvm
+from pyvmm.vmm import layout
+from pyvmm import recipe as rmod
+from pyvmm.drivers import runner as pyrunner
 from pyvmm.errors import (GuestError, GuestTimeout, KvmError, KvmUnavailable, PyvmmError,
                           ResourceLimit, UnexpectedExit)
-from pyvmm.exits import Hlt, Io, Mmio
-from pyvmm import guests
+from pyvmm.vmm.exits import Hlt, Io, Mmio
+from pyvmm.vmm import guests
 
 pytestmark = pytest.mark.kvm
 
@@ -282,7 +284,7 @@ def test_thousand_boots_leak_no_fds_or_memory():
 @pytest.fixture
 def gmem(vm):
     """Skip with the reason unless guest_memfd with mmap|init-shared flags is available."""
-    from pyvmm import abi
+    from pyvmm.vmm import abi
     if not vm.check_extension(abi.KVM_CAP_GUEST_MEMFD):
         pytest.skip("requires KVM_CAP_GUEST_MEMFD")
     if vm.check_extension(abi.KVM_CAP_GUEST_MEMFD_FLAGS) & 3 != 3:

@@ -116,7 +116,7 @@ def cmd_bench(args) -> int:
 
 
 PY_OVER_C_TARGET = 1.15        # the Python VMM's whole boot against the C helper
-PY_OVER_FLOOR_TARGET = 1.10    # each phase against the floor (pyvmm.floor)
+PY_OVER_FLOOR_TARGET = 1.10    # each phase against the floor (pyvmm.drivers.floor)
 
 
 def python_vs_c_table(doc: dict) -> dict:
@@ -180,7 +180,7 @@ def python_vs_c_table(doc: dict) -> dict:
         caption = f"Python / C boot total within {PY_OVER_C_TARGET:.2f}x: {met}"
         if fr:
             caption += (f"; the floor (the least Python that makes the same calls, "
-                        f"pyvmm.floor) is {cell['floor/c']:.2f}x C: what any Python pays here; "
+                        f"pyvmm.drivers.floor) is {cell['floor/c']:.2f}x C: what any Python pays here; "
                         f"pyvmm within {PY_OVER_FLOOR_TARGET:.2f}x of the floor in every phase "
                         f"but teardown: " + ("met" if not over else
                                              "NOT met (" + ", ".join(over) + ")"))

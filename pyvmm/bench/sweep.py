@@ -14,8 +14,8 @@ from .. import hostinfo
 from ..analysis.plan import SweepConfig, boot_order, cell_recipes, sweep_cells, warmup_cell
 from ..errors import PyvmmError
 from ..results import Saver, finishing, new_doc
-from ..vm import check_nofile
-from . import native
+from ..vmm.vm import check_nofile
+from ..drivers import native
 
 
 class Sweep:
@@ -42,7 +42,7 @@ class Sweep:
         runner = native.NativeRunner(cfg.ioev_len, cfg.pin_cpu, cfg.timeout_ms)
         boots = {"c": runner.run}
         if "py" in cfg.drivers:
-            from .. import runner as pyrunner
+            from ..drivers import runner as pyrunner
             boots["py"] = lambda rec: _py_run(pyrunner, rec, cfg)
         if "floor" in cfg.drivers:
             boots["floor"] = _floor_driver(cfg)
@@ -85,8 +85,8 @@ def _py_run(pyrunner, rec, cfg) -> dict:
 
 
 def _floor_driver(cfg):
-    """The floor (pyvmm.floor) as a driver, pinned like the others when asked."""
-    from .. import floor
+    """The floor (pyvmm.drivers.floor) as a driver, pinned like the others when asked."""
+    from ..drivers import floor
     boot = floor.make(cfg.ioev_len, cfg.timeout_ms / 1000 or None)
     if cfg.pin_cpu is None:
         return boot

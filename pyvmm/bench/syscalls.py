@@ -29,7 +29,7 @@ NR_CLOCK_GETTIME = 228          # x86_64
 
 
 def _ioctl_names() -> dict[int, str]:
-    from ..abi import IOCTLS
+    from ..vmm.abi import IOCTLS
     return {i.number: name for name, i in IOCTLS.items()}
 
 
@@ -184,8 +184,8 @@ def compare(recipe, boots: int = 30, warmup: int = 5, ioev_len: int = 4,
             timeout_ms: int = 10000) -> dict:
     """Trace `boots` boots of `recipe` from each driver (C first, then Python) on this
     thread, after `warmup` untraced boots of each."""
-    from .. import runner as pyrunner
-    from .native import NativeRunner
+    from ..drivers import runner as pyrunner
+    from ..drivers.native import NativeRunner
 
     c_run = NativeRunner(ioev_len, None, timeout_ms)
 

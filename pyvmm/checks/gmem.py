@@ -16,10 +16,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from .. import abi, layout
+from ..vmm import abi, layout
 from ..errors import CheckSkipped, KvmError, PyvmmError  # noqa: F401 (CheckSkipped re-exported)
-from ..exits import Io, MemoryFault, Mmio
-from ..memory import GuestMemory
+from ..vmm.exits import Io, MemoryFault, Mmio
+from ..vmm.memory import GuestMemory
 from .races import SENTINEL, CheckError, long_mode_vm
 
 GMEM_SIZE = 0x200000
@@ -45,7 +45,7 @@ class Case:
 
 def supported() -> str | None:
     """None when the check can run here, else the reason it cannot."""
-    from ..kvm import Kvm
+    from ..vmm.kvm import Kvm
     with Kvm() as kvm, kvm.create_vm() as vm:
         if not vm.check_extension(abi.KVM_CAP_GUEST_MEMFD):
             return "no KVM_CAP_GUEST_MEMFD"
@@ -267,7 +267,7 @@ def case_invalid_create() -> Case:
     c = Case("invalid-create",
              "KVM_CREATE_GUEST_MEMFD rejects unknown flags, size 0 and a size that is not a "
              "multiple of the page size with EINVAL, and pyvmm names the bad argument")
-    from ..kvm import Kvm
+    from ..vmm.kvm import Kvm
     with Kvm() as kvm, kvm.create_vm() as vm:
         for size, flags, what in ((GMEM_SIZE, 1 << 31, "flags 0x80000000"),
                                   (0, 0, "size 0"), (4097, 0, "size 4097")):

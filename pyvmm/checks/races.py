@@ -14,12 +14,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from .. import layout
+from ..vmm import layout
 from ..latency import latency_summary
 from ..errors import CheckError, PyvmmError  # noqa: F401 (CheckError re-exported)
-from ..exits import Interrupted, Io, Mmio
-from ..kvm import Kvm
-from ..kvmstats import StatsReader, diff, interesting
+from ..vmm.exits import Interrupted, Io, Mmio
+from ..vmm.kvm import Kvm
+from ..vmm.kvmstats import StatsReader, diff, interesting
 from . import attribution as attr
 
 SENTINEL = 0x5E5E5E5E
@@ -117,7 +117,7 @@ def _classify(ex) -> tuple[str, int]:
 
 def _vcpu_loop(vcpu, mutator: Mutator, iterations: int, duration_s: float, progress,
                efd: int | None = None, on_mmio_read=None) -> tuple[list, int, str]:
-    from ..vcpu import install_kick_handler, kick_after
+    from ..vmm.kicker import install_kick_handler, kick_after
     install_kick_handler()
     runs: list[attr.Run] = []
     done = 0
@@ -241,8 +241,8 @@ def memslot_coherence(iterations: int = 100_000, duration_s: float = 60.0,
     """See docs/checks.md: a slot at PROBE_GPA is added read-write, deleted, added
     read-only, moved away and back, deleted, over and over, while the guest reads and
     writes PROBE_GPA; every settled access must match the slot state."""
-    from ..abi import KVM_CAP_READONLY_MEM, KVM_MEM_READONLY
-    from ..memory import GuestMemory
+    from ..vmm.abi import KVM_CAP_READONLY_MEM, KVM_MEM_READONLY
+    from ..vmm.memory import GuestMemory
     kvm, vm, vcpu = long_mode_vm("readloop")
     if not kvm.check_extension(KVM_CAP_READONLY_MEM):
         for owner in (vcpu, vm, kvm):

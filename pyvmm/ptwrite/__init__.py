@@ -13,11 +13,11 @@ import struct
 import threading
 import time
 
-from .. import layout
+from ..vmm import layout
 from ..errors import PyvmmError
-from ..exits import Hlt, Interrupted, Io
-from ..kvm import Kvm
-from ..kvmstats import StatsReader, diff
+from ..vmm.exits import Hlt, Interrupted, Io
+from ..vmm.kvm import Kvm
+from ..vmm.kvmstats import StatsReader, diff
 from ..latency import median
 
 PHASES = ("pte", "pde", "data")
@@ -47,7 +47,7 @@ def run_once(count: int, second_vcpu: bool) -> dict:
     """One boot: per-write ns of each phase and the stats deltas of each phase."""
     if count < 1:
         raise PyvmmError("--count must be at least 1")
-    from ..vcpu import install_kick_handler
+    from ..vmm.kicker import install_kick_handler
     install_kick_handler()
     with Kvm() as kvm, kvm.create_vm() as vm:
         vm.add_ram_with_guest("ptwrite")

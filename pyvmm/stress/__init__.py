@@ -27,13 +27,13 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from .. import abi, layout
+from ..vmm import abi, layout
 from ..latency import Latencies, latency_summary  # noqa: F401 (Latencies re-exported)
 from ..errors import KvmError, PyvmmError
 from ..hostinfo import process_facts
-from ..exits import Interrupted, Mmio
-from ..kvm import Kvm
-from ..kvmstats import StatsReader
+from ..vmm.exits import Interrupted, Mmio
+from ..vmm.kvm import Kvm
+from ..vmm.kvmstats import StatsReader
 
 DOORBELLS = 16
 PROBE_SIZE = 0x10000          # 16 pages, so the dirty log has something to say
@@ -314,7 +314,7 @@ class Stress:
         cfg = self.cfg
         res = StressResult(cfg)
         res.process["start"] = process_facts()
-        from ..vcpu import install_kick_handler
+        from ..vmm.kicker import install_kick_handler
         install_kick_handler()
         with Kvm() as kvm:
             if not kvm.check_extension(abi.KVM_CAP_XEN_HVM):
@@ -330,7 +330,7 @@ class Stress:
                     v = vm.create_vcpu(i)
                     v.setup_long_mode(write_tables=(i == 0))
                     vcpus.append(v)
-                from ..memory import GuestMemory
+                from ..vmm.memory import GuestMemory
                 mem = GuestMemory(PROBE_SIZE)
                 vm.memories.append(mem)
                 efds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(DOORBELLS)]

@@ -24,12 +24,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from .. import abi, layout
+from ..vmm import abi, layout
 from ..latency import latency_summary
 from ..errors import PyvmmError
-from ..exits import Interrupted, Io, Unknown
+from ..vmm.exits import Interrupted, Io, Unknown
 from ..hostinfo import process_facts
-from ..kvm import Kvm
+from ..vmm.kvm import Kvm
 from . import OpTracker, Watchdog
 
 MADV_DONTNEED = 4
@@ -86,7 +86,7 @@ def run(cfg: XenStressConfig, on_hang=None) -> XenStressResult:
     if why:
         res.skipped = why
         return res
-    from ..vcpu import install_kick_handler
+    from ..vmm.kicker import install_kick_handler
     install_kick_handler()
     res.process["start"] = process_facts()
     tracker = OpTracker()

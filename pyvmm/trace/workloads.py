@@ -21,7 +21,7 @@ import os
 import shutil
 import sys
 
-from .. import guests, layout
+from ..vmm import guests, layout
 from ..errors import PyvmmError
 
 QEMU = "qemu-system-x86_64"

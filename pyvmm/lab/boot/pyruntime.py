@@ -31,10 +31,10 @@ PROBE = """
 import json, sys, encodings.utf_8, encodings.latin_1, encodings.ascii, runpy, importlib.util
 import importlib.machinery, traceback, linecache, tokenize
 import pyvmm.lab.experiments.inner, pyvmm.ptwrite, pyvmm.checks.races, pyvmm.checks.gmem
-import pyvmm.stress, pyvmm.vcpu, pyvmm.vm, pyvmm.kvm, pyvmm.kvmstats, pyvmm.memory
-import pyvmm.recipe, pyvmm.guests, pyvmm.stress.xen
+import pyvmm.stress, pyvmm.vmm.vcpu, pyvmm.vmm.vm, pyvmm.vmm.kvm, pyvmm.vmm.kvmstats, pyvmm.vmm.memory
+import pyvmm.recipe, pyvmm.vmm.guests, pyvmm.stress.xen
 import pyvmm.trace.record, pyvmm.trace.runs, pyvmm.trace.workloads
-pyvmm.guests.load("ptwrite"); pyvmm.guests.helper_path()
+pyvmm.vmm.guests.load("ptwrite"); pyvmm.vmm.guests.helper_path()
 for bad in ("rich", "matplotlib", "numpy"):
     if bad in sys.modules:
         raise SystemExit(f"pyvmm.lab.experiments.inner pulled in {bad}: "

@@ -10,7 +10,7 @@ import re
 import time
 from dataclasses import dataclass, field
 
-from ... import guests
+from ...vmm import guests
 from ...errors import LabError
 from ..arch import ARM64, X86_64, Arch, get_arch
 from ..boot import tools

@@ -1,6 +1,6 @@
 """Run a boot recipe with the Python VMM (Kvm/Vm/Vcpu), timing each phase.
 
-Produces the same result dict as the C helper (pyvmm.bench.native), so `pyvmm boot`,
+Produces the same result dict as the C helper (pyvmm.drivers.native), so `pyvmm boot`,
 `pyvmm bench --python-vs-c` and the reports treat both alike. Failures are raised as
 PyvmmError subclasses after everything is torn down.
 """
@@ -14,16 +14,16 @@ import resource
 import struct
 import time
 
-from . import guests, layout
-from . import abi
-from .errors import GuestTimeout, PyvmmError, UnexpectedExit
-from .exits import (FailEntry, Hlt, InternalError, Interrupted, Io, MemoryFault, Mmio,
-                     Shutdown, describe)
-from .kvm import shared as shared_kvm
-from .memory import GuestMemory
-from .vcpu import install_kick_handler, kick_after, long_mode_tables
-from .vm import check_nofile
-from .recipe import Recipe, native_module
+from ..vmm import guests, layout
+from ..vmm import abi
+from ..errors import GuestTimeout, PyvmmError, UnexpectedExit
+from ..vmm.exits import (FailEntry, Hlt, InternalError, Interrupted, Io, MemoryFault, Mmio, Shutdown, describe)
+from ..vmm.kvm import shared as shared_kvm
+from ..vmm.memory import GuestMemory
+from ..vmm.kicker import install_kick_handler, kick_after
+from ..vmm.x86 import long_mode_tables
+from ..vmm.vm import check_nofile
+from ..recipe import Recipe, native_module
 
 MARKER_TARGETS = {"probe": layout.MARK_PROBE, "rung": layout.MARK_RUNG, "halt": 0}
 _MARKER_PORT, _SERIAL_PORT, _DATA_PORT = layout.MARKER_PORT, layout.SERIAL_PORT, \
@@ -269,7 +269,7 @@ class PyBoot:
     def _snapshot_stats(self, step):
         """After a step, outside its timing: open the VM's and vCPU 0's stats fds and
         take the 'before' values."""
-        from .kvmstats import StatsReader
+        from ..vmm.kvmstats import StatsReader
         owners = {"vm": self.vm if step.op == "vm" else None,
                   "vcpu0": self.vm.vcpus[0] if step.op == "vcpu" else None}
         for key, owner in owners.items():
@@ -280,7 +280,7 @@ class PyBoot:
     def _collect_stats(self):
         if not self._stats:
             return
-        from .kvmstats import diff
+        from ..vmm.kvmstats import diff
         out = {}
         for key, (reader, before) in self._stats.items():
             out[key] = diff(before, reader.read(), reader.layout)

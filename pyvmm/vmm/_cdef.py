@@ -1,6 +1,6 @@
 """The C declarations pyvmm's ABI is made of: struct layouts (CDEF) and the libc entry
-points used with them (LIBC_CDEF). Plain strings, read by pyvmm.abi and by the build
-(csrc/build_abi.py), which compiles them ahead of time into pyvmm._abi so that no C
+points used with them (LIBC_CDEF). Plain strings, read by pyvmm.vmm.abi and by the build
+(csrc/build_abi.py), which compiles them ahead of time into pyvmm.vmm._abi so that no C
 declaration is parsed when pyvmm is imported."""
 
 CDEF = """

@@ -11,9 +11,9 @@ import mmap as _mmap
 import os
 
 from . import abi
-from ._record import Record
+from .record import Record
 from .abi import ffi
-from .errors import PyvmmError
+from ..errors import PyvmmError
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 _PROT_RW = _mmap.PROT_READ | _mmap.PROT_WRITE

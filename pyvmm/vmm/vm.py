@@ -8,9 +8,9 @@ import resource
 import time
 
 from . import abi
-from ._fd import FdOwner
+from .fd import FdOwner
 from .abi import ffi
-from .errors import KvmError, PyvmmError, ResourceLimit
+from ..errors import KvmError, PyvmmError, ResourceLimit
 from .ioeventfd import Ioeventfd, ioeventfd_arg, ioeventfd_hint
 from .memory import PAGE_SIZE, GuestMemory, MemorySlot
 from .vcpu import Vcpu

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import os
 import struct
-from ._fd import FdOwner
-from ._record import Record
-from .errors import StatsFormatError  # noqa: F401 (re-exported)
+from .fd import FdOwner
+from .record import Record
+from ..errors import StatsFormatError  # noqa: F401 (re-exported)
 from .abi import ffi
 
 HEADER_SIZE = ffi.sizeof("struct kvm_stats_header")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .. import guests
+from ..vmm import guests
 from ..recipe import OPS, Recipe, native_module
 
 SAMPLE_CAP = 1 << 20

@@ -23,13 +23,13 @@ import struct
 import threading
 import time
 
-from . import abi, guests, layout
-from .abi import ffi
-from .errors import PyvmmError
-from .kvm import shared
-from .recipe import Recipe, native_module
-from .vcpu import (KICK_SIGNAL, install_kick_handler, kick_after, long_mode_sregs_patch,
-                   long_mode_tables)
+from ..vmm import abi, guests, layout
+from ..vmm.abi import ffi
+from ..errors import PyvmmError
+from ..vmm.kvm import shared
+from ..recipe import Recipe, native_module
+from ..vmm.kicker import KICK_SIGNAL, install_kick_handler, kick_after
+from ..vmm.x86 import long_mode_sregs_patch, long_mode_tables
 
 MAP_NORESERVE = 0x4000
 _PRW = mmap.PROT_READ | mmap.PROT_WRITE

@@ -7,11 +7,11 @@ import os
 
 from . import abi
 from .abi import ffi
-from ._fd import FdOwner
-from .errors import KvmError, KvmUnavailable
+from .fd import FdOwner
+from ..errors import KvmError, KvmUnavailable
 
 DEFAULT_PATH = "/dev/kvm"
-_Vm = None          # pyvmm.vm.Vm, once a VM has been created
+_Vm = None          # pyvmm.vmm.vm.Vm, once a VM has been created
 
 # Capabilities reported by `pyvmm info`, in display order.
 INFO_CAPS = [

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 
-from ._record import Record
-from .errors import GuestError
+from .record import Record
+from ..errors import GuestError
 
 # The package is installed as files (pip install / make), so its data sits beside this
 # module; importlib.resources would cost several ms of imports per process for the same.
-PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+# The build writes the guests (guests/*.bin) and the helper (bin/) into the package root.
+PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class GuestInfo(Record):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import struct
 
 from . import abi
-from ._record import Record
+from .record import Record
 from .abi import ffi
 
 

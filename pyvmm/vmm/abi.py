@@ -8,7 +8,7 @@ checked field by field against the system <linux/kvm.h>.
 
 from __future__ import annotations
 
-from ._record import Record
+from .record import Record
 
 try:        # built ahead of time from _cdef (csrc/build_abi.py): nothing to parse here
     from ._abi import ffi
@@ -196,7 +196,7 @@ DOCUMENTED_SIZES = {
 # The VMM's syscalls go through these functions. Each returns -errno on failure (never
 # raises): ioctl(fd, request, pointer cdata), ioctl_val(fd, request, int),
 # mmap(length, prot, flags, fd, offset) -> host address, munmap(address, length),
-# madvise(address, length, advice); and getcpu(). They are compiled API-mode calls (pyvmm._sys, see
+# madvise(address, length, advice); and getcpu(). They are compiled API-mode calls (pyvmm.vmm._sys, see
 # csrc/build_sys.py); a tree that was never built falls back to libc through libffi.
 # (fcntl.ioctl() passes an integer argument as a C int, which truncates pointers.)
 libc = ffi.dlopen(None)

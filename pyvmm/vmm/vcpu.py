@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import errno
-import functools
 import mmap as _mmap
 import signal
-import struct
 import threading
-import time
 
 from . import abi, layout
-from ._fd import FdOwner
+from .fd import FdOwner
 from .abi import ffi
-from .errors import KvmError, PyvmmError
+from ..errors import KvmError, PyvmmError
 from .exits import REASON_IO, REASON_IO_AT, Exit, Interrupted, Io, decode, decode_page
+from .kicker import KICK_SIGNAL
+from .x86 import long_mode_sregs_patch, write_long_mode_tables
 
 _KVM_RUN = abi.KVM_RUN
 _KVM_EXIT_IO = abi.KVM_EXIT_IO
@@ -24,87 +23,8 @@ _EINTR = errno.EINTR
 _ioctl_val = abi.ioctl_val
 _get_ident = threading.get_ident
 
-KICK_SIGNAL = signal.SIGUSR1
-
-# The 64-bit entry's GDT, selectors and control bits come from layout (protocol.inc).
-GDT_CODE64, GDT_DATA = layout.GDT_CODE64, layout.GDT_DATA
-SEL_CODE, SEL_DATA = layout.SEL_CODE, layout.SEL_DATA
-
 REG_NAMES = ["rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10",
              "r11", "r12", "r13", "r14", "r15", "rip", "rflags"]
-
-
-@functools.lru_cache(maxsize=1)
-def gdt_image() -> bytes:
-    """The GDT the VMM writes at GDT_GPA for the 64-bit entry: null, code, data."""
-    return struct.pack("<3Q", 0, GDT_CODE64, GDT_DATA)
-
-
-@functools.lru_cache(maxsize=1)
-def long_mode_tables() -> bytes:
-    """The GDT page and the page tables that follow it, as one image for GDT_GPA."""
-    return gdt_image().ljust(layout.PML4_GPA - layout.GDT_GPA, b"\0") + identity_page_tables()
-
-
-def write_long_mode_tables(write) -> None:
-    """Write the 64-bit entry's GDT and identity page tables with `write(gpa, data)`
-    (Vm.write_guest, or GuestMemory.write on RAM at GPA 0): once per VM, one write."""
-    write(layout.GDT_GPA, long_mode_tables())
-
-
-def install_kick_handler() -> bool:
-    """Make KICK_SIGNAL interrupt KVM_RUN without killing the process.
-
-    Python can only install handlers from the main thread; returns False elsewhere
-    (kick() then relies on immediate_exit, checked at the next entry).
-    """
-    if signal.getsignal(KICK_SIGNAL) not in (signal.SIG_DFL, None):
-        return True
-    if threading.current_thread() is not threading.main_thread():
-        return False
-    signal.signal(KICK_SIGNAL, lambda *_: None)
-    signal.siginterrupt(KICK_SIGNAL, True)
-    return True
-
-
-@functools.lru_cache(maxsize=1)
-def identity_page_tables() -> bytes:
-    """PML4 + PDPT + four page directories mapping the low 4 GiB with 2 MiB pages,
-    laid out to be written at layout.PML4_GPA."""
-    pml4 = struct.pack("<Q", layout.PDPT_GPA | 0x3) + bytes(4096 - 8)
-    pdpt = b"".join(struct.pack("<Q", (layout.PD_GPA + i * 4096) | 0x3) for i in range(4))
-    pdpt += bytes(4096 - len(pdpt))
-    pds = struct.pack("<2048Q", *(((i << 21) | 0x83) for i in range(2048)))
-    return pml4 + pdpt + pds
-
-
-@functools.lru_cache(maxsize=1)
-def long_mode_sregs_patch() -> tuple[tuple[int, bytes], ...]:
-    """What setup_long_mode changes in the struct kvm_sregs that KVM_GET_SREGS returned,
-    as (offset, bytes) runs: the six segments (flat 64-bit code, flat data), the GDT,
-    CR0, CR3, CR4 and EFER. Worked out once through cffi; applying it per vCPU is a few
-    slice assignments instead of some forty attribute writes."""
-    s = ffi.new("struct kvm_sregs *")
-    code = s.cs
-    code.base, code.limit, code.selector = 0, 0xFFFFFFFF, SEL_CODE
-    code.type, code.present, code.dpl, code.db, code.s, code.l, code.g = 11, 1, 0, 0, 1, 1, 1
-    for seg in (s.ds, s.es, s.fs, s.gs, s.ss):
-        seg.base, seg.limit, seg.selector = 0, 0xFFFFFFFF, SEL_DATA
-        seg.type, seg.present, seg.dpl, seg.db, seg.s, seg.l, seg.g = 3, 1, 0, 1, 1, 0, 1
-    s.gdt.base, s.gdt.limit = layout.GDT_GPA, 3 * 8 - 1
-    s.cr3 = layout.PML4_GPA
-    s.cr4 = layout.LM_CR4
-    s.cr0 = layout.LM_CR0
-    s.efer = layout.LM_EFER
-    buf = ffi.buffer(s)
-    out = []
-    for first, last in (("cs", "ss"), ("gdt", "gdt"), ("cr0", "cr0"), ("cr3", "cr4"),
-                        ("efer", "efer")):
-        start = ffi.offsetof("struct kvm_sregs", first)
-        end = ffi.offsetof("struct kvm_sregs", last) + ffi.sizeof(getattr(s, last)) \
-            if last in ("ss", "gdt") else ffi.offsetof("struct kvm_sregs", last) + 8
-        out.append((start, bytes(buf[start:end])))
-    return tuple(out)
 
 
 class Vcpu(FdOwner):
@@ -281,81 +201,3 @@ def _run_hint(err: int) -> str:
     if err == errno.EINVAL:
         return "KVM refused to run this vCPU (registers or mode invalid)"
     return ""
-
-
-class _KickService:
-    """One thread for the whole process that kicks a vCPU out of KVM_RUN once its time is
-    up (then every 10 ms until cancelled), instead of a watchdog thread per boot or check.
-    Use kick_after()."""
-
-    def __init__(self):
-        self.cond = threading.Condition()
-        self.armed: dict[int, list] = {}     # id -> [deadline, vcpu or None]
-        self.next_id = 0
-        self.wake_at = 0.0                   # when the thread wakes next, unless notified
-        self.thread = threading.Thread(target=self._loop, daemon=True, name="pyvmm-kicker")
-        self.thread.start()
-
-    def arm(self, timeout: float, vcpu=None) -> "Kick":
-        with self.cond:
-            self.next_id += 1
-            deadline = time.monotonic() + timeout
-            entry = self.armed[self.next_id] = [deadline, vcpu, False]
-            if deadline < self.wake_at:
-                # Wake the thread only when it would sleep past this deadline: a boot
-                # that arms a 10 s deadline every few ms then costs the thread nothing.
-                self.cond.notify()
-            return Kick(self, self.next_id, entry)
-
-    def _loop(self):
-        with self.cond:
-            while True:
-                now = time.monotonic()
-                due = [e for e in self.armed.values() if e[0] <= now]
-                for e in due:
-                    if e[1] is not None:
-                        e[1].kick()
-                        e[2] = True
-                    e[0] = now + 0.01
-                wait = min((e[0] for e in self.armed.values()), default=now + 3600) - now
-                self.wake_at = now + max(wait, 0.001)
-                self.cond.wait(max(wait, 0.001))
-
-
-class Kick:
-    """One armed deadline: set `vcpu` (if not given to kick_after), read `fired`, and
-    cancel() when the work is done; no kick comes after cancel() returns."""
-
-    def __init__(self, service: _KickService, kid: int, entry: list):
-        self.service, self.kid, self._entry = service, kid, entry
-        self.fired = False
-
-    @property
-    def vcpu(self):
-        return self._entry[1]
-
-    @vcpu.setter
-    def vcpu(self, v):
-        # One store into the armed entry: atomic under the GIL, and the kicker thread
-        # reads it under its lock, so it sees the old vCPU or the new one. No lock here:
-        # this is set inside a boot's timed run phase.
-        self._entry[1] = v
-
-    def cancel(self):
-        with self.service.cond:
-            e = self.service.armed.pop(self.kid, None)
-            if e is not None:
-                self.fired = self.fired or e[2]
-
-
-_KICKS: _KickService | None = None
-
-
-def kick_after(timeout: float, vcpu=None) -> Kick:
-    """Kick `vcpu` (or the one set on the returned Kick) out of KVM_RUN once `timeout`
-    seconds have passed, and every 10 ms after, until cancelled. Call
-    install_kick_handler() first (from the main thread)."""
-    global _KICKS
-    if _KICKS is None:
-        _KICKS = _KickService()
-    return _KICKS.arm(timeout, vcpu)

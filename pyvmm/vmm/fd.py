@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from .abi import IOCTLS, ioctl, ioctl_val
-from .errors import KvmError
+from ..errors import KvmError
 
 NUMBERS = {name: i.number for name, i in IOCTLS.items()}
 
