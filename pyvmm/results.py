@@ -9,7 +9,8 @@ rename), so an interrupted writer never leaves half a file.
      "writer": {"pid", "boot_id", "hostname"}, ...payload}
 
 A document still marked 'running' whose writer is gone (killed with SIGKILL, the machine
-restarted) is told apart from one being written: analysis.liveness.run_state().
+restarted) is told apart from one being written: run_state(). Run directories are made
+here too (new_run_dir), and figures saved (save_figure): one home for what commands write.
 """
 
 from __future__ import annotations
@@ -18,11 +19,44 @@ import contextlib
 import datetime as _dt
 import json
 import os
+import re
 import sys
 import time
 
-from .analysis.liveness import run_state, writer
 from .errors import NO_SPACE, DiskFull, disk_full
+
+
+def safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text)
+
+
+def new_run_dir(parent: str, name: str) -> str:
+    """A new directory PARENT/NAME-YYYYmmdd-HHMMSS (with -2, -3... when that exists) for
+    one run of any command: `pyvmm bench` names it after the host and kernel, the lab
+    and trace after theirs, multi-variant experiments after the experiment."""
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = os.path.join(parent, safe_name(f"{name}-{stamp}"))
+    final, n = path, 1
+    while True:
+        try:
+            os.makedirs(final)
+            return final
+        except FileExistsError:
+            n += 1
+            final = f"{path}-{n}"
+
+
+def save_figure(fig, out_dir: str, stem: str) -> list[str]:
+    """A matplotlib figure as STEM.png and STEM.svg in `out_dir`; the figure is closed."""
+    import matplotlib.pyplot as plt
+    paths = []
+    fig.tight_layout()
+    for ext in ("png", "svg"):
+        p = os.path.join(out_dir, f"{stem}.{ext}")
+        fig.savefig(p, dpi=110)
+        paths.append(p)
+    plt.close(fig)
+    return paths
 
 
 def now_iso() -> str:
@@ -48,15 +82,6 @@ def envelope(schema: str, host: dict | None = None, **payload) -> dict:
            "command": list(sys.argv), "host": host, "writer": writer()}
     doc.update(payload)
     return doc
-
-
-def new_doc(cfg, host: dict, environment: str, clock: dict | None) -> dict:
-    """An empty run.json document for a sweep of `cfg` (a SweepConfig), status
-    'running'; the bench and the lab append samples to it."""
-    from .analysis.plan import SCHEMA
-    return envelope(SCHEMA, host, status="running", finished=None,
-                    environment=environment, config=cfg.to_dict(), clock=clock,
-                    kernel_check=None, failures=[], samples=[])
 
 
 def partial_lines(con, docs: list[dict], paths: list[str]) -> None:
@@ -133,3 +158,59 @@ def finishing(doc: dict, save, timings: dict | None = None, t_start: float | Non
             timings["total_s"] = round(time.monotonic() - t_start, 1)
         doc["finished"] = now_iso()
         save()
+
+
+# --- a document's writer: alive, or gone ------------------------------------------------
+
+def boot_id() -> str | None:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def writer() -> dict:
+    """Who writes a document: enough to tell later whether that process still runs."""
+    return {"pid": os.getpid(), "boot_id": boot_id(), "hostname": os.uname().nodename}
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs and is a Python process (a pid reused by something else is not
+    the writer)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmd = f.read()
+    except OSError:
+        return True
+    return b"python" in cmd or b"pyvmm" in cmd
+
+
+def run_state(doc: dict, saved: float | None = None) -> str:
+    """A document's status as a reader should see it: 'complete', 'interrupted',
+    'failed', 'running', or, for one marked running whose writer is gone, 'died (last
+    saved at ...)'. `saved`: the file's mtime (load_run records it)."""
+    status = doc.get("status")
+    if status != "running":
+        return str(status)
+    w = doc.get("writer") or {}
+    saved = saved if saved is not None else (doc.get("_source") or {}).get("mtime")
+    when = (" (last saved at " + _dt.datetime.fromtimestamp(saved).astimezone().isoformat(
+        timespec="seconds") + ")") if saved else ""
+    if not w.get("pid"):
+        return "running (written before pyvmm recorded its writer; cannot tell if it died)"
+    if w.get("hostname") != os.uname().nodename:
+        return f"running on {w.get('hostname')}, or died there: cannot tell from here{when}"
+    if w.get("boot_id") and boot_id() and w["boot_id"] != boot_id():
+        return f"died: the machine restarted since{when}"
+    if not _alive(int(w["pid"])):
+        return f"died: its process ({w['pid']}) is gone{when}"
+    return "running"
+
+

@@ -92,21 +92,14 @@ def overruns(percpu: str) -> int:
     return total
 
 
-class Session:
-    """One use of tracefs. `events` maps an event ('raw_syscalls', 'sched/sched_switch')
-    to its filter ('' for none); events the kernel lacks are left out (`self.events`
-    says which are on). Every file written is read first and restored on exit."""
+class _Files:
+    """A tracefs directory's files (the top one, or an instance's): `dir` is set by
+    the subclass."""
 
-    def __init__(self, events: dict[str, str], root: str = TRACEFS):
-        self.root = root
-        self.wanted = dict(events)
-        self.events: list[str] = []
-        self.clock = "mono"
-        self._saved: dict[str, str] = {}
+    dir = TRACEFS
 
-    # --- files ---------------------------------------------------------------------------
     def path(self, name: str) -> str:
-        return os.path.join(self.root, name)
+        return os.path.join(self.dir, name)
 
     def read(self, name: str) -> str:
         with open(self.path(name)) as f:
@@ -116,14 +109,27 @@ class Session:
         with open(self.path(name), "w") as f:
             f.write(value)
 
+    def has(self, name: str) -> bool:
+        return os.path.exists(self.path(name))
+
+
+class Session(_Files):
+    """One use of tracefs. `events` maps an event ('raw_syscalls', 'sched/sched_switch')
+    to its filter ('' for none); events the kernel lacks are left out (`self.events`
+    says which are on). Every file written is read first and restored on exit."""
+
+    def __init__(self, events: dict[str, str], root: str = TRACEFS):
+        self.root = self.dir = root
+        self.wanted = dict(events)
+        self.events: list[str] = []
+        self.clock = "mono"
+        self._saved: dict[str, str] = {}
+
     def set(self, name: str, value: str) -> None:
         """Write a setting, keeping its old value for the restore."""
         if name not in self._saved and os.path.exists(self.path(name)):
             self._saved[name] = self.read(name)
         self.write(name, value)
-
-    def has(self, name: str) -> bool:
-        return os.path.exists(self.path(name))
 
     # --- life cycle ----------------------------------------------------------------------
     def check(self, required: str, lacking: str = "this kernel lacks that tracepoint") -> None:
@@ -265,7 +271,7 @@ def parse_events(text: str) -> list[Event]:
     return out
 
 
-class Instance:
+class Instance(_Files):
     """A tracefs instance of our own (instances/NAME): its own buffer, events, filters,
     triggers, options and pid list, so nothing of the main buffer is touched; removed
     on exit with the uprobes it defined. Use as a context manager."""
@@ -279,20 +285,6 @@ class Instance:
         self._triggers: list[tuple[str, str]] = []
         self._events: list[str] = []
         self._uprobes: list[str] = []
-
-    def path(self, name: str) -> str:
-        return os.path.join(self.dir, name)
-
-    def read(self, name: str) -> str:
-        with open(self.path(name)) as f:
-            return f.read()
-
-    def write(self, name: str, value: str) -> None:
-        with open(self.path(name), "w") as f:
-            f.write(value)
-
-    def has(self, name: str) -> bool:
-        return os.path.exists(self.path(name))
 
     def __enter__(self) -> "Instance":
         if not os.path.exists(os.path.join(self.root, "trace")):

@@ -19,7 +19,8 @@ from pyvmm.errors import LabError, RecipeError
 from pyvmm.lab.arch import ARM64, X86_64, get_arch
 from pyvmm.lab.boot import initramfs, qemu
 from pyvmm.lab.builds import crosshelper, kcheck
-from pyvmm.lab.experiments import prepare, vcpus
+from pyvmm.lab.builds import variant
+from pyvmm.lab.experiments import vcpus
 
 
 # --- architecture and variants ------------------------------------------------------------
@@ -32,23 +33,23 @@ def test_arch_names_and_aliases():
 
 
 def test_variant_prefix_sets_the_architecture():
-    v = prepare.parse_variant("arm64:6.1")
+    v = variant.parse_variant("arm64:6.1")
     assert v.arch is ARM64 and v.kernel == "6.1" and v.label == "arm64:6.1"
-    assert prepare.parse_variant("7.3", arch=ARM64).label == "arm64:7.3"
-    assert prepare.parse_variant("6.1").arch is X86_64
+    assert variant.parse_variant("7.3", arch=ARM64).label == "arm64:7.3"
+    assert variant.parse_variant("6.1").arch is X86_64
     # a kernel spec that is a path keeps its colon-free meaning
-    assert prepare.split_arch("/tmp/x.deb") == ("/tmp/x.deb", X86_64)
+    assert variant.split_arch("/tmp/x.deb") == ("/tmp/x.deb", X86_64)
 
 
 def test_patched_arm64_variants_are_whole_kernel_builds():
     # KVM is built into every arm64 image: a patch means a cross-compiled kernel, at
     # Debian's HZ unless one is asked for
-    v = prepare.parse_variant("arm64:6.1+defer-free")
+    v = variant.parse_variant("arm64:6.1+defer-free")
     assert (v.patch, v.hz, v.label) == ("defer-free", 250, "arm64:6.1+defer-free@hz250")
-    assert prepare.parse_variant("arm64:7.3@hz100").label == "arm64:7.3@hz100"
-    o = prepare.LabOptions(kernel="6.1", kvm_patch="defer-free", arch=ARM64)
+    assert variant.parse_variant("arm64:7.3@hz100").label == "arm64:7.3@hz100"
+    o = variant.parse_variant("6.1", arch=ARM64, patch="defer-free")     # lab kernel's options
     assert o.hz == 250
-    assert prepare.LabOptions(kernel="6.1", kvm_patch="defer-free").hz is None   # x86
+    assert variant.parse_variant("6.1", patch="defer-free").hz is None   # x86
 
 
 def test_arm64_kernel_build_config_and_make_arguments():

@@ -233,7 +233,7 @@ def test_every_results_document_carries_the_envelope():
     assert doc["pyvmm"]["version"] and "commit" in doc["pyvmm"]
     assert doc["command"] and doc["host"]["kernel"] == "k" and doc["created"]
     from pyvmm.analysis.plan import SweepConfig
-    from pyvmm.results import new_doc
+    from pyvmm.analysis.plan import new_doc
     run = new_doc(SweepConfig(ns=(0,), recipes=("before-vcpu",), repeats=1, seed=1),
                   {"hostname": "h", "kernel": "k"}, "host", None)
     assert run["schema"] == "pyvmm.run/1" and run["pyvmm"] == doc["pyvmm"]

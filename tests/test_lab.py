@@ -15,7 +15,8 @@ from pyvmm.analysis.plan import SweepConfig, sweep_cells
 from pyvmm.errors import LabError
 from pyvmm.lab.boot import initramfs, qemu, serial
 from pyvmm.lab.builds import kcheck
-from pyvmm.lab.experiments import kernel_lab, prepare
+from pyvmm.lab.builds import variant
+from pyvmm.lab.experiments import kernel_lab, options
 from pyvmm.lab.sources import apt, debian, elf, kits
 
 
@@ -238,45 +239,45 @@ def test_resolve_rejects_bad_specs_before_touching_the_network(tmp_path):
 
 
 def test_variants_parse_kernel_and_patch_before_anything_runs(tmp_path):
-    v = prepare.parse_variant("6.1+defer-free-expedited")
+    v = variant.parse_variant("6.1+defer-free-expedited")
     assert (v.kernel, v.patch, v.label) == ("6.1", "defer-free-expedited",
                                             "6.1+defer-free-expedited")
-    assert prepare.parse_variant("latest") == prepare.Variant("latest")
+    assert variant.parse_variant("latest") == variant.Variant("latest")
     with pytest.raises(LabError, match="unknown KVM patch 'nope'.*defer-free"):
-        prepare.parse_variant("6.1+nope")
+        variant.parse_variant("6.1+nope")
     with pytest.raises(LabError, match="unknown kernel version 'foo'"):
-        prepare.parse_variant("foo+rebuild")
+        variant.parse_variant("foo+rebuild")
     # A .deb path may hold '+' (Debian's 7.x file names do): only a known patch splits it.
     deb = tmp_path / "linux-image-7.3.4+deb13-amd64_7.3.4-1~bpo13+1_amd64.deb"
     deb.write_bytes(b"")
-    assert prepare.parse_variant(str(deb)).patch is None
-    assert prepare.parse_variant(f"{deb}+rebuild") == prepare.Variant(str(deb), "rebuild")
+    assert variant.parse_variant(str(deb)).patch is None
+    assert variant.parse_variant(f"{deb}+rebuild") == variant.Variant(str(deb), "rebuild")
     from pyvmm.lab.experiments import matrix
-    vs = matrix.parse_variants(",".join(matrix.DEFAULT_VARIANTS))
+    vs = variant.parse_variants(",".join(matrix.DEFAULT_VARIANTS))
     assert [x.label for x in vs] == list(matrix.DEFAULT_VARIANTS)
     with pytest.raises(LabError, match="given twice"):
-        matrix.parse_variants("6.1,6.1")
+        variant.parse_variants("6.1,6.1")
 
 
 def test_whole_kernel_variants_say_their_hz_and_are_checked_before_anything_runs():
-    v = prepare.parse_variant("7.3+srcu-expedited@hz100")
+    v = variant.parse_variant("7.3+srcu-expedited@hz100")
     assert (v.kernel, v.patch, v.hz, v.label) == ("7.3", "srcu-expedited", 100,
                                                   "7.3+srcu-expedited@hz100")
-    assert prepare.parse_variant("6.1@hz1000") == prepare.Variant("6.1", None, 1000)
-    assert prepare.split_build("latest") == ("latest", None)
+    assert variant.parse_variant("6.1@hz1000") == variant.Variant("6.1", None, 1000)
+    assert variant.split_build("latest") == ("latest", None)
     for bad, msg in (("6.1@hz123", "HZ 123: a kernel ticks at 100, 250, 300, 1000"),
                      ("6.1@fast", "unknown build option '@fast'.*@hzN"),
                      ("6.1+srcu-expedited", "needs a whole-kernel build.*"
                                             "6.1\\+srcu-expedited@hz250"),
                      ("7.3+nope@hz100", "unknown KVM patch 'nope'")):
         with pytest.raises(LabError, match=msg):
-            prepare.parse_variant(bad)
+            variant.parse_variant(bad)
     # the same checks for `lab kernel` and `lab run` options
     with pytest.raises(LabError, match="needs a whole-kernel build"):
-        prepare.check_options(prepare.LabOptions(kernel="6.1", kvm_patch="srcu-expedited"))
+        variant.parse_variant("6.1", patch="srcu-expedited")
     with pytest.raises(LabError, match="'a\"b' is not a plain kernel parameter"):
-        prepare.check_options(prepare.LabOptions(cmdline='x=1 a"b'))
-    assert prepare.check_cmdline("srcutree.srcu_max_nodelay_phase=0 quiet") != ""
+        options.check_options(options.LabOptions(cmdline='x=1 a"b'))
+    assert options.check_cmdline("srcutree.srcu_max_nodelay_phase=0 quiet") != ""
 
 
 def test_a_patch_can_be_written_per_series_and_knows_when_it_needs_the_whole_kernel():
@@ -326,11 +327,11 @@ def test_built_kernels_take_module_parameters_on_the_command_line(tmp_path):
     kit = Kit(str(tmp_path), {"kvm_builtin": True, "modules": [], "module_names": [],
                               "version": "7.3.4-1"})
     assert kit.builtin and kit.kvm_ko.endswith("vmlinux") and kit.series == "7.3"
-    opts = prepare.LabOptions(kvm_args={"kvm-amd": "npt=0 avic=0"},
+    opts = options.LabOptions(kvm_args={"kvm-amd": "npt=0 avic=0"},
                               cmdline="srcutree.srcu_max_nodelay_phase=0")
-    assert prepare.kernel_cmdline(opts, kit) == ("srcutree.srcu_max_nodelay_phase=0 "
+    assert options.kernel_cmdline(opts, kit) == ("srcutree.srcu_max_nodelay_phase=0 "
                                                  "kvm_amd.npt=0 kvm_amd.avic=0")
-    assert prepare.module_args(kit, opts.kvm_args) == {}
+    assert options.module_args(kit, opts.kvm_args) == {}
 
 
 def test_load_order_puts_dependencies_first_and_names_what_is_missing():
@@ -671,31 +672,31 @@ def test_qemu_driver_reports_an_exit_without_the_end_marker(tmp_path):
 # --- pyvmm inside the lab kernel -----------------------------------------------------------
 
 def test_lab_jobs_and_module_arguments_are_checked_before_anything_runs():
-    from pyvmm.lab.experiments import inner, jobs
-    assert inner.parse_job("ptwrite:2000:3") == ("ptwrite", ["2000", "3"])
-    assert inner.parse_job("check:memslot-coherence") == ("check", ["memslot-coherence"])
-    assert inner.parse_job("trace:qemu-microvm:2:3") == ("trace", ["qemu-microvm", "2", "3"])
+    from pyvmm.lab.experiments import inside, options
+    assert inside.parse_job("ptwrite:2000:3") == ("ptwrite", ["2000", "3"])
+    assert inside.parse_job("check:memslot-coherence") == ("check", ["memslot-coherence"])
+    assert inside.parse_job("trace:qemu-microvm:2:3") == ("trace", ["qemu-microvm", "2", "3"])
     for bad, msg in (("bogus", "unknown lab job 'bogus'"), ("ptwrite:x", "takes numbers"),
                      ("stress::1", "empty or spaced"),
                      ("trace:firecracker", "trace:qemu-microvm"),
                      ("trace:qemu-microvm:x", "trace:qemu-microvm"),
                      ("trace:qemu-microvm:1:2:3", "trace:qemu-microvm")):
         with pytest.raises(Exception, match=msg):
-            inner.parse_job(bad)
-    assert jobs.parse_kvm_args(["kvm_amd:npt=0", "kvm_amd:avic=0", "kvm:x=1"]) == {
+            inside.parse_job(bad)
+    assert options.parse_kvm_args(["kvm_amd:npt=0", "kvm_amd:avic=0", "kvm:x=1"]) == {
         "kvm_amd": "npt=0 avic=0", "kvm": "x=1"}
     with pytest.raises(LabError, match="MODULE:NAME=VALUE"):
-        jobs.parse_kvm_args(["npt=0"])
+        options.parse_kvm_args(["npt=0"])
 
 
 def test_init_runs_python_jobs_and_passes_module_parameters():
     init = initramfs.init_script(["01-kvm.ko", "03-kvm_amd.ko"], 1000, 4,
                                  module_args={"03-kvm_amd.ko": "npt=0"},
                                  python=["env", "A=1", "/x/python3", "-m",
-                                         "pyvmm.lab.experiments.inner", "ptwrite:10"])
+                                         "pyvmm.lab.experiments.inside", "ptwrite:10"])
     assert "insmod /modules/03-kvm_amd.ko npt=0 " in init
     assert "insmod /modules/01-kvm.ko  " in init
-    assert "env A=1 /x/python3 -m pyvmm.lab.experiments.inner ptwrite:10 >&3" in init
+    assert "env A=1 /x/python3 -m pyvmm.lab.experiments.inside ptwrite:10 >&3" in init
     assert "pyvmm-bootbench --plan" not in init
     # Concatenated archives: the runtime is appended as is.
     img = initramfs.build(b"BB", b"H", {"01-kvm.ko": b"K"}, "", extra=b"EXTRA")
@@ -703,8 +704,8 @@ def test_init_runs_python_jobs_and_passes_module_parameters():
 
 
 def test_inner_runner_reports_each_job_as_one_json_line(capsys):
-    from pyvmm.lab.experiments import inner
-    rc = inner.main(["check:nonsense"])
+    from pyvmm.lab.experiments import inside
+    rc = inside.main(["check:nonsense"])
     line = json.loads(capsys.readouterr().out.strip())
     assert rc == 1 and line["type"] == "result" and not line["ok"]
     assert "unknown check 'nonsense'" in line["error"]

@@ -1,4 +1,4 @@
-"""guests/protocol.inc and pyvmm/layout.py must agree on every shared constant."""
+"""guests/protocol.inc and pyvmm/vmm/layout.py must agree on every shared constant."""
 
 import os
 import re

@@ -15,7 +15,7 @@ import pytest
 from pyvmm.vmm import abi
 from pyvmm import tracefs
 from pyvmm.errors import LabError
-from pyvmm.trace import attribute, ioctls, model, record, workloads
+from pyvmm.trace import attribute, ioctls, model, probesite, record, strace, workloads
 from pyvmm.trace import compare as tcompare
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -88,11 +88,11 @@ GLIBC_IOCTL = """
 
 
 def test_the_uprobe_goes_after_the_syscall_only_where_the_code_allows():
-    assert record.branch_in(GLIBC_IOCTL) == (0xfdd72, 0x30)
-    site = record.ProbeSite("/lib/libc.so.6", 0xfdd72, "+48(%sp)", True)
+    assert probesite.branch_in(GLIBC_IOCTL) == (0xfdd72, 0x30)
+    site = probesite.ProbeSite("/lib/libc.so.6", 0xfdd72, "+48(%sp)", True)
     assert "w1=+8(+48(%sp)):x64" in site.fetch and site.event == model.UPROBE_AFTER
-    assert record.ProbeSite.parse(site.text()) == site
-    assert record.ProbeSite.parse("/lib/libc.so.6:0xfdd30:%dx").after is False
+    assert probesite.ProbeSite.parse(site.text()) == site
+    assert probesite.ProbeSite.parse("/lib/libc.so.6:0xfdd30:%dx").after is False
 
     def changed(old, new):
         assert old in GLIBC_IOCTL
@@ -105,7 +105,7 @@ def test_the_uprobe_goes_after_the_syscall_only_where_the_code_allows():
                  changed("ja     fdd90", "jmp    fdd90"),                 # not conditional
                  changed("sub    $0x58,%rsp", "push   %rbx"),              # another frame
                  "", "garbage\n"):
-        assert record.branch_in(text) is None
+        assert probesite.branch_in(text) is None
 
 
 # --- events and the model (pure) ------------------------------------------------------------
@@ -364,7 +364,7 @@ def lab_doc(summaries: list[dict], kc: dict) -> dict:
 
 def test_a_lab_matrix_row_says_who_paid_and_whether_kernel_check_agrees():
     from pyvmm.lab.experiments import matrix
-    from pyvmm.lab.experiments.prepare import parse_variant
+    from pyvmm.lab.builds.variant import parse_variant
     deferred = recorded_summary()
     sync = attribute.summary(model.build(tracefs.parse_events(boot_trace(ASSIGN_STACK)),
                                          1e9, 100), 250)
@@ -397,7 +397,7 @@ def test_strace_output_gives_times_without_sleeps():
             "201 1700000000.002000 ioctl(1, TCGETS, 0x7ffe) = -1 ENOTTY (Inappropriate) "
             "<0.000010>\n"
             "garbage\n")
-    s = record.from_strace(text, 50_000_000)
+    s = strace.from_strace(text, 50_000_000)
     assert [c.name for c in s.ioctls] == ["KVM_CREATE_VM", "KVM_IOEVENTFD"]
     assert s.ioctls[1].ns == pytest.approx(6e6)
     assert s.milestones["process end"] == 50e6

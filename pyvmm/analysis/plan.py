@@ -1,20 +1,19 @@
 """The sweep's plan, shared by the bench (boots on this host) and the lab (the same
 plan inside a lab kernel): its configuration, its cells, the seeded interleaved order
 and the warm-up cell, the results directory, and loading a run.json back (checked against
-runschema). The empty run.json a sweep fills is results.new_doc's."""
+runschema). new_doc() is the empty run.json a sweep fills."""
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import os
 import random
-import re
 import time
 from dataclasses import dataclass, field
 
 from .. import recipe as rmod
 from ..errors import PyvmmError
+from ..results import envelope
 
 SCHEMA = "pyvmm.run/1"
 DEFAULT_NS = (0, 1, 10, 100, 300, 1000)
@@ -64,20 +63,12 @@ class SweepConfig:
                 "drivers": list(self.drivers)}
 
 
-def safe_name(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text)
-
-
-def new_run_dir(base: str, host: dict) -> str:
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = os.path.join(base, safe_name(f"{host['hostname']}-{host['kernel']}-{stamp}"))
-    n = 1
-    final = path
-    while os.path.exists(final):
-        n += 1
-        final = f"{path}-{n}"
-    os.makedirs(final)
-    return final
+def new_doc(cfg, host: dict, environment: str, clock: dict | None) -> dict:
+    """An empty run.json document for a sweep of `cfg` (a SweepConfig), status
+    'running'; the bench and the lab append samples to it."""
+    return envelope(SCHEMA, host, status="running", finished=None,
+                    environment=environment, config=cfg.to_dict(), clock=clock,
+                    kernel_check=None, failures=[], samples=[])
 
 
 def _no_constant(name: str):

@@ -6,6 +6,7 @@ import csv
 import os
 from collections import defaultdict
 
+from ..results import save_figure
 from ..tables import Grid
 
 from . import stats
@@ -363,7 +364,7 @@ def render(console, doc: dict, driver: str = "c") -> dict:
         console.print(f"[red]{len(a['failures'])} boot(s) failed[/]; first: "
                       f"{a['failures'][0]['error']}")
     if doc.get("status") != "complete":
-        from .liveness import run_state
+        from ..results import run_state
         console.print(f"[yellow]run status: {run_state(doc)}[/] (partial results)",
                       highlight=False)
     return a
@@ -408,7 +409,7 @@ def plot(doc: dict, a: dict, out_dir: str) -> list[str]:
     ax.set_title(f"Boot time vs registrations\n{title}")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    written += _save(fig, out_dir, "boot_vs_n")
+    written += save_figure(fig, out_dir, "boot_vs_n")
 
     recs = list(a["recipes"].items())
     if recs:
@@ -427,7 +428,7 @@ def plot(doc: dict, a: dict, out_dir: str) -> list[str]:
             if ops:
                 ax.legend(fontsize=7)
         fig.suptitle(title)
-        written += _save(fig, out_dir, "phases")
+        written += save_figure(fig, out_dir, "phases")
 
     if a["occupancy"]:
         fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -443,20 +444,8 @@ def plot(doc: dict, a: dict, out_dir: str) -> list[str]:
         ax.set_title(f"Per-registration cost vs bus occupancy\n{title}")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-        written += _save(fig, out_dir, "per_op_vs_occupancy")
+        written += save_figure(fig, out_dir, "per_op_vs_occupancy")
     return written
-
-
-def _save(fig, out_dir: str, stem: str) -> list[str]:
-    import matplotlib.pyplot as plt
-    paths = []
-    fig.tight_layout()
-    for ext in ("png", "svg"):
-        p = os.path.join(out_dir, f"{stem}.{ext}")
-        fig.savefig(p, dpi=110)
-        paths.append(p)
-    plt.close(fig)
-    return paths
 
 
 def write_all(console, doc: dict, out_dir: str) -> dict:

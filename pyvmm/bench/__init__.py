@@ -1,3 +1,3 @@
-"""The boot-cost bench: the sweep, the C helper in-process, statistics, reports, compare
-and export, and ptwrite. Recipes and the Python runner live below it (pyvmm.recipe,
-pyvmm.drivers.runner)."""
+"""The boot-cost bench: the sweep on this host (sweep.py), `pyvmm compare` (compare.py),
+pyperf export (export.py), both drivers' syscalls through tracefs (syscalls.py) and the
+commands (cli.py). The recipe drivers it runs live below it (pyvmm.drivers)."""

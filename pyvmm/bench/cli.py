@@ -12,7 +12,8 @@ from ..errors import PyvmmError
 from ..ui import BENCH_PTWRITE, console, int_list, recipes_arg  # noqa: F401 (re-exported)
 from ..ui import progress as progress_bar
 from ..analysis import report, stats
-from ..analysis.plan import DEFAULT_NS, DEFAULT_RECIPES, SweepConfig, load_run, new_run_dir
+from ..analysis.plan import DEFAULT_NS, DEFAULT_RECIPES, SweepConfig, load_run
+from ..results import new_run_dir
 from .compare import cmd_compare
 from .sweep import Sweep
 
@@ -83,7 +84,7 @@ def cmd_bench(args) -> int:
     host = hostinfo.collect()
     if host["kvm_error"]:
         raise PyvmmError(host["kvm_error"])
-    out = new_run_dir(args.out, host)
+    out = new_run_dir(args.out, f"{host['hostname']}-{host['kernel']}")
     sweep = Sweep(cfg, out, host)
     total = len(sweep.cells()) * cfg.repeats
     console.print(f"pyvmm bench: {total} boots ({len(sweep.cells())} cells x {cfg.repeats} "
@@ -213,7 +214,7 @@ def per_ioctl(args) -> int:
     if host["kvm_error"]:
         raise PyvmmError(host["kvm_error"])
     cells = []
-    out = new_run_dir(args.out, host)
+    out = new_run_dir(args.out, f"{host['hostname']}-{host['kernel']}")
     path = os.path.join(out, "per-ioctl.json")
     doc = envelope("pyvmm.per-ioctl/1", host, status="running", cells=cells)
     try:

@@ -13,7 +13,8 @@ import os
 from .. import hostinfo
 from ..analysis.plan import SweepConfig, boot_order, cell_recipes, sweep_cells, warmup_cell
 from ..errors import PyvmmError
-from ..results import Saver, finishing, new_doc
+from ..analysis.plan import new_doc
+from ..results import Saver, finishing
 from ..vmm.vm import check_nofile
 from ..drivers import native
 

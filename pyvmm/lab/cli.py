@@ -15,7 +15,9 @@ from ..ui import console, err_console, int_list, progress, recipes_arg
 from .arch import get_arch
 from .builds import kcheck
 from .builds.patch import load_patches
-from .experiments import kernel_lab, matrix, prepare, vcpus
+from .builds.variant import Variant, parse_variant, parse_variants
+from .experiments import kernel_lab, matrix, options, vcpus
+from .experiments.ready import check_available
 from .sources.debian import KERNEL_SPEC_FORMS
 
 
@@ -147,24 +149,24 @@ def _sweep_config(args) -> SweepConfig:
                        ioev_len=args.ioev_len, control_n=args.control_n)
 
 
-def _lab_options(args, **kw) -> prepare.LabOptions:
-    kw["arch"] = get_arch(args.arch)
-    if "kernel" in kw:
-        # a whole variant name: [arm64:]KERNEL[+PATCH][@hzN] (--kvm-patch gives the patch
-        # too; both at once must agree)
-        v = prepare.parse_variant(kw["kernel"], arch=kw["arch"])
-        if v.patch and kw.get("kvm_patch") and kw["kvm_patch"] != v.patch:
-            raise LabError(f"--kernel {kw['kernel']} names patch {v.patch} but --kvm-patch "
-                           f"says {kw['kvm_patch']}: give one")
-        kw.update(kernel=v.kernel, arch=v.arch, hz=v.hz,
-                  kvm_patch=v.patch or kw.get("kvm_patch"))
-    return prepare.LabOptions(smp=args.smp, out=args.out, retries=max(0, args.retries),
-                              total_timeout_s=args.timeout,
+def _lab_options(args, variant: Variant, **kw) -> options.LabOptions:
+    return options.LabOptions(variant=variant, smp=args.smp, out=args.out,
+                              retries=max(0, args.retries), total_timeout_s=args.timeout,
                               stall_timeout_s=args.stall_timeout,
                               install=not args.no_install, cmdline=args.cmdline, **kw)
 
 
-class RichUi(prepare.Ui):
+class ConsoleUi(options.Ui):
+    """The lab's reports as plain lines (before a progress display exists)."""
+
+    def __init__(self, con):
+        self.con = con
+
+    def log(self, msg: str) -> None:
+        self.con.print(msg, highlight=False)
+
+
+class RichUi(options.Ui):
     def __init__(self, prog):
         self.prog = prog
         self.task = prog.add_task("starting", total=None)
@@ -182,9 +184,13 @@ class RichUi(prepare.Ui):
 
 
 def cmd_kernel(args) -> int:
-    opts = _lab_options(args, kernel=args.kernel, kvm_patch=args.kvm_patch)
-    prepare.check_options(opts)      # bad arguments fail before any tool or download
+    # --kernel is a whole variant name ([arm64:]KERNEL[+PATCH][@hzN]); --kvm-patch gives
+    # the patch too (both at once must agree)
+    v = parse_variant(args.kernel, arch=get_arch(args.arch), patch=args.kvm_patch)
+    opts = _lab_options(args, v)
+    options.check_options(opts)      # bad arguments fail before any tool or download
     cfg = _sweep_config(args)
+    check_available([v], ConsoleUi(console))
     boots = len(kernel_lab.make_plan(cfg)) - cfg.warmup
     variant = opts.variant.label
     console.print(f"pyvmm lab kernel: {variant}, {boots} boots "
@@ -219,20 +225,20 @@ def _progress(con):
 
 
 def cmd_matrix(args) -> int:
-    variants = matrix.parse_variants(args.variants, get_arch(args.arch))
-    base = _lab_options(args)
+    variants = parse_variants(args.variants, get_arch(args.arch))
+    base = _lab_options(args, variants[0])
     cfg = _sweep_config(args)
     out_con = console
     if args.json:                       # stdout carries only the JSON object
         out_con = err_console
     workload = None
     if args.workload:
-        from .experiments import inner
+        from .experiments import inside
         if args.trace_repeats < 1:
             raise LabError(f"--trace-repeats {args.trace_repeats}: give at least 1")
         workload = args.workload if ":" in args.workload else f"{args.workload}:0"
         try:
-            inner.parse_job(f"trace:{workload}:{args.trace_repeats}")
+            inside.parse_job(f"trace:{workload}:{args.trace_repeats}")
         except PyvmmError:
             raise LabError(f"--workload {args.workload}: the lab traces qemu-microvm[:K] "
                            "(K virtio-mmio devices)") from None
@@ -264,7 +270,7 @@ def cmd_vcpus(args) -> int:
     ks = vcpus.check_vcpus(int_list(args.vcpus))
     cfg = vcpus.sweep_config(ks, int_list(args.ns), args.repeats, args.warmup, args.seed,
                              args.control_n)
-    base = _lab_options(args)
+    base = _lab_options(args, variants[0])
     boots = len(kernel_lab.make_plan(cfg)) - cfg.warmup
     console.print(f"pyvmm lab vcpus: {', '.join(v.label for v in variants)}; vCPUs "
                   f"{','.join(map(str, ks))}, N {','.join(map(str, cfg.ns))}; {boots} boots "
@@ -284,23 +290,22 @@ def cmd_vcpus(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from .experiments import inner, jobs
+    from .experiments import inside, jobs
     for j in args.jobs:
-        inner.parse_job(j)
-    kernel, arch = prepare.split_arch(args.kernel)
-    if arch.cross_prefix:
+        inside.parse_job(j)
+    v = parse_variant(args.kernel, patch=args.kvm_patch)
+    if v.arch.cross_prefix:
         raise LabError(f"pyvmm lab run: the jobs need a Python runtime of the lab's "
-                       f"architecture, which the {arch.debian} lab does not have; it runs the "
-                       "sweep (pyvmm lab kernel --arch arm64, lab matrix --arch arm64)")
-    kernel, hz = prepare.split_build(kernel)
-    opts = prepare.LabOptions(kernel=kernel, kvm_patch=args.kvm_patch, hz=hz,
-                              kvm_args=jobs.parse_kvm_args(args.kvm_arg), smp=args.smp,
-                              out=args.out, total_timeout_s=args.timeout,
+                       f"architecture, which the {v.arch.debian} lab does not have; it runs "
+                       "the sweep (pyvmm lab kernel --arch arm64, lab matrix --arch arm64)")
+    opts = options.LabOptions(variant=v, kvm_args=options.parse_kvm_args(args.kvm_arg),
+                              smp=args.smp, out=args.out, total_timeout_s=args.timeout,
                               install=not args.no_install, cmdline=args.cmdline)
-    prepare.check_options(opts)
+    options.check_options(opts)
     con = console
     if args.json:
         con = err_console
+    check_available([v], ConsoleUi(con))
     variant = opts.variant.label
     extra = " ".join(f"{m}:{p}" for m, p in opts.kvm_args.items())
     con.print(f"pyvmm lab run: {variant}{' ' + extra if extra else ''}, jobs "

@@ -100,6 +100,10 @@ def cmd_trace(args) -> int:
     else:
         raise PyvmmError("nothing to trace: give a command after -- (pyvmm trace -- "
                          "qemu-system-x86_64 ...) or --vmm qemu-microvm[:K]")
+    from .probesite import executable
+    if executable(argv[0]) is None:     # before anything is printed or created
+        raise PyvmmError(f"{argv[0]}: not found or not an executable (give a path, or a "
+                         "command on PATH)")
     con = err_console if args.json else console
     use_strace = args.strace
     if not use_strace:

@@ -12,16 +12,18 @@ from __future__ import annotations
 import functools
 import os
 
-KVMIO = 0xAE
+from ..vmm.abi import (KVM_IOEVENTFD_FLAG_DATAMATCH as IOEVENTFD_DATAMATCH,
+                       KVM_IOEVENTFD_FLAG_DEASSIGN as IOEVENTFD_DEASSIGN,
+                       KVM_IOEVENTFD_FLAG_PIO as IOEVENTFD_PIO,
+                       KVM_IRQFD_FLAG_DEASSIGN as IRQFD_DEASSIGN, KVM_MEM_GUEST_MEMFD,
+                       KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, KVMIO)
+
 _DIRS = {0: "-", 1: "w", 2: "r", 3: "rw"}
 TABLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kvm_ioctls.txt")
 
-# struct kvm_ioeventfd flags
-IOEVENTFD_DATAMATCH, IOEVENTFD_PIO, IOEVENTFD_DEASSIGN = 1 << 0, 1 << 1, 1 << 2
-# struct kvm_userspace_memory_region flags
-MEM_FLAGS = {1 << 0: "LOG_DIRTY_PAGES", 1 << 1: "READONLY", 1 << 2: "GUEST_MEMFD"}
-# struct kvm_irqfd flags
-IRQFD_DEASSIGN, IRQFD_RESAMPLE = 1 << 0, 1 << 1
+# struct kvm_userspace_memory_region flags, by name (the numbers are the ABI's)
+MEM_FLAGS = {KVM_MEM_LOG_DIRTY_PAGES: "LOG_DIRTY_PAGES", KVM_MEM_READONLY: "READONLY",
+             KVM_MEM_GUEST_MEMFD: "GUEST_MEMFD"}
 
 
 @functools.lru_cache(maxsize=1)

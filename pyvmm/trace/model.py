@@ -113,158 +113,192 @@ def build(events: list[tracefs.Event], scale: float, root: int | None,
         first = next((e for e in events if e.name == "sched_process_exec"), None)
         m = _EXEC.search(first.body) if first else None
         root = int(m.group(2)) if m else None
-    events = sorted(events, key=lambda e: e.ts)     # tracefs merges CPUs in order already
-    s = Startup()
-    s.root = root
-    procs = s.processes
-    fds: dict[int, dict[int, str]] = {}             # tgid -> fd -> kind
-    open_call: dict[int, Ioctl] = {}
-    closing: dict[int, int] = {}                     # tid -> fd being closed
-    pending: dict[int, tuple] = {}                   # tid -> uprobe (fd, cmd, arg, words)
-    done: dict[int, Ioctl] = {}                      # tid -> the ioctl that just returned
-    asleep: dict[int, tuple[Ioctl, Sleep, tracefs.Event]] = {}
-    tgid_of: dict[int, int] = {}
-    origin = None
-    first_run = None
+    b = _Builder(root, scale)
+    for ev in sorted(events, key=lambda e: e.ts):     # tracefs merges CPUs in order already
+        b.feed(ev)
+    s = b.s
+    # Calls still open at the end (the trace stopped first) are dropped; their sleeps too.
+    s.scale = scale
+    s.origin = s.milestones.get("exec", b.origin or 0.0)
+    _rebase(s, s.origin)
+    s.milestones = _milestones(s, b.first_run, port)
+    return s
 
-    def proc(pid: int) -> Process:
-        p = procs.get(pid)
+
+class _Builder:
+    """The state of one pass over the events: which fds are what, the calls open on each
+    thread, the sleeps in progress; one method per kind of event."""
+
+    def __init__(self, root: int | None, scale: float):
+        self.s = Startup()
+        self.s.root = self.root = root
+        self.scale = scale
+        self.fds: dict[int, dict[int, str]] = {}            # tgid -> fd -> kind
+        self.open_call: dict[int, Ioctl] = {}
+        self.closing: dict[int, int] = {}                   # tid -> fd being closed
+        self.pending: dict[int, tuple] = {}                 # tid -> uprobe (fd, cmd, arg, words)
+        self.done: dict[int, Ioctl] = {}                    # tid -> the ioctl that just returned
+        self.asleep: dict[int, tuple[Ioctl, Sleep, tracefs.Event]] = {}
+        self.tgid_of: dict[int, int] = {}
+        self.origin: float | None = None
+        self.first_run: float | None = None
+        self.handlers = {"sched_process_exec": self.exec_, "sched_process_fork": self.fork,
+                         "sched_process_exit": self.exit_, UPROBE_EVENT: self.uprobe,
+                         UPROBE_AFTER: self.uprobe, "sys_enter": self.sys_enter,
+                         "sys_exit": self.sys_exit, "sched_switch": self.switch,
+                         "sched_wakeup": self.wakeup, "sched_waking": self.wakeup,
+                         "kvm_userspace_exit": self.kvm_exit, "kvm_pio": self.pio}
+
+    def proc(self, pid: int) -> Process:
+        p = self.s.processes.get(pid)
         if p is None:
-            p = procs[pid] = Process(pid)
+            p = self.s.processes[pid] = Process(pid)
         return p
 
-    for ev in events:
-        t = ev.ts * scale
+    def feed(self, ev: tracefs.Event) -> None:
+        t = ev.ts * self.scale
         tid = ev.tid
-        tgid = ev.tgid if ev.tgid else tgid_of.get(tid, tid)
-        tgid_of.setdefault(tid, tgid)
-        name, body = ev.name, ev.body
-        if origin is None:
-            origin = t
-        if tid in asleep and not (name == "sched_switch" and ev is asleep[tid][2]):
+        tgid = ev.tgid if ev.tgid else self.tgid_of.get(tid, tid)
+        self.tgid_of.setdefault(tid, tgid)
+        if self.origin is None:
+            self.origin = t
+        if tid in self.asleep and not (ev.name == "sched_switch" and ev is self.asleep[tid][2]):
             # The thread runs again: tracefs may not show the switch back in (the idle
             # task's switch is filtered by pid), so its next event of any kind ends the
             # sleep, at the latest.
-            c, sl, _ = asleep.pop(tid)
+            c, sl, _ = self.asleep.pop(tid)
             sl.t_in = t
             c.sleeps.append(sl)
-        if name == "sched_process_exec":
-            m = _EXEC.search(body)
-            if m:
-                p = proc(int(m.group(2)))
-                p.filename = m.group(1)
-                if p.t_exec is None:
-                    p.t_exec = t
-                if root is not None and p.pid == root and s.milestones.get("exec") is None:
-                    s.milestones["exec"] = t
-        elif name == "sched_process_fork":
-            c = _CHILD.search(body)
-            if c:
-                child = int(c.group(1))
-                # A thread shares its parent's tgid; record-tgid says which it is later.
-                tgid_of.setdefault(child, child)
-        elif name == "sched_process_exit":
-            m = _PID.search(body)
-            if m:
-                pid = int(m.group(1))
-                if pid == tgid_of.get(pid, pid):
-                    proc(pid).t_exit = t
-                    if pid == root:
-                        s.milestones["process end"] = t
-        elif name == UPROBE_EVENT or name == UPROBE_AFTER:
-            m = _UPROBE.search(body)
-            if m:
-                s.uprobe_hits += 1
-                words = tuple(int(w, 16) for w in m.groups()[3:7]) if m.group(4) else None
-                up = (int(m.group(1)), int(m.group(2), 16), int(m.group(3), 16), words)
-                if name == UPROBE_EVENT:
-                    pending[tid] = up
-                else:       # after the call: the thread's ioctl that just returned
-                    call = done.pop(tid, None)
-                    if call is not None and call.words is None and call.fd == up[0] \
-                            and (call.cmd & 0xFFFFFFFF) == (up[1] & 0xFFFFFFFF):
-                        call.words = words
-                        call.args = ioctls.args(call.name, call.arg, words)
-        elif name == "sys_enter":
-            e = tracefs.sys_enter(body)
-            if not e:
-                continue
-            nr, a = e
-            if nr == NR_IOCTL:
-                done.pop(tid, None)
-            if nr == NR_IOCTL and len(a) >= 3 and ioctls.is_kvm(a[1]):
-                words = None
-                up = pending.pop(tid, None)
-                if up and up[0] == a[0] and (up[1] & 0xFFFFFFFF) == (a[1] & 0xFFFFFFFF):
-                    words = up[3]
-                call = Ioctl(tid, tgid, a[0], a[1], a[2], t, words)
-                call.kind = fds.get(tgid, {}).get(a[0])
-                call.name = ioctls.name(a[1], call.kind or ioctls.listed_kind(a[1]))
-                call.args = ioctls.args(call.name, a[2], words)
-                open_call[tid] = call
-            elif nr == NR_CLOSE and a:
-                closing[tid] = a[0]
-        elif name == "sys_exit":
-            e = tracefs.sys_exit(body)
-            if not e:
-                continue
-            nr, ret = e
-            if nr == NR_IOCTL:
-                call = open_call.pop(tid, None)
-                if call is None:
-                    continue
-                call.t_out, call.ret = t, ret
-                call.seq = len(s.ioctls)
-                table = fds.setdefault(call.tgid, {})
-                if call.name == "KVM_CREATE_VM" and ret >= 0:
-                    table[call.fd], table[ret] = "system", "vm"
-                elif call.name == "KVM_CREATE_VCPU" and ret >= 0:
-                    table[ret] = "vcpu"
-                elif call.name in ("KVM_GET_API_VERSION", "KVM_GET_VCPU_MMAP_SIZE"):
-                    table[call.fd] = "system"
-                if call.kind is None:
-                    call.kind = table.get(call.fd) or ioctls.listed_kind(call.cmd)
-                s.ioctls.append(call)
-                done[tid] = call
-                if call.name == "KVM_RUN" and first_run is None:
-                    first_run = call.t_in
-            elif nr == NR_CLOSE:
-                fd = closing.pop(tid, None)
-                if fd is not None and ret == 0:
-                    fds.get(tgid, {}).pop(fd, None)
-        elif name == "sched_switch":
-            m = _SWITCH.search(body)
-            if not m:
-                continue
-            prev, state, nxt = int(m.group(1)), m.group(2), int(m.group(3))
-            call = open_call.get(prev)
-            if call is not None and prev not in asleep:
-                sl = Sleep(t, state.rstrip("+")[:1] or "R", ev.stack)
-                asleep[prev] = (call, sl, ev)
-            back = asleep.pop(nxt, None)
-            if back is not None:
-                c, sl, _ = back
-                sl.t_in = t
-                c.sleeps.append(sl)
-        elif name in ("sched_wakeup", "sched_waking"):
-            m = _PID.search(body)
-            if m:
-                pid = int(m.group(1))
-                if pid in asleep and asleep[pid][1].t_wake is None:
-                    asleep[pid][1].waker = ev.comm
-                    asleep[pid][1].t_wake = t
-        elif name == "kvm_userspace_exit":
-            m = _EXIT_REASON.search(body)
-            s.exits.append((t, m.group(1) if m else "?"))
-        elif name == "kvm_pio":
-            m = _PIO.search(body)
-            if m:
-                s.ports.append((t, m.group(1)[0], int(m.group(2), 16),
-                                int(m.group(5), 16) if m.group(5) else None))
-    # Calls still open at the end (the trace stopped first) are dropped; their sleeps too.
-    s.scale = scale
-    s.origin = s.milestones.get("exec", origin or 0.0)
-    o = s.origin
+        handler = self.handlers.get(ev.name)
+        if handler is not None:
+            handler(ev, t, tid, tgid)
+
+    def exec_(self, ev, t, tid, tgid) -> None:
+        m = _EXEC.search(ev.body)
+        if m:
+            p = self.proc(int(m.group(2)))
+            p.filename = m.group(1)
+            if p.t_exec is None:
+                p.t_exec = t
+            if self.root is not None and p.pid == self.root \
+                    and self.s.milestones.get("exec") is None:
+                self.s.milestones["exec"] = t
+
+    def fork(self, ev, t, tid, tgid) -> None:
+        c = _CHILD.search(ev.body)
+        if c:
+            # A thread shares its parent's tgid; record-tgid says which it is later.
+            self.tgid_of.setdefault(int(c.group(1)), int(c.group(1)))
+
+    def exit_(self, ev, t, tid, tgid) -> None:
+        m = _PID.search(ev.body)
+        if m:
+            pid = int(m.group(1))
+            if pid == self.tgid_of.get(pid, pid):
+                self.proc(pid).t_exit = t
+                if pid == self.root:
+                    self.s.milestones["process end"] = t
+
+    def uprobe(self, ev, t, tid, tgid) -> None:
+        m = _UPROBE.search(ev.body)
+        if not m:
+            return
+        self.s.uprobe_hits += 1
+        words = tuple(int(w, 16) for w in m.groups()[3:7]) if m.group(4) else None
+        up = (int(m.group(1)), int(m.group(2), 16), int(m.group(3), 16), words)
+        if ev.name == UPROBE_EVENT:
+            self.pending[tid] = up
+            return
+        call = self.done.pop(tid, None)     # after the call: the ioctl that just returned
+        if call is not None and call.words is None and call.fd == up[0] \
+                and (call.cmd & 0xFFFFFFFF) == (up[1] & 0xFFFFFFFF):
+            call.words = words
+            call.args = ioctls.args(call.name, call.arg, words)
+
+    def sys_enter(self, ev, t, tid, tgid) -> None:
+        e = tracefs.sys_enter(ev.body)
+        if not e:
+            return
+        nr, a = e
+        if nr == NR_IOCTL:
+            self.done.pop(tid, None)
+        if nr == NR_IOCTL and len(a) >= 3 and ioctls.is_kvm(a[1]):
+            words = None
+            up = self.pending.pop(tid, None)
+            if up and up[0] == a[0] and (up[1] & 0xFFFFFFFF) == (a[1] & 0xFFFFFFFF):
+                words = up[3]
+            call = Ioctl(tid, tgid, a[0], a[1], a[2], t, words)
+            call.kind = self.fds.get(tgid, {}).get(a[0])
+            call.name = ioctls.name(a[1], call.kind or ioctls.listed_kind(a[1]))
+            call.args = ioctls.args(call.name, a[2], words)
+            self.open_call[tid] = call
+        elif nr == NR_CLOSE and a:
+            self.closing[tid] = a[0]
+
+    def sys_exit(self, ev, t, tid, tgid) -> None:
+        e = tracefs.sys_exit(ev.body)
+        if not e:
+            return
+        nr, ret = e
+        if nr == NR_CLOSE:
+            fd = self.closing.pop(tid, None)
+            if fd is not None and ret == 0:
+                self.fds.get(tgid, {}).pop(fd, None)
+            return
+        call = self.open_call.pop(tid, None) if nr == NR_IOCTL else None
+        if call is None:
+            return
+        call.t_out, call.ret = t, ret
+        call.seq = len(self.s.ioctls)
+        table = self.fds.setdefault(call.tgid, {})
+        if call.name == "KVM_CREATE_VM" and ret >= 0:
+            table[call.fd], table[ret] = "system", "vm"
+        elif call.name == "KVM_CREATE_VCPU" and ret >= 0:
+            table[ret] = "vcpu"
+        elif call.name in ("KVM_GET_API_VERSION", "KVM_GET_VCPU_MMAP_SIZE"):
+            table[call.fd] = "system"
+        if call.kind is None:
+            call.kind = table.get(call.fd) or ioctls.listed_kind(call.cmd)
+        self.s.ioctls.append(call)
+        self.done[tid] = call
+        if call.name == "KVM_RUN" and self.first_run is None:
+            self.first_run = call.t_in
+
+    def switch(self, ev, t, tid, tgid) -> None:
+        m = _SWITCH.search(ev.body)
+        if not m:
+            return
+        prev, state, nxt = int(m.group(1)), m.group(2), int(m.group(3))
+        call = self.open_call.get(prev)
+        if call is not None and prev not in self.asleep:
+            self.asleep[prev] = (call, Sleep(t, state.rstrip("+")[:1] or "R", ev.stack), ev)
+        back = self.asleep.pop(nxt, None)
+        if back is not None:
+            c, sl, _ = back
+            sl.t_in = t
+            c.sleeps.append(sl)
+
+    def wakeup(self, ev, t, tid, tgid) -> None:
+        m = _PID.search(ev.body)
+        if m:
+            pid = int(m.group(1))
+            if pid in self.asleep and self.asleep[pid][1].t_wake is None:
+                self.asleep[pid][1].waker = ev.comm
+                self.asleep[pid][1].t_wake = t
+
+    def kvm_exit(self, ev, t, tid, tgid) -> None:
+        m = _EXIT_REASON.search(ev.body)
+        self.s.exits.append((t, m.group(1) if m else "?"))
+
+    def pio(self, ev, t, tid, tgid) -> None:
+        m = _PIO.search(ev.body)
+        if m:
+            self.s.ports.append((t, m.group(1)[0], int(m.group(2), 16),
+                                 int(m.group(5), 16) if m.group(5) else None))
+
+
+def _rebase(s: Startup, o: float) -> None:
+    """Every time of the start-up made relative to its origin `o`."""
     for c in s.ioctls:
         c.t_in -= o
         c.t_out -= o
@@ -273,13 +307,18 @@ def build(events: list[tracefs.Event], scale: float, root: int | None,
             sl.t_in -= o
             if sl.t_wake is not None:
                 sl.t_wake -= o
-    for p in procs.values():
+    for p in s.processes.values():
         if p.t_exec is not None:
             p.t_exec -= o
         if p.t_exit is not None:
             p.t_exit -= o
     s.ports = [(t - o, d, port_, v) for t, d, port_, v in s.ports]
     s.exits = [(t - o, r) for t, r in s.exits]
+
+
+def _milestones(s: Startup, first_run: float | None, port: int | None) -> dict[str, float]:
+    """The start-up's milestones in time order (times relative to the origin)."""
+    o = s.origin
     ms = {k: v - o for k, v in s.milestones.items()}
     ms["exec"] = 0.0
     first = {}
@@ -300,5 +339,4 @@ def build(events: list[tracefs.Event], scale: float, root: int | None,
             ms[f"first write to port {port:#x}"] = hits[0]
     if "process end" not in ms and s.ioctls:
         ms["process end"] = max(c.t_out for c in s.ioctls)
-    s.milestones = dict(sorted(ms.items(), key=lambda kv: kv[1]))
-    return s
+    return dict(sorted(ms.items(), key=lambda kv: kv[1]))

@@ -16,26 +16,25 @@ our own follows its whole process tree (set_event_pid with event-fork) with
   dear, most of what tracing costs a start-up); the data is then read after the call.
 
 Then the command is released and waited for. Whatever the kernel lacks is left out and
-said (`notes`): no uprobes means no arguments, no trigger means no stacks. Without
-tracefs or root, strace -f -T gives the per-ioctl times alone (and slows the start-up
-several times).
+said (`notes`): no uprobes means no arguments, no trigger means no stacks. Where the
+uprobe goes is probesite.py's; without tracefs or root, strace.py's fallback gives the
+per-ioctl times alone (and slows the start-up several times).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import re
 import shutil
 import signal
 import subprocess
 import threading
 import time
-from typing import NamedTuple
 
 from .. import tracefs
 from ..errors import PyvmmError, TraceUnavailable
 from . import model
+from .probesite import ProbeSite, executable, ioctl_site, symbol_offset
 
 PREFIX = "pyvmm-trace"
 # A stack for every switch-out but an interruptible sleep: uninterruptible sleeps (D:
@@ -48,35 +47,6 @@ SLEEP_TRIGGER = "stacktrace if prev_state != 1"
 TIMER_EVENTS = ("timer/timer_start", "timer/timer_expire_entry",
                 "workqueue/workqueue_execute_start")
 TIMER_NAMES = {e.split("/")[1] for e in TIMER_EVENTS}
-
-
-class ProbeSite(NamedTuple):
-    """Where the uprobe goes and where the third argument is when it fires: `arg` is
-    '%dx' at the function's entry, or a slot of the stack ('+48(%sp)') after the syscall
-    (`after`), where the function saved it; fd and request stay in %di and %si."""
-    path: str
-    offset: int
-    arg: str = "%dx"
-    after: bool = False
-
-    @property
-    def fetch(self) -> str:
-        a = self.arg
-        return (f"fd=%di:s32 cmd=%si:x64 arg={a}:x64 w0=+0({a}):x64 w1=+8({a}):x64 "
-                f"w2=+16({a}):x64 w3=+24({a}):x64")
-
-    @property
-    def event(self) -> str:
-        return model.UPROBE_AFTER if self.after else model.UPROBE_EVENT
-
-    def text(self) -> str:
-        """One line for a lab job's environment (parse() reads it back)."""
-        return f"{self.path}:{self.offset:#x}:{self.arg}"
-
-    @classmethod
-    def parse(cls, text: str) -> "ProbeSite":
-        path, off, arg = text.rsplit(":", 2)
-        return cls(path, int(off, 0), arg, arg != "%dx")
 
 
 class Recording:
@@ -96,145 +66,6 @@ class Recording:
         self.text = ""              # the trace as tracefs printed it
         self.timer_events: list[tracefs.Event] = []    # with timers=True
         self.probe: str | None = None   # where the uprobe sat, when there was one
-
-
-# --- where ioctl() lives ------------------------------------------------------------------
-
-def executable(argv0: str) -> str | None:
-    """The ELF file that will run: the command itself, or a script's interpreter."""
-    path = argv0 if os.sep in argv0 else shutil.which(argv0)
-    if not path or not os.path.isfile(path):
-        return None
-    path = os.path.realpath(path)
-    with open(path, "rb") as f:
-        head = f.read(256)
-    if head.startswith(b"#!"):
-        words = head[2:].split(b"\n", 1)[0].split()
-        if not words:
-            return None
-        interp = words[0].decode(errors="replace")
-        if os.path.basename(interp) == "env" and len(words) > 1:
-            return executable(words[1].decode(errors="replace"))
-        return executable(interp)
-    return path if head.startswith(b"\x7fELF") else None
-
-
-def ioctl_site(exe: str) -> ProbeSite | tuple[None, str]:
-    """Where to probe the ioctl() the executable calls: its C library's, or its own when
-    it is linked statically; (None, why) when it cannot be found."""
-    p = subprocess.run(["ldd", exe], capture_output=True, text=True)
-    libc = None
-    for line in p.stdout.splitlines():
-        m = re.match(r"\s*libc\.so\.\d+ => (\S+)", line)
-        if m:
-            libc = m.group(1)       # the path the loader uses (a lab initramfs has only it)
-    target = libc or exe
-    vaddr = symbol_address(target, "ioctl")
-    if vaddr is None:
-        return None, f"no ioctl symbol in {target}"
-    after = branch_after_syscall(target, vaddr)
-    if after is not None:
-        at, slot = after
-        return ProbeSite(target, _file_offset(target, at), f"+{slot}(%sp)", True)
-    return ProbeSite(target, _file_offset(target, vaddr))
-
-
-_REGS = {r: {f"%r{r}", f"%e{r}", f"%{r}", f"%{r}l"} for r in ("di", "si", "dx", "sp")}
-_INSN = re.compile(r"^\s*([0-9a-f]+):\s+(?:(?:ds|cs|fs|gs|notrack|bnd)\s+)*(\S+)\s*(.*?)\s*(?:#.*)?$")
-
-
-def _dest(ops: str) -> str:
-    """The operand an AT&T instruction writes (its last), '' for none."""
-    depth, last = 0, 0
-    for i, ch in enumerate(ops):
-        depth += ch == "("
-        depth -= ch == ")"
-        if ch == "," and depth == 0:
-            last = i + 1
-    return ops[last:].strip()
-
-
-def branch_after_syscall(path: str, vaddr: int) -> tuple[int, int] | None:
-    """(address of the conditional branch right after the function's syscall, stack
-    slot where the function saved its third argument), or None when the code is not the
-    plain shape this needs: straight-line code that saves %rdx to the stack below one
-    frame adjustment, the syscall, and then a conditional branch, with %rdi, %rsi and
-    %rsp untouched until it. Anything else keeps the probe at the entry."""
-    if not shutil.which("objdump"):
-        return None
-    p = subprocess.run(["objdump", "-d", "--no-show-raw-insn", f"--start-address={vaddr:#x}",
-                        f"--stop-address={vaddr + 192:#x}", path],
-                       capture_output=True, text=True)
-    return branch_in(p.stdout)
-
-
-def branch_in(disassembly: str) -> tuple[int, int] | None:
-    """branch_after_syscall on objdump's text (pure)."""
-    slot, framed, called = None, False, False
-    for line in disassembly.splitlines():
-        m = _INSN.match(line)
-        if not m:
-            continue
-        addr, mn, ops = int(m.group(1), 16), m.group(2), m.group(3)
-        dest = _dest(ops)
-        branch = mn.startswith(("j", "call", "ret", "loop")) or mn in ("syscall", "int3",
-                                                                       "push", "pop")
-        if called:
-            if mn.startswith("j") and not mn.startswith("jmp"):
-                return addr, slot
-            if branch or dest in _REGS["di"] | _REGS["si"] | _REGS["sp"]:
-                return None
-            continue
-        if mn == "syscall":
-            if slot is None:
-                return None
-            called = True
-            continue
-        if branch or dest in _REGS["di"] | _REGS["si"]:
-            return None
-        if dest in _REGS["sp"]:
-            if framed or slot is not None or not re.fullmatch(r"\$0x[0-9a-f]+,%rsp", ops) \
-                    or mn != "sub":
-                return None
-            framed = True
-            continue
-        if dest in _REGS["dx"] and slot is None:
-            return None             # the argument changed before it was saved
-        save = re.fullmatch(r"%rdx,(0x[0-9a-f]+)?\(%rsp\)", ops)
-        if mn == "mov" and save and slot is None:
-            slot = int(save.group(1) or "0", 16)
-    return None
-
-
-def symbol_offset(path: str, name: str) -> int | None:
-    """The file offset of a defined function symbol (dynamic or static), for a uprobe."""
-    vaddr = symbol_address(path, name)
-    return None if vaddr is None else _file_offset(path, vaddr)
-
-
-def symbol_address(path: str, name: str) -> int | None:
-    """The virtual address of a defined function symbol (dynamic or static)."""
-    for args in (["nm", "-D", "--defined-only", path], ["nm", "--defined-only", path]):
-        if not shutil.which("nm"):
-            return None
-        p = subprocess.run(args, capture_output=True, text=True)
-        for line in p.stdout.splitlines():
-            parts = line.split()
-            if len(parts) == 3 and parts[2].split("@", 1)[0] == name and parts[1] in "TtWwiI":
-                return int(parts[0], 16)
-    return None
-
-
-def _file_offset(path: str, vaddr: int) -> int:
-    """A virtual address of an ELF file as an offset in it (through its PT_LOAD)."""
-    p = subprocess.run(["readelf", "-lW", path], capture_output=True, text=True)
-    for line in p.stdout.splitlines():
-        parts = line.split()
-        if parts and parts[0] == "LOAD" and len(parts) >= 6:
-            off, va, filesz = int(parts[1], 16), int(parts[2], 16), int(parts[4], 16)
-            if va <= vaddr < va + filesz:
-                return vaddr - va + off
-    return vaddr
 
 
 # --- the tracefs run ----------------------------------------------------------------------
@@ -266,62 +97,18 @@ def record(argv: list[str], port: int | None = None, timeout_s: float = 120.0,
         _clean_stale(root)
     with contextlib.ExitStack() as stack:
         inst = stack.enter_context(tracefs.Instance(f"{PREFIX}-{os.getpid()}", root))
-        also = []
-        if timers:
-            tinst = stack.enter_context(tracefs.Instance(f"{PREFIX}-{os.getpid()}-timers",
-                                                         root, buffer_kb=8192))
-            if all([tinst.enable(e) for e in TIMER_EVENTS]) and tinst.clock == inst.clock:
-                also.append(tinst)
-            else:
-                rec.notes.append("no timer or workqueue events: the grace period's timer "
-                                 "is not shown")
+        also = _timer_instance(stack, inst, root, rec) if timers else []
         rec.clock = inst.clock
-        if not inst.enable("raw_syscalls", f"id == {model.NR_IOCTL} || id == {model.NR_CLOSE}"):
-            raise TraceUnavailable(f"{root}/events/raw_syscalls is missing: this kernel has "
-                                   "no syscall tracepoints (CONFIG_FTRACE_SYSCALLS)")
-        for ev in ("sched/sched_process_exec", "sched/sched_process_fork",
-                   "sched/sched_process_exit", "sched/sched_wakeup"):
-            if not inst.enable(ev):
-                rec.notes.append(f"no {ev} event")
-        if not inst.enable("sched/sched_switch"):
-            rec.notes.append("no sched_switch event: sleeps inside ioctls are not seen")
-        elif not stacks:
-            rec.notes.append("stacks off (--no-stacks): what sleeps waited for is unknown")
-        elif not inst.trigger("sched/sched_switch", SLEEP_TRIGGER):
-            rec.notes.append("the stacktrace trigger was refused: sleeps have no kernel "
-                             "stacks, so what they waited for is unknown")
-        if not inst.enable("kvm/kvm_userspace_exit"):
-            rec.notes.append("no kvm:kvm_userspace_exit event: no first guest exit")
-        if port is not None and not inst.enable("kvm/kvm_pio"):
-            rec.notes.append("no kvm:kvm_pio event: port writes are not seen")
+        _enable_events(inst, rec, root, port, stacks)
         if not arguments:
             site = (None, "--no-args")
         elif site is None:
             site = ioctl_site(exe)
-        group = f"pyvmm_{os.getpid()}"
-        if site[0] is None:
-            rec.notes.append(f"no uprobe ({site[1]}): ioctl arguments are not decoded")
-        else:
-            placed = _probe(inst, group, site)
-            if not placed and site.after:
-                # a kernel that refuses the probe after the syscall: the entry, then
-                entry = symbol_offset(site.path, "ioctl")
-                site = ProbeSite(site.path, entry or 0)
-                placed = entry is not None and _probe(inst, group, site)
-            if not placed:
-                rec.notes.append("uprobes are not available: ioctl arguments are not "
-                                 "decoded")
-            elif not inst.enable(f"{group}/{site.event}"):
-                rec.notes.append("the uprobe could not be enabled: ioctl arguments are not "
-                                 "decoded")
-            else:
-                rec.probe = (f"{os.path.basename(site.path)}+{site.offset:#x} "
-                             + ("after the syscall" if site.after else "at ioctl()'s entry"))
+        _place_uprobe(inst, rec, site)
         inst.option("event-fork", True)
         rec.pid, rec.rc, rec.wall_ns, released = _run_held(argv, inst, timeout_s, output,
                                                             env, also)
-        text = inst.text()
-        rec.text = text
+        rec.text = inst.text()
         if also:
             rec.timer_events = [e for e in tracefs.parse_events(also[0].text())
                                 if e.name in TIMER_NAMES]
@@ -329,7 +116,69 @@ def record(argv: list[str], port: int | None = None, timeout_s: float = 120.0,
         if lost:
             rec.notes.append(f"tracefs dropped {lost} events (buffer full): the trace has "
                              "holes")
-    rec.events = tracefs.parse_events(text)
+    _model(rec, port, released)
+    return rec
+
+
+def _timer_instance(stack, inst: tracefs.Instance, root: str, rec: Recording) -> list:
+    """A second instance, machine-wide, for the timer wheel and the workqueue."""
+    tinst = stack.enter_context(tracefs.Instance(f"{PREFIX}-{os.getpid()}-timers", root,
+                                                 buffer_kb=8192))
+    if all([tinst.enable(e) for e in TIMER_EVENTS]) and tinst.clock == inst.clock:
+        return [tinst]
+    rec.notes.append("no timer or workqueue events: the grace period's timer is not shown")
+    return []
+
+
+def _enable_events(inst: tracefs.Instance, rec: Recording, root: str, port: int | None,
+                   stacks: bool) -> None:
+    """The events of a start-up; what the kernel lacks is said in rec.notes."""
+    if not inst.enable("raw_syscalls", f"id == {model.NR_IOCTL} || id == {model.NR_CLOSE}"):
+        raise TraceUnavailable(f"{root}/events/raw_syscalls is missing: this kernel has "
+                               "no syscall tracepoints (CONFIG_FTRACE_SYSCALLS)")
+    for ev in ("sched/sched_process_exec", "sched/sched_process_fork",
+               "sched/sched_process_exit", "sched/sched_wakeup"):
+        if not inst.enable(ev):
+            rec.notes.append(f"no {ev} event")
+    if not inst.enable("sched/sched_switch"):
+        rec.notes.append("no sched_switch event: sleeps inside ioctls are not seen")
+    elif not stacks:
+        rec.notes.append("stacks off (--no-stacks): what sleeps waited for is unknown")
+    elif not inst.trigger("sched/sched_switch", SLEEP_TRIGGER):
+        rec.notes.append("the stacktrace trigger was refused: sleeps have no kernel "
+                         "stacks, so what they waited for is unknown")
+    if not inst.enable("kvm/kvm_userspace_exit"):
+        rec.notes.append("no kvm:kvm_userspace_exit event: no first guest exit")
+    if port is not None and not inst.enable("kvm/kvm_pio"):
+        rec.notes.append("no kvm:kvm_pio event: port writes are not seen")
+
+
+def _place_uprobe(inst: tracefs.Instance, rec: Recording, site) -> None:
+    """The uprobe at `site` (a ProbeSite, or (None, why)); after the syscall where the
+    kernel takes it, else at the function's entry; what failed is said in rec.notes."""
+    group = f"pyvmm_{os.getpid()}"
+    if site[0] is None:
+        rec.notes.append(f"no uprobe ({site[1]}): ioctl arguments are not decoded")
+        return
+    placed = _probe(inst, group, site)
+    if not placed and site.after:
+        # a kernel that refuses the probe after the syscall: the entry, then
+        entry = symbol_offset(site.path, "ioctl")
+        site = ProbeSite(site.path, entry or 0)
+        placed = entry is not None and _probe(inst, group, site)
+    if not placed:
+        rec.notes.append("uprobes are not available: ioctl arguments are not decoded")
+    elif not inst.enable(f"{group}/{site.event}"):
+        rec.notes.append("the uprobe could not be enabled: ioctl arguments are not decoded")
+    else:
+        rec.probe = (f"{os.path.basename(site.path)}+{site.offset:#x} "
+                     + ("after the syscall" if site.after else "at ioctl()'s entry"))
+
+
+def _model(rec: Recording, port: int | None, released: int) -> None:
+    """The start-up from the recorded text: events, clock scale, the model, the release
+    and reap milestones, and a note when the uprobe saw nothing."""
+    rec.events = tracefs.parse_events(rec.text)
     marks = []
     for e in rec.events:
         if e.name == "tracing_mark_write":
@@ -348,7 +197,6 @@ def record(argv: list[str], port: int | None = None, timeout_s: float = 120.0,
             and rec.startup.ioctls:
         rec.notes.append("the uprobe on ioctl() saw no call: the command calls the kernel "
                          "without the C library's ioctl(); arguments are not decoded")
-    return rec
 
 
 def _probe(inst: tracefs.Instance, group: str, site: ProbeSite) -> bool:
@@ -428,78 +276,3 @@ def _run_held(argv, inst: tracefs.Instance | None, timeout_s: float, output, env
             proc.send_signal(signal.SIGKILL)
             proc.wait()
         raise
-
-
-# --- without tracefs: strace -f -T ----------------------------------------------------------
-
-_STRACE = re.compile(r"^(\d+)\s+(\d+\.\d+) ioctl\((\d+), ([A-Z0-9_]+|0x[0-9a-f]+)"
-                     r"(?:, (.*))?\) = (-?\d+|\?)(?: \w+ \([^)]*\))? <(\d+\.\d+)>")
-
-
-def record_strace(argv: list[str], timeout_s: float = 120.0, output=subprocess.DEVNULL,
-                  tmpdir: str = "/tmp") -> Recording:
-    """The fallback: per-ioctl times from strace (no sleeps, no stacks, slower)."""
-    if not shutil.which("strace"):
-        raise TraceUnavailable("neither tracefs (as root) nor strace is available: run "
-                               "as root, or apt-get install strace")
-    rec = Recording()
-    rec.method = "strace"
-    rec.notes.append("traced with strace -f -T (no tracefs here): the start-up runs several "
-                     "times slower under it, and there are no sleeps or stacks")
-    out = os.path.join(tmpdir, f"pyvmm-strace-{os.getpid()}.txt")
-    t0 = time.monotonic_ns()
-    p = subprocess.Popen(["strace", "-f", "-T", "-ttt", "-qq", "-e", "trace=ioctl", "-o",
-                          out] + argv, stdin=subprocess.DEVNULL, stdout=output, stderr=output)
-    try:
-        rec.rc = p.wait(timeout_s)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        p.wait()
-        raise PyvmmError(f"{argv[0]} did not exit within {timeout_s:g} s under strace")
-    rec.wall_ns = time.monotonic_ns() - t0
-    rec.pid = p.pid
-    try:
-        with open(out) as f:
-            text = f.read()
-    finally:
-        try:
-            os.unlink(out)
-        except OSError:
-            pass
-    rec.startup = from_strace(text, rec.wall_ns)
-    return rec
-
-
-def from_strace(text: str, wall_ns: int) -> model.Startup:
-    """A Startup from `strace -f -T -ttt` output (pure): KVM ioctls with their times."""
-    from . import ioctls
-    s = model.Startup()
-    t0 = None
-    for line in text.splitlines():
-        m = _STRACE.match(line)
-        if not m:
-            continue
-        tid, ts, fd, req, rest, ret, dur = m.groups()
-        t = float(ts) * 1e9
-        if t0 is None:
-            t0 = t
-        if not req.startswith("KVM_") and not (req.startswith("0x") and
-                                               ioctls.is_kvm(int(req, 16))):
-            continue
-        c = model.Ioctl(int(tid), int(tid), int(fd), 0, 0, t - t0)
-        c.name = req if req.startswith("KVM_") else ioctls.name(int(req, 16))
-        c.t_out = c.t_in + float(dur) * 1e9
-        c.ret = int(ret) if ret != "?" else 0
-        c.seq = len(s.ioctls)
-        s.ioctls.append(c)
-    s.milestones["exec"] = 0.0
-    first: dict[str, float] = {}
-    for c in s.ioctls:
-        first.setdefault(c.name, c.t_in)
-    for label, name in (("KVM_CREATE_VM", "KVM_CREATE_VM"),
-                        ("first KVM_CREATE_VCPU", "KVM_CREATE_VCPU"),
-                        ("first KVM_RUN", "KVM_RUN")):
-        if name in first:
-            s.milestones[label] = first[name]
-    s.milestones["process end"] = float(wall_ns)
-    return s

@@ -12,10 +12,9 @@ import statistics
 import time
 
 from .. import hostinfo
-from ..analysis.plan import new_run_dir
 from ..errors import PyvmmError
-from ..results import Saver, envelope, finishing
-from . import attribute, record
+from ..results import Saver, envelope, finishing, new_run_dir
+from . import attribute, record, strace
 
 SCHEMA = "pyvmm.trace/1"
 SETTLE_S = 0.05             # a pause before every start-up
@@ -86,7 +85,7 @@ class TraceRun:
         self.arguments, self.stacks, self.timers = arguments, stacks, timers
         self.host = host or hostinfo.collect(with_kvm=False)
         self.hz = hz if hz is not None else self.host.get("config_hz")
-        self.dir = new_run_dir(out, dict(self.host, hostname=f"trace-{self.host['hostname']}"))
+        self.dir = new_run_dir(out, f"trace-{self.host['hostname']}-{self.host['kernel']}")
         self.path = os.path.join(self.dir, "trace.json")
         self.doc = envelope(SCHEMA, self.host, status="running", finished=None,
                             traced=list(argv), workload=workload, port=port, hz=self.hz,
@@ -111,7 +110,7 @@ class TraceRun:
                 out_path = os.path.join(self.dir, f"output-{i + 1}.txt")
                 with open(out_path, "wb") as out:
                     if self.use_strace:
-                        rec = record.record_strace(self.argv, self.timeout_s, out.fileno())
+                        rec = strace.record_strace(self.argv, self.timeout_s, out.fileno())
                     else:
                         rec = record.record(self.argv, self.port, self.timeout_s,
                                             out.fileno(), arguments=self.arguments,

@@ -21,6 +21,7 @@ import os
 import shutil
 import sys
 
+from .. import recipe
 from ..vmm import guests, layout
 from ..errors import PyvmmError
 
@@ -44,7 +45,6 @@ WORKLOADS = {"qemu-microvm": "QEMU microvm, the project's firmware, K virtio-mmi
                              "brought up at boot (qemu-microvm:K)",
              "pyvmm-boot": "pyvmm's own Python VMM booting the during-boot recipe with N "
                            "registrations (pyvmm-boot:N), its phase timer beside the trace"}
-DURING_BOOT = "vm,mem,vcpu:1,run:probe,ioev:{n},run:rung,memslot,run"
 
 
 def parse(spec: str, qemu: str | None = None) -> Workload:
@@ -59,7 +59,7 @@ def parse(spec: str, qemu: str | None = None) -> Workload:
     if name == "pyvmm-boot":
         exe = os.path.join(os.path.dirname(sys.executable), "pyvmm")
         argv = [exe if os.path.exists(exe) else "pyvmm", "boot", "--recipe",
-                DURING_BOOT.format(n=k), "--json"]
+                recipe.expand("during-boot", k), "--json"]
         return Workload(name, argv, {0}, None, 0, f"{name}:{k}", captures_json=True)
     if k > MAX_VIRTIO:
         raise PyvmmError(f"workload '{spec}': microvm has {MAX_VIRTIO} virtio-mmio "

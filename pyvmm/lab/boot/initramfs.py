@@ -107,7 +107,7 @@ def init_script(modules: list[str], timeout_ms: int, ioev_len: int,
     lines += [
         f"stty -F {data_tty} raw -echo 2>/dev/null",
         f"exec 3>{data_tty}",
-        f"say() {{ echo \"$*\" >&3; }}",
+        "say() { echo \"$*\" >&3; }",
         f"fail() {{ say \"{ERROR} $*\"; echo \"pyvmm-lab: $*\"; say \"{END} rc=3\"; "
         "poweroff -f; sleep 5; echo o > /proc/sysrq-trigger; }",
         f"say {BEGIN}",

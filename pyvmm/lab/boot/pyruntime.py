@@ -1,7 +1,7 @@
 """The Python runtime the lab puts into its initramfs, so that pyvmm itself (the Python
 VMM: checks, stress, ptwrite) runs on a lab kernel, not only the static C helper.
 
-What goes in is what running pyvmm.lab.experiments.inner needs, found by importing it (and every
+What goes in is what running pyvmm.lab.experiments.inside needs, found by importing it (and every
 job module) in a child interpreter of this installation and listing sys.modules: the
 interpreter binary, those stdlib and site-packages files (with their compiled .pyc,
 whose mtimes are kept so they stay valid), the whole pyvmm package (guests, helper,
@@ -30,14 +30,14 @@ from .archive import ldd, pack
 PROBE = """
 import json, sys, encodings.utf_8, encodings.latin_1, encodings.ascii, runpy, importlib.util
 import importlib.machinery, traceback, linecache, tokenize
-import pyvmm.lab.experiments.inner, pyvmm.ptwrite, pyvmm.checks.races, pyvmm.checks.gmem
+import pyvmm.lab.experiments.inside, pyvmm.ptwrite, pyvmm.checks.races, pyvmm.checks.gmem
 import pyvmm.stress, pyvmm.vmm.vcpu, pyvmm.vmm.vm, pyvmm.vmm.kvm, pyvmm.vmm.kvmstats, pyvmm.vmm.memory
 import pyvmm.recipe, pyvmm.vmm.guests, pyvmm.stress.xen
 import pyvmm.trace.record, pyvmm.trace.runs, pyvmm.trace.workloads
 pyvmm.vmm.guests.load("ptwrite"); pyvmm.vmm.guests.helper_path()
 for bad in ("rich", "matplotlib", "numpy"):
     if bad in sys.modules:
-        raise SystemExit(f"pyvmm.lab.experiments.inner pulled in {bad}: "
+        raise SystemExit(f"pyvmm.lab.experiments.inside pulled in {bad}: "
                          "the lab runtime must not need it")
 files = sorted({m.__file__ for m in list(sys.modules.values())
                 if getattr(m, "__file__", None)})
@@ -116,6 +116,6 @@ def build(log=print) -> Runtime:
         site.append(pkg_parent)
     command = ["env", "PYTHONNOUSERSITE=1", "PYTHONDONTWRITEBYTECODE=1", "PYVMM_LAB_INNER=1",
                f"PYTHONPATH={':'.join(site)}", os.path.realpath(info["executable"]),
-               "-m", "pyvmm.lab.experiments.inner"]
+               "-m", "pyvmm.lab.experiments.inside"]
     blob, cached, size = pack(files, "pyruntime", "the lab's Python runtime", log)
     return Runtime(blob, command, len(files), size, cached)

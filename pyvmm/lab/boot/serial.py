@@ -25,7 +25,7 @@ class LabStream:
     facts: dict[str, str] = field(default_factory=dict)
     clock: dict | None = None
     boots: list[dict] = field(default_factory=list)
-    results: list[dict] = field(default_factory=list)    # pyvmm.lab.experiments.inner job results
+    results: list[dict] = field(default_factory=list)    # pyvmm.lab.experiments.inside job results
     errors: list[str] = field(default_factory=list)
     garbage: list[str] = field(default_factory=list)
     _partial: str = ""

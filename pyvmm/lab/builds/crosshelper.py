@@ -16,7 +16,7 @@ import subprocess
 
 from ...errors import LabError
 from ..arch import Arch
-from ..boot.tools import apt_install, missing_packages
+from ..sources.hostpkgs import apt_install, missing_packages
 from ..sources.apt import Apt
 from ..sources.cache import cache_dir, made_entry, manifest
 from ..sources.debian import compare_versions

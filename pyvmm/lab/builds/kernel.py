@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from ...errors import LabError
 from ..arch import X86_64, Arch
-from ..boot.tools import apt_install, missing_packages
+from ..sources.hostpkgs import apt_install, missing_packages
 from ..sources.cache import atomic_dir, cache_dir, locked, manifest
 from ..sources.kits import Kit
 from .modules import (AptUser, apply_patch, entry_meta, extract_source,
@@ -217,116 +217,20 @@ class KernelBuilder(AptUser):
             ensure_cross_tools(self.arch, self.log, self.install)
         t0 = time.monotonic()
         src = self.source()
-        t_fetch = time.monotonic() - t0
-        frag = self.fragment(patch, hz)
+        job = _Job(self, patch, hz, src, time.monotonic() - t0)
         final = self.key(patch, hz)
-        label = (("arm64:" if self.arch.cross_prefix else "")
-                 + f"{self.series}{'+' + patch.name if patch else ''}@hz{hz}")
-        log_keep = os.path.join(self.root, "logs", f"{os.path.basename(final)}.log")
-        os.makedirs(os.path.dirname(log_keep), exist_ok=True)
-
-        def fill(tmp):
-            tree = src
-            if patch is not None and patch.has_diff():
-                tree = self._patched_tree(src, tmp, patch)
-            out = os.path.join(tmp, "out")
-            os.makedirs(out)
-            frag_path = os.path.join(tmp, "lab.config")
-            with open(frag_path, "w") as f:
-                f.write(frag)
-            log = os.path.join(tmp, "build.log")
-
-            def make(*args, what):
-                with open(log, "ab") as f:
-                    p = subprocess.run(["make", "-C", tree, f"O={out}", *self.arch.make_args,
-                                        *args], stdout=f, stderr=subprocess.STDOUT)
-                if p.returncode != 0:
-                    shutil.copy(log, log_keep)
-                    with open(log, errors="replace") as f:
-                        errs = first_errors(f.read())
-                    raise LabError(f"building the lab kernel {label} failed at {what}:\n  "
-                                   + "\n  ".join(errs or ["(no error line)"])
-                                   + f"\nfull log: {log_keep}")
-            self.log(f"configuring {label} (tinyconfig + {self.arch.lab_config}, "
-                     f"HZ={hz})")
-            make("tinyconfig", what="tinyconfig")
-            with open(log, "ab") as f:
-                p = subprocess.run([os.path.join(tree, "scripts", "kconfig", "merge_config.sh"),
-                                    "-m", "-O", out, os.path.join(out, ".config"), frag_path],
-                                   stdout=f, stderr=subprocess.STDOUT, cwd=tree,
-                                   env=dict(os.environ, **dict(a.split("=", 1) for a in
-                                                              self.arch.make_args)))
-            if p.returncode != 0:
-                shutil.copy(log, log_keep)
-                raise LabError(f"merging the lab config for {label} failed; log: {log_keep}")
-            make("olddefconfig", what="olddefconfig")
-            with open(os.path.join(out, ".config")) as f:
-                config = parse_config(f.read())
-            known = kconfig_symbols(tree)
-            missing = refused(frag, config, self.arch, known)
-            if missing:
-                raise LabError(f"the lab kernel {label}: Kconfig refused "
-                               f"{', '.join(missing)} (dependencies this version lacks); "
-                               f"see {self.arch.lab_config}")
-            self.log(f"building {label} ({self.arch.kernel_target}, make -j{self.jobs}; a few "
-                     "minutes the first time)")
-            tb = time.monotonic()
-            make(f"-j{self.jobs}", self.arch.kernel_target, what=self.arch.kernel_target)
-            build_s = time.monotonic() - tb
-            release = subprocess.run(["make", "-s", "-C", tree, f"O={out}",
-                                      *self.arch.make_args, "kernelrelease"],
-                                     capture_output=True, text=True).stdout.strip()
-            res = os.path.join(tmp, "result")
-            os.makedirs(res)
-            shutil.copy(os.path.join(out, self.arch.kernel_image), os.path.join(res, "vmlinuz"))
-            shutil.copy(os.path.join(out, "vmlinux"), os.path.join(res, "vmlinux"))
-            shutil.copy(os.path.join(out, ".config"), os.path.join(res, "config"))
-            shutil.copy(log, os.path.join(res, "build.log"))
-            from ...hostinfo import config_hz, preemption_from_config
-            dropped = sorted(k for k, v in parse_config(frag).items()
-                             if v == "y" and config.get(k) != "y")
-            meta = {
-                "series": self.series, "version": self.version, "hz": hz,
-                "patch": patch.name if patch else None,
-                "patch_digest": patch.digest if patch else None,
-                "patch_files": patch.files() if patch else [],
-                "kernel_release": release, "recipe": RECIPE,
-                "debian_options_dropped": [k for k in dropped if k in known],
-                "options_not_in_version": [k for k in dropped if k not in known],
-                "build_s": round(build_s, 1), "fetch_s": round(t_fetch, 1),
-                "jobs": self.jobs, "built": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                "kit": {"package": f"lab build of linux-source-{self.series}",
-                        "version": self.version, "kernel_release": release,
-                        "modules": [], "module_names": [], "kvm_module_file": None,
-                        "kvm_builtin": True, "arch": self.arch.name,
-                        "config_hz": config_hz(config),
-                        "preemption": preemption_from_config(config),
-                        "config_source": f"tinyconfig + {self.arch.lab_config} + Debian's "
-                                         f"timing options, HZ={hz}",
-                        "vermagic": None, "variant": label},
-                "files": manifest(res, ["vmlinuz", "vmlinux", "config"]),
-            }
-            with open(os.path.join(res, "build.json"), "w") as f:
-                json.dump(meta, f, indent=1)
-            try:
-                os.replace(res, final)
-            except OSError:
-                # another lab command built the same entry meanwhile: keep theirs
-                if not os.path.exists(os.path.join(final, "build.json")):
-                    raise
-
         parent = os.path.dirname(final)
         os.makedirs(parent, exist_ok=True)
-        with locked(final, f"building the lab kernel {label}", self.log):
+        with locked(final, f"building the lab kernel {job.label}", self.log):
             if self.cached(patch, hz) is None:
                 tmp = tempfile.mkdtemp(prefix=".kernel-", dir=parent)
                 try:
-                    fill(tmp)
+                    job.fill(tmp, final)
                 finally:
                     shutil.rmtree(tmp, ignore_errors=True)
         hit = self.cached(patch, hz)
         if hit is None:
-            raise LabError(f"the lab kernel {label} was built but its cache entry is "
+            raise LabError(f"the lab kernel {job.label} was built but its cache entry is "
                            f"missing: {final}")
         return hit
 
@@ -347,3 +251,131 @@ class KernelBuilder(AptUser):
                 shutil.copystat(os.path.join(src, rel), path)
         apply_patch(patch, tree, tmp)
         return tree
+
+
+class _Job:
+    """One whole-kernel build into a temporary directory, in named steps: the tree
+    (patched when the patch has a diff), the config (tinyconfig + the lab's fragment,
+    checked against what Kconfig kept), the image, and the cache entry's files and
+    build.json. A failing step keeps its log and names it."""
+
+    def __init__(self, builder: "KernelBuilder", patch: Patch | None, hz: int, src: str,
+                 fetch_s: float):
+        self.b, self.patch, self.hz, self.src, self.fetch_s = builder, patch, hz, src, fetch_s
+        self.arch = builder.arch
+        self.frag = builder.fragment(patch, hz)
+        self.label = (("arm64:" if self.arch.cross_prefix else "")
+                      + f"{builder.series}{'+' + patch.name if patch else ''}@hz{hz}")
+        final = builder.key(patch, hz)
+        self.log_keep = os.path.join(builder.root, "logs", f"{os.path.basename(final)}.log")
+        os.makedirs(os.path.dirname(self.log_keep), exist_ok=True)
+        self.tree = self.out = self.log = ""
+
+    def fill(self, tmp: str, final: str) -> None:
+        self.tree = self.src
+        if self.patch is not None and self.patch.has_diff():
+            self.tree = self.b._patched_tree(self.src, tmp, self.patch)
+        self.out = os.path.join(tmp, "out")
+        os.makedirs(self.out)
+        self.log = os.path.join(tmp, "build.log")
+        config, known = self.configure(tmp)
+        build_s = self.compile()
+        res = self.result(tmp, config, known, build_s)
+        try:
+            os.replace(res, final)
+        except OSError:
+            # another lab command built the same entry meanwhile: keep theirs
+            if not os.path.exists(os.path.join(final, "build.json")):
+                raise
+
+    def make(self, *args, what: str) -> None:
+        with open(self.log, "ab") as f:
+            p = subprocess.run(["make", "-C", self.tree, f"O={self.out}",
+                                *self.arch.make_args, *args], stdout=f, stderr=subprocess.STDOUT)
+        if p.returncode != 0:
+            shutil.copy(self.log, self.log_keep)
+            with open(self.log, errors="replace") as f:
+                errs = first_errors(f.read())
+            raise LabError(f"building the lab kernel {self.label} failed at {what}:\n  "
+                           + "\n  ".join(errs or ["(no error line)"])
+                           + f"\nfull log: {self.log_keep}")
+
+    def configure(self, tmp: str) -> tuple[dict, set]:
+        """tinyconfig, the lab's fragment merged, olddefconfig; fails when Kconfig
+        refused an option the fragment needs. Returns the config and the version's
+        Kconfig symbols."""
+        frag_path = os.path.join(tmp, "lab.config")
+        with open(frag_path, "w") as f:
+            f.write(self.frag)
+        self.b.log(f"configuring {self.label} (tinyconfig + {self.arch.lab_config}, "
+                   f"HZ={self.hz})")
+        self.make("tinyconfig", what="tinyconfig")
+        with open(self.log, "ab") as f:
+            p = subprocess.run([os.path.join(self.tree, "scripts", "kconfig", "merge_config.sh"),
+                                "-m", "-O", self.out, os.path.join(self.out, ".config"),
+                                frag_path], stdout=f, stderr=subprocess.STDOUT, cwd=self.tree,
+                               env=dict(os.environ, **dict(a.split("=", 1)
+                                                          for a in self.arch.make_args)))
+        if p.returncode != 0:
+            shutil.copy(self.log, self.log_keep)
+            raise LabError(f"merging the lab config for {self.label} failed; log: "
+                           f"{self.log_keep}")
+        self.make("olddefconfig", what="olddefconfig")
+        with open(os.path.join(self.out, ".config")) as f:
+            config = parse_config(f.read())
+        known = kconfig_symbols(self.tree)
+        missing = refused(self.frag, config, self.arch, known)
+        if missing:
+            raise LabError(f"the lab kernel {self.label}: Kconfig refused "
+                           f"{', '.join(missing)} (dependencies this version lacks); "
+                           f"see {self.arch.lab_config}")
+        return config, known
+
+    def compile(self) -> float:
+        self.b.log(f"building {self.label} ({self.arch.kernel_target}, make -j{self.b.jobs}; "
+                   "a few minutes the first time)")
+        tb = time.monotonic()
+        self.make(f"-j{self.b.jobs}", self.arch.kernel_target, what=self.arch.kernel_target)
+        return time.monotonic() - tb
+
+    def result(self, tmp: str, config: dict, known: set, build_s: float) -> str:
+        """The cache entry's files and its build.json, in tmp/result."""
+        from ...hostinfo import config_hz, preemption_from_config
+        b, out = self.b, self.out
+        release = subprocess.run(["make", "-s", "-C", self.tree, f"O={out}",
+                                  *self.arch.make_args, "kernelrelease"],
+                                 capture_output=True, text=True).stdout.strip()
+        res = os.path.join(tmp, "result")
+        os.makedirs(res)
+        shutil.copy(os.path.join(out, self.arch.kernel_image), os.path.join(res, "vmlinuz"))
+        shutil.copy(os.path.join(out, "vmlinux"), os.path.join(res, "vmlinux"))
+        shutil.copy(os.path.join(out, ".config"), os.path.join(res, "config"))
+        shutil.copy(self.log, os.path.join(res, "build.log"))
+        dropped = sorted(k for k, v in parse_config(self.frag).items()
+                         if v == "y" and config.get(k) != "y")
+        patch = self.patch
+        meta = {
+            "series": b.series, "version": b.version, "hz": self.hz,
+            "patch": patch.name if patch else None,
+            "patch_digest": patch.digest if patch else None,
+            "patch_files": patch.files() if patch else [],
+            "kernel_release": release, "recipe": RECIPE,
+            "debian_options_dropped": [k for k in dropped if k in known],
+            "options_not_in_version": [k for k in dropped if k not in known],
+            "build_s": round(build_s, 1), "fetch_s": round(self.fetch_s, 1),
+            "jobs": b.jobs, "built": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "kit": {"package": f"lab build of linux-source-{b.series}",
+                    "version": b.version, "kernel_release": release,
+                    "modules": [], "module_names": [], "kvm_module_file": None,
+                    "kvm_builtin": True, "arch": self.arch.name,
+                    "config_hz": config_hz(config),
+                    "preemption": preemption_from_config(config),
+                    "config_source": f"tinyconfig + {self.arch.lab_config} + Debian's "
+                                     f"timing options, HZ={self.hz}",
+                    "vermagic": None, "variant": self.label},
+            "files": manifest(res, ["vmlinuz", "vmlinux", "config"]),
+        }
+        with open(os.path.join(res, "build.json"), "w") as f:
+            json.dump(meta, f, indent=1)
+        return res
+

@@ -15,18 +15,16 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
 
-from ... import hostinfo
 from ...analysis import report, stats
-from ...analysis.plan import (SweepConfig, boot_order, cell_recipes, new_run_dir,
-                              warmup_cell)
+from ...analysis.plan import SweepConfig, boot_order, cell_recipes, warmup_cell
 from ...errors import LabError, LabHang
-from ...results import Saver, finishing, new_doc
+from ...analysis.plan import new_doc
 from ..boot import initramfs, qemu
 from ..boot.serial import boot_to_sample, plan_label
-from .prepare import (ENVIRONMENT, LabOptions, Ui, build_meta, inner_host, kernel_cmdline,
-                      module_args, prepare)
+from .labrun import ENVIRONMENT, Finished, LabRun
+from .options import LabOptions, Ui, module_args
+from .ready import ReadyKernel
 
 LAB_REPEATS = 10
 LAB_WARMUP = 2
@@ -44,111 +42,90 @@ def make_plan(cfg: SweepConfig) -> list[str]:
     return lines
 
 
-@dataclass
-class LabRun:
-    doc: dict
-    out_dir: str
-    timings: dict = field(default_factory=dict)
+class SweepRun(LabRun):
+    """The sweep's plan in a lab kernel, every boot a sample of a run.json."""
 
+    def __init__(self, opts: LabOptions, cfg: SweepConfig, ui: Ui | None = None):
+        super().__init__(opts, ui)
+        self.cfg = cfg
+        self.plan = make_plan(cfg)
+        self.done = 0
 
-def run_lab(opts: LabOptions, cfg: SweepConfig, ui: Ui | None = None) -> LabRun:
-    ui = ui or Ui()
-    t_start = time.monotonic()
-    prep = prepare(opts, ui)            # checks the options first, before any download
-    kit, built, kc, timings = prep.kit, prep.built, prep.kernel_check, prep.timings
-    t = time.monotonic()
-    plan = make_plan(cfg)
-    image = initramfs.build(prep.busybox, prep.helper, prep.modules, "\n".join(plan) + "\n",
-                            timeout_ms=HELPER_TIMEOUT_MS, ioev_len=cfg.ioev_len,
-                            module_args=module_args(kit, opts.kvm_args),
-                            data_tty=kit.arch.data_tty)
-    timings["build_s"] = time.monotonic() - t
+    def image(self, ready: ReadyKernel) -> bytes:
+        return initramfs.build(ready.busybox, ready.helper, ready.modules,
+                               "\n".join(self.plan) + "\n", timeout_ms=HELPER_TIMEOUT_MS,
+                               ioev_len=self.cfg.ioev_len,
+                               module_args=module_args(ready.kit, self.opts.kvm_args),
+                               data_tty=ready.kit.arch.data_tty)
 
-    outer = hostinfo.collect(with_kvm=False)
-    host = inner_host(kit, {}, opts.smp, outer)
-    out = new_run_dir(opts.out, host)
-    work = os.path.join(out, "lab")
-    os.makedirs(work)
-    initrd = os.path.join(work, "initramfs.cpio.gz")
-    with open(initrd, "wb") as f:
-        f.write(image)
-    with open(os.path.join(work, "plan.txt"), "w") as f:
-        f.write("\n".join(plan) + "\n")
-    doc = new_doc(cfg, host, ENVIRONMENT, None)
-    doc["kernel_check"] = kc
-    qcfg = qemu.QemuConfig(kernel=kit.vmlinuz, initrd=initrd, smp=opts.smp, mem_mb=opts.mem_mb,
-                           boot_timeout_s=opts.boot_timeout_s,
-                           stall_timeout_s=opts.stall_timeout_s,
-                           total_timeout_s=opts.total_timeout_s,
-                           extra_args=kernel_cmdline(opts, kit), arch=kit.arch)
-    doc["lab"] = {"kernel_spec": opts.kernel, "variant": opts.variant.label,
-                  "kvm_args": dict(opts.kvm_args), "cmdline": opts.cmdline,
-                  "kvm_patch": None if built is None else dict(built.meta),
-                  "kernel_build": build_meta(prep),
-                  "package": host["package"], "smp": opts.smp,
-                  "qemu": qemu.qemu_version(kit.arch.qemu),
-                  "command": qemu.command(qcfg, "console.log", "data.log"),
-                  "plan_boots": len(plan), "warmup": cfg.warmup, "attempts": [],
-                  "timings": timings}
-    path = os.path.join(out, "run.json")
-    total = len(plan) - cfg.warmup
-    save = Saver(path, doc)
+    def new_doc(self, host: dict) -> dict:
+        with open(os.path.join(self.work, "plan.txt"), "w") as f:
+            f.write("\n".join(self.plan) + "\n")
+        doc = new_doc(self.cfg, host, ENVIRONMENT, None)
+        doc["lab"] = {"plan_boots": len(self.plan), "warmup": self.cfg.warmup, "attempts": []}
+        return doc
 
-    save(force=True)
-    attempt = 0
-    with finishing(doc, lambda: save(force=True), timings, t_start):
+    def on_line(self, line: dict) -> None:
+        doc = self.doc
+        sample = boot_to_sample(line)
+        self.done += 1
+        self.ui.boot(self.done, len(self.plan), line["label"])
+        if sample is None:
+            return
+        doc["samples"].append(sample)
+        if not sample["result"]["ok"]:
+            doc["failures"].append({"recipe": sample["recipe"], "n": sample["n"],
+                                    "driver": "c", "seq": sample["seq"],
+                                    "error": sample["result"]["error"]})
+        self.save()
+
+    def on_stage(self, name: str) -> None:
+        self.ui.stage("boot kernel" if name == "kernel" else "sweep",
+                      len(self.plan) if name == "sweep" else None)
+
+    def boot(self, qcfg: qemu.QemuConfig) -> tuple:
+        """QEMU, again after a hang up to opts.retries times (each attempt recorded)."""
+        doc, attempt = self.doc, 0
         while True:
             attempt += 1
-            doc["samples"], doc["failures"] = [], []
-            done = [0]
-
-            def on_boot(line):
-                sample = boot_to_sample(line)
-                done[0] += 1
-                ui.boot(done[0], len(plan), line["label"])
-                if sample is None:
-                    return
-                doc["samples"].append(sample)
-                if not sample["result"]["ok"]:
-                    doc["failures"].append({"recipe": sample["recipe"], "n": sample["n"],
-                                            "driver": "c", "seq": sample["seq"],
-                                            "error": sample["result"]["error"]})
-                save()
-
-            def on_stage(name):
-                ui.stage("boot kernel" if name == "kernel" else "sweep",
-                         len(plan) if name == "sweep" else None)
+            doc["samples"], doc["failures"], self.done = [], [], 0
             t = time.monotonic()
             try:
-                stream, qemu_s = qemu.run(qcfg, work, on_boot, on_stage)
+                stream, qemu_s = qemu.run(qcfg, self.work, self.on_line, self.on_stage)
             except LabHang as hang:
                 first = str(hang).splitlines()[0]
                 doc["lab"]["attempts"].append({"attempt": attempt, "ok": False,
                                                "error": str(hang),
                                                "boots": len(hang.stream.boots),
                                                "wall_s": time.monotonic() - t})
-                if attempt <= opts.retries:
-                    ui.log(f"[attempt {attempt}] {first}; retrying "
-                           f"(attempt {attempt + 1} of {opts.retries + 1})")
-                    save(force=True)
+                if attempt <= self.opts.retries:
+                    self.ui.log(f"[attempt {attempt}] {first}; retrying "
+                                f"(attempt {attempt + 1} of {self.opts.retries + 1})")
+                    self.save(force=True)
                     continue
                 raise
             doc["lab"]["attempts"].append({"attempt": attempt, "ok": True,
                                            "boots": len(stream.boots), "wall_s": qemu_s})
-            break
-        timings["qemu_s"] = qemu_s
-        doc["host"] = inner_host(kit, stream.facts, opts.smp, outer)
+            return stream, qemu_s
+
+    def finish(self, stream) -> None:
+        doc = self.doc
         doc["clock"] = stream.clock
         doc["lab"]["errors"] = stream.errors
         doc["lab"]["garbage_lines"] = len(stream.garbage)
-        got = len(doc["samples"])
+        got, total = len(doc["samples"]), len(self.plan) - self.cfg.warmup
         if got != total or stream.rc not in (0, 1):
             doc["status"] = "failed"
             errs = stream.errors[-12:]
             raise LabError(f"the lab recorded {got} of {total} boots (exit status {stream.rc}); "
-                           f"logs in {work}; errors:\n  " + ("\n  ".join(errs) or "none"))
+                           f"logs in {self.work}; errors:\n  " + ("\n  ".join(errs) or "none"))
         doc["status"] = "complete"
         a = report.analyze(doc)
+        kc = doc["kernel_check"]
         kc.update(stats.kernel_check_agreement(kc, a["verdict"].behaviour,
                                                a["verdict"].stall_ns))
-    return LabRun(doc, out, timings)
+
+
+def run_lab(opts: LabOptions, cfg: SweepConfig, ui: Ui | None = None) -> Finished:
+    """The sweep in the variant's lab kernel."""
+    return SweepRun(opts, cfg, ui).run()

@@ -10,18 +10,16 @@ every variant, so an interrupted matrix keeps the rows it finished, marked as su
 from __future__ import annotations
 
 import os
-import time
-from dataclasses import dataclass, field
 
 from ...analysis import report, stats
 from ...analysis.plan import SweepConfig
 from ...errors import LabError
-from ...results import envelope, finishing, write_json_atomic
-from ..builds.patch import load_patches
+from ...results import save_figure
+from ..builds.variant import Variant
 from . import jobs, kernel_lab
-from ..arch import X86_64, Arch
-from .prepare import (LabOptions, Ui, Variant, check_options, parse_variant, stamped_dir,
-                      variant_options)
+from .labrun import Finished
+from .multi import MultiRun, run_each
+from .options import LabOptions, Ui
 
 SCHEMA = "pyvmm-lab-matrix/1"
 DEFAULT_VARIANTS = ("6.1", "6.1+rebuild", "6.1+defer-free", "6.1+defer-free-expedited",
@@ -29,88 +27,30 @@ DEFAULT_VARIANTS = ("6.1", "6.1+rebuild", "6.1+defer-free", "6.1+defer-free-expe
 SHARE_NS = (100, 300, 1000)
 
 
-def parse_variants(text: str, arch: Arch = X86_64) -> list[Variant]:
-    """Comma-separated variants, all checked before anything runs; `arch` (--arch) for
-    those without an 'arm64:' prefix."""
-    patches = load_patches()
-    items = [t for t in (x.strip() for x in text.split(",")) if t]
-    if not items:
-        raise LabError("no variants given: e.g. --variants 6.1,6.1+defer-free,latest")
-    out = [parse_variant(t, patches, arch) for t in items]
-    labels = [v.label for v in out]
-    dup = sorted({x for x in labels if labels.count(x) > 1})
-    if dup:
-        raise LabError(f"variant {', '.join(dup)} given twice")
-    return out
-
-
-@dataclass
-class MatrixRun:
-    doc: dict
-    out_dir: str
-    timings: dict = field(default_factory=dict)
-
-
-def record_failure(doc: dict, path: str, v: Variant, e: LabError, ui: Ui) -> None:
-    """A variant that failed: said in one line, kept in the document, saved at once (the
-    next variant runs)."""
-    doc["failed"].append({"variant": v.label, "error": str(e)})
-    ui.log(f"variant {v.label} failed: {str(e).splitlines()[0]}")
-    write_json_atomic(path, doc)
-
-
 def run_matrix(variants: list[Variant], cfg: SweepConfig, base: LabOptions,
                ui: Ui | None = None, out_dir: str | None = None,
-               workload: str | None = None, repeats: int = 3) -> MatrixRun:
+               workload: str | None = None, repeats: int = 3) -> MultiRun:
     """Run every variant with the same plan (or, with `workload`, trace that VMM's
     start-up `repeats` times in each); returns the matrix document."""
     ui = ui or Ui()
-    for v in variants:         # everything checked before the first download
-        check_options(variant_options(base, v))
-    if out_dir is None:
-        out_dir = stamped_dir(base.out, "matrix")
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "matrix.json")
-    doc = envelope(SCHEMA, None, status="running", finished=None,
-                   variants=[v.label for v in variants], config=cfg.to_dict(),
-                   workload=workload, trace_repeats=repeats if workload else None,
-                   rows=[], failed=[], timings={})
-    t0 = time.monotonic()
-    write_json_atomic(path, doc)
-    with finishing(doc, lambda: write_json_atomic(path, doc), doc["timings"],
-                              t0):
-        for i, v in enumerate(variants):
-            ui.log(f"[{i + 1}/{len(variants)}] variant {v.label}")
-            tv = time.monotonic()
-            opts = variant_options(base, v, out=out_dir)
-            try:
-                if workload:
-                    run = jobs.run_jobs(opts, [f"trace:{workload}:{repeats}"], ui)
-                else:
-                    run = kernel_lab.run_lab(opts, cfg, ui)
-            except LabError as e:
-                record_failure(doc, path, v, e, ui)
-                continue
-            if workload:
-                try:
-                    row = trace_row(v, run.doc, run.out_dir)
-                except LabError as e:
-                    doc["failed"].append({"variant": v.label, "error": str(e)})
-                    write_json_atomic(path, doc)
-                    continue
-            else:
-                # The run's evidence, as every row of a comparison shows it; the
-                # variant's name, its patch and where its run.json lives around it.
-                row = {"variant": v.label, "patch": v.patch,
-                       **report.run_summary(run.doc, SHARE_NS),
-                       "run": os.path.join(run.out_dir, "run.json")}
-            row["wall_s"] = round(time.monotonic() - tv, 1)
-            row["timings"] = {k: (round(x, 1) if isinstance(x, float) else x)
-                              for k, x in run.timings.items()}
-            doc["rows"].append(row)
-            write_json_atomic(path, doc)
-        doc["status"] = "complete" if not doc["failed"] else "failed"
-    return MatrixRun(doc, out_dir, doc["timings"])
+
+    def run_one(opts: LabOptions) -> Finished:
+        if workload:
+            return jobs.run_jobs(opts, [f"trace:{workload}:{repeats}"], ui)
+        return kernel_lab.run_lab(opts, cfg, ui)
+
+    def row_of(v: Variant, run: Finished) -> dict:
+        if workload:
+            return trace_row(v, run.doc, run.out_dir)
+        # The run's evidence, as every row of a comparison shows it; the variant's name,
+        # its patch and where its run.json lives around it.
+        return {"variant": v.label, "patch": v.patch,
+                **report.run_summary(run.doc, SHARE_NS),
+                "run": os.path.join(run.out_dir, "run.json")}
+
+    return run_each(variants, base, ui, "matrix", SCHEMA, run_one, row_of, out_dir,
+                    config=cfg.to_dict(), workload=workload,
+                    trace_repeats=repeats if workload else None)
 
 
 def trace_row(variant: Variant, doc: dict, run_dir: str) -> dict:
@@ -272,14 +212,7 @@ def plot(doc: dict, out_dir: str) -> list[str]:
     ax.set_title("boot vs N, one line per variant (same plan, same emulator)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    out = []
-    for ext in ("png", "svg"):
-        p = os.path.join(out_dir, f"matrix_boot_vs_n.{ext}")
-        fig.savefig(p, dpi=110)
-        out.append(p)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out_dir, "matrix_boot_vs_n")
 
 
 def json_rows(doc: dict) -> dict:

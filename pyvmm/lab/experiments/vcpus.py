@@ -23,17 +23,16 @@ distributor's own registration (at the first KVM_RUN) is in the run phase, not c
 from __future__ import annotations
 
 import os
-import time
-from dataclasses import dataclass
 
 from ...analysis import stats
 from ...analysis.plan import SweepConfig
 from ...errors import LabError
-from ...results import envelope, finishing, write_json_atomic
 from ..arch import ARM64
+from ..builds.variant import Variant, parse_variants as variants_of
 from . import kernel_lab
-from .matrix import parse_variants as matrix_variants, record_failure
-from .prepare import LabOptions, Ui, Variant, check_options, stamped_dir, variant_options
+from .labrun import Finished
+from .multi import MultiRun, run_each
+from .options import LabOptions, Ui
 
 SCHEMA = "pyvmm-lab-vcpus/1"
 DEFAULT_VARIANTS = ("arm64:6.1", "arm64:7.3")
@@ -71,7 +70,7 @@ def sweep_config(ks: tuple[int, ...], ns: tuple[int, ...], repeats: int, warmup:
 
 def parse_variants(text: str) -> list[Variant]:
     """The matrix's variants, arm64 unless a name says otherwise."""
-    return matrix_variants(text, ARM64)
+    return variants_of(text, ARM64)
 
 
 def _phase(res: dict, op: str) -> dict | None:
@@ -132,43 +131,21 @@ def rows(doc: dict, ks: tuple[int, ...], ns: tuple[int, ...]) -> list[dict]:
     return out
 
 
-@dataclass
-class VcpusRun:
-    doc: dict
-    out_dir: str
-
-
 def run_vcpus(variants: list[Variant], ks: tuple[int, ...], cfg: SweepConfig,
-              base: LabOptions, ui: Ui | None = None) -> VcpusRun:
+              base: LabOptions, ui: Ui | None = None) -> MultiRun:
     ui = ui or Ui()
-    for v in variants:
-        check_options(variant_options(base, v))
-    out_dir = stamped_dir(base.out, "vcpus")
-    path = os.path.join(out_dir, "vcpus.json")
-    doc = envelope(SCHEMA, None, status="running", finished=None,
-                   variants=[v.label for v in variants], vcpus=list(ks), ns=list(cfg.ns),
-                   config=cfg.to_dict(), results=[], failed=[], timings={})
-    t0 = time.monotonic()
-    write_json_atomic(path, doc)
-    with finishing(doc, lambda: write_json_atomic(path, doc), doc["timings"], t0):
-        for i, v in enumerate(variants):
-            ui.log(f"[{i + 1}/{len(variants)}] variant {v.label}")
-            opts = variant_options(base, v, out=out_dir)
-            try:
-                run = kernel_lab.run_lab(opts, cfg, ui)
-            except LabError as e:
-                record_failure(doc, path, v, e, ui)
-                continue
-            kc = run.doc.get("kernel_check") or {}
-            doc["results"].append({
-                "variant": v.label, "kernel": run.doc["host"]["kernel"],
+
+    def row_of(v: Variant, run: Finished) -> dict:
+        kc = run.doc.get("kernel_check") or {}
+        return {"variant": v.label, "kernel": run.doc["host"]["kernel"],
                 "hz": run.doc["host"].get("config_hz"),
                 "kernel_check": kc.get("summary"), "behaviour": kc.get("behaviour"),
                 "run": os.path.join(run.out_dir, "run.json"),
-                "rows": rows(run.doc, ks, cfg.ns)})
-            write_json_atomic(path, doc)
-        doc["status"] = "complete" if not doc["failed"] else "failed"
-    return VcpusRun(doc, out_dir)
+                "rows": rows(run.doc, ks, cfg.ns)}
+
+    return run_each(variants, base, ui, "vcpus", SCHEMA,
+                    lambda opts: kernel_lab.run_lab(opts, cfg, ui), row_of,
+                    rows_key="results", vcpus=list(ks), ns=list(cfg.ns), config=cfg.to_dict())
 
 
 def _ms(ns, digits=2) -> str:

@@ -201,20 +201,30 @@ class KernelDebs:
         return [self.image, *self.parts]
 
 
-def resolve(spec: str, log=print, arch: Arch = X86_64) -> KernelDebs:
-    """A kernel spec ('6.1', '7.3', 'latest' or PATH.deb) to local .deb paths
-    (downloading them)."""
+def find(spec: str, log=print, arch: Arch = X86_64) -> KernelPackage | None:
+    """The Debian package a kernel spec names, from the package lists alone (fetched or
+    refreshed when needed, nothing else downloaded): an unknown version fails here, before
+    an experiment creates or downloads anything. None for a .deb path."""
     spec = check_spec(spec)
     if spec.endswith(".deb") or os.sep in spec:
-        return KernelDebs(os.path.abspath(spec))
+        return None
     apt = Apt(log=log, arch=arch)
     apt.update()
     try:
-        pkg = pick_kernel(apt.metapackage_records(), spec, arch)
+        return pick_kernel(apt.metapackage_records(), spec, arch)
     except LabError:
         apt.update(force=True)      # maybe the lists are stale: retry once, and say so
         log("  retrying with fresh package lists")
-        pkg = pick_kernel(apt.metapackage_records(), spec, arch)
+        return pick_kernel(apt.metapackage_records(), spec, arch)
+
+
+def resolve(spec: str, log=print, arch: Arch = X86_64) -> KernelDebs:
+    """A kernel spec ('6.1', '7.3', 'latest' or PATH.deb) to local .deb paths
+    (downloading them)."""
+    pkg = find(spec, log, arch)
+    if pkg is None:
+        return KernelDebs(os.path.abspath(spec.strip()))
+    apt = Apt(log=log, arch=arch)
     debs = os.path.join(cache_dir(), "debs")
     rec = apt.record(pkg.name, pkg.version)
     parts = split_parts(rec.get("Depends", ""), pkg.version)

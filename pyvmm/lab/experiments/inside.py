@@ -1,4 +1,4 @@
-"""What runs inside a lab kernel: `python -m pyvmm.lab.experiments.inner JOB [JOB ...]`.
+"""What runs inside a lab kernel: `python -m pyvmm.lab.experiments.inside JOB [JOB ...]`.
 
 Each JOB is one of the workloads that need the Python VMM, run through the same library
 functions the host commands use, with its result printed as one JSON line on stdout
@@ -79,11 +79,11 @@ def _xen(seconds: str = "30", seeds: str = "1", bound: str = "5") -> dict:
 def _trace(workload: str = "qemu-microvm", k: str = "0", repeats: str = "1") -> dict:
     """pyvmm trace of a workload, REPEATS start-ups; what the host found out for it comes
     in the environment (the QEMU copied in, the uprobe's site, the kernel's HZ)."""
-    from ...trace import attribute, record, workloads
+    from ...trace import attribute, probesite, record, workloads
     w = workloads.parse(f"{workload}:{k}", qemu=os.environ.get("PYVMM_TRACE_QEMU"))
     site = None
     if os.environ.get("PYVMM_TRACE_UPROBE"):
-        site = record.ProbeSite.parse(os.environ["PYVMM_TRACE_UPROBE"])
+        site = probesite.ProbeSite.parse(os.environ["PYVMM_TRACE_UPROBE"])
     hz = int(os.environ.get("PYVMM_TRACE_HZ") or 0) or None
     runs = []
     for _ in range(int(repeats)):
