@@ -371,7 +371,7 @@ def test_arm64_whole_kernel_build_with_a_patch(tmp_path):
 def test_arm64_vcpus_table(tmp_path):
     _arm64_tools_or_skip()
     r = subprocess.run([sys.executable, "-m", "pyvmm", "lab", "vcpus", "--vcpus", "1,8",
-                        "--ns", "0", "--repeats", "3", "--warmup", "1", "--out",
+                        "--ns", "0", "--repeats", "5", "--warmup", "1", "--out",
                         str(tmp_path)], capture_output=True, text=True, cwd="/", timeout=1500)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     (out,) = [p for p in tmp_path.iterdir() if p.name.startswith("vcpus-")]
@@ -383,5 +383,10 @@ def test_arm64_vcpus_table(tmp_path):
     # registers them without waiting and pays at the next memslot change instead
     assert old[(8, 0)]["redist_ns"] > 3 * old[(1, 0)]["redist_ns"]
     assert new[(8, 0)]["redist_ns"] < old[(8, 0)]["redist_ns"] / 3
-    assert new[(1, 0)]["stall_ns"] > 1_000_000 > abs(old[(1, 0)]["stall_ns"])
+    # 7.3's memslot change after the GIC waits for the grace period the redistributors
+    # started when it is still pending; under TCG the run between them sometimes outlasts
+    # it (a median of 0.3 to 0.9 ms over 3 boots was seen), so the test asks that some
+    # boots wait (the p90 over 5), and that 6.1's never does (its median)
+    waited = new[(1, 0)]["memslot_p90_ns"] - new[(1, 0)]["memslot_clean_ns"]
+    assert waited > 1_000_000 > abs(old[(1, 0)]["stall_ns"]), (new[(1, 0)], old[(1, 0)])
     assert "share with stall" in r.stdout
