@@ -1,4 +1,4 @@
-"""pyvmm command line: info, boot, bench, report, compare, lab, kernel-check, check."""
+"""pyvmm command line: info, boot, bench (and bench ptwrite), report, compare, lab,\nkernel-check, check, stress, trace."""
 
 from __future__ import annotations
 
@@ -146,17 +146,33 @@ def boot_text(g, rec, res: dict, doorbell_ok: bool) -> str:
                  _ms(max(0, res["boot_wall_ns"] - res["boot_cpu_ns"]))))
     out.append(f"boot timeline: guest {g.name} ({g.mode} mode), recipe {rec.text}")
     out += _columns(("phase", "wall ms", "CPU ms", "blocked ms"), rows)
-    out.append(f"exits to userspace: {res['exits']} ({res['io_exits']} port I/O, "
-               f"{res['doorbell_mmio_exits'] + res['other_mmio_exits']} MMIO); "
-               f"CPU {res['cpu_start']} -> {res['cpu_end']}"
-               + (f", pinned to {res['pinned_cpu']}" if res["pinned_cpu"] >= 0 else ""))
+    mmio = res["doorbell_mmio_exits"] + res["other_mmio_exits"]
+    other = res["exits"] - res["io_exits"] - mmio
+    rest = ""
+    if other:
+        rest = f", {other} {'HLT' if res.get('halted') and other == 1 else 'other'}"
+    out.append(f"vCPU thread's CPU at the first and the last exit: {res['cpu_start']} -> "
+               f"{res['cpu_end']}"
+               + (f" (pinned to {res['pinned_cpu']})" if res["pinned_cpu"] >= 0 else ""))
+    td = next((p for p in res["phases"] if p["op"] == "teardown"), None)
+    if td and rec.registrations and td["wall_ns"] - td["cpu_ns"] >= 1e6:
+        out.append(f"teardown waited {_ms(td['wall_ns'] - td['cpu_ns'])} ms off the CPU: "
+                   "destroying the VM waits for the SRCU")
+        out.append("  grace period its registrations' deferred bus frees left pending "
+                   "(6.18+)")
+    out.append(f"exits to userspace: {res['exits']} ({res['io_exits']} port I/O, {mmio} MMIO"
+               f"{rest})")
     if g.name == "doorbell":
         verdict = "OK" if doorbell_ok else "MISMATCH"
         out.append(f"doorbells: {res['doorbells_expected']} rung by the guest, "
-                   f"{res['doorbells_completed']} eventfd counts, "
-                   f"{res['doorbell_mmio_exits']} doorbell MMIO exits reached userspace: "
-                   f"{verdict}")
-        out.append(f"BAR read by the guest: {res['bar_value']:#x}")
+                   f"{res['doorbells_completed']} counted by their eventfds,")
+        out.append(f"  {res['doorbell_mmio_exits']} reached userspace as MMIO exits: {verdict}")
+        mapped = any(st.op == "memslot" for st in rec.steps)
+        want = layout.BAR_PATTERN if mapped else 0xFFFFFFFF
+        why = ("the memslot step mapped the BAR" if mapped else
+               "no memslot step: the read exits and the VMM answers all-ones")
+        out.append(f"BAR read by the guest: {res['bar_value']:#x} (expected {want:#x}:")
+        out.append(f"  {why})")
     return "\n".join(out) + "\n"
 
 
@@ -199,11 +215,13 @@ class _Formatter(argparse.HelpFormatter):
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The parser; with `only`, just the core commands and that room's (see ROOMS)."""
     p = argparse.ArgumentParser(prog="pyvmm", description=__doc__, formatter_class=_Formatter)
-    sub = p.add_subparsers(dest="cmd", required=True)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND",
+                           title="commands (pyvmm COMMAND --help for each)")
 
     i = sub.add_parser("info", help="host kernel, KVM backend and capabilities",
                        formatter_class=_Formatter)
-    i.add_argument("--json", action="store_true")
+    i.add_argument("--json", action="store_true",
+                   help="print the host facts as one JSON object")
     i.add_argument("--kvm", default="/dev/kvm", help="KVM device (default /dev/kvm)")
     i.set_defaults(func=cmd_info)
 
@@ -213,16 +231,23 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                    help=f"guest image: {', '.join(sorted(guests.GUESTS))} (default doorbell)")
     b.add_argument("--ioeventfds", type=_nonneg, default=0, metavar="N",
                    help="MMIO doorbell ioeventfds to register before the vCPU")
-    b.add_argument("--vcpus", type=_pos, default=1, metavar="K")
-    b.add_argument("--recipe", help="full recipe instead of --ioeventfds/--vcpus")
-    b.add_argument("--ioev-len", type=int, default=4, choices=[0, 1, 2, 4, 8])
-    b.add_argument("--timeout", type=float, default=10.0, help="seconds (0: none)")
-    b.add_argument("--pin", type=int, default=None, metavar="CPU")
+    b.add_argument("--vcpus", type=_pos, default=1, metavar="K",
+                   help="vCPUs to create (vCPU 0 runs the guest; default 1)")
+    b.add_argument("--recipe", help="full recipe instead of --ioeventfds/--vcpus, e.g. "
+                                    "vm,mem,ioev:4,vcpu:1,run (docs/methodology.md)")
+    b.add_argument("--ioev-len", type=int, default=4, choices=[0, 1, 2, 4, 8],
+                   help="length of each MMIO ioeventfd; 0 registers it on the FAST_MMIO "
+                        "bus too (default 4)")
+    b.add_argument("--timeout", type=float, default=10.0,
+                   help="kick the guest out after this many seconds (0: none; default 10)")
+    b.add_argument("--pin", type=int, default=None, metavar="CPU",
+                   help="pin the vCPU thread to this CPU")
     b.add_argument("--memory", choices=["anon", "gmem"], default="anon",
                    help="back RAM with anonymous memory or a guest_memfd (mmap flags)")
     b.add_argument("--stats", action="store_true",
                    help="show KVM binary stats deltas of the VM and vCPU 0")
-    b.add_argument("--json", action="store_true")
+    b.add_argument("--json", action="store_true",
+                   help="print the boot's result (phases, exits, doorbells) as JSON")
     b.set_defaults(func=cmd_boot)
 
     rooms = ("bench", "lab", "checks", "stress", "trace") if only is None else (only,)

@@ -6,6 +6,14 @@ import errno as _errno
 import os
 
 
+# Exit statuses every command shares (README, "Exit codes"):
+EXIT_OK = 0
+EXIT_FAILED = 1         # it ran, and something failed (a check's violation, a failed variant)
+EXIT_NOTHING = 2        # bad input, no permission, or a run that measured nothing
+EXIT_FOUND = 3          # --fail-on: the kernel shows the behaviour asked about
+EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM: what was measured is kept, marked interrupted
+
+
 def errno_name(err: int) -> str:
     return _errno.errorcode.get(err, f"errno {err}")
 

@@ -94,7 +94,11 @@ def parse(text: str, n: int | None = None) -> Recipe:
     rec = ffi.new("struct bb_recipe *")
     err = ffi.new("char[]", lib.BB_ERR_LEN)
     if lib.bb_parse_recipe(text.encode(), rec, err, lib.BB_ERR_LEN) != 0:
-        raise RecipeError(f"bad recipe '{text}': {ffi.string(err).decode()}")
+        hint = ""
+        if "," not in text and ":" not in text:
+            hint = (f"; it is no preset either: the presets are {', '.join(PRESETS)}, or give "
+                    "steps such as vm,mem,ioev:N,vcpu:1,run")
+        raise RecipeError(f"bad recipe '{text}': {ffi.string(err).decode()}{hint}")
     steps = tuple(Step(OPS[rec.steps[i].op], rec.steps[i].count,
                        TARGETS.get(rec.steps[i].target, "halt"))
                   for i in range(rec.nsteps))

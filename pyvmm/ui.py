@@ -19,8 +19,8 @@ BENCH_PTWRITE = "bench-ptwrite"
 
 
 class _LazyConsole:
-    """A rich Console made on first use. On a terminal (or with $COLUMNS set) tables fit
-    its width; written to a file or a pipe they stay 160 columns wide."""
+    """A rich Console made on first use. On a terminal, tables and lines fit its width;
+    written to a file or a pipe they fit $COLUMNS, or 80 columns without it."""
 
     def __init__(self, stderr: bool = False):
         self._stderr = stderr
@@ -30,7 +30,7 @@ class _LazyConsole:
         if self._console is None:
             from rich.console import Console
             stream = sys.stderr if self._stderr else sys.stdout
-            wide = None if stream.isatty() or os.environ.get("COLUMNS") else 160
+            wide = None if stream.isatty() or os.environ.get("COLUMNS") else 80
             self._console = Console(stderr=self._stderr, width=wide)
         return self._console
 
@@ -57,6 +57,19 @@ def progress(*columns: str, con=None, transient: bool = True):
             "remaining": TimeRemainingColumn}
     return Progress(*(make[c]() for c in columns), console=real_console(con or console),
                     transient=transient)
+
+
+def say(con, line: str, markup: bool = False) -> None:
+    """One line of prose, wrapped at the console's width with its continuation lines
+    indented two spaces past the line's own indent (never cut, never flush left)."""
+    import textwrap
+    body = line.lstrip(" ")
+    indent = " " * (len(line) - len(body))
+    width = max(40, real_console(con).width)
+    text = textwrap.fill(body, width=width, initial_indent=indent,
+                         subsequent_indent=indent + "  ", break_long_words=False,
+                         break_on_hyphens=False)
+    con.print(text, highlight=False, markup=markup, soft_wrap=True)
 
 
 def fmt_ns(ns: float | None, digits: int = 2) -> str:

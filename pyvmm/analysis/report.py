@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import csv
+import json
+import math
 import os
 from collections import defaultdict
 
 from ..results import save_figure
 from ..tables import Grid
+from ..ui import say
 
 from . import stats
 
@@ -170,12 +173,12 @@ def analyze(doc: dict, driver: str = "c") -> dict:
             "eexist_batches": batches, "control_n": doc["config"].get("control_n")}
 
 
-def run_summary(doc: dict, share_ns=(100, 300, 1000)) -> dict:
+def run_summary(doc: dict, share_ns=(100, 300, 1000), a: dict | None = None) -> dict:
     """A finished run in one flat row, as a comparison of runs (the lab matrix) shows
     it: the kernel, the verdict and its per-op evidence, the stall in ms and jiffies and
     the step that paid it, the registration share at `share_ns` and the boot medians of
     the first sweep recipe, the kernel-check and whether it agrees."""
-    a = analyze(doc)
+    a = a or analyze(doc)
     v = a["verdict"]
     hz = a["hz"]
     recipes = [r for r in doc["config"]["recipes"] if r != "control"]
@@ -224,6 +227,57 @@ def run_summary(doc: dict, share_ns=(100, 300, 1000)) -> dict:
     }
 
 
+# Bumped when what the analysis computes changes: a run.json whose "analysis" carries
+# another version (or other values) is rewritten by `pyvmm report`.
+ANALYSIS_VERSION = 1
+
+
+def findings(doc: dict, a: dict | None = None) -> dict:
+    """What a run found, for machines: run_summary's row, and the answer in one line,
+    the regressions present ('sync-on-register', 'stall'), the ratios behind the verdict
+    and the step that paid the stall in words. Stored in run.json as "analysis", printed
+    by `pyvmm bench --json`, read by the fleet. Always recomputed from the samples."""
+    a = a or analyze(doc)
+    v = a["verdict"]
+    row = run_summary(doc, a=a)
+    ok = [s for s in doc.get("samples", []) if s.get("result", {}).get("ok")]
+    return _finite({"version": ANALYSIS_VERSION, "boots": len(ok),
+            "failed_boots": len(doc.get("samples", [])) - len(ok),
+            "verdict": row.pop("verdict"), "verdict_text": v.text,
+            "answer": stats.answer(v, a["hz"]), "regressions": stats.regressions(v),
+            "assign_over_eexist": v.assign_over_eexist,
+            "assign_over_deassign": v.assign_over_deassign,
+            "stall_paid_by": stats.STALL_PHASES.get(v.stall_phase) if v.stall_phase else None,
+            "stall_recipe": v.stall_recipe,
+            "occupancy_slope_ns": a["occupancy_slope_ns"], **row})
+
+
+def _finite(x):
+    """JSON without NaN or Infinity (run.json's reader refuses them): those become None."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
+def refresh(doc: dict, path: str | None = None, a: dict | None = None) -> tuple[dict, bool]:
+    """The run's findings recomputed; when `path` is given and the stored ones differ
+    (an older analysis, or none), run.json is rewritten with them. Returns (findings,
+    whether the stored ones changed)."""
+    new = findings(doc, a)
+    old = doc.get("analysis")
+    changed = json.loads(json.dumps(new)) != old
+    if changed:
+        doc["analysis"] = new
+        if path is not None and os.path.isfile(path):
+            from ..results import write_json_atomic
+            write_json_atomic(path, {k: v for k, v in doc.items() if not k.startswith("_")})
+    return new, changed
+
+
 def _fmt_ms(ns) -> str:
     return "-" if ns is None else f"{ns / 1e6:.3f}"
 
@@ -266,6 +320,9 @@ def recipe_table(name: str, rec: dict, template: str) -> Grid:
         top = max(rows)
         parts.append(f"registration share stays under 25% up to N={top} "
                      f"({rows[top]['registration_share'] * 100:.1f}%)")
+    parts.append("per-reg: the registration phase's wall time / N in this recipe (the "
+                 "eventfds' creation included); the verdict's assign is one KVM_IOEVENTFD "
+                 "alone; blocked: wall minus CPU time (waiting, mostly for grace periods)")
     if parts:
         t.caption = "; ".join(parts)
     t.caption_justify = "left"
@@ -274,11 +331,13 @@ def recipe_table(name: str, rec: dict, template: str) -> Grid:
 
 def verdict_lines(a: dict) -> list[str]:
     v = a["verdict"]
-    lines = [f"verdict: {v.text}"]
+    lines = [f"verdict: {v.text}", f"  answer: {stats.answer(v, a.get('hz'))}"]
     if v.assign_ns is not None:
-        where = f" at N={a['control_n']}" if a.get("control_n") else ""
+        n = a.get("control_n")
+        where = (f", from the control recipe (ioev:{n},eexist:{n},deassign:{n}; "
+                 "--control-n)") if n else ""
         lines.append(
-            f"  evidence (median per op{where}): assign {v.assign_ns / 1e3:.2f} us, EEXIST "
+            f"  evidence (median single ioctl{where}): assign {v.assign_ns / 1e3:.2f} us, EEXIST "
             f"control {v.eexist_ns / 1e3:.2f} us, deassign {v.deassign_ns / 1e3:.2f} us; "
             f"assign/EEXIST = {v.assign_over_eexist:.2f} (pre-6.18 if >= "
             f"{stats.ASSIGN_OVER_EEXIST_MIN:g}), assign/deassign = {v.assign_over_deassign:.2f} "
@@ -334,32 +393,31 @@ def overhead_line(doc: dict, a: dict) -> str | None:
 def render(console, doc: dict, driver: str = "c") -> dict:
     a = analyze(doc, driver)
     host = doc["host"]
-    console.print(f"[bold]host[/] {host['hostname']}  kernel {host['kernel']}  "
-                  f"HZ={host.get('config_hz') or 'unknown'}  preemption {host['preemption']}  "
-                  f"backend {host['backend']}  environment {doc.get('environment', 'host')}",
-                  highlight=False)
+    say(console, f"[bold]host[/] {host['hostname']}  kernel {host['kernel']}  "
+        f"HZ={host.get('config_hz') or 'unknown'}  preemption {host['preemption']}  "
+        f"backend {host['backend']}  environment {doc.get('environment', 'host')}",
+        markup=True)
     clk = doc.get("clock") or {}
     if clk:
-        console.print(f"clock read cost: CLOCK_MONOTONIC {clk['wall_read_ns']:.1f} ns, "
-                      f"CLOCK_THREAD_CPUTIME_ID {clk['cpu_read_ns']:.1f} ns "
-                      f"(per-op samples use the monotonic clock only)", highlight=False)
+        say(console, f"clock read cost: CLOCK_MONOTONIC {clk['wall_read_ns']:.1f} ns, "
+            f"CLOCK_THREAD_CPUTIME_ID {clk['cpu_read_ns']:.1f} ns "
+            f"(per-op samples use the monotonic clock only)")
     for name, rec in a["recipes"].items():
         console.print(recipe_table(name, rec, doc["config"]["recipes"][name]))
     for line in verdict_lines(a):
-        console.print(line, highlight=False)
+        say(console, line)
     line = overhead_line(doc, a)
     if line:
-        console.print(line, highlight=False)
+        say(console, line)
     if doc.get("kernel_check"):
         kc = doc["kernel_check"]
-        console.print(f"  kernel-check ({kc.get('path', '?')}): {kc.get('summary', kc)}",
-                      highlight=False)
+        say(console, f"  kernel-check ({kc.get('path', '?')}): {kc.get('summary', kc)}")
         if a["verdict"].behaviour in ("sync", "deferred") and "behaviour" in kc:
             agree = kc.get("agrees")
             if agree is None:
                 agree = kc["behaviour"] == a["verdict"].behaviour
-            console.print("  kernel-check and measured verdict: " +
-                          ("agree" if agree else "[bold red]DISAGREE[/]"), highlight=False)
+            say(console, "  kernel-check and measured verdict: " +
+                ("agree" if agree else "[bold red]DISAGREE[/]"), markup=True)
     if a["failures"]:
         console.print(f"[red]{len(a['failures'])} boot(s) failed[/]; first: "
                       f"{a['failures'][0]['error']}")
@@ -370,13 +428,29 @@ def render(console, doc: dict, driver: str = "c") -> dict:
     return a
 
 
+def n_axis(ax, ns, label: str = "ioeventfd registrations N") -> None:
+    """An x axis of registration counts: symmetric log (N=0 fits), ticks at the swept N
+    written as plain numbers (not 10^0)."""
+    from matplotlib.ticker import FixedLocator, NullLocator
+    ax.set_xscale("symlog", linthresh=1)
+    ticks = sorted({int(n) for n in ns})
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xticklabels([str(n) for n in ticks])
+    ax.set_xlabel(label)
+
+
 def write_csv(doc: dict, a: dict, path: str) -> None:
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["recipe", "n", "boots", "boot_min_ns", "boot_median_ns", "boot_p10_ns",
                     "boot_p90_ns", "boot_max_ns", "registration_median_ns",
                     "registration_share", "blocked_share", "per_op_median_ns",
-                    "memslot_median_ns", "stall_ns", "doorbells_ok"])
+                    "memslot_median_ns", "stall_ns", "doorbells_ok", "verdict",
+                    "regressions", "run_stall_ms", "run_stall_paid_by"])
+        f_ = findings(doc, a)
+        run_cols = [f_["verdict"], "+".join(f_["regressions"]) or "none", f_["stall_ms"],
+                    f_["stall_phase"]]
         for name, rec in a["recipes"].items():
             for n, row in rec["rows"].items():
                 b = row["boot"]
@@ -384,7 +458,7 @@ def write_csv(doc: dict, a: dict, path: str) -> None:
                             b["max"], row["registration_median_ns"],
                             f"{row['registration_share']:.4f}", f"{row['blocked_share']:.4f}",
                             row["per_op_median_ns"], row["memslot_median_ns"], row["stall_ns"],
-                            row["doorbells_ok"]])
+                            row["doorbells_ok"], *run_cols])
 
 
 def plot(doc: dict, a: dict, out_dir: str) -> list[str]:
@@ -403,8 +477,7 @@ def plot(doc: dict, a: dict, out_dir: str) -> list[str]:
         hi = [rec["rows"][n]["boot"]["p90"] / 1e6 for n in ns]
         line, = ax.plot(ns, med, marker="o", label=f"{name} (median)")
         ax.fill_between(ns, lo, hi, alpha=0.2, color=line.get_color(), label=f"{name} p10-p90")
-    ax.set_xscale("symlog", linthresh=1)
-    ax.set_xlabel("ioeventfd registrations N")
+    n_axis(ax, [n for rec in a["recipes"].values() for n in rec["rows"]])
     ax.set_ylabel("boot time (ms)")
     ax.set_title(f"Boot time vs registrations\n{title}")
     ax.legend(fontsize=8)
@@ -448,10 +521,13 @@ def plot(doc: dict, a: dict, out_dir: str) -> list[str]:
     return written
 
 
-def write_all(console, doc: dict, out_dir: str) -> dict:
-    """Render to the console and write summary.csv and the plots next to run.json."""
+def write_all(console, doc: dict, out_dir: str, plots: bool = True) -> dict:
+    """Render to the console, write summary.csv and the plots next to run.json, and the
+    findings into run.json ("analysis", recomputed: refresh)."""
     a = render(console, doc)
     if a["recipes"]:
         write_csv(doc, a, os.path.join(out_dir, "summary.csv"))
-        plot(doc, a, out_dir)
+        if plots:
+            plot(doc, a, out_dir)
+    refresh(doc, os.path.join(out_dir, "run.json"), a)
     return a

@@ -143,6 +143,53 @@ BEHAVIOUR_NAMES = {"sync": "sync-on-register", "deferred": "deferred-free",
                    "unknown": "unknown"}
 
 
+# What --fail-on can name: the pre-6.18 regression, the fix's follow-up, either.
+FAIL_ON = ("sync-on-register", "stall", "any")
+
+
+def regressions(v: "Verdict") -> list[str]:
+    """Which of the two known regressions the verdict shows: 'sync-on-register' (every
+    registration waits for a grace period) and 'stall' (the free is deferred, and a later
+    synchronous SRCU step, a memslot change, vCPU creation or the first deassign, waits
+    for the grace period the registrations started)."""
+    if v.behaviour == "sync":
+        return ["sync-on-register"]
+    if v.behaviour == "deferred" and (
+            v.stall_ns is not None or (v.first_deassign_excess_ns or 0) >= STALL_MIN_NS):
+        return ["stall"]
+    return []
+
+
+def fails_on(what: str | None, found: list[str]) -> bool:
+    """Whether a --fail-on choice matches what the run found."""
+    if not what:
+        return False
+    return bool(found) if what == "any" else what in found
+
+
+def answer(v: "Verdict", hz: int | None = None) -> str:
+    """The question most users come with, in one line: which behaviour, and whether a
+    regression is present."""
+    if v.behaviour == "sync":
+        return ("pre-6.18 behaviour: every ioeventfd registration waits for an SRCU grace "
+                f"period (assign {v.assign_ns / 1e3:.1f} us, {v.assign_over_eexist:.0f}x the "
+                "EEXIST control): the regression of up to 25% of VM start-up is present")
+    if v.behaviour == "deferred":
+        if v.stall_ns is not None:
+            return ("6.18+ (the fix): registration is cheap, but the next synchronous SRCU "
+                    f"step waits for the grace period it started: {STALL_PHASES[v.stall_phase]}"
+                    f" waits {_stall_words(v.stall_ns, hz)}: the fix's follow-up regression "
+                    "is present")
+        if (v.first_deassign_excess_ns or 0) >= STALL_MIN_NS:
+            return ("6.18+ (the fix): registration is cheap, but the first deassign after "
+                    f"it waits {_stall_words(v.first_deassign_excess_ns, hz)}: the fix's "
+                    "follow-up regression is present")
+        return ("6.18+ (the fix): registration is cheap and nothing after it waited: "
+                "neither regression shows here")
+    return ("no verdict: the control recipe did not run (--control-n 0) or too few of its "
+            "boots succeeded")
+
+
 def attribute_stall(after: dict, base: dict, hz: int | None = None) \
         -> tuple[str | None, float | None, dict]:
     """The step that paid a post-registration stall.

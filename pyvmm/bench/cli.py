@@ -3,13 +3,16 @@ parser of `pyvmm compare`, whose command lives in compare.py)."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
 from ..tables import Grid
 
-from ..errors import PyvmmError
-from ..ui import BENCH_PTWRITE, console, int_list, recipes_arg  # noqa: F401 (re-exported)
+from ..errors import EXIT_FOUND, EXIT_NOTHING, PyvmmError
+from ..analysis.stats import FAIL_ON
+from ..ui import (BENCH_PTWRITE, console, err_console, int_list,  # noqa: F401 (re-exported)
+                  recipes_arg, say)
 from ..ui import progress as progress_bar
 from ..analysis import report, stats
 from ..analysis.plan import DEFAULT_NS, DEFAULT_RECIPES, SweepConfig, load_run
@@ -20,22 +23,41 @@ from .sweep import Sweep
 
 
 def add_parsers(sub) -> None:
-    b = sub.add_parser("bench", help="sweep the registration count and time every boot phase "
-                                     "(pyvmm bench ptwrite: see its own --help)")
+    b = sub.add_parser("bench", help="sweep the registration count and time every boot phase; "
+                                     "pyvmm bench ptwrite: shadow-MMU page-table writes (its "
+                                     "own --help)")
     b.add_argument("--ns", default=",".join(map(str, DEFAULT_NS)),
                    help="registration counts to sweep (default %(default)s)")
-    b.add_argument("--recipes", default=",".join(DEFAULT_RECIPES),
-                   help="preset names or recipe templates separated by ';' or ',' of presets "
+    b.add_argument("--recipes", default=",".join(DEFAULT_RECIPES), metavar="RECIPES",
+                   help="what each boot does: preset names separated by ',' (before-vcpu, "
+                        "during-boot, after-vcpu), or recipe templates separated by ';' "
+                        "(e.g. 'vm,mem,ioev:N,vcpu:1,run'; docs/methodology.md) "
                         "(default %(default)s)")
     b.add_argument("--repeats", type=int, default=30, help="boots per cell (default 30)")
-    b.add_argument("--warmup", type=int, default=5)
-    b.add_argument("--seed", type=int, default=None)
-    b.add_argument("--ioev-len", type=int, default=4, choices=[0, 1, 2, 4, 8])
+    b.add_argument("--warmup", type=int, default=5,
+                   help="boots run first and discarded (caches, page faults; default 5)")
+    b.add_argument("--seed", type=int, default=None,
+                   help="seed of the interleaved boot order (default: a random one, "
+                        "recorded in run.json; give it to repeat an order)")
+    b.add_argument("--ioev-len", type=int, default=4, choices=[0, 1, 2, 4, 8],
+                   help="length of each MMIO ioeventfd; 0 registers it on the FAST_MMIO "
+                        "bus too, two registrations each (default 4)")
     b.add_argument("--pin", type=int, default=None, metavar="CPU",
-                   help="pin the boot thread to CPU (placement is recorded either way)")
+                   help="pin the boot thread to this CPU (one of those this process may "
+                        "run on; where it ran is recorded either way)")
     b.add_argument("--control-n", type=int, default=32,
-                   help="N for the EEXIST/deassign control recipe (0: skip the verdict)")
-    b.add_argument("--out", default="results", help="parent directory for results")
+                   help="N of the control recipe the verdict reads (assign, EEXIST, "
+                        "deassign, one ioctl each; 0: no verdict; default %(default)s)")
+    b.add_argument("--out", default="results",
+                   help="parent directory for results (default %(default)s)")
+    b.add_argument("--json", action="store_true",
+                   help="print the findings (verdict, answer, regressions, evidence, stall) "
+                        "as one JSON object on stdout; tables and progress go to stderr")
+    b.add_argument("--fail-on", choices=FAIL_ON, default=None,
+                   help=f"exit {EXIT_FOUND} when the run finds this: sync-on-register (the "
+                        "pre-6.18 regression), stall (the fix's follow-up), any (either)")
+    b.add_argument("--no-plot", action="store_true",
+                   help="write no plots (no matplotlib needed; pyvmm report draws them later)")
     b.add_argument("--python-vs-c", action="store_true",
                    help="drive the same recipe with the C helper, the floor (the least "
                         "Python that makes the same calls) and the Python VMM, interleaved, "
@@ -66,12 +88,26 @@ def add_parsers(sub) -> None:
     c.set_defaults(func=cmd_compare)
 
 
+def check_pin(cpu: int | None) -> None:
+    """--pin names a CPU this process may run on (checked before anything is made)."""
+    if cpu is None:
+        return
+    allowed = sorted(os.sched_getaffinity(0))
+    if cpu not in allowed:
+        raise PyvmmError(f"--pin {cpu}: this process may run on CPU "
+                         f"{', '.join(map(str, allowed))} only; give one of those")
+
+
 def cmd_bench(args) -> int:
+    check_pin(args.pin)
     if args.per_ioctl:
         if not args.python_vs_c:
             raise PyvmmError("--per-ioctl compares the two drivers: add --python-vs-c")
         return per_ioctl(args)
     if args.python_vs_c:
+        if args.json or args.fail_on:
+            raise PyvmmError("--json and --fail-on read the sweep's verdict; --python-vs-c "
+                             "compares drivers and makes none")
         ns, recipes = python_vs_c_cells(args)
         cfg = SweepConfig(ns=ns, recipes=recipes, repeats=args.repeats, warmup=args.warmup,
                           seed=args.seed, ioev_len=args.ioev_len, pin_cpu=args.pin,
@@ -80,19 +116,22 @@ def cmd_bench(args) -> int:
         cfg = SweepConfig(ns=int_list(args.ns), recipes=recipes_arg(args.recipes),
                           repeats=args.repeats, warmup=args.warmup, seed=args.seed,
                           ioev_len=args.ioev_len, pin_cpu=args.pin, control_n=args.control_n)
+    if args.fail_on in ("sync-on-register", "stall", "any") and not cfg.control_n:
+        raise PyvmmError("--fail-on needs the verdict: drop --control-n 0")
     from .. import hostinfo
     host = hostinfo.collect()
     if host["kvm_error"]:
         raise PyvmmError(host["kvm_error"])
+    con = err_console if args.json else console
     out = new_run_dir(args.out, f"{host['hostname']}-{host['kernel']}")
     sweep = Sweep(cfg, out, host)
     total = len(sweep.cells()) * cfg.repeats
-    console.print(f"pyvmm bench: {total} boots ({len(sweep.cells())} cells x {cfg.repeats} "
-                  f"repeats, interleaved, seed {cfg.seed}, {cfg.warmup} warm-up boots "
-                  f"discarded) -> {out}", highlight=False)
+    say(con, f"pyvmm bench: {total} boots ({len(sweep.cells())} cells x {cfg.repeats} "
+        f"repeats, interleaved, seed {cfg.seed}, {cfg.warmup} warm-up boots "
+        f"discarded) -> {out}")
     t0 = time.monotonic()
     interrupted = False
-    with progress_bar("text", "bar", "count", "elapsed", "remaining") as prog:
+    with progress_bar("text", "bar", "count", "elapsed", "remaining", con=con) as prog:
         task = prog.add_task("booting", total=total)
 
         def progress(done, tot, cell):
@@ -104,15 +143,29 @@ def cmd_bench(args) -> int:
             interrupted = True
             doc = sweep.doc
     elapsed = time.monotonic() - t0
+    path = os.path.join(out, "run.json")
+    if not any(s["result"]["ok"] for s in doc["samples"]):
+        first = doc["failures"][0]["error"] if doc.get("failures") else "none ran"
+        con.print(f"[red]no boot succeeded[/] ({len(doc['samples'])} tried; first error: "
+                  f"{first}); {path} keeps what was tried", highlight=False)
+        return EXIT_NOTHING if not interrupted else 130
+    found = None
     if args.python_vs_c:
         python_vs_c_table(doc)
     else:
-        report.write_all(console, doc, out)
-    console.print(f"sweep wall time {elapsed:.1f} s; {len(doc['samples'])} boots recorded in "
-                  f"{os.path.join(out, 'run.json')}", highlight=False)
+        a = report.write_all(con, doc, out, plots=not args.no_plot)
+        found = report.findings(doc, a)
+    say(con, f"sweep wall time {elapsed:.1f} s; {len(doc['samples'])} boots recorded in "
+        f"{path}")
+    if args.json:
+        print(json.dumps({"run": path, "status": doc["status"], **(found or {})}, indent=1))
     if interrupted:
-        console.print("[yellow]interrupted: run.json holds the samples taken so far[/]")
+        con.print("[yellow]interrupted: run.json holds the samples taken so far[/]")
         return 130
+    if found and stats.fails_on(args.fail_on, found["regressions"]):
+        say(con, f"--fail-on {args.fail_on}: found {', '.join(found['regressions'])} "
+            f"(exit {EXIT_FOUND})")
+        return EXIT_FOUND
     return 0
 
 
@@ -283,10 +336,19 @@ def per_ioctl_table(cell: dict) -> None:
 def cmd_report(args) -> int:
     doc = load_run(args.run)
     out = args.run if os.path.isdir(args.run) else os.path.dirname(os.path.abspath(args.run))
+    if not any(s["result"]["ok"] for s in doc["samples"]):
+        from ..results import run_state
+        raise PyvmmError(f"{args.run}: no boot of this run succeeded ({len(doc['samples'])} "
+                         f"recorded; run status: {run_state(doc)}): nothing to report")
     if any(s.get("driver") == "py" for s in doc["samples"]):
         python_vs_c_table(doc)
     else:
+        before = (doc.get("analysis") or {}).get("version")
         report.write_all(console, doc, out)
+        found = doc["analysis"]
+        if before != found["version"]:
+            say(console, f"run.json's analysis written (version {found['version']}; it had "
+                f"{'none' if before is None else 'version ' + str(before)})")
     console.print(f"wrote summary.csv and plots in {out}", highlight=False)
     if args.pyperf:
         from .export import to_pyperf
@@ -298,9 +360,10 @@ def cmd_report(args) -> int:
 
 def add_ptwrite_parser(sub) -> None:
     """`pyvmm bench ptwrite`: its own parser, so the sweep's options are refused there."""
+    # listed in `pyvmm --help` under bench's line, not under its internal name
     p = sub.add_parser(BENCH_PTWRITE, prog="pyvmm bench ptwrite",
-                       help="(pyvmm bench ptwrite) shadow-MMU cost of guest page-table writes "
-                            "against data writes")
+                       description="shadow-MMU cost of guest page-table writes against data "
+                                   "writes, alone and with a second faulting vCPU")
     p.add_argument("--count", type=int, default=2000,
                    help="writes per phase (default %(default)s)")
     p.add_argument("--repeats", type=int, default=5,

@@ -201,8 +201,8 @@ def _compare_plot_many(all_rows, names, out):
                 continue
             ax.plot([r["n"] for r in rr], [r["growth_b"] or float("nan") for r in rr], "o-",
                     label=name)
-        ax.set_xscale("symlog", linthresh=1)
-        ax.set_xlabel("registrations N")
+        report.n_axis(ax, [r["n"] for rows in all_rows for r in rows if r["recipe"] == rname],
+                      "registrations N")
         ax.set_ylabel("boot median / boot median at the smallest N")
         ax.set_title(rname)
         ax.legend(fontsize=8)

@@ -15,7 +15,8 @@ CHECKS = ("ioeventfd-ordering", "memslot-coherence", "guest-memfd")
 def add_parsers(sub) -> None:
     c = sub.add_parser("check", help="correctness checks: ordering after KVM_IOEVENTFD, "
                                      "memslot coherence, guest_memfd lifecycle")
-    c.add_argument("name", choices=CHECKS + ("all",))
+    c.add_argument("name", choices=CHECKS + ("all",),
+                   help=f"which check: {', '.join(CHECKS)}, or all of them")
     c.add_argument("--iterations", type=int, default=100_000,
                    help="guest loop iterations for the concurrency checks (default 100000)")
     c.add_argument("--duration", type=float, default=60.0, metavar="S",

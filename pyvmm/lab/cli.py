@@ -10,8 +10,9 @@ import time
 
 from ..analysis import report
 from ..analysis.plan import DEFAULT_NS, DEFAULT_RECIPES, SweepConfig
-from ..errors import LabError, PyvmmError
-from ..ui import console, err_console, int_list, progress, recipes_arg
+from ..analysis.stats import FAIL_ON, fails_on
+from ..errors import EXIT_FAILED, EXIT_FOUND, LabError, PyvmmError
+from ..ui import console, err_console, int_list, progress, recipes_arg, say
 from .arch import get_arch
 from .builds import kcheck
 from .builds.patch import load_patches
@@ -27,13 +28,24 @@ def _sweep_args(o, repeats_default: int) -> None:
     o.add_argument("--ns", default=",".join(map(str, DEFAULT_NS)),
                    help="registration counts to sweep (default %(default)s)")
     o.add_argument("--recipes", default=",".join(DEFAULT_RECIPES),
-                   help="preset names or recipe templates (default %(default)s)")
-    o.add_argument("--repeats", type=int, default=repeats_default)
-    o.add_argument("--warmup", type=int, default=kernel_lab.LAB_WARMUP)
-    o.add_argument("--seed", type=int, default=None)
-    o.add_argument("--ioev-len", type=int, default=4, choices=[0, 1, 2, 4, 8])
+                   help="preset names separated by ',' (before-vcpu, during-boot, "
+                        "after-vcpu) or recipe templates separated by ';' "
+                        "(default %(default)s)")
+    o.add_argument("--repeats", type=int, default=repeats_default,
+                   help="boots per cell (default %(default)s)")
+    o.add_argument("--warmup", type=int, default=kernel_lab.LAB_WARMUP,
+                   help="boots run first and discarded (default %(default)s)")
+    o.add_argument("--seed", type=int, default=None,
+                   help="seed of the interleaved boot order (default: random, recorded)")
+    o.add_argument("--ioev-len", type=int, default=4, choices=[0, 1, 2, 4, 8],
+                   help="length of each MMIO ioeventfd; 0 registers it on the FAST_MMIO "
+                        "bus too (default 4)")
     o.add_argument("--control-n", type=int, default=32,
-                   help="N for the EEXIST/deassign control recipe (0: skip the verdict)")
+                   help="N of the control recipe the verdict reads (assign, EEXIST, "
+                        "deassign; 0: no verdict; default %(default)s)")
+    o.add_argument("--fail-on", choices=FAIL_ON, default=None,
+                   help=f"exit {EXIT_FOUND} when the lab kernel (any variant) shows this: "
+                        "sync-on-register, stall (the fix's follow-up) or any")
     o.add_argument("--out", default="results", help="parent directory for results")
     o.add_argument("--timeout", type=float, default=1800.0, metavar="S",
                    help="kill QEMU after this many seconds in all (default %(default)s)")
@@ -116,16 +128,22 @@ def add_parsers(sub) -> None:
     r.add_argument("jobs", nargs="+", metavar="JOB",
                    help="ptwrite:COUNT[:REPEATS], check:NAME[:ITERATIONS], "
                         "stress:SECONDS[:SEED], xen:SECONDS[:SEEDS[:BOUND]] (the Xen "
-                        "event-channel seed, with --kvm-patch xen or xen-lock)")
+                        "event-channel seed, with --kvm-patch xen or xen-lock), "
+                        "trace:qemu-microvm[:K[:R]] (the host's QEMU with K virtio devices, "
+                        "traced R times)")
     r.add_argument("--kernel", default="6.1", help=f"{KERNEL_SPEC_FORMS}{BUILD_HELP}")
-    r.add_argument("--kvm-patch", default=None, metavar="NAME")
+    r.add_argument("--kvm-patch", default=None, metavar="NAME",
+                   help="rebuild KVM with this patch of the project's (as lab kernel)")
     r.add_argument("--kvm-arg", action="append", default=[], metavar="MODULE:NAME=VALUE",
                    help="module parameter, e.g. kvm_amd:npt=0 (shadow paging); repeatable")
     r.add_argument("--smp", type=int, default=2, choices=[1, 2],
                    help="emulated CPUs (default 2: the jobs run several vCPU threads)")
-    r.add_argument("--out", default="results")
-    r.add_argument("--timeout", type=float, default=1800.0, metavar="S")
-    r.add_argument("--no-install", action="store_true")
+    r.add_argument("--out", default="results",
+                   help="parent directory for results (default %(default)s)")
+    r.add_argument("--timeout", type=float, default=1800.0, metavar="S",
+                   help="kill QEMU after this many seconds in all (default %(default)g)")
+    r.add_argument("--no-install", action="store_true",
+                   help="fail instead of installing QEMU / busybox-static when missing")
     r.add_argument("--json", action="store_true", help="print results.json on stdout")
     _cmdline_arg(r)
     r.set_defaults(func=cmd_run)
@@ -139,7 +157,7 @@ def add_kernel_check_parser(sub) -> None:
                        help="how does kvm_io_bus_register_dev in this kvm.ko free the old bus, "
                             "and does a memslot change synchronize? (objdump)")
     k.add_argument("module", help="path of kvm.ko (or kvm.ko.xz) or a vmlinux with symbols")
-    k.add_argument("--json", action="store_true")
+    k.add_argument("--json", action="store_true", help="print the result as JSON")
     k.set_defaults(func=cmd_kernel_check)
 
 
@@ -217,7 +235,13 @@ def cmd_kernel(args) -> int:
     if retries:
         console.print(f"[yellow]{len(retries)} attempt(s) hung and were retried[/]")
     kc = doc["kernel_check"]
-    return 0 if kc.get("agrees", True) and not doc["failures"] else 1
+    if not (kc.get("agrees", True) and not doc["failures"]):
+        return EXIT_FAILED
+    found = (doc.get("analysis") or {}).get("regressions") or []
+    if fails_on(args.fail_on, found):
+        say(console, f"--fail-on {args.fail_on}: found {', '.join(found)} (exit {EXIT_FOUND})")
+        return EXIT_FOUND
+    return 0
 
 
 def _progress(con):
@@ -262,7 +286,20 @@ def cmd_matrix(args) -> int:
     if args.json:
         print(json.dumps(matrix.json_rows(doc), indent=1))
     ok = not doc["failed"] and all(r["agrees"] is not False for r in doc["rows"])
-    return 0 if ok else 1
+    if not ok:
+        return EXIT_FAILED
+    hits = [r["variant"] for r in doc["rows"] if fails_on(args.fail_on, _found(r))]
+    if hits:
+        say(out_con, f"--fail-on {args.fail_on}: found in {', '.join(hits)} (exit {EXIT_FOUND})")
+        return EXIT_FOUND
+    return 0
+
+
+def _found(row: dict) -> list[str]:
+    """A matrix row's regressions (sweep rows carry them; trace rows say their behaviour)."""
+    if "regressions" in row:
+        return row["regressions"] or []
+    return {"sync": ["sync-on-register"], "deferred": ["stall"]}.get(row.get("behaviour"), [])
 
 
 def cmd_vcpus(args) -> int:

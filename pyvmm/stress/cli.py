@@ -19,7 +19,8 @@ XEN_SCHEMA = "pyvmm.stress-xen/1"
 
 def add_parsers(sub) -> None:
     s = sub.add_parser("stress", help="concurrent ioctls on one VM with a hang watchdog")
-    s.add_argument("--duration", type=float, default=10.0, metavar="S")
+    s.add_argument("--duration", type=float, default=10.0, metavar="S",
+                   help="how long the workers run (default %(default)g s)")
     s.add_argument("--seed", type=int, default=1,
                    help="same seed, same operation sequence per worker (default 1)")
     s.add_argument("--vcpus", type=int, default=2, help="vCPU threads running the guest")
@@ -28,7 +29,7 @@ def add_parsers(sub) -> None:
     s.add_argument("--bound", type=float, default=10.0, metavar="S",
                    help="report an ioctl that has not returned after this long (default 10)")
     s.add_argument("--out", default="results", help="directory for the JSON report")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="print the report as JSON")
     s.add_argument("--xen", action="store_true",
                    help="the Xen event-channel seed instead: a vCPU sending event channels "
                         "while workers invalidate shared_info and set the MSR filter "

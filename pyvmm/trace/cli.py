@@ -6,8 +6,10 @@ import json
 import os
 import time
 
-from ..errors import PyvmmError, TraceUnavailable
-from ..ui import console, err_console, progress
+from ..analysis.stats import FAIL_ON, fails_on
+from ..errors import (EXIT_FOUND, EXIT_INTERRUPTED, EXIT_NOTHING, PyvmmError,
+                      TraceUnavailable)
+from ..ui import console, err_console, progress, say
 from . import report, workloads
 from .runs import TraceRun
 
@@ -65,7 +67,12 @@ def add_parsers(sub) -> None:
                    help="no kernel stack on sleeps: what an ioctl waited in is unknown")
     t.add_argument("--out", default="results", help="parent directory for results")
     t.add_argument("--json", action="store_true",
-                   help="print trace.json on stdout (tables and progress on stderr)")
+                   help="print trace.json on stdout (tables and progress on stderr); its "
+                        "\"analysis\" holds the verdict, the regressions and their cost")
+    t.add_argument("--fail-on", choices=FAIL_ON, default=None,
+                   help=f"exit {EXIT_FOUND} when the start-up shows this: sync-on-register "
+                        "(registrations waited), stall (a later ioctl waited behind them), "
+                        "any (either)")
     t.set_defaults(func=cmd_trace)
 
 
@@ -109,18 +116,16 @@ def cmd_trace(args) -> int:
     if not use_strace:
         problem = _tracefs_problem()
         if problem:
-            con.print(f"[yellow]pyvmm trace: {problem}; falling back to strace -f -T "
-                      "(per-ioctl times, no sleeps or stacks, a slower start-up)[/]",
-                      highlight=False)
+            say(con, f"[yellow]pyvmm trace: {problem}; falling back to strace -f -T "
+                "(per-ioctl times, no sleeps or stacks, a slower start-up)[/]", markup=True)
             use_strace = True
     tr = TraceRun(argv, args.out, args.repeat, port, args.timeout, args.overhead, workload,
                   ok, use_strace=use_strace, captures_json=captures,
                   arguments=not args.no_args, stacks=not args.no_stacks,
                   timers=args.timers)
     total = args.repeat * (2 if args.overhead else 1)
-    con.print(f"pyvmm trace: {workload or ' '.join(argv)}, {args.repeat} traced start-up(s)"
-              + (", with as many untraced (A/B)" if args.overhead else "")
-              + f" -> {tr.dir}", highlight=False)
+    say(con, f"pyvmm trace: {workload or ' '.join(argv)}, {args.repeat} traced start-up(s)"
+        + (", with as many untraced (A/B)" if args.overhead else "") + f" -> {tr.dir}")
     t0 = time.monotonic()
     interrupted = False
     with progress("text", "bar", "count", "elapsed", con=con) as prog:
@@ -133,12 +138,18 @@ def cmd_trace(args) -> int:
             interrupted = True
             doc = tr.doc
     report.render(con, doc, args.all)
-    con.print(f"trace wall time {time.monotonic() - t0:.1f} s; "
-              f"{os.path.join(tr.dir, 'trace.json')}", highlight=False)
+    say(con, f"trace wall time {time.monotonic() - t0:.1f} s; "
+        f"{os.path.join(tr.dir, 'trace.json')}")
     if args.json:
         print(json.dumps(doc, indent=1))
     if interrupted:
-        return 130
+        return EXIT_INTERRUPTED
+    if not doc["runs"]:
+        return EXIT_NOTHING
+    found = (doc.get("analysis") or {}).get("regressions") or []
+    if fails_on(args.fail_on, found):
+        say(con, f"--fail-on {args.fail_on}: found {', '.join(found)} (exit {EXIT_FOUND})")
+        return EXIT_FOUND
     return 0
 
 

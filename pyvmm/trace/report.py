@@ -5,6 +5,7 @@ they waited in, the summary and the verdict; over several runs, the medians."""
 from __future__ import annotations
 
 from ..tables import Grid
+from ..ui import say
 from .attribute import why_text
 
 LONG_MS = 0.1               # an ioctl this long is listed even when it did not sleep
@@ -22,15 +23,14 @@ def _ms(x) -> str:
 def header(console, doc: dict) -> None:
     host = doc["host"]
     what = doc.get("workload") or " ".join(doc["traced"])
-    console.print(f"[bold]pyvmm trace[/] {what}  kernel {host.get('kernel')}  "
-                  f"HZ={doc.get('hz') or 'unknown'}  {len(doc['runs'])} run(s)",
-                  highlight=False)
+    say(console, f"[bold]pyvmm trace[/] {what}  kernel {host.get('kernel')}  "
+        f"HZ={doc.get('hz') or 'unknown'}  {len(doc['runs'])} run(s)", markup=True)
 
 
 def timeline(run: dict) -> Grid:
     t = Grid(title="start-up timeline (ms from exec)", title_justify="left")
     t.add_column("milestone")
-    t.add_column("ms", justify="right")
+    t.add_column("at ms", justify="right")
     for k, v in run["summary"]["milestones_ms"].items():
         t.add_row(k, _ms(v))
     return t
@@ -40,7 +40,7 @@ def ioctl_table(run: dict, everything: bool = False) -> Grid:
     t = Grid(title="KVM ioctls (every one that slept, took over 0.1 ms, or registers or "
                    "maps something" + ("" if not everything else "; --all: every one")
                    + ")", title_justify="left", keys=2, continued="KVM ioctls")
-    for col, j in (("#", "right"), ("ms", "right"), ("thread", "right"), ("fd", "left"),
+    for col, j in (("#", "right"), ("start ms", "right"), ("thread", "right"), ("fd", "left"),
                    ("ioctl", "left"), ("arguments", "left"), ("kernel ms", "right"),
                    ("slept ms", "right"), ("waited in", "left")):
         t.add_column(col, justify=j)
@@ -138,17 +138,17 @@ def render(console, doc: dict, everything: bool = False) -> None:
         return
     run = doc["runs"][0]
     for note in sorted({n for r in doc["runs"] for n in r["notes"]}):
-        console.print(f"[yellow]note:[/] {note}", highlight=False)
+        say(console, f"[yellow]note:[/] {note}", markup=True)
     console.print(timeline(run))
     console.print(ioctl_table(run, everything))
     for a in run.get("agreement") or []:
-        console.print(f"two instruments, one start-up: the {a['step']} step took "
-                      f"{a['phase_ms']:.3f} ms by pyvmm's own phase timer, its ioctl "
-                      f"{a['ioctl_ms']:.3f} ms in the trace ({a['srcu_ms']:.3f} ms of it "
-                      f"waiting for SRCU): {a['ratio']:.2f}x", highlight=False)
+        say(console, f"two instruments, one start-up: the {a['step']} step took "
+            f"{a['phase_ms']:.3f} ms by pyvmm's own phase timer, its ioctl "
+            f"{a['ioctl_ms']:.3f} ms in the trace ({a['srcu_ms']:.3f} ms of it "
+            f"waiting for SRCU): {a['ratio']:.2f}x")
     label = "run 1: " if len(doc["runs"]) > 1 else ""
     for line in summary_lines(run):
-        console.print(label + line if line.startswith("verdict") else line, highlight=False)
+        say(console, label + line if line.startswith("verdict") else line)
     if len(doc["runs"]) > 1:
         console.print(medians_table(doc))
         kinds = [r["summary"]["behaviour"] for r in doc["runs"]]
@@ -157,10 +157,13 @@ def render(console, doc: dict, everything: bool = False) -> None:
                       highlight=False)
     ov = doc.get("overhead")
     if ov:
-        console.print(f"tracing overhead: traced start-up median {ov['traced_ms']['median']:.2f} "
-                      f"ms vs {ov['untraced_ms']['median']:.2f} ms untraced, "
-                      f"{ov['ratio_of_medians']:.3f}x (paired median "
-                      f"{ov['paired_ratio']['median']:.3f}x over {ov['paired_ratio']['n']} "
-                      "A/B pairs)", highlight=False)
+        say(console, f"tracing overhead: traced start-up median "
+            f"{ov['traced_ms']['median']:.2f} ms vs {ov['untraced_ms']['median']:.2f} ms "
+            f"untraced, {ov['ratio_of_medians']:.3f}x (paired median "
+            f"{ov['paired_ratio']['median']:.3f}x over {ov['paired_ratio']['n']} A/B pairs)")
+    an = doc.get("analysis")
+    if an and len(doc["runs"]) > 1:
+        say(console, f"verdict over {an['runs']} runs ({an['runs_agreeing']} agree): "
+            f"{an['verdict']}")
     if doc.get("status") != "complete":
         console.print(f"[yellow]trace status: {doc.get('status')}[/] (partial results)")

@@ -68,6 +68,40 @@ def medians(runs: list[dict]) -> dict:
     return out
 
 
+TRACE_VERDICTS = {"sync": "sync-on-register", "deferred": "deferred-free follow-up",
+                  "none": "no SRCU stall", "unknown": "unknown"}
+
+
+def findings(runs: list[dict]) -> dict | None:
+    """What the traced start-ups found, for machines (trace.json's "analysis"): the
+    majority's verdict, the regressions it shows ('sync-on-register': registrations
+    waited; 'stall': a later ioctl waited behind the grace periods they started), the
+    sentence of a run that gave it, and what it cost (medians over those runs)."""
+    if not runs:
+        return None
+    kinds = [r["summary"]["behaviour"] for r in runs]
+    behaviour = max(set(kinds), key=kinds.count)
+    same = [r["summary"] for r in runs if r["summary"]["behaviour"] == behaviour]
+    costs = [x["cost"] for x in same if x.get("cost")]
+    paid = [c["paid_by"] for c in costs]
+
+    def med(xs):
+        xs = [x for x in xs if x is not None]
+        return statistics.median(xs) if xs else None
+    return {"verdict": TRACE_VERDICTS.get(behaviour, behaviour), "behaviour": behaviour,
+            "runs": len(runs), "runs_agreeing": len(same),
+            "regressions": {"sync": ["sync-on-register"], "deferred": ["stall"]}.get(
+                behaviour, []),
+            "answer": same[0]["verdict"],
+            "startup_ms": med(x["startup_ms"] for x in same),
+            "srcu_wait_ms": med(x["srcu_wait_ms"] for x in same),
+            "srcu_share": med(x["srcu_share"] for x in same),
+            "regression_ms": med(c["wait_ms"] for c in costs),
+            "longest_wait_ms": med(c["longest_ms"] for c in costs),
+            "paid_by": max(set(paid), key=paid.count) if paid else None,
+            "hz": same[0].get("hz")}
+
+
 class TraceRun:
     """Runs the traces and owns trace.json."""
 
@@ -91,7 +125,7 @@ class TraceRun:
                             traced=list(argv), workload=workload, port=port, hz=self.hz,
                             repeat=repeat, arguments=arguments, stacks=stacks,
                             timers=timers,
-                            runs=[], untraced=[], medians=None,
+                            analysis=None, runs=[], untraced=[], medians=None,
                             overhead=None)
         self._save = Saver(self.path, self.doc)
 
@@ -124,6 +158,7 @@ class TraceRun:
                     run["agreement"] = phase_agreement(run)
                 self.doc["runs"].append(run)
                 self.doc["medians"] = medians(self.doc["runs"])
+                self.doc["analysis"] = findings(self.doc["runs"])
                 if self.overhead:
                     self.doc["overhead"] = overhead_figures(self.doc)
                 self._save(force=True)

@@ -124,6 +124,7 @@ class SweepRun(LabRun):
         kc = doc["kernel_check"]
         kc.update(stats.kernel_check_agreement(kc, a["verdict"].behaviour,
                                                a["verdict"].stall_ns))
+        doc["analysis"] = report.findings(doc, a)
 
 
 def run_lab(opts: LabOptions, cfg: SweepConfig, ui: Ui | None = None) -> Finished:

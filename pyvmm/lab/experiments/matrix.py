@@ -46,6 +46,7 @@ def run_matrix(variants: list[Variant], cfg: SweepConfig, base: LabOptions,
         # its patch and where its run.json lives around it.
         return {"variant": v.label, "patch": v.patch,
                 **report.run_summary(run.doc, SHARE_NS),
+                "regressions": (run.doc.get("analysis") or {}).get("regressions"),
                 "run": os.path.join(run.out_dir, "run.json")}
 
     return run_each(variants, base, ui, "matrix", SCHEMA, run_one, row_of, out_dir,
@@ -205,9 +206,8 @@ def plot(doc: dict, out_dir: str) -> list[str]:
         if not ns:
             continue
         ax.plot(ns, [r["boot_ms"][str(n)] for n in ns], "o-", label=r["variant"])
-    ax.set_xscale("symlog", linthresh=1)
+    report.n_axis(ax, [int(n) for r in doc["rows"] for n in r["boot_ms"]])
     ax.set_yscale("log")
-    ax.set_xlabel("ioeventfd registrations N")
     ax.set_ylabel("boot median (ms, QEMU TCG)")
     ax.set_title("boot vs N, one line per variant (same plan, same emulator)")
     ax.grid(alpha=0.3)
@@ -225,7 +225,8 @@ def json_rows(doc: dict) -> dict:
             "stall_ms", "stall_jiffies", "stall_phase", "stall_p90_ms", "stall_predicted_ms",
             "stall_predicted_range_ms", "stall_gap_ms", "hz", "first_deassign_excess_ms",
             "first_deassign_predicted_ms",
-            "reg_share", "boot_ms", "kernel_check", "kernel_check_summary", "agrees", "run")
+            "reg_share", "boot_ms", "kernel_check", "kernel_check_summary", "agrees",
+            "regressions", "run")
     return {"schema": doc["schema"], "status": doc["status"], "seed": doc["config"]["seed"],
             "rows": [{k: r.get(k) for k in keep} for r in doc["rows"]],
             "failed": doc["failed"]}
