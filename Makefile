@@ -40,7 +40,7 @@ $(STAMP): $(SOURCES)
 	@sh scripts/check-build-tools.sh
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check --config-settings editable_mode=compat \
-	    -e '.[test]'
+	    -e '.[test,fleet]'
 	@# The checkout is the install: compile its bytecode now, since an editable install
 	@# has none and PYTHONDONTWRITEBYTECODE (set on some hosts) would leave every process
 	@# compiling pyvmm from source at start-up.

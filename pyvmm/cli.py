@@ -1,4 +1,4 @@
-"""pyvmm command line: info, boot, bench (and bench ptwrite), report, compare, lab,\nkernel-check, check, stress, trace."""
+"""pyvmm command line: info, boot, bench (and bench ptwrite), report, compare, lab,\nkernel-check, check, stress, trace, fleet."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from .ui import BENCH_PTWRITE, console, err_console  # the one console every com
 # rich, matplotlib or numpy). Help and unknown commands build the whole parser.
 ROOMS = {"bench": "bench", "report": "bench", "compare": "bench", BENCH_PTWRITE: "bench",
          "lab": "lab", "kernel-check": "lab", "check": "checks", "stress": "stress",
-         "trace": "trace"}
+         "trace": "trace", "fleet": "fleet"}
 
 
 def _fail(msg: str, code: int = 2) -> int:
@@ -250,7 +250,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                    help="print the boot's result (phases, exits, doorbells) as JSON")
     b.set_defaults(func=cmd_boot)
 
-    rooms = ("bench", "lab", "checks", "stress", "trace") if only is None else (only,)
+    rooms = ("bench", "lab", "checks", "stress", "trace", "fleet") if only is None else (only,)
     if "bench" in rooms:
         from .bench import cli as bench_cli
         bench_cli.add_parsers(sub)
@@ -268,6 +268,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     if "trace" in rooms:
         from .trace import cli as trace_cli
         trace_cli.add_parsers(sub)
+    if "fleet" in rooms:
+        from .fleet import cli as fleet_cli
+        fleet_cli.add_parsers(sub)
     if "trace-compare" in rooms:     # pyvmm compare on trace documents
         from .trace import cli as trace_cli
         trace_cli.add_compare_parser(sub)

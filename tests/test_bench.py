@@ -237,3 +237,39 @@ def test_every_results_document_carries_the_envelope():
     run = new_doc(SweepConfig(ns=(0,), recipes=("before-vcpu",), repeats=1, seed=1),
                   {"hostname": "h", "kernel": "k"}, "host", None)
     assert run["schema"] == "pyvmm.run/1" and run["pyvmm"] == doc["pyvmm"]
+
+
+def test_bench_json_is_the_findings_and_fail_on_follows_them(tmp_path):
+    """--json: the findings alone on stdout (tables on stderr), the same as run.json's
+    analysis and summary.csv's verdict column; --fail-on exits 3 exactly when the
+    findings show what it names."""
+    exe = [os.path.join(os.path.dirname(os.sys.executable), "pyvmm")]
+    r = subprocess.run(exe + ["bench", "--ns", "0,1", "--repeats", "3", "--no-plot", "--json",
+                              "--fail-on", "any", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=300, cwd="/")
+    found = json.loads(r.stdout)
+    assert found["verdict"] in ("sync-on-register", "deferred-free")
+    assert found["answer"] and "verdict:" in r.stderr
+    assert r.returncode == (3 if found["regressions"] else 0), (r.returncode, found)
+    doc = load_run(found["run"])
+    assert doc["analysis"] == report.findings(doc) == {k: v for k, v in found.items()
+                                                       if k not in ("run", "status")}
+    with open(os.path.join(os.path.dirname(found["run"]), "summary.csv")) as f:
+        head, first = f.readline().strip().split(","), f.readline().strip().split(",")
+    assert first[head.index("verdict")] == found["verdict"]
+    assert not [p for p in os.listdir(os.path.dirname(found["run"])) if p.endswith(".png")]
+
+
+def test_report_of_a_run_without_a_boot_exits_2(tmp_path):
+    from pyvmm.analysis.plan import new_doc
+    from pyvmm.results import write_json_atomic
+    cfg = SweepConfig(ns=(0,), recipes=("before-vcpu",), repeats=1, seed=1)
+    doc = new_doc(cfg, {"hostname": "h", "kernel": "k", "preemption": "none",
+                        "backend": "kvm"}, "host", None)
+    doc["samples"] = [{"recipe": "before-vcpu", "n": 0, "seq": 0, "driver": "c",
+                       "result": {"ok": False, "error": "KVM_CREATE_VM failed"}}]
+    doc["status"] = "complete"
+    write_json_atomic(str(tmp_path / "run.json"), doc)
+    r = subprocess.run([os.sys.executable, "-m", "pyvmm", "report", str(tmp_path)],
+                       capture_output=True, text=True, timeout=120, cwd="/")
+    assert r.returncode == 2 and "no boot of this run succeeded" in r.stderr, r.stderr

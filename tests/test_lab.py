@@ -571,8 +571,9 @@ def test_lab_cli_checks_arguments_before_tools_or_downloads(argv, message, tmp_p
 def test_lab_boots_debian_6_1_and_sees_the_pre_618_behaviour(tmp_path):
     r = subprocess.run([sys.executable, "-m", "pyvmm", "lab", "oldkernel", "--kernel", "6.1",
                         "--ns", "0,10", "--repeats", "3", "--warmup", "1",
-                        "--out", str(tmp_path)], capture_output=True, text=True, cwd="/",
-                       timeout=900)
+                        "--fail-on", "stall", "--out", str(tmp_path)],
+                       capture_output=True, text=True, cwd="/", timeout=900)
+    # 6.1 has the pre-6.18 behaviour, not the fix's stall: --fail-on stall finds nothing
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     doc = json.loads((run_dir / "run.json").read_text())
@@ -582,6 +583,8 @@ def test_lab_boots_debian_6_1_and_sees_the_pre_618_behaviour(tmp_path):
     assert len(doc["samples"]) == 3 * 5 and not doc["failures"]
     assert report.analyze(doc)["verdict"].behaviour == "sync"
     assert "registration waits for a grace period" in r.stdout
+    an = doc["analysis"]        # the findings, written into run.json
+    assert an["verdict"] == "sync-on-register" and an["regressions"] == ["sync-on-register"]
     assert "kernel-check and measured verdict: agree" in r.stdout
 
 
@@ -591,10 +594,12 @@ def test_lab_boots_debian_6_1_and_sees_the_pre_618_behaviour(tmp_path):
 def test_lab_rebuilds_kvm_with_defer_free_and_sees_the_fix_and_its_stall(tmp_path):
     r = subprocess.run([sys.executable, "-m", "pyvmm", "lab", "kernel", "--kernel", "6.1",
                         "--kvm-patch", "defer-free", "--ns", "0,1,10", "--recipes",
-                        "during-boot", "--repeats", "4", "--warmup", "1",
+                        "during-boot", "--repeats", "4", "--warmup", "1", "--fail-on", "stall",
                         "--out", str(tmp_path)], capture_output=True, text=True, cwd="/",
                        timeout=1200)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    # the fix's stall is found: --fail-on stall exits 3
+    assert r.returncode == 3, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "--fail-on stall: found stall (exit 3)" in " ".join(r.stdout.split())
     (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     doc = json.loads((run_dir / "run.json").read_text())
     assert doc["status"] == "complete" and doc["lab"]["variant"] == "6.1+defer-free"

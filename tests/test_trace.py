@@ -512,3 +512,21 @@ def test_bad_trace_arguments_are_one_line(args, why):
     r = pyvmm_trace(*args)
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert why in r.stderr and "Traceback" not in r.stderr
+
+
+def test_trace_findings_are_the_majority_verdict_with_its_cost():
+    from pyvmm.trace.runs import findings
+    assert findings([]) is None
+
+    def run(b, wait):
+        cost = {"paid_by": "KVM_IOEVENTFD deassign", "wait_ms": wait, "longest_ms": wait,
+                "waits": 1} if wait else None
+        return {"summary": {"behaviour": b, "verdict": f"{b} sentence", "cost": cost,
+                            "startup_ms": 40.0, "srcu_wait_ms": wait or 0.0,
+                            "srcu_share": (wait or 0.0) / 40.0, "hz": 250}}
+    f = findings([run("deferred", 6.0), run("deferred", 8.0), run("none", None)])
+    assert f["verdict"] == "deferred-free follow-up" and f["regressions"] == ["stall"]
+    assert (f["runs"], f["runs_agreeing"]) == (3, 2)
+    assert f["regression_ms"] == 7.0 and f["paid_by"] == "KVM_IOEVENTFD deassign"
+    assert findings([run("none", None)])["regressions"] == []
+    assert findings([run("sync", 30.0)])["regressions"] == ["sync-on-register"]

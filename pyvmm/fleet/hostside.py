@@ -142,14 +142,16 @@ def run(a) -> int:
     root = _root(a.root)
     home = os.path.join(root, a.key)
     if not os.path.exists(os.path.join(home, "ok")):
-        _say({"status": "failed", "reason": f"pyvmm is not installed in {home}"})
+        _say({"job": a.job, "status": "failed",
+              "reason": f"pyvmm is not installed in {home}"})
         return 0
     work = os.path.join(root, "runs", a.run, a.job)
     os.makedirs(work, exist_ok=True)
     out = os.path.join(work, "results")
     os.makedirs(out, exist_ok=True)
     if a.needs and not shutil.which(a.needs):
-        return _finish(work, {"status": "no QEMU" if a.needs.startswith("qemu") else "failed",
+        return _finish(work, {"job": a.job,
+                              "status": "no QEMU" if a.needs.startswith("qemu") else "failed",
                               "reason": f"{a.needs} is not installed on this host"})
     argv = [sys.executable, "-m", "pyvmm", *a.argv]
     argv = [x.replace("{OUT}", out) for x in argv]
@@ -186,7 +188,7 @@ def run(a) -> int:
                 rc = p.wait()
                 break
     wall = time.monotonic() - t0
-    res = {"status": status or ("ok" if rc == 0 else "failed"), "rc": rc,
+    res = {"job": a.job, "status": status or ("ok" if rc == 0 else "failed"), "rc": rc,
            "wall_s": round(wall, 2), "argv": a.argv}
     if status == "timed out":
         res["reason"] = f"did not finish within {a.timeout:g} s: killed"
