@@ -271,6 +271,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     if "fleet" in rooms:
         from .fleet import cli as fleet_cli
         fleet_cli.add_parsers(sub)
+    if "fleet-compare" in rooms:     # pyvmm compare on fleet runs
+        from .fleet import cli as fleet_cli
+        fleet_cli.add_compare_parser(sub)
     if "trace-compare" in rooms:     # pyvmm compare on trace documents
         from .trace import cli as trace_cli
         trace_cli.add_compare_parser(sub)
@@ -284,6 +287,15 @@ def _compares_traces(args: list[str]) -> bool:
         return False
     from .trace.compare import is_trace
     return is_trace(runs[0])
+
+
+def _compares_fleets(args: list[str]) -> bool:
+    """Whether `pyvmm compare ARGS` names fleet runs (its first run is one)."""
+    runs = [a for a in args if not a.startswith("-")]
+    if not runs:
+        return False
+    from .fleet.compare import is_fleet
+    return is_fleet(runs[0])
 
 
 def _nonneg(text: str) -> int:
@@ -319,6 +331,8 @@ def main(argv=None) -> int:
     first = argv[0] if argv else None
     if first in ("info", "boot"):
         parser = build_parser(only="")
+    elif first == "compare" and _compares_fleets(argv[1:]):
+        parser = build_parser(only="fleet-compare")
     elif first == "compare" and _compares_traces(argv[1:]):
         parser = build_parser(only="trace-compare")
     else:

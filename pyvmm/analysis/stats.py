@@ -37,28 +37,52 @@ class QuadFit:
 
 def fit_quadratic(xs, ys) -> QuadFit:
     """Least-squares fit of y = a + b*x + c*x^2. Needs at least 3 distinct x values."""
-    import numpy as np
-
-    x = np.asarray(xs, dtype=float)
-    y = np.asarray(ys, dtype=float)
-    if len(set(x.tolist())) < 3:
+    xs, ys = [float(x) for x in xs], [float(y) for y in ys]
+    if len(set(xs)) < 3:
         raise ValueError("a quadratic fit needs at least 3 distinct x values")
-    design = np.vstack([np.ones_like(x), x, x * x]).T
-    coef, *_ = np.linalg.lstsq(design, y, rcond=None)
-    resid = y - design @ coef
-    return QuadFit(float(coef[0]), float(coef[1]), float(coef[2]),
-                   float(math.sqrt(float(np.mean(resid ** 2)))), int(x.size))
+    try:
+        import numpy as np
+    except ImportError:         # a fleet host: pyvmm's bundle carries no numpy
+        coef = _lstsq([[1.0, x, x * x] for x in xs], ys)
+    else:
+        x, y = np.asarray(xs), np.asarray(ys)
+        design = np.vstack([np.ones_like(x), x, x * x]).T
+        coef = [float(c) for c in np.linalg.lstsq(design, y, rcond=None)[0]]
+    resid = [y - (coef[0] + coef[1] * x + coef[2] * x * x) for x, y in zip(xs, ys)]
+    return QuadFit(coef[0], coef[1], coef[2],
+                   math.sqrt(sum(r * r for r in resid) / len(resid)), len(xs))
+
+
+def _lstsq(rows: list[list[float]], ys: list[float]) -> list[float]:
+    """Least squares through the normal equations, solved by Gaussian elimination with
+    partial pivoting, columns scaled first (the pure-Python path of the fits)."""
+    k = len(rows[0])
+    scale = [max(abs(r[j]) for r in rows) or 1.0 for j in range(k)]
+    a = [[sum(r[i] / scale[i] * r[j] / scale[j] for r in rows) for j in range(k)]
+         + [sum(r[i] / scale[i] * y for r, y in zip(rows, ys))] for i in range(k)]
+    for c in range(k):
+        p = max(range(c, k), key=lambda i: abs(a[i][c]))
+        a[c], a[p] = a[p], a[c]
+        if a[c][c] == 0:
+            raise ValueError("the fit is singular")
+        for i in range(k):
+            if i != c:
+                f = a[i][c] / a[c][c]
+                a[i] = [v - f * w for v, w in zip(a[i], a[c])]
+    return [a[i][k] / a[i][i] / scale[i] for i in range(k)]
 
 
 def fit_linear(xs, ys) -> tuple[float, float]:
     """Least-squares y = a + b*x: returns (a, b)."""
-    import numpy as np
-
-    x = np.asarray(xs, dtype=float)
-    y = np.asarray(ys, dtype=float)
-    if len(set(x.tolist())) < 2:
+    xs, ys = [float(x) for x in xs], [float(y) for y in ys]
+    if len(set(xs)) < 2:
         raise ValueError("a linear fit needs at least 2 distinct x values")
-    b, a = np.polyfit(x, y, 1)
+    try:
+        import numpy as np
+    except ImportError:
+        a, b = _lstsq([[1.0, x] for x in xs], ys)
+        return a, b
+    b, a = np.polyfit(np.asarray(xs), np.asarray(ys), 1)
     return float(a), float(b)
 
 

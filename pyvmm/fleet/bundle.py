@@ -6,12 +6,14 @@ What goes in is found the way the lab's Python runtime is: a child interpreter o
 installation imports what a host job runs (the bench, trace and check commands, the
 sweep and its analysis) and lists sys.modules; every top-level package outside the
 standard library that it loaded goes in whole, with its bundled libraries (cffi.libs,
-numpy.libs); matplotlib does not (plots are drawn on the controller). The archive is
+numpy.libs); matplotlib and numpy do not (plots are drawn on the controller, and the
+fits a host's analysis makes have a pure-Python path). The archive is
 keyed by a hash of its files, cached under <cache>/fleet/, and says for which machine
 and Python it was built: the compiled modules run only there."""
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import io
 import json
@@ -31,13 +33,13 @@ import pyvmm.cli, pyvmm.bench.cli, pyvmm.bench.sweep, pyvmm.trace.cli, pyvmm.tra
 import pyvmm.trace.record, pyvmm.trace.workloads, pyvmm.checks.cli, pyvmm.checks.races
 import pyvmm.checks.gmem, pyvmm.analysis.report, pyvmm.analysis.stats, pyvmm.hostinfo
 import pyvmm.drivers.native, pyvmm.drivers.runner, pyvmm.tables, pyvmm.ui
-import numpy, jsonschema, rich.console, rich.table, rich.progress, rich.live
-pyvmm.analysis.stats.fit_linear([0, 1, 2], [0, 1, 2])
+import jsonschema, rich.console, rich.table, rich.progress, rich.live
 files = sorted({m.__file__ for m in list(sys.modules.values())
                 if getattr(m, "__file__", None)})
 print(json.dumps({"files": files, "package": pyvmm.__path__[0]}))
 """
-LEAVE_OUT = {"pyvmm", "matplotlib", "mpl_toolkits", "PIL", "pytest", "_pytest", "hypothesis",
+LEAVE_OUT = {"pyvmm", "matplotlib", "numpy", "contourpy", "kiwisolver", "fontTools",
+             "cycler", "pyparsing", "dateutil", "mpl_toolkits", "PIL", "pytest", "_pytest", "hypothesis",
              "ansible", "ansible_runner", "pip", "setuptools", "_distutils_hack", "pkg_resources"}
 SKIP_DIRS = {"__pycache__", "tests", "test"}
 
@@ -119,6 +121,16 @@ def cache_dir() -> str:
     return os.path.join(base, "pyvmm", "fleet")
 
 
+def _prune(keep: int) -> None:
+    """Older bundles (other builds) beyond the newest `keep` are removed."""
+    old = sorted(glob.glob(os.path.join(cache_dir(), "pyvmm-*.tar.gz")), key=os.path.getmtime)
+    for p in old[:-keep] if keep else old:
+        try:
+            os.unlink(p)
+        except OSError:
+            pass
+
+
 def build(log=print) -> Bundle:
     """The archive for this installation (from the cache when its files are unchanged)."""
     pairs = collect()
@@ -138,6 +150,7 @@ def build(log=print) -> Bundle:
     if os.path.exists(out):
         return Bundle(out, key, machine, python, len(pairs), size, True)
     os.makedirs(cache_dir(), exist_ok=True)
+    _prune(keep=2)
     log(f"packing pyvmm for fleet hosts: {len(pairs)} files, {size / 2**20:.1f} MiB "
         f"({machine}, Python {python})")
     tmp = f"{out}.tmp{os.getpid()}"

@@ -64,6 +64,24 @@ def add_parsers(sub) -> None:
     c.set_defaults(func=cmd_clean)
 
 
+def add_compare_parser(sub) -> None:
+    """`pyvmm compare` when its runs are fleet runs (pyvmm.cli routes it here)."""
+    from ..analysis import stats
+    c = sub.add_parser("compare", help="two fleet runs host by host and kernel by kernel")
+    c.add_argument("runs", nargs="+", metavar="FLEET",
+                   help="fleet run directories (or their fleet.json): before, then after")
+    c.add_argument("--out", default=None, help="(unused for fleet runs)")
+    c.add_argument("--min-change", type=float, default=stats.CHANGE_MIN * 100, metavar="PCT",
+                   help="smallest difference of medians called a change, with p < 0.01 "
+                        "(default %(default)g%%)")
+    c.set_defaults(func=_cmd_compare)
+
+
+def _cmd_compare(args) -> int:
+    from .compare import cmd_compare
+    return cmd_compare(args)
+
+
 def cmd_run(args) -> int:
     con = err_console if args.json else console
     if args.forks < 1:

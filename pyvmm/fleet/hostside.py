@@ -114,6 +114,9 @@ def install(a) -> int:
         if os.path.exists(final):
             shutil.rmtree(final)
         os.rename(tmp, final)
+        for other in os.listdir(root):      # earlier builds' installs: replaced by this one
+            if other.startswith("pyvmm-") and other != a.key:
+                shutil.rmtree(os.path.join(root, other), ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         try:
@@ -237,6 +240,10 @@ def _stop_dir(path: str) -> None:
 def stop(a) -> int:
     root = _root(a.root)
     _stop_dir(os.path.join(root, "runs", a.run))
+    try:
+        os.rmdir(os.path.join(root, "runs"))        # the last run's: nothing is left
+    except OSError:
+        pass
     _say({"stopped": a.run})
     return 0
 

@@ -55,7 +55,7 @@ def row(state: dict, host_dir: str) -> dict:
          "eexist_us": None, "stall_ms": None, "stall_jiffies": None, "stall_phase": None,
          "boots": None, "qemu_srcu_share": None, "qemu_srcu_ms": None,
          "qemu_startup_ms": None, "qemu_verdict": None, "qemu_paid_by": None,
-         "checks": None, "flags": [], "dir": host_dir}
+         "checks": None, "flags": [], "dir": os.path.basename(host_dir)}
     facts = state.get("facts") or {}
     r["kernel"] = facts.get("kernel")
     for name, res in (state.get("jobs") or {}).items():
@@ -95,7 +95,7 @@ def _read_job(r: dict, name: str, job_dir: str) -> None:
         if path is None:
             raise PyvmmError("bench: no run.json came back")
         f = report.findings(load_run(path))
-        r["jobs"][name]["run"] = path
+        r["jobs"][name]["run"] = _rel(path, job_dir)
         for k in ("verdict", "answer", "regressions", "assign_us", "eexist_us", "stall_ms",
                   "stall_jiffies", "stall_phase", "boots"):
             r[k] = f.get(k)
@@ -106,7 +106,7 @@ def _read_job(r: dict, name: str, job_dir: str) -> None:
         if not doc or not doc.get("analysis"):
             raise PyvmmError("trace: no trace.json with an analysis came back")
         an = doc["analysis"]
-        r["jobs"][name]["run"] = path
+        r["jobs"][name]["run"] = _rel(path, job_dir)
         r.update(qemu_srcu_share=an.get("srcu_share"), qemu_srcu_ms=an.get("srcu_wait_ms"),
                  qemu_startup_ms=an.get("startup_ms"), qemu_verdict=an.get("verdict"),
                  qemu_paid_by=an.get("paid_by"))
@@ -120,6 +120,12 @@ def _read_job(r: dict, name: str, job_dir: str) -> None:
         checks = r["checks"] or {}
         checks[name[len("check-"):]] = "ok" if data is not None else "no JSON"
         r["checks"] = checks
+
+
+def _rel(path: str, job_dir: str) -> str:
+    """A fetched file's path relative to the fleet run's directory (HOST/JOB/...), so the
+    run can be moved."""
+    return os.path.relpath(path, os.path.dirname(os.path.dirname(job_dir)))
 
 
 def flag(rows: list[dict]) -> None:
