@@ -68,9 +68,9 @@ def env(control_dir: str) -> dict[str, str]:
     }
 
 
-def hosts(inventory: str, limit: str | None = None) -> list[str]:
-    """The hosts of an inventory (after --limit), read with ansible-inventory; refuses an
-    inventory that carries a password."""
+def hosts(inventory: str, limit: str | None = None) -> tuple[list[str], dict]:
+    """The hosts of an inventory (after --limit) and their variables, read with
+    ansible-inventory; refuses an inventory that carries a password."""
     if not os.path.exists(inventory):
         raise PyvmmError(f"inventory {inventory} does not exist: give an Ansible inventory "
                          "(INI, YAML, a directory or a dynamic inventory script)")
@@ -109,7 +109,7 @@ def hosts(inventory: str, limit: str | None = None) -> list[str]:
     if not names:
         raise PyvmmError(f"inventory {inventory} names no host"
                          + (f" matching --limit {limit}" if limit else ""))
-    return names
+    return names, {h: hostvars.get(h) or {} for h in names}
 
 
 @dataclass

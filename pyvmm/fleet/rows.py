@@ -46,8 +46,11 @@ def _one(pattern: str) -> str | None:
     return found[-1] if found else None
 
 
-def row(state: dict, host_dir: str) -> dict:
-    """A host's row: its state from the event stream and what its jobs left."""
+def row(state: dict, host_dir: str, hostvars: dict | None = None) -> dict:
+    """A host's row: its state from the event stream, what its jobs left, and what the
+    inventory says of the host's KVM (pyvmm_kernel_check: sync or deferred, and
+    pyvmm_kernel_check_stall, as `pyvmm lab hosts` writes them) with whether the
+    measurement agrees."""
     r = {"host": state["host"], "status": state["status"], "reason": state.get("reason", ""),
          "install": state.get("install"), "jobs": {}, "kernel": None, "kernel_version": None,
          "hz": None, "preemption": None, "backend": None, "cpu_model": None,
@@ -55,7 +58,8 @@ def row(state: dict, host_dir: str) -> dict:
          "eexist_us": None, "stall_ms": None, "stall_jiffies": None, "stall_phase": None,
          "boots": None, "qemu_srcu_share": None, "qemu_srcu_ms": None,
          "qemu_startup_ms": None, "qemu_verdict": None, "qemu_paid_by": None,
-         "checks": None, "flags": [], "dir": os.path.basename(host_dir)}
+         "checks": None, "flags": [], "dir": os.path.basename(host_dir),
+         "variant": None, "kernel_check": None, "agrees": None}
     facts = state.get("facts") or {}
     r["kernel"] = facts.get("kernel")
     for name, res in (state.get("jobs") or {}).items():
@@ -67,6 +71,17 @@ def row(state: dict, host_dir: str) -> dict:
             _read_job(r, name, job_dir)
         except PyvmmError as e:
             r["jobs"][name].update(status="failed", reason=str(e)[:300])
+    hv = hostvars or {}
+    r["variant"] = hv.get("pyvmm_variant")
+    kc = hv.get("pyvmm_kernel_check")
+    if kc:
+        stall = str(hv.get("pyvmm_kernel_check_stall", "")).lower()
+        r["kernel_check"] = {"behaviour": kc, "stall_expected": {"true": True, "false": False}
+                             .get(stall), "mechanism": hv.get("pyvmm_kernel_check_mechanism")}
+        measured = {"sync-on-register": "sync", "deferred-free": "deferred"}.get(r["verdict"])
+        r["agrees"] = None if measured is None else stats.kernel_check_agreement(
+            r["kernel_check"], measured,
+            None if r["stall_ms"] is None else r["stall_ms"] * 1e6)["agrees"]
     if r["status"] in ("running", "pending", "ok"):
         bad = [(n, j) for n, j in r["jobs"].items() if j["status"] not in OK_STATES]
         if bad:
@@ -151,10 +166,21 @@ def flag(rows: list[dict]) -> None:
                                   f"{med:.2f} ms")
 
 
+def group_key(r: dict) -> str:
+    """A host's kernel build: its release and build string (uname -r, uname -v); a lab
+    host's variant when the inventory names one (a variant may rebuild KVM alone, which
+    leaves uname as it was)."""
+    if r.get("variant"):
+        return f"{r['kernel'] or '?'} ({r['variant']})"
+    if not r.get("kernel"):
+        return "(kernel unknown)"
+    return r["kernel"] + (f" {r['kernel_version']}" if r.get("kernel_version") else "")
+
+
 def groups(rows: list[dict]) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {}
-    for r in rows:
-        out.setdefault(r["kernel"] or "(kernel unknown)", []).append(r)
+    for r in sorted(rows, key=group_key):
+        out.setdefault(group_key(r), []).append(r)
     return out
 
 
@@ -166,8 +192,8 @@ def table(doc: dict):
     """The fleet: a section per kernel build, a row per host."""
     from ..tables import Grid
     t = Grid(title=f"pyvmm fleet: {len(doc['rows'])} host(s), jobs "
-                   f"{' '.join(doc['jobs'])}", title_justify="left", keys=1,
-             continued="fleet")
+                   f"{' '.join(doc['jobs'])}; a section per kernel build",
+             title_justify="left", keys=1, continued="fleet")
     for c, left in (("host", True), ("status", True), ("kernel / HZ / preemption", True),
                     ("verdict", True), ("assign / EEXIST us", False),
                     ("stall ms (jiffies), paid by", False), ("QEMU SRCU wait, share", False),
@@ -184,12 +210,18 @@ def table(doc: dict):
                 f"{r['stall_phase'] or '?'}")
             qemu = "-" if r["qemu_srcu_ms"] is None else (
                 f"{r['qemu_srcu_ms']:.2f} ms, {_f(r['qemu_srcu_share'], '{:.1%}')}")
-            t.add_row(r["host"], status, kern, r["verdict"] or "-",
+            verdict = r["verdict"] or "-"
+            if r.get("kernel_check"):
+                verdict += (f" (kernel-check {r['kernel_check']['behaviour']}: "
+                            + {True: "agrees", False: "[bold red]DISAGREES[/]",
+                               None: "-"}[r["agrees"]] + ")")
+            t.add_row(r["host"], status, kern, verdict,
                       f"{_f(r['assign_us'])} / {_f(r['eexist_us'])}", stall, qemu,
                       "; ".join(r["flags"]) or "-")
         if i + 1 < len(gs):
             t.add_section()
-    t.caption = ("a section per kernel build; verdict and per-op medians from each host's "
+    t.caption = ("kernel build: uname -r and -v, or the lab variant; verdict and per-op "
+                 "medians from each host's "
                  "bench (its control recipe), analysed here; stall: the step after the "
                  "registrations that waited; QEMU: the SRCU waits of its start-up (trace "
                  "job) and their share of it")

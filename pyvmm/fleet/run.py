@@ -80,7 +80,7 @@ class FleetRun:
             o.specs, o.bench_args = old["job_specs"], old.get("bench_args", "")
             o.jobs = jobs.parse(o.specs, o.bench_args)
             o.limit = ",".join(todo)
-        names = engine.hosts(o.inventory, o.limit)
+        names, self.hostvars = engine.hosts(o.inventory, o.limit)
         b = bundle.build(self.say)
         out = o.retry or new_run_dir(o.out, "fleet")
         run_id = f"{os.path.basename(out)}-{secrets.token_hex(3)}"
@@ -180,7 +180,7 @@ class FleetRun:
                         f"{', '.join(done) or 'nothing'}")
                 elif h.status == "pending":
                     state["status"], state["reason"] = "failed", "Ansible ran nothing here"
-                r = rows.row(state, host_dir)
+                r = rows.row(state, host_dir, self.hostvars.get(name) or {})
                 if interrupted and state["status"] == "interrupted":
                     r["status"], r["reason"] = state["status"], state["reason"]
                 for i, old in enumerate(doc["rows"]):
@@ -205,7 +205,7 @@ def clean(inventory: str, limit: str | None, become: bool, say) -> list[dict]:
     why = engine.have_ansible()
     if why:
         raise PyvmmError(f"pyvmm fleet needs Ansible: {why}")
-    names = engine.hosts(inventory, limit)
+    names, _ = engine.hosts(inventory, limit)
     import tempfile
     with tempfile.TemporaryDirectory(prefix="pyvmm-fleet-clean-") as pdd:
         control = os.path.join(pdd, "cp")

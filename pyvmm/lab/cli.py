@@ -17,6 +17,7 @@ from .arch import get_arch
 from .builds import kcheck
 from .builds.patch import load_patches
 from .builds.variant import Variant, parse_variant, parse_variants
+from .experiments import hosts as hosts_mod
 from .experiments import kernel_lab, matrix, options, vcpus
 from .experiments.ready import check_available
 from .sources.debian import KERNEL_SPEC_FORMS
@@ -121,6 +122,27 @@ def add_parsers(sub) -> None:
                     help="vCPU counts (default %(default)s)")
     _sweep_args(vc, kernel_lab.LAB_REPEATS)
     vc.set_defaults(func=cmd_vcpus, ns=",".join(map(str, vcpus.DEFAULT_NS)), arch="arm64")
+
+    h = labs.add_parser("hosts", help="boot lab variants under QEMU as SSH hosts and write an "
+                                      "Ansible inventory of them, for pyvmm fleet run "
+                                      "(--stop ends them)")
+    h.add_argument("--variants", default=",".join(hosts_mod.DEFAULT_VARIANTS),
+                   help="comma-separated KERNEL[+PATCH][@hzN], x86_64 (default %(default)s)"
+                        + BUILD_HELP)
+    h.add_argument("--stop", nargs="?", const="", default=None, metavar="DIR",
+                   help="stop the hosts of the last lab hosts run (or of DIR)")
+    h.add_argument("--smp", type=int, default=1, choices=[1, 2],
+                   help="emulated CPUs per host (default 1)")
+    h.add_argument("--mem", type=int, default=hosts_mod.HOST_MEM_MB, metavar="MB",
+                   help="memory per host (default %(default)s)")
+    h.add_argument("--timeout", type=float, default=900.0, metavar="S",
+                   help="longest to wait for every host to answer SSH (default %(default)g)")
+    h.add_argument("--out", default="results",
+                   help="parent directory of results/lab-hosts-<time>/ (default %(default)s)")
+    h.add_argument("--no-install", action="store_true",
+                   help="fail instead of installing QEMU / busybox-static when missing")
+    _cmdline_arg(h)
+    h.set_defaults(func=cmd_hosts)
 
     r = labs.add_parser("run", help="run pyvmm's Python workloads (ptwrite, checks, stress, "
                                     "the Xen seed) inside a lab kernel, with a Python "
@@ -398,6 +420,31 @@ def cmd_run(args) -> int:
     if args.json:
         print(json.dumps(doc, indent=1))
     return 0 if doc["status"] == "complete" else 1
+
+
+def cmd_hosts(args) -> int:
+    if args.stop is not None:
+        stopped = hosts_mod.stop(args.stop or None, ConsoleUi(console))
+        say(console, f"{len(stopped)} lab host(s) stopped")
+        return 0
+    variants = parse_variants(args.variants)
+    if args.mem < 1024:
+        raise LabError(f"--mem {args.mem}: a lab host needs at least 1024 MB (its Python and "
+                       "pyvmm's bundle live in RAM)")
+    base = options.LabOptions(variant=variants[0], smp=args.smp, out=args.out,
+                              install=not args.no_install, cmdline=args.cmdline,
+                              total_timeout_s=args.timeout)
+    t0 = time.monotonic()
+    with _progress(console) as prog:
+        doc, out = hosts_mod.start(variants, base, RichUi(prog), args.mem, args.timeout)
+    for h in doc["hosts"]:
+        say(console, f"{h['name']}: {h['variant']}, kernel {h['kernel']}, ssh root@127.0.0.1 "
+            f"-p {h['port']}; kernel-check: {h['kernel_check']['summary']}")
+    say(console, f"{len(doc['hosts'])} lab host(s) up in {time.monotonic() - t0:.1f} s; "
+        f"inventory {doc['inventory']}")
+    say(console, f"next: pyvmm fleet run -i {doc['inventory']} bench; then pyvmm lab hosts "
+        "--stop")
+    return 0
 
 
 def cmd_kernel_check(args) -> int:

@@ -161,6 +161,70 @@ def init_script(modules: list[str], timeout_ms: int, ioev_len: int,
     return "\n".join(lines) + "\n"
 
 
+HOST_ADDR, HOST_GATEWAY = "10.0.2.15/24", "10.0.2.2"     # QEMU's user network
+
+
+def host_script(modules: list[str], module_args: dict[str, str] | None = None,
+                data_tty: str = DATA_TTY) -> str:
+    """/init of a lab host (pyvmm lab hosts): load KVM and the NIC's modules, bring up
+    the network QEMU's user mode forwards SSH to, start sshd, say so on the data port,
+    and stay up (the host is stopped by ending QEMU)."""
+    q = shlex.quote
+    lines = [
+        "#!/bin/sh",
+        "# pyvmm lab host: KVM, the network and sshd; a fleet host until QEMU is stopped.",
+        "export PATH=/bin:/usr/bin:/sbin:/usr/sbin",
+        "/bin/busybox mount -t proc proc /proc",
+        "/bin/busybox --install -s /bin",
+        "mount -t sysfs sysfs /sys",
+        "mount -t devtmpfs devtmpfs /dev",
+        "mkdir -p /dev/pts /dev/shm /tmp /run/sshd",
+        "mount -t devpts devpts /dev/pts",
+        "mount -t tmpfs tmpfs /dev/shm",
+        f"stty -F {data_tty} raw -echo 2>/dev/null",
+        f"exec 3>{data_tty}",
+        "say() { echo \"$*\" >&3; }",
+        f"fail() {{ say \"{ERROR} $*\"; echo \"pyvmm-lab: $*\"; say \"{END} rc=3\"; "
+        "poweroff -f; }",
+        f"say {BEGIN}",
+        f"say \"{FACT} kernel $(uname -r)\"",
+    ]
+    for m in modules:
+        params = (module_args or {}).get(m, "")
+        lines.append(f"insmod /modules/{q(m)} {params} 2>/tmp/insmod || "
+                     f"fail \"insmod {m}: $(cat /tmp/insmod)\"")
+    lines += [
+        "[ -c /dev/kvm ] || fail 'no /dev/kvm after loading the KVM modules'",
+        "ulimit -Hn 65536; ulimit -n 65536",
+        "ip link set lo up",
+        "i=0; while [ ! -e /sys/class/net/eth0 ] && [ $i -lt 100 ]; do sleep 0.1; "
+        "i=$((i+1)); done",
+        "ip link set eth0 up || fail 'no network interface eth0'",
+        f"ip addr add {HOST_ADDR} dev eth0 && ip route add default via {HOST_GATEWAY} "
+        "|| fail 'cannot configure eth0'",
+        "/usr/sbin/sshd -f /etc/ssh/sshd_config -E /tmp/sshd.log "
+        "|| fail \"sshd: $(cat /tmp/sshd.log)\"",
+        f"say \"{FACT} host_ready $(cut -d' ' -f1 /proc/uptime)\"",
+        "echo 'pyvmm-lab: host ready (sshd on port 22)'",
+        "while true; do sleep 3600; done",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def build_host(busybox: bytes, modules: dict[str, bytes], module_args: dict[str, str],
+               extra: bytes, data_tty: str = DATA_TTY) -> bytes:
+    """A lab host's initramfs: busybox, the modules, /init (host_script), then `extra`
+    (the host runtime and the host's own files)."""
+    d, f, x = 0o040755, 0o100644, 0o100755
+    entries = [Entry(p, d) for p in ("bin", "dev", "proc", "sys", "tmp", "modules")]
+    entries += [Entry("bin/busybox", x, busybox), Entry("bin/sh", 0o120777, b"busybox")]
+    entries += [Entry(f"modules/{name}", f, data) for name, data in modules.items()]
+    entries.append(Entry("init", x, host_script(list(modules), module_args,
+                                                data_tty).encode()))
+    entries.append(Entry("dev/console", 0o020600, b"", (5, 1)))
+    return gzip.compress(cpio_newc(entries), compresslevel=6, mtime=0) + extra
+
+
 def build(busybox: bytes, helper: bytes, modules: dict[str, bytes], plan: str,
           timeout_ms: int = 60000, ioev_len: int = 4,
           module_args: dict[str, str] | None = None, python: list[str] | None = None,

@@ -46,6 +46,7 @@ class ReadyKernel:
     helper: bytes
     timings: dict
     kernel_build: kbuild.BuiltKernel | None = None
+    debs: apt.KernelDebs | None = None      # the packages the kit came from
 
 
 def ready(opts: LabOptions, ui: Ui) -> ReadyKernel:
@@ -103,7 +104,7 @@ def ready(opts: LabOptions, ui: Ui) -> ReadyKernel:
         kc["path"] = f"{kit.meta['package']}: {kit.meta['kvm_module_file'].split('-', 1)[1]}"
     ui.log(f"kernel-check: {kc['summary']}")
     return ReadyKernel(kit, modbuild.kit_modules(kit, built), kc, built, bb, helper_bin, timings,
-                    kernel_build)
+                       kernel_build, deb)
 
 
 def image_check(kit: kits.Kit, busybox: bytes, opts: LabOptions, ui: Ui) -> dict:

@@ -269,3 +269,75 @@ def _builtin_kvm_kit(x: str, out: str, name: str, version: str, release: str, mo
             "config_source": f"{name} {version}: {os.path.relpath(cfg_path, x)}"
             if cfg_path else f"{name} {version}: no config",
             "vermagic": (modinfo(data[order[0]]).get("vermagic") or [""])[0] if order else ""}
+
+
+def extra_modules(kit: Kit, debs: KernelDebs, names: tuple[str, ...], log=print) \
+        -> dict[str, bytes]:
+    """More modules of the kit's kernel than KVM's (a lab host's NIC), with what they
+    depend on, in load order: {'NN-name.ko': contents}, cached in the kit's extra/
+    folder. Modules the kernel builds in are left out; none for an image with everything
+    built in (a whole-kernel lab build)."""
+    if kit.builtin:
+        return {}
+    folder = os.path.join(kit.path, "extra-" + "-".join(sorted(names)))
+    listing = os.path.join(folder, "order.json")
+    try:
+        with open(listing) as f:
+            order = json.load(f)
+        out = {}
+        for n in order:
+            with open(os.path.join(folder, n), "rb") as fh:
+                out[n] = fh.read()
+        return out
+    except (OSError, ValueError):
+        pass
+    release = kit.meta["kernel_release"]
+    log(f"extracting {', '.join(names)} from {kit.meta['package']}")
+    with tempfile.TemporaryDirectory(prefix="pyvmm-extra-") as x:
+        for deb in debs.all:
+            p = subprocess.run(["dpkg-deb", "-x", deb, x], capture_output=True, text=True)
+            if p.returncode != 0:
+                raise LabError(f"dpkg-deb -x {deb} failed: {p.stderr.strip()}")
+        mod_root = next((os.path.join(x, p, release) for p in ("lib/modules", "usr/lib/modules")
+                         if os.path.isdir(os.path.join(x, p, release))), None)
+        if mod_root is None:
+            raise LabError(f"{kit.meta['package']} holds no modules of {release}")
+        paths: dict[str, str] = {}
+        for d, _, files in os.walk(mod_root):
+            for f in files:
+                if f.endswith(MODULE_EXTS):
+                    paths.setdefault(norm_module(f), os.path.join(d, f))
+        builtin = set()
+        bpath = os.path.join(mod_root, "modules.builtin")
+        if os.path.exists(bpath):
+            with open(bpath) as f:
+                builtin = {norm_module(os.path.basename(ln.strip())) for ln in f if ln.strip()}
+        loaded = set(kit.module_names())
+        data: dict[str, bytes] = {}
+        order: list[str] = []
+
+        def load(m):
+            if m in data or m in builtin or m in loaded:
+                return
+            if m not in paths:
+                raise LabError(f"{kit.meta['package']} has no module {m} and does not build it "
+                               "in")
+            data[m] = decompress_module(paths[m])
+            for dep in module_depends(data[m]):
+                load(dep)
+            order.append(m)
+        for m in names:
+            load(m)
+    tmp = folder + f".tmp{os.getpid()}"
+    os.makedirs(tmp, exist_ok=True)
+    out = {}
+    for i, m in enumerate(order):
+        fname = f"{50 + i:02d}-{m}.ko"
+        with open(os.path.join(tmp, fname), "wb") as f:
+            f.write(data[m])
+        out[fname] = data[m]
+    with open(os.path.join(tmp, "order.json"), "w") as f:
+        json.dump(list(out), f)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    return out
