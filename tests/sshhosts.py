@@ -5,7 +5,8 @@ so that killing a host ends every process of it at once, like a machine going aw
 Each host's server has its own host key, listed in a known_hosts file the tests made
 (host keys stay checked: StrictHostKeyChecking=yes); the client key is made for the test.
 A host may hide /dev/kvm (its /dev is a tmpfs with only null, zero, random, urandom, tty
-and the ptys), or accept another key than the client's (its login fails). Traffic goes to
+and the ptys), hide QEMU (its binaries covered by /dev/null), or accept another key than
+the client's (its login fails). Traffic goes to
 loopback addresses only; every wait is bounded."""
 
 from __future__ import annotations
@@ -38,9 +39,10 @@ def _keygen(path: str) -> None:
 
 class Host:
     def __init__(self, name: str, addr: str, work: str, hide_kvm: bool = False,
-                 wrong_key: bool = False, serve: bool = True):
+                 wrong_key: bool = False, serve: bool = True, hide_qemu: bool = False):
         self.name, self.addr, self.work = name, addr, work
         self.hide_kvm, self.wrong_key, self.serve = hide_kvm, wrong_key, serve
+        self.hide_qemu = hide_qemu
         self.dir = os.path.join(work, name)
         self.root = os.path.join(self.dir, "install")      # pyvmm_fleet_root
         self.proc: subprocess.Popen | None = None
@@ -80,6 +82,11 @@ class Host:
                 raise RuntimeError(f"{self.addr}:{PORT} is already served by something else")
         except OSError:
             pass
+        if self.hide_qemu:
+            # QEMU is not installed here: its binaries are a device nobody may execute
+            for q in ("/usr/bin/qemu-system-x86_64", "/usr/bin/qemu-system-aarch64"):
+                if os.path.exists(q):
+                    setup += f"mount --bind /dev/null {q} && "
         os.makedirs("/run/sshd", exist_ok=True)
         script = f"{setup}exec {SSHD} -D -f {cfg} -E {self.dir}/sshd.log"
         self.proc = subprocess.Popen(
@@ -123,7 +130,8 @@ class Fleet:
         self.key = os.path.join(work, "clientkey")
         _keygen(self.key)
         self.hosts = [Host(s["name"], s["addr"], work, s.get("hide_kvm", False),
-                           s.get("wrong_key", False), s.get("serve", True)) for s in specs]
+                           s.get("wrong_key", False), s.get("serve", True),
+                           s.get("hide_qemu", False)) for s in specs]
         self.known_hosts = os.path.join(work, "known_hosts")
 
     def start(self) -> "Fleet":

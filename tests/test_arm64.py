@@ -362,8 +362,8 @@ def test_arm64_whole_kernel_build_with_a_patch(tmp_path):
     assert doc["host"]["config_hz"] == 250 and doc["host"]["machine"] == "aarch64"
     kc = doc["kernel_check"]
     assert kc["behaviour"] == "deferred" and kc["stall_expected"] and kc["agrees"], kc
-    from pyvmm.analysis import report
-    v = report.analyze(doc)["verdict"]
+    from pyvmm.analysis import findings
+    v = findings.analyze(doc)["verdict"]
     assert v.behaviour == "deferred" and v.stall_ns > 1_000_000     # a jiffy is 4 ms
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from pyvmm.vmm import guests
 from pyvmm import recipe as rmod
-from pyvmm.analysis import report
+from pyvmm.analysis import findings, report
 from pyvmm.analysis.plan import SweepConfig, load_run
 from pyvmm.drivers import native
 from pyvmm.bench.cli import python_vs_c_table
@@ -91,7 +91,7 @@ def test_eexist_is_batched_alike_by_both_drivers_and_the_report_says_so(short_ru
         assert len(ee["samples"]) == 5
         assert "batch_ops" not in [p for p in res["phases"] if p["op"] == "ioev"][0]
     out, doc = short_run
-    a = report.analyze(doc)
+    a = findings.analyze(doc)
     assert len(a["eexist_batches"]) == 3          # one per control boot
     line = report.overhead_line(doc, a)
     assert f"batches of {8 * -(-batch_min // 8)}" in line and "target < 1%" in line
@@ -252,7 +252,7 @@ def test_bench_json_is_the_findings_and_fail_on_follows_them(tmp_path):
     assert found["answer"] and "verdict:" in r.stderr
     assert r.returncode == (3 if found["regressions"] else 0), (r.returncode, found)
     doc = load_run(found["run"])
-    assert doc["analysis"] == report.findings(doc) == {k: v for k, v in found.items()
+    assert doc["analysis"] == findings.findings(doc) == {k: v for k, v in found.items()
                                                        if k not in ("run", "status")}
     with open(os.path.join(os.path.dirname(found["run"]), "summary.csv")) as f:
         head, first = f.readline().strip().split(","), f.readline().strip().split(",")

@@ -83,7 +83,7 @@ def test_a_host_that_differs_from_its_kernel_group_is_flagged():
 need = sshhosts.available()
 real = pytest.mark.skipif(need is not None, reason=need or "")
 
-SPECS = [{"name": "h1", "addr": "127.0.0.2"}, {"name": "h2", "addr": "127.0.0.3"},
+SPECS = [{"name": "h1", "addr": "127.0.0.2"}, {"name": "h2", "addr": "127.0.0.3", "hide_qemu": True},
          {"name": "nokvm", "addr": "127.0.0.4", "hide_kvm": True},
          {"name": "gone", "addr": "127.0.0.5", "serve": False},
          {"name": "badkey", "addr": "127.0.0.6", "wrong_key": True}]
@@ -121,13 +121,16 @@ def test_fleet_rows_statuses_and_a_second_run_that_skips_the_install(hosts, tmp_
         assert row["assign_us"] > 0 and row["eexist_us"] > 0
         # the host's run.json came back whole, and the row is its analysis, redone here
         run = os.path.join(d, row["jobs"]["bench"]["run"])
-        from pyvmm.analysis import report
+        from pyvmm.analysis import findings
         from pyvmm.analysis.plan import load_run
-        assert report.findings(load_run(run))["verdict"] == row["verdict"]
+        assert findings.findings(load_run(run))["verdict"] == row["verdict"]
         trace = row["jobs"]["trace-qemu-microvm-0"]
         assert trace["status"] in ("ok", "no QEMU")
         if trace["status"] == "ok":
             assert row["qemu_srcu_ms"] is not None
+    # h2 has no QEMU: that job says so, and the host is not failed for it
+    assert rs["h2"]["jobs"]["trace-qemu-microvm-0"]["status"] == "no QEMU"
+    assert "no QEMU" in rs["h2"]["reason"]
     assert rs["h1"]["verdict"] == rs["h2"]["verdict"]
     assert os.path.exists(os.path.join(d, "fleet_stall.png"))
     # nothing left on the hosts: no job process, no run directory
@@ -221,6 +224,22 @@ def test_an_interrupted_fleet_keeps_what_it_fetched_and_leaves_nothing_running(h
     assert not os.path.exists(os.path.join(h1.root, "runs"))
     ps = subprocess.run(["pgrep", "-f", f"{h1.root}/pyvmm-"], capture_output=True, text=True)
     assert ps.stdout.strip() == ""
+
+
+@real
+@pytest.mark.kvm
+def test_a_job_past_its_timeout_is_killed_and_said(hosts, tmp_path):
+    inv = hosts.inventory(os.path.join(str(tmp_path), "inv.ini"))
+    r = fleet("run", "-i", inv, "--limit", "h1", "--out", str(tmp_path / "t"), "--timeout",
+              "3", "--bench-args", "--ns 0,1,10 --repeats 5000", "bench")
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
+    doc, d = fleet_doc(str(tmp_path / "t"))
+    row = by_host(doc)["h1"]
+    assert row["status"] == "timed out" and "within 3 s" in row["reason"], row
+    assert row["jobs"]["info"]["status"] == "ok"          # what finished is kept
+    with open(os.path.join(d, "h1", "bench", "status.json")) as f:
+        assert json.load(f)["status"] == "timed out"
+    assert not os.path.exists(os.path.join(hosts.host("h1").root, "runs"))
 
 
 @real

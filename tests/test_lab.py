@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from pyvmm.analysis import report, stats
+from pyvmm.analysis import findings, stats
 from pyvmm.analysis.plan import SweepConfig, sweep_cells
 from pyvmm.errors import LabError
 from pyvmm.lab.boot import initramfs, qemu, serial
@@ -581,7 +581,7 @@ def test_lab_boots_debian_6_1_and_sees_the_pre_618_behaviour(tmp_path):
     assert doc["host"]["kernel"].startswith("6.1.")
     assert doc["kernel_check"]["behaviour"] == "sync" and doc["kernel_check"]["agrees"]
     assert len(doc["samples"]) == 3 * 5 and not doc["failures"]
-    assert report.analyze(doc)["verdict"].behaviour == "sync"
+    assert findings.analyze(doc)["verdict"].behaviour == "sync"
     assert "registration waits for a grace period" in r.stdout
     an = doc["analysis"]        # the findings, written into run.json
     assert an["verdict"] == "sync-on-register" and an["regressions"] == ["sync-on-register"]
@@ -609,7 +609,7 @@ def test_lab_rebuilds_kvm_with_defer_free_and_sees_the_fix_and_its_stall(tmp_pat
     # The rebuilt kvm.ko frees through call_srcu, and a memslot change still
     # synchronizes: the check predicts the stall, and the measurement must show it.
     assert kc["mechanism"] == "call_srcu" and kc["stall_expected"] is True
-    v = report.analyze(doc)["verdict"]
+    v = findings.analyze(doc)["verdict"]
     assert v.behaviour == "deferred", v.to_dict()
     assert v.stall_phase == "memslot" and v.stall_ns > 1e6, v.to_dict()
     assert kc["agrees"], kc
@@ -798,7 +798,7 @@ def test_lab_builds_a_whole_kernel_at_another_hz_and_the_stall_follows_it(tmp_pa
     build = doc["lab"]["kernel_build"]
     assert build["hz"] == 100 and build["patch"] == "defer-free" and build["build_s"] > 0
     assert doc["kernel_check"]["mechanism"] == "call_srcu" and doc["kernel_check"]["agrees"]
-    s = report.run_summary(doc)
+    s = findings.run_summary(doc)
     # a deferred free's stall is 1 to 2 jiffies: 10 to 20 ms at HZ=100, where HZ=250
     # would give 4 to 8 ms
     assert s["verdict"] == "deferred-free" and s["hz"] == 100

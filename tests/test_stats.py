@@ -175,7 +175,7 @@ def test_the_stall_prediction_is_one_and_a_half_jiffies_less_the_gap():
 
 
 def test_the_gap_runs_from_the_first_registration_to_the_step_that_waits():
-    from pyvmm.analysis.report import gap_to
+    from pyvmm.analysis.findings import gap_to
     boot = {"phases": [{"op": "vm", "wall_ns": 900}, {"op": "ioev", "wall_ns": 300},
                        {"op": "run", "wall_ns": 200}, {"op": "memslot", "wall_ns": 5000},
                        {"op": "deassign", "wall_ns": 7}]}

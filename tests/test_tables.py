@@ -142,12 +142,12 @@ def test_python_vs_c_and_per_ioctl_tables_fit_without_cutting(width):
 
 @pytest.mark.parametrize("width", WIDTHS)
 def test_matrix_and_ptwrite_tables_fit_without_cutting(width):
-    from pyvmm.analysis import report
+    from pyvmm.analysis import findings
     from pyvmm.lab.experiments import matrix
     from pyvmm.ptwrite.table import ptwrite_table
     doc = load_doc()
     row = {"variant": "6.1+defer-free-expedited", "patch": "defer-free-expedited",
-           **report.run_summary(doc, matrix.SHARE_NS), "run": "x/run.json"}
+           **findings.run_summary(doc, matrix.SHARE_NS), "run": "x/run.json"}
     row["kernel_check"] = "synchronize_srcu_expedited"
     mdoc = {"schema": matrix.SCHEMA, "status": "complete", "config": doc["config"],
             "rows": [row, dict(row, variant="latest")], "failed": []}

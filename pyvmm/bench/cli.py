@@ -14,7 +14,7 @@ from ..analysis.stats import FAIL_ON
 from ..ui import (BENCH_PTWRITE, console, err_console, int_list,  # noqa: F401 (re-exported)
                   recipes_arg, say)
 from ..ui import progress as progress_bar
-from ..analysis import report, stats
+from ..analysis import findings, report, stats
 from ..analysis.plan import DEFAULT_NS, DEFAULT_RECIPES, SweepConfig, load_run
 from ..results import new_run_dir
 from .compare import cmd_compare
@@ -154,7 +154,7 @@ def cmd_bench(args) -> int:
         python_vs_c_table(doc)
     else:
         a = report.write_all(con, doc, out, plots=not args.no_plot)
-        found = report.findings(doc, a)
+        found = findings.findings(doc, a)
     say(con, f"sweep wall time {elapsed:.1f} s; {len(doc['samples'])} boots recorded in "
         f"{path}")
     if args.json:
@@ -177,9 +177,9 @@ def python_vs_c_table(doc: dict) -> dict:
     """Per-phase medians of the C helper, the floor (when the run has it) and the Python
     VMM, with Python / C, floor / C and Python / floor, per recipe and N. Returns
     {(recipe, N): {"py/c": boot ratio, "floor/c": ..., "phases": {label: {...}}}}."""
-    c_cells = report.group(doc, "c")
-    py_cells = report.group(doc, "py")
-    fl_cells = report.group(doc, "floor")
+    c_cells = findings.group(doc, "c")
+    py_cells = findings.group(doc, "py")
+    fl_cells = findings.group(doc, "floor")
     out = {}
 
     def ratio(a, b):

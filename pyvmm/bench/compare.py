@@ -8,7 +8,7 @@ import os
 
 from ..tables import Grid
 
-from ..analysis import report, stats
+from ..analysis import findings, report, stats
 from ..analysis.plan import load_run
 from ..errors import PyvmmError
 from ..results import partial_lines
@@ -17,14 +17,14 @@ from ..ui import console
 
 def compare_docs(a: dict, b: dict) -> list[dict]:
     """Rows of (recipe, N, median A, median B, ratio B/A, p-value) for cells in both."""
-    ca, cb = report.group(a), report.group(b)
+    ca, cb = findings.group(a), findings.group(b)
     rows = []
     for key in sorted(set(ca) & set(cb)):
         xa = [r["boot_wall_ns"] for r in ca[key]]
         xb = [r["boot_wall_ns"] for r in cb[key]]
         ma, mb = stats.median(xa), stats.median(xb)
-        reg_a = report.cell_summary(ca[key])["registration_share"]
-        reg_b = report.cell_summary(cb[key])["registration_share"]
+        reg_a = findings.cell_summary(ca[key])["registration_share"]
+        reg_b = findings.cell_summary(cb[key])["registration_share"]
         rows.append({"recipe": key[0], "n": key[1], "median_a": ma, "median_b": mb,
                      "ratio": mb / ma if ma else float("nan"),
                      "p_value": stats.permutation_pvalue(xa, xb),
@@ -41,7 +41,7 @@ def compare_docs(a: dict, b: dict) -> list[dict]:
 
 def behaviour_rows(doc: dict) -> dict[str, str]:
     """The verdict evidence of one run as printable values."""
-    v = report.analyze(doc)["verdict"]
+    v = findings.analyze(doc)["verdict"]
 
     def us(x):
         return "-" if x is None else f"{x / 1e3:.2f} us"
@@ -177,7 +177,7 @@ def cmd_compare(args) -> int:
         bt.add_row(k, ba[k], bb[k])
     console.print(bt)
     for label, doc in (("A", a), ("B", b)):
-        an = report.analyze(doc)
+        an = findings.analyze(doc)
         console.print(f"{label}: {an['verdict'].text}; {an['verdict'].stall_text}",
                       highlight=False)
     out = args.out or (args.b if os.path.isdir(args.b) else os.path.dirname(args.b))

@@ -10,7 +10,7 @@ metadata of its own, since the machine exporting is not the one that measured.
 from __future__ import annotations
 
 from ..errors import PyvmmError
-from ..analysis import report
+from ..analysis import findings
 
 
 def cell_name(recipe: str, n: int) -> str:
@@ -34,7 +34,7 @@ def to_pyperf(doc: dict, path: str) -> int:
     if lab.get("variant"):
         meta["pyvmm_variant"] = lab["variant"]
     benches = []
-    for (recipe, n), results in sorted(report.group(doc).items()):
+    for (recipe, n), results in sorted(findings.group(doc).items()):
         runs = [pyperf.Run([r["boot_wall_ns"] / 1e9], collect_metadata=False,
                            metadata={"name": cell_name(recipe, n), "unit": "second",
                                      **meta})

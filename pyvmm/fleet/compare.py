@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 
-from ..analysis import report, stats
+from ..analysis import findings, stats
 from ..analysis.plan import load_run
 from ..errors import PyvmmError
 from ..ui import console, say
@@ -53,18 +53,18 @@ def _bench(row: dict, base: str) -> dict | None:
 def _samples(doc: dict) -> dict:
     """Per-boot stall samples (the stall step minus its no-registration median) and the
     control recipe's assign samples."""
-    a = report.analyze(doc)
+    a = findings.analyze(doc)
     v = a["verdict"]
-    out = {"stall": [], "assign": [], "verdict": report.findings(doc, a)["verdict"],
+    out = {"stall": [], "assign": [], "verdict": findings.findings(doc, a)["verdict"],
            "stall_ms": None if v.stall_ns is None else v.stall_ns / 1e6}
-    cells = report.group(doc)
+    cells = findings.group(doc)
     ctrl = [r for (name, _), rs in cells.items() if name == "control" for r in rs]
     out["assign"] = [x for r in ctrl for p in r["phases"] if p["op"] == "ioev"
                      for x in p["samples"]]
     recipes = [r for r in doc["config"]["recipes"] if r != "control"]
     ns = sorted({n for (name, n) in cells if name in recipes and n > 0})
     if ns:
-        after, base = report.stall_samples(cells, recipes, ns[0])
+        after, base = findings.stall_samples(cells, recipes, ns[0])
         key = None
         if v.stall_phase:
             key = (f"{v.stall_recipe}/" if v.stall_recipe else "") + v.stall_phase

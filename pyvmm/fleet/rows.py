@@ -1,7 +1,7 @@
 """A row per host from what was fetched, the groups by kernel build with the hosts that
 differ from the rest of their group flagged, and the fleet as a table and a plot.
 
-The bench job's run.json is analysed here again (report.findings: never trusted from
+The bench job's run.json is analysed here again (findings.findings: never trusted from
 the host), the trace job's trace.json gives QEMU's SRCU share of its start-up, the info
 job's JSON the host's facts."""
 
@@ -12,7 +12,7 @@ import json
 import os
 import tarfile
 
-from ..analysis import report, stats
+from ..analysis import findings, stats
 from ..analysis.plan import load_run
 from ..errors import PyvmmError
 
@@ -109,7 +109,7 @@ def _read_job(r: dict, name: str, job_dir: str) -> None:
         path = _one(os.path.join(job_dir, "results", "*", "run.json"))
         if path is None:
             raise PyvmmError("bench: no run.json came back")
-        f = report.findings(load_run(path))
+        f = findings.findings(load_run(path))
         r["jobs"][name]["run"] = _rel(path, job_dir)
         for k in ("verdict", "answer", "regressions", "assign_us", "eexist_us", "stall_ms",
                   "stall_jiffies", "stall_phase", "boots"):

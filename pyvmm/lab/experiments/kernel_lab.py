@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import time
 
-from ...analysis import report, stats
+from ...analysis import findings, stats
 from ...analysis.plan import SweepConfig, boot_order, cell_recipes, warmup_cell
 from ...errors import LabError, LabHang
 from ...analysis.plan import new_doc
@@ -120,11 +120,11 @@ class SweepRun(LabRun):
             raise LabError(f"the lab recorded {got} of {total} boots (exit status {stream.rc}); "
                            f"logs in {self.work}; errors:\n  " + ("\n  ".join(errs) or "none"))
         doc["status"] = "complete"
-        a = report.analyze(doc)
+        a = findings.analyze(doc)
         kc = doc["kernel_check"]
         kc.update(stats.kernel_check_agreement(kc, a["verdict"].behaviour,
                                                a["verdict"].stall_ns))
-        doc["analysis"] = report.findings(doc, a)
+        doc["analysis"] = findings.findings(doc, a)
 
 
 def run_lab(opts: LabOptions, cfg: SweepConfig, ui: Ui | None = None) -> Finished:

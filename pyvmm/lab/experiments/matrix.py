@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-from ...analysis import report, stats
+from ...analysis import findings, report, stats
 from ...analysis.plan import SweepConfig
 from ...errors import LabError
 from ...results import save_figure
@@ -45,7 +45,7 @@ def run_matrix(variants: list[Variant], cfg: SweepConfig, base: LabOptions,
         # The run's evidence, as every row of a comparison shows it; the variant's name,
         # its patch and where its run.json lives around it.
         return {"variant": v.label, "patch": v.patch,
-                **report.run_summary(run.doc, SHARE_NS),
+                **findings.run_summary(run.doc, SHARE_NS),
                 "regressions": (run.doc.get("analysis") or {}).get("regressions"),
                 "run": os.path.join(run.out_dir, "run.json")}
 
