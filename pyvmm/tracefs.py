@@ -436,13 +436,40 @@ def _remove_instance(path: str) -> None:
         pass
 
 
+def pid_namespace() -> int:
+    """This process's PID namespace (its inode): tracefs is one per kernel, shared by every
+    container and namespace on it, so names made from a pid carry it."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
+def owner() -> str:
+    """What names this process's instances and uprobe groups: NS-PID."""
+    return f"{pid_namespace()}-{os.getpid()}"
+
+
 def stale_instances(prefix: str, root: str = TRACEFS) -> list[str]:
-    """Instances named PREFIX-PID whose process is gone (a run killed with SIGKILL)."""
+    """Instances named PREFIX-NS-PID (or PREFIX-PID, older) whose process is gone (a run
+    killed with SIGKILL). Only those of this PID namespace: a pid of another namespace
+    cannot be looked up from here, and its instance may be in use."""
     base = os.path.join(root, "instances")
+    ours = str(pid_namespace())
     out = []
     for name in os.listdir(base) if os.path.isdir(base) else ():
-        head, _, pid = name.rpartition("-")
-        if head == prefix and pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+        if not name.startswith(prefix + "-"):
+            continue
+        parts = name[len(prefix) + 1:].split("-")
+        if parts[-1] == "timers":       # the run's second instance (trace --timers)
+            parts = parts[:-1]
+        if len(parts) == 2 and parts[0] == ours and parts[1].isdigit():
+            pid = parts[1]
+        elif len(parts) == 1 and parts[0].isdigit():
+            pid = parts[0]
+        else:
+            continue
+        if not os.path.exists(f"/proc/{pid}"):
             out.append(os.path.join(base, name))
     return out
 

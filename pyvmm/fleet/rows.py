@@ -72,7 +72,7 @@ def row(state: dict, host_dir: str, hostvars: dict | None = None) -> dict:
         except PyvmmError as e:
             r["jobs"][name].update(status="failed", reason=str(e)[:300])
     hv = hostvars or {}
-    r["variant"] = hv.get("pyvmm_variant")
+    r["variant"] = None if hv.get("pyvmm_variant") is None else str(hv["pyvmm_variant"])
     kc = hv.get("pyvmm_kernel_check")
     if kc:
         stall = str(hv.get("pyvmm_kernel_check_stall", "")).lower()

@@ -96,7 +96,7 @@ def record(argv: list[str], port: int | None = None, timeout_s: float = 120.0,
     if os.path.isdir(os.path.join(root, "instances")):
         _clean_stale(root)
     with contextlib.ExitStack() as stack:
-        inst = stack.enter_context(tracefs.Instance(f"{PREFIX}-{os.getpid()}", root))
+        inst = stack.enter_context(tracefs.Instance(f"{PREFIX}-{tracefs.owner()}", root))
         also = _timer_instance(stack, inst, root, rec) if timers else []
         rec.clock = inst.clock
         _enable_events(inst, rec, root, port, stacks)
@@ -122,7 +122,7 @@ def record(argv: list[str], port: int | None = None, timeout_s: float = 120.0,
 
 def _timer_instance(stack, inst: tracefs.Instance, root: str, rec: Recording) -> list:
     """A second instance, machine-wide, for the timer wheel and the workqueue."""
-    tinst = stack.enter_context(tracefs.Instance(f"{PREFIX}-{os.getpid()}-timers", root,
+    tinst = stack.enter_context(tracefs.Instance(f"{PREFIX}-{tracefs.owner()}-timers", root,
                                                  buffer_kb=8192))
     if all([tinst.enable(e) for e in TIMER_EVENTS]) and tinst.clock == inst.clock:
         return [tinst]
@@ -156,7 +156,7 @@ def _enable_events(inst: tracefs.Instance, rec: Recording, root: str, port: int 
 def _place_uprobe(inst: tracefs.Instance, rec: Recording, site) -> None:
     """The uprobe at `site` (a ProbeSite, or (None, why)); after the syscall where the
     kernel takes it, else at the function's entry; what failed is said in rec.notes."""
-    group = f"pyvmm_{os.getpid()}"
+    group = "pyvmm_" + tracefs.owner().replace("-", "_")
     if site[0] is None:
         rec.notes.append(f"no uprobe ({site[1]}): ioctl arguments are not decoded")
         return

@@ -189,7 +189,7 @@ def _inventory(doc: dict, out: str) -> None:
     for h in doc["hosts"]:
         kc = h["kernel_check"]
         lines.append(f"{h['name']} ansible_host=127.0.0.1 ansible_port={h['port']} "
-                     f"pyvmm_variant={h['variant']} "
+                     f"pyvmm_variant='{h['variant']}' "
                      f"pyvmm_kernel_check={kc['behaviour'] or 'unknown'} "
                      f"pyvmm_kernel_check_stall={str(bool(kc['stall_expected'])).lower()} "
                      f"pyvmm_kernel_check_mechanism={safe_name(kc['mechanism'] or '-')}")
