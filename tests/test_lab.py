@@ -681,11 +681,14 @@ def test_lab_jobs_and_module_arguments_are_checked_before_anything_runs():
     assert inside.parse_job("ptwrite:2000:3") == ("ptwrite", ["2000", "3"])
     assert inside.parse_job("check:memslot-coherence") == ("check", ["memslot-coherence"])
     assert inside.parse_job("trace:qemu-microvm:2:3") == ("trace", ["qemu-microvm", "2", "3"])
+    assert inside.parse_job("trace:linux-microvm:2x4:3") == ("trace", ["linux-microvm", "2x4",
+                                                                       "3"])
     for bad, msg in (("bogus", "unknown lab job 'bogus'"), ("ptwrite:x", "takes numbers"),
                      ("stress::1", "empty or spaced"),
                      ("trace:firecracker", "trace:qemu-microvm"),
                      ("trace:qemu-microvm:x", "trace:qemu-microvm"),
-                     ("trace:qemu-microvm:1:2:3", "trace:qemu-microvm")):
+                     ("trace:qemu-microvm:1:2:3", "trace:qemu-microvm"),
+                     ("trace:linux-microvm:2:3", "trace:linux-microvm")):
         with pytest.raises(Exception, match=msg):
             inside.parse_job(bad)
     assert options.parse_kvm_args(["kvm_amd:npt=0", "kvm_amd:avic=0", "kvm:x=1"]) == {

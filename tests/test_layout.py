@@ -27,3 +27,11 @@ def test_layout_regions_do_not_overlap():
     assert layout.STACK_TOP <= layout.RAM_SIZE
     top = layout.DOORBELL_BASE + layout.DOORBELL_STRIDE * layout.PARAM_MAX_DOORBELLS
     assert layout.RAM_SIZE <= layout.DOORBELL_BASE and top <= layout.BAR_GPA
+
+
+def test_the_linux_guests_init_writes_the_port_the_trace_watches():
+    path = os.path.join(os.path.dirname(__file__), "..", "guests", "linux", "init.c")
+    with open(path) as f:
+        defines = dict(re.findall(r"^#define\s+(\w+)\s+(\S+)", f.read(), re.M))
+    assert int(defines["INIT_PORT"], 0) == layout.INIT_PORT
+    assert int(defines["INIT_MARK"], 0) == layout.INIT_MARK

@@ -530,3 +530,31 @@ def test_trace_findings_are_the_majority_verdict_with_its_cost():
     assert f["regression_ms"] == 7.0 and f["paid_by"] == "KVM_IOEVENTFD deassign"
     assert findings([run("none", None)])["regressions"] == []
     assert findings([run("sync", 30.0)])["regressions"] == ["sync-on-register"]
+
+
+def test_linux_microvm_devices_and_where_a_wait_falls():
+    assert workloads.parse_blk("linux-microvm", "") == (1, 1)
+    assert workloads.parse_blk("linux-microvm:4x2", "4x2") == (4, 2)
+    for bad in ("4", "x2", "4x0", "99x1", "1x99"):
+        with pytest.raises(Exception, match="linux-microvm:BxQ"):
+            workloads.parse_blk(f"linux-microvm:{bad}", bad)
+    argv = workloads.linux_microvm_argv("qemu", "/k", "/i", 2, 4)
+    assert argv.count("virtio-blk-device,drive=b1,num-queues=4") == 1
+    assert "acpi=off" in argv[2] and "rdinit=/init" in " ".join(argv)
+    ms = {"first KVM_RUN": 10.0, "init started": 50.0}
+    assert [attribute.phase_of(t, ms) for t in (5.0, 20.0, 60.0)] == [
+        "VMM set-up", "guest boot", "after init"]
+    assert attribute.phase_of(20.0, {"first KVM_RUN": 10.0}) == "guest boot"
+    with pytest.raises(Exception, match="lab's Linux guest"):
+        workloads.linux_microvm("linux-microvm", "", "qemu", "/nonexistent", "/nonexistent")
+
+
+def test_a_wait_for_interrupt_routing_is_kvm_irq_srcu_not_the_regressions():
+    from pyvmm.trace.model import Sleep
+    routing = Sleep(0.0, "D", ["__schedule", "schedule", "wait_for_completion",
+                               "__synchronize_srcu", "synchronize_srcu_expedited",
+                               "kvm_set_irq_routing", "kvm_vm_ioctl"])
+    bus = Sleep(0.0, "D", ["__schedule", "schedule", "__synchronize_srcu",
+                           "kvm_io_bus_unregister_dev", "kvm_vm_ioctl"])
+    assert attribute.classify(routing).kind == "irq_srcu"
+    assert attribute.classify(bus).kind == "srcu"

@@ -103,10 +103,12 @@ def add_parsers(sub) -> None:
                         + BUILD_HELP)
     m.add_argument("--json", action="store_true",
                    help="print the table as one JSON object on stdout (progress on stderr)")
-    m.add_argument("--workload", default=None, metavar="qemu-microvm[:K]",
+    m.add_argument("--workload", default=None, metavar="WORKLOAD",
                    help="instead of the sweep, trace this VMM's start-up in each variant "
-                        "(pyvmm trace in the lab kernel): a row per variant with start-up, "
-                        "KVM ioctl time, SRCU waits and who paid them")
+                        "(pyvmm trace in the lab kernel): qemu-microvm[:K] (QEMU to its "
+                        "firmware with K virtio devices) or linux-microvm[:BxQ] (QEMU booting "
+                        "a Linux guest to its /init); a row per variant with start-up (or "
+                        "time to init), KVM ioctl time, SRCU waits and who paid them")
     m.add_argument("--trace-repeats", type=int, default=3, metavar="R",
                    help="with --workload: start-ups traced per variant (default 3)")
     _sweep_args(m, kernel_lab.LAB_REPEATS)
@@ -152,7 +154,9 @@ def add_parsers(sub) -> None:
                         "stress:SECONDS[:SEED], xen:SECONDS[:SEEDS[:BOUND]] (the Xen "
                         "event-channel seed, with --kvm-patch xen or xen-lock), "
                         "trace:qemu-microvm[:K[:R]] (the host's QEMU with K virtio devices, "
-                        "traced R times)")
+                        "traced R times), trace:linux-microvm[:BxQ[:R]] (that QEMU booting "
+                        "the lab's Linux guest to /init with B virtio-blk devices of Q "
+                        "queues)")
     r.add_argument("--kernel", default="6.1", help=f"{KERNEL_SPEC_FORMS}{BUILD_HELP}")
     r.add_argument("--kvm-patch", default=None, metavar="NAME",
                    help="rebuild KVM with this patch of the project's (as lab kernel)")
@@ -282,12 +286,14 @@ def cmd_matrix(args) -> int:
         from .experiments import inside
         if args.trace_repeats < 1:
             raise LabError(f"--trace-repeats {args.trace_repeats}: give at least 1")
-        workload = args.workload if ":" in args.workload else f"{args.workload}:0"
+        workload = args.workload if ":" in args.workload else \
+            f"{args.workload}:{'1x1' if args.workload == 'linux-microvm' else '0'}"
         try:
             inside.parse_job(f"trace:{workload}:{args.trace_repeats}")
         except PyvmmError:
             raise LabError(f"--workload {args.workload}: the lab traces qemu-microvm[:K] "
-                           "(K virtio-mmio devices)") from None
+                           "(K virtio-mmio devices) or linux-microvm[:BxQ] (a Linux guest "
+                           "with B virtio-blk devices of Q queues)") from None
         what = f"{workload} traced {args.trace_repeats} time(s)"
     else:
         what = f"{len(kernel_lab.make_plan(cfg)) - cfg.warmup} boots, seed {cfg.seed}"

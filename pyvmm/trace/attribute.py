@@ -49,6 +49,11 @@ WAITS = [
     ({"msleep", "usleep_range_state", "schedule_hrtimeout"}, "sleep", "timed sleep"),
 ]
 IOCTL_ENTRY = {"kvm_vm_ioctl", "kvm_vcpu_ioctl", "kvm_dev_ioctl", "kvm_device_ioctl"}
+# KVM's other SRCU, kvm->irq_srcu: interrupt routing and irqfds wait for its grace
+# periods, not for the buses' and memslots' (kvm->srcu) that the regression is about.
+IRQ_SRCU = {"kvm_set_irq_routing", "kvm_irq_routing_update", "irqfd_update",
+            "kvm_irqfd_deassign", "kvm_irqfd_release", "kvm_irqfd_assign",
+            "kvm_arch_irq_routing_update"}
 REGISTER = "kvm_io_bus_register_dev"     # a registration, whatever ioctl asked for it
 LONG_WAIT_NS = stats.STALL_MIN_NS       # a grace-period wait worth a verdict (0.5 ms)
 PATH_FRAMES = 6
@@ -74,7 +79,7 @@ def classify(sleep: Sleep) -> Wait:
         # with one CPU the work that runs the grace period preempts its waiter, which
         # then finds it over and never sleeps. Anywhere else it is only the scheduler.
         w = _by_stack(sleep.stack) if sleep.stack else None
-        if w is not None and w.kind in ("srcu", "rcu"):
+        if w is not None and w.kind in ("srcu", "irq_srcu", "rcu"):
             return Wait(w.kind, f"{w.label} (preempted in it)", w.function, w.path)
         return Wait("preempted", "preempted", "", [])
     if not sleep.stack:
@@ -94,6 +99,8 @@ def _by_stack(stack: list[str]) -> Wait:
                     path.append(g)
                     if g in IOCTL_ENTRY or len(path) >= PATH_FRAMES:
                         break
+                if kind == "srcu" and IRQ_SRCU & set(frames[i:]):
+                    kind, label = "irq_srcu", "SRCU grace period (kvm->irq_srcu, routing)"
                 return Wait(kind, label, f, path)
     path = []
     for g in frames:
@@ -105,6 +112,23 @@ def _by_stack(stack: list[str]) -> Wait:
 
 def jiffies(ns: float, hz: int | None) -> float | None:
     return ns / (1e9 / hz) if hz else None
+
+
+INIT_MILESTONE = "init started"
+PHASES = ("VMM set-up", "guest boot", "after init")
+
+
+def phase_of(t_ns: float, milestones: dict) -> str:
+    """Where in a start-up a moment falls: the VMM's set-up (before its first KVM_RUN),
+    the guest's boot (its drivers probing the devices, until /init starts, or the end),
+    or after init."""
+    run = milestones.get("first KVM_RUN")
+    init = milestones.get(INIT_MILESTONE)
+    if run is None or t_ns < run:
+        return "VMM set-up"
+    if init is None or t_ns < init:
+        return "guest boot"
+    return "after init"
 
 
 def srcu_waits(s: Startup) -> list[dict]:
@@ -244,7 +268,22 @@ def summary(s: Startup, hz: int | None, timer_events=None) -> dict:
         n[0] += 1
         n[1] += c.ns
     behaviour, text, cost = verdict(s, waits, hz)
+    irq = [(c, sl) for c in s.ioctls for sl in c.sleeps if classify(sl).kind == "irq_srcu"]
+    irq_ms = sum(sl.ns for _, sl in irq) / 1e6
+    ms = s.milestones
+    init = ms.get(INIT_MILESTONE)
+    for w in waits:
+        w["phase"] = phase_of(w["t_ms"] * 1e6, ms)
+    to_init = [w for w in waits if init is not None and w["t_ms"] * 1e6 < init]
     return {
+        "irq_srcu_waits": len({c.seq for c, _ in irq}), "irq_srcu_wait_ms": irq_ms,
+        "irq_srcu_by_ioctl": sorted({c.name for c, _ in irq}),
+        "time_to_init_ms": None if init is None else (init - start) / 1e6,
+        "srcu_wait_to_init_ms": None if init is None else sum(w["wait_ms"] for w in to_init),
+        "srcu_share_of_init": (None if not init or init <= start else
+                               sum(w["wait_ms"] for w in to_init) * 1e6 / (init - start)),
+        "srcu_wait_by_phase_ms": {p: sum(w["wait_ms"] for w in waits if w["phase"] == p)
+                                  for p in PHASES if any(w["phase"] == p for w in waits)},
         "startup_ms": startup / 1e6,
         "kvm_ioctls": len(s.ioctls),
         "kvm_ioctl_ms": kvm / 1e6,

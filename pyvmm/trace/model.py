@@ -107,7 +107,7 @@ def build(events: list[tracefs.Event], scale: float, root: int | None,
           port: int | None = None) -> Startup:
     """A Startup from parsed events: `scale` is ns per trace unit, `root` the pid of the
     traced command (its exec is the origin; None: the first process that execs), `port`
-    an I/O port whose first guest write is a milestone. Never raises on damaged events:
+    an I/O port whose first guest write is a milestone (or {port: the milestone's name}). Never raises on damaged events:
     what cannot be read is skipped."""
     if root is None:        # the traced command: the first process that execs
         first = next((e for e in events if e.name == "sched_process_exec"), None)
@@ -316,7 +316,7 @@ def _rebase(s: Startup, o: float) -> None:
     s.exits = [(t - o, r) for t, r in s.exits]
 
 
-def _milestones(s: Startup, first_run: float | None, port: int | None) -> dict[str, float]:
+def _milestones(s: Startup, first_run: float | None, port) -> dict[str, float]:
     """The start-up's milestones in time order (times relative to the origin)."""
     o = s.origin
     ms = {k: v - o for k, v in s.milestones.items()}
@@ -333,10 +333,12 @@ def _milestones(s: Startup, first_run: float | None, port: int | None) -> dict[s
         after = [t for t, _ in s.exits if t >= first_run - o]
         if after:
             ms["first guest exit"] = after[0]
-    if port is not None:
-        hits = [t for t, d, p, _ in s.ports if p == port and d == "w"]
+    labels = port if isinstance(port, dict) else (
+        {} if port is None else {port: f"first write to port {port:#x}"})
+    for pt, label in labels.items():
+        hits = [t for t, d, p, _ in s.ports if p == pt and d == "w"]
         if hits:
-            ms[f"first write to port {port:#x}"] = hits[0]
+            ms[label] = hits[0]
     if "process end" not in ms and s.ioctls:
         ms["process end"] = max(c.t_out for c in s.ioctls)
     return dict(sorted(ms.items(), key=lambda kv: kv[1]))

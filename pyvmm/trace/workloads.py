@@ -10,6 +10,16 @@ qemu-microvm[:K]  QEMU's microvm machine with KVM and the project's own 64 KiB f
                   a real device model), then writes 0 to isa-debug-exit: QEMU exits with
                   status 1. It marks its start and end on port 0x80 and writes how many
                   devices it brought up to port 0x84.
+linux-microvm[:BxQ]  QEMU microvm booting a Linux guest of the lab's making (a small
+                  kernel and a static /init, pyvmm/lab/boot/linuxguest.py) with B
+                  virtio-blk devices of Q queues each (default 1x1), one virtio-net
+                  and one virtio-rng on virtio-mmio: QEMU registers each queue's
+                  ioeventfd when the guest's driver brings the queue up, during the
+                  guest's boot. /init writes INIT_PORT ("init started", the moment a
+                  boot-time measurement wants) and ends the VM through
+                  isa-debug-exit. The kernel and initramfs come from the environment
+                  (PYVMM_TRACE_LINUX_KERNEL, PYVMM_TRACE_LINUX_INITRD: the lab sets
+                  them).
 pyvmm-boot[:N]    pyvmm's own Python VMM (`pyvmm boot --json`) booting the during-boot
                   recipe with N registrations then a memslot change: its own per-phase
                   timer is kept beside the trace, two instruments on one start-up.
@@ -34,8 +44,9 @@ class Workload:
     """A command line, the exit statuses that mean it ran to its end, the port whose
     first write is a milestone, and how many devices the guest should bring up."""
 
-    def __init__(self, name: str, argv: list[str], ok_status: set[int], port: int | None,
+    def __init__(self, name: str, argv: list[str], ok_status: set[int], port,
                  devices: int = 0, spec: str = "", captures_json: bool = False):
+        # port: an I/O port whose first guest write is a milestone, or {port: label}
         self.name, self.argv, self.ok_status, self.port = name, argv, ok_status, port
         self.devices, self.spec = devices, spec or name
         self.captures_json = captures_json      # its stdout is a JSON report to keep
@@ -44,7 +55,12 @@ class Workload:
 WORKLOADS = {"qemu-microvm": "QEMU microvm, the project's firmware, K virtio-mmio devices "
                              "brought up at boot (qemu-microvm:K)",
              "pyvmm-boot": "pyvmm's own Python VMM booting the during-boot recipe with N "
-                           "registrations (pyvmm-boot:N), its phase timer beside the trace"}
+                           "registrations (pyvmm-boot:N), its phase timer beside the trace",
+             "linux-microvm": "QEMU microvm booting a small Linux guest to its /init, with B "
+                              "virtio-blk devices of Q queues, a virtio-net and a virtio-rng "
+                              "(linux-microvm:BxQ; the lab provides the guest)"}
+LINUX_MILESTONES = {layout.SERIAL_PORT: "guest's first output", layout.INIT_PORT: "init started"}
+MAX_BLK_QUEUES = 16
 
 
 def parse(spec: str, qemu: str | None = None) -> Workload:
@@ -52,6 +68,8 @@ def parse(spec: str, qemu: str | None = None) -> Workload:
     name, _, arg = spec.strip().partition(":")
     if name not in WORKLOADS:
         raise PyvmmError(f"unknown workload '{spec}': {', '.join(f'{k}[:K]' for k in WORKLOADS)}")
+    if name == "linux-microvm":
+        return linux_microvm(spec, arg, qemu)
     if arg and not arg.isdigit():
         raise PyvmmError(f"workload '{spec}': K must be a number of devices, e.g. "
                          "qemu-microvm:4")
@@ -79,4 +97,57 @@ def qemu_microvm_argv(binary: str, k: int, firmware: str | None = None) -> list[
             "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"]
     for _ in range(k):
         argv += ["-device", "virtio-rng-device"]
+    return argv
+
+
+def parse_blk(spec: str, arg: str) -> tuple[int, int]:
+    """'BxQ' -> (B, Q); '' -> (1, 1)."""
+    if not arg:
+        return 1, 1
+    b, x, q = arg.partition("x")
+    if not x or not b.isdigit() or not q.isdigit() or not 0 <= int(b) <= MAX_VIRTIO - 2 \
+            or not 1 <= int(q) <= MAX_BLK_QUEUES:
+        raise PyvmmError(f"workload '{spec}': give linux-microvm:BxQ, B virtio-blk devices "
+                         f"(0 to {MAX_VIRTIO - 2}) of Q queues (1 to {MAX_BLK_QUEUES}), "
+                         "e.g. linux-microvm:2x4")
+    return int(b), int(q)
+
+
+def linux_microvm(spec: str, arg: str, qemu: str | None = None,
+                  kernel: str | None = None, initrd: str | None = None) -> Workload:
+    b, q = parse_blk(spec, arg)
+    kernel = kernel or os.environ.get("PYVMM_TRACE_LINUX_KERNEL")
+    initrd = initrd or os.environ.get("PYVMM_TRACE_LINUX_INITRD")
+    if not kernel or not initrd or not os.path.exists(kernel) or not os.path.exists(initrd):
+        raise PyvmmError("linux-microvm boots the lab's Linux guest: run it in a lab kernel "
+                         "(pyvmm lab run trace:linux-microvm, pyvmm lab matrix --workload "
+                         "linux-microvm), or give PYVMM_TRACE_LINUX_KERNEL and "
+                         "PYVMM_TRACE_LINUX_INITRD")
+    binary = qemu or shutil.which(QEMU)
+    if not binary:
+        raise PyvmmError(f"{QEMU} not found: apt-get install {QEMU_PACKAGE}")
+    return Workload("linux-microvm", linux_microvm_argv(binary, kernel, initrd, b, q), {1},
+                    dict(LINUX_MILESTONES), b + 2, f"linux-microvm:{b}x{q}")
+
+
+def linux_microvm_argv(binary: str, kernel: str, initrd: str, b: int, q: int,
+                       accel: str = "kvm") -> list[str]:
+    """QEMU microvm with the Linux guest: no option ROMs, no RTC, the ISA serial port
+    (discarded), isa-debug-exit, and the devices on virtio-mmio (QEMU puts them on the
+    guest's command line)."""
+    disk = os.path.join(os.environ.get("TMPDIR", "/tmp"), "pyvmm-linux-microvm.img")
+    if not os.path.exists(disk):
+        with open(disk, "wb") as f:
+            f.truncate(1 << 20)
+    argv = [binary, "-M", "microvm,x-option-roms=off,rtc=off,isa-serial=on,acpi=off",
+            "-accel", accel, "-m", "256", "-smp", "1", "-nodefaults", "-no-user-config",
+            "-display", "none", "-serial", "null", "-kernel", kernel, "-initrd", initrd,
+            "-append", "console=ttyS0 loglevel=4 io_delay=none panic=-1 rdinit=/init",
+            "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"]
+    for i in range(b):
+        argv += ["-drive", f"file={disk},if=none,id=b{i},format=raw,cache=unsafe,"
+                           "read-only=on",
+                 "-device", f"virtio-blk-device,drive=b{i},num-queues={q}"]
+    argv += ["-netdev", "user,id=n0", "-device", "virtio-net-device,netdev=n0",
+             "-device", "virtio-rng-device"]
     return argv

@@ -74,6 +74,8 @@ LM_EFER = 0x500              # LME | LMA
 SERIAL_PORT = 0x3F8          # COM1 data register: one byte per OUT
 MARKER_PORT = 0x80           # phase markers: one byte per OUT
 DATA_PORT = 0x84             # 32-bit values reported by the guest
+INIT_PORT = 0x86             # a Linux guest's /init: "user space started" (guests/linux)
+INIT_MARK = 0x1E             # the value it writes there
 
 # Phase markers written to MARKER_PORT.
 # arm64 (guests/aarch64/): markers and data by MMIO, the GICv3's addresses, the guest's

@@ -11,6 +11,10 @@ from ...errors import LabError
 from .archive import ldd, pack
 
 
+# microvm's BIOS: Debian's QEMU asks for qboot.rom, upstream names it bios-microvm.bin
+FIRMWARE = ("/usr/share/qemu/bios-microvm.bin", "/usr/share/qemu/qboot.rom")
+
+
 class VmmRuntime:
     def __init__(self, binary: str, archive: bytes, files: int, size: int, cached: bool):
         self.binary, self.archive, self.files = binary, archive, files
@@ -23,7 +27,10 @@ def build(binary: str, log=print) -> VmmRuntime:
         raise LabError(f"{binary} not found on this host: the lab copies it into the lab "
                        "kernel's initramfs (apt-get install qemu-system-x86)")
     path = os.path.realpath(path)
-    files = sorted({path, *ldd(path)})
+    # microvm's own BIOS (qboot), which it loads from QEMU's data directory when it boots
+    # a kernel (-kernel) rather than a -bios of its own
+    data = [f for f in FIRMWARE if os.path.exists(f)]
+    files = sorted({path, *ldd(path), *data})
     blob, cached, size = pack(files, "vmmruntime", f"the lab's copy of {os.path.basename(path)}",
                               log)
     return VmmRuntime(path, blob, len(files), size, cached)

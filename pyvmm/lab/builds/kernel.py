@@ -60,11 +60,11 @@ def check_hz(hz: int) -> int:
     return hz
 
 
-def fragment(debian_config: str, hz: int, arch: Arch = X86_64, localversion: str = "") \
-        -> str:
-    """The config merged onto tinyconfig: the lab's fragment, Debian's timing options,
-    the HZ knob and the local version."""
-    with open(os.path.join(FRAGMENT_DIR, arch.lab_config)) as f:
+def fragment(debian_config: str, hz: int, arch: Arch = X86_64, localversion: str = "",
+             config_file: str | None = None) -> str:
+    """The config merged onto tinyconfig: the lab's fragment (or `config_file`'s),
+    Debian's timing options, the HZ knob and the local version."""
+    with open(os.path.join(FRAGMENT_DIR, config_file or arch.lab_config)) as f:
         base = f.read()
     timing = [line.strip() for line in debian_config.splitlines()
               if line.startswith(TIMING_PREFIXES) and "=" in line]
@@ -98,10 +98,10 @@ def kconfig_symbols(tree: str) -> set[str]:
 
 
 def refused(fragment_text: str, config: dict[str, str], arch: Arch = X86_64,
-            known: set[str] | None = None) -> list[str]:
+            known: set[str] | None = None, config_file: str | None = None) -> list[str]:
     """The lab's own `=y` options (and the HZ) that the resolved config does not have;
     with `known` (kconfig_symbols), only those this version defines."""
-    with open(os.path.join(FRAGMENT_DIR, arch.lab_config)) as f:
+    with open(os.path.join(FRAGMENT_DIR, config_file or arch.lab_config)) as f:
         own = parse_config(f.read())
     want = {k: v for k, v in own.items() if v == "y" and (known is None or k in known)}
     hz = re.search(r"^CONFIG_HZ=(\d+)$", fragment_text, re.M)
@@ -146,6 +146,8 @@ class KernelBuilder(AptUser):
     """Builds lab kernels from the source of a Debian kit's version (its config gives
     the timing options)."""
 
+    flavour = "lab"             # what the kernel is for: its cache entries' first word
+
     def __init__(self, kit: Kit, log=print, install: bool = True, jobs: int | None = None):
         self.kit, self.arch, self.log, self.install = kit, kit.arch, log, install
         self.series = kit.series
@@ -165,8 +167,14 @@ class KernelBuilder(AptUser):
     def localversion(self, patch: Patch | None, hz: int) -> str:
         return f"-pyvmm{'-' + patch.name if patch else ''}-hz{hz}"
 
+    @property
+    def config_file(self) -> str:
+        """The fragment merged onto tinyconfig (beside this module)."""
+        return self.arch.lab_config
+
     def fragment(self, patch: Patch | None, hz: int) -> str:
-        text = fragment(self.debian_config(), hz, self.arch, self.localversion(patch, hz))
+        text = fragment(self.debian_config(), hz, self.arch, self.localversion(patch, hz),
+                        self.config_file)
         extra = patch.config() if patch else {}
         if extra:
             text += f"# what patch {patch.name} turns on\n" + "".join(
@@ -179,6 +187,7 @@ class KernelBuilder(AptUser):
         h.update(self.fragment(patch, hz).encode())
         h.update((patch.text if patch else "").encode())
         label = (f"{self.arch.kbuild_arch}-" if self.arch.cross_prefix else "") \
+            + ("" if self.flavour == "lab" else f"{self.flavour}-") \
             + f"{patch.name if patch else 'stock'}-hz{hz}"
         return os.path.join(self.root, "kernels", f"{self.series}_{self.version}",
                             f"{label}-{h.hexdigest()[:12]}")
@@ -265,6 +274,7 @@ class _Job:
         self.arch = builder.arch
         self.frag = builder.fragment(patch, hz)
         self.label = (("arm64:" if self.arch.cross_prefix else "")
+                      + ("" if builder.flavour == "lab" else f"{builder.flavour} ")
                       + f"{builder.series}{'+' + patch.name if patch else ''}@hz{hz}")
         final = builder.key(patch, hz)
         self.log_keep = os.path.join(builder.root, "logs", f"{os.path.basename(final)}.log")
@@ -307,7 +317,7 @@ class _Job:
         frag_path = os.path.join(tmp, "lab.config")
         with open(frag_path, "w") as f:
             f.write(self.frag)
-        self.b.log(f"configuring {self.label} (tinyconfig + {self.arch.lab_config}, "
+        self.b.log(f"configuring {self.label} (tinyconfig + {self.b.config_file}, "
                    f"HZ={self.hz})")
         self.make("tinyconfig", what="tinyconfig")
         with open(self.log, "ab") as f:
@@ -324,11 +334,11 @@ class _Job:
         with open(os.path.join(self.out, ".config")) as f:
             config = parse_config(f.read())
         known = kconfig_symbols(self.tree)
-        missing = refused(self.frag, config, self.arch, known)
+        missing = refused(self.frag, config, self.arch, known, self.b.config_file)
         if missing:
             raise LabError(f"the lab kernel {self.label}: Kconfig refused "
                            f"{', '.join(missing)} (dependencies this version lacks); "
-                           f"see {self.arch.lab_config}")
+                           f"see {self.b.config_file}")
         return config, known
 
     def compile(self) -> float:
@@ -370,7 +380,7 @@ class _Job:
                     "kvm_builtin": True, "arch": self.arch.name,
                     "config_hz": config_hz(config),
                     "preemption": preemption_from_config(config),
-                    "config_source": f"tinyconfig + {self.arch.lab_config} + Debian's "
+                    "config_source": f"tinyconfig + {self.b.config_file} + Debian's "
                                      f"timing options, HZ={self.hz}",
                     "vermagic": None, "variant": self.label},
             "files": manifest(res, ["vmlinuz", "vmlinux", "config"]),

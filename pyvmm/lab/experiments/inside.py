@@ -14,6 +14,9 @@ to the data port:
                                SECONDS pass
   trace:qemu-microvm[:K[:R]]   pyvmm trace of QEMU microvm with K virtio devices, R
                                start-ups (QEMU is copied into the initramfs by the host)
+  trace:linux-microvm[:BxQ[:R]]  the same QEMU booting the lab's Linux guest to its /init
+                               with B virtio-blk devices of Q queues (the guest is copied
+                               in too)
 
 Nothing here imports rich, matplotlib or numpy: the lab's initramfs carries only what
 these jobs need (pyvmm.lab.boot.pyruntime collects it by importing this module's JOBS).
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 import traceback
@@ -76,20 +80,30 @@ def _xen(seconds: str = "30", seeds: str = "1", bound: str = "5") -> dict:
     return {"runs": runs}
 
 
-def _trace(workload: str = "qemu-microvm", k: str = "0", repeats: str = "1") -> dict:
+def _trace(workload: str = "qemu-microvm", k: str = "", repeats: str = "1") -> dict:
     """pyvmm trace of a workload, REPEATS start-ups; what the host found out for it comes
     in the environment (the QEMU copied in, the uprobe's site, the kernel's HZ)."""
     from ...trace import attribute, probesite, record, workloads
-    w = workloads.parse(f"{workload}:{k}", qemu=os.environ.get("PYVMM_TRACE_QEMU"))
+    w = workloads.parse(f"{workload}:{k}" if k else workload,
+                        qemu=os.environ.get("PYVMM_TRACE_QEMU"))
     site = None
     if os.environ.get("PYVMM_TRACE_UPROBE"):
         site = probesite.ProbeSite.parse(os.environ["PYVMM_TRACE_UPROBE"])
     hz = int(os.environ.get("PYVMM_TRACE_HZ") or 0) or None
     runs = []
-    for _ in range(int(repeats)):
-        rec = record.record(w.argv, w.port, timeout_s=300.0, site=site, timers=True)
+    for i in range(int(repeats)):
+        out = f"/tmp/trace-output-{i}.txt"
+        with open(out, "wb") as f:
+            rec = record.record(w.argv, w.port, timeout_s=300.0, site=site, timers=True,
+                                output=f.fileno())
+        with open(out, errors="replace") as f:
+            tail = f.read().strip().splitlines()[-6:]
         if rec.rc not in w.ok_status:
-            raise PyvmmError(f"{w.spec} exited with status {rec.rc} in the lab kernel")
+            raise PyvmmError(f"{w.spec} exited with status {rec.rc} in the lab kernel: "
+                             + " | ".join(tail))
+        if w.name == "linux-microvm" and "init started" not in rec.startup.milestones:
+            raise PyvmmError(f"{w.spec}: the guest never reached /init (status {rec.rc}): "
+                             + (" | ".join(tail) or "no output"))
         summ = attribute.summary(rec.startup, hz, rec.timer_events)
         summ.pop("by_ioctl", None)
         runs.append({"rc": rec.rc, "wall_ms": rec.wall_ns / 1e6, "notes": rec.notes,
@@ -115,9 +129,16 @@ def parse_job(text: str) -> tuple[str, list[str]]:
                                                         for a in args):
         raise PyvmmError(f"lab job '{text}': {name} takes numbers")
     if name == "trace":
-        if not args or args[0] != "qemu-microvm" or not all(a.isdigit() for a in args[1:3]) \
-                or len(args) > 3:
-            raise PyvmmError(f"lab job '{text}': give trace:qemu-microvm[:K[:REPEATS]]")
+        ok = args and len(args) <= 3 and all(a.isdigit() for a in args[2:3])
+        if ok and args[0] == "qemu-microvm":
+            ok = all(a.isdigit() for a in args[1:2])
+        elif ok and args[0] == "linux-microvm":
+            ok = len(args) < 2 or bool(re.fullmatch(r"\d+x\d+", args[1]))
+        else:
+            ok = False
+        if not ok:
+            raise PyvmmError(f"lab job '{text}': give trace:qemu-microvm[:K[:REPEATS]] or "
+                             "trace:linux-microvm[:BxQ[:REPEATS]]")
     return name, args
 
 

@@ -53,6 +53,10 @@ class JobsRun(LabRun):
         if any(j.startswith("trace:") for j in self.jobs):
             env, self.vmm = _vmm_for_traces(ready.kit, ui)
             extra += self.vmm.archive
+        if any(j.startswith("trace:linux-microvm") for j in self.jobs):
+            genv, garchive = _linux_guest(ui, self.opts.install, ready.timings)
+            env += genv
+            extra += garchive
         command = rt.command[:1] + env + rt.command[1:] + self.jobs
         image = initramfs.build(ready.busybox, ready.helper, ready.modules, "",
                                 module_args=module_args(ready.kit, self.opts.kvm_args),
@@ -127,3 +131,18 @@ def _vmm_for_traces(kit, ui) -> tuple[list[str], "vmmruntime.VmmRuntime"]:
     if site[0] is not None:
         env.append(f"PYVMM_TRACE_UPROBE={site.text()}")
     return env, vmm
+
+
+def _linux_guest(ui, install: bool, timings: dict) -> tuple[list[str], bytes]:
+    """The Linux guest of the linux-microvm workload (its kernel built from Debian's
+    source of GUEST_SERIES, cached), packed at its cache paths, and where it is."""
+    from ..boot import archive, linuxguest
+    from ..builds.guest import GUEST_SERIES
+    from ..sources import apt, kits
+    ui.stage("Linux guest")
+    t = time.monotonic()
+    kit = kits.build_kit(apt.resolve(GUEST_SERIES, log=ui.log), log=ui.log)
+    g = linuxguest.build(kit, ui.log, install)
+    timings["linux_guest_s"] = round(time.monotonic() - t, 1)
+    blob, _, _ = archive.pack(g.files, "linuxguest-pack", "the Linux guest", ui.log)
+    return [f"PYVMM_TRACE_LINUX_KERNEL={g.kernel}", f"PYVMM_TRACE_LINUX_INITRD={g.initrd}"], blob
