@@ -67,6 +67,13 @@ def _arch_arg(o) -> None:
                         "prefix, e.g. arm64:6.1)")
 
 
+def _qemu_arg(o) -> None:
+    o.add_argument("--qemu", default=None, metavar="debian:SUITE",
+                   help="the QEMU a trace job runs in the lab kernel: this host's (default) "
+                        "or a Debian suite's, with its own libraries (debian:trixie, "
+                        "debian:sid)")
+
+
 def _cmdline_arg(o) -> None:
     o.add_argument("--cmdline", default="", metavar="ARGS",
                    help="kernel parameters for the lab kernel (every variant), e.g. "
@@ -111,6 +118,7 @@ def add_parsers(sub) -> None:
                         "time to init), KVM ioctl time, SRCU waits and who paid them")
     m.add_argument("--trace-repeats", type=int, default=3, metavar="R",
                    help="with --workload: start-ups traced per variant (default 3)")
+    _qemu_arg(m)
     _sweep_args(m, kernel_lab.LAB_REPEATS)
     m.set_defaults(func=cmd_matrix)
 
@@ -171,8 +179,16 @@ def add_parsers(sub) -> None:
     r.add_argument("--no-install", action="store_true",
                    help="fail instead of installing QEMU / busybox-static when missing")
     r.add_argument("--json", action="store_true", help="print results.json on stdout")
+    _qemu_arg(r)
     _cmdline_arg(r)
     r.set_defaults(func=cmd_run)
+
+    q = labs.add_parser("qemu", help="fetch another Debian suite's QEMU with its libraries "
+                                     "(run with its own loader) and print its launcher "
+                                     "directory, for pyvmm trace --qemu")
+    q.add_argument("suite", metavar="debian:SUITE",
+                   help="debian:trixie (QEMU 10.0), debian:sid (11.x) or debian:bookworm")
+    q.set_defaults(func=cmd_qemu)
 
     add_kernel_check_parser(labs)
 
@@ -276,7 +292,7 @@ def _progress(con):
 
 def cmd_matrix(args) -> int:
     variants = parse_variants(args.variants, get_arch(args.arch))
-    base = _lab_options(args, variants[0])
+    base = _lab_options(args, variants[0], qemu=args.qemu)
     cfg = _sweep_config(args)
     out_con = console
     if args.json:                       # stdout carries only the JSON object
@@ -365,7 +381,8 @@ def cmd_run(args) -> int:
                        "the sweep (pyvmm lab kernel --arch arm64, lab matrix --arch arm64)")
     opts = options.LabOptions(variant=v, kvm_args=options.parse_kvm_args(args.kvm_arg),
                               smp=args.smp, out=args.out, total_timeout_s=args.timeout,
-                              install=not args.no_install, cmdline=args.cmdline)
+                              install=not args.no_install, cmdline=args.cmdline,
+                              qemu=args.qemu)
     options.check_options(opts)
     con = console
     if args.json:
@@ -450,6 +467,15 @@ def cmd_hosts(args) -> int:
         f"inventory {doc['inventory']}")
     say(console, f"next: pyvmm fleet run -i {doc['inventory']} bench; then pyvmm lab hosts "
         "--stop")
+    return 0
+
+
+def cmd_qemu(args) -> int:
+    from .sources import qemus
+    qemus.check_spec(args.suite)
+    launcher = qemus.fetch(args.suite, lambda m: err_console.print(m, highlight=False))
+    err_console.print(qemus.version_of(launcher), highlight=False)
+    print(launcher)
     return 0
 
 

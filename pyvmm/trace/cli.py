@@ -40,7 +40,10 @@ def add_parsers(sub) -> None:
                    help="a named workload instead of a command: "
                         + "; ".join(f"{k}: {v}" for k, v in workloads.WORKLOADS.items()))
     t.add_argument("--qemu", default=None, metavar="PATH",
-                   help="the QEMU binary for --vmm qemu-microvm (default: on PATH)")
+                   help="the QEMU for --vmm qemu-microvm: a binary (default: "
+                        "qemu-system-x86_64 on PATH) or a launcher directory of another "
+                        "suite's QEMU with its own libraries (pyvmm lab qemu debian:trixie "
+                        "prints one)")
     t.add_argument("--repeat", type=int, default=1, metavar="K",
                    help="trace K start-ups; medians and spread over them (default 1)")
     t.add_argument("--overhead", action="store_true",
@@ -96,11 +99,12 @@ def cmd_trace(args) -> int:
         raise PyvmmError(f"--timeout {args.timeout:g}: give a positive number of seconds")
     if args.vmm and args.command:
         raise PyvmmError("give either --vmm NAME or a command after --, not both")
-    workload = ok = None
+    workload = ok = libc = None
     captures = False
     if args.vmm:
         w = workloads.parse(args.vmm, args.qemu)
         argv, ok, workload, captures = w.argv, w.ok_status, w.spec, w.captures_json
+        libc = w.libc
         port = w.port if port is None else port
     elif args.command:
         argv = list(args.command)
@@ -122,7 +126,7 @@ def cmd_trace(args) -> int:
     tr = TraceRun(argv, args.out, args.repeat, port, args.timeout, args.overhead, workload,
                   ok, use_strace=use_strace, captures_json=captures,
                   arguments=not args.no_args, stacks=not args.no_stacks,
-                  timers=args.timers)
+                  timers=args.timers, libc=libc)
     total = args.repeat * (2 if args.overhead else 1)
     say(con, f"pyvmm trace: {workload or ' '.join(argv)}, {args.repeat} traced start-up(s)"
         + (", with as many untraced (A/B)" if args.overhead else "") + f" -> {tr.dir}")

@@ -64,15 +64,16 @@ def executable(argv0: str) -> str | None:
     return path if head.startswith(b"\x7fELF") else None
 
 
-def ioctl_site(exe: str) -> ProbeSite | tuple[None, str]:
-    """Where to probe the ioctl() the executable calls: its C library's, or its own when
-    it is linked statically; (None, why) when it cannot be found."""
-    p = subprocess.run(["ldd", exe], capture_output=True, text=True)
-    libc = None
-    for line in p.stdout.splitlines():
-        m = re.match(r"\s*libc\.so\.\d+ => (\S+)", line)
-        if m:
-            libc = m.group(1)       # the path the loader uses (a lab initramfs has only it)
+def ioctl_site(exe: str, libc: str | None = None) -> ProbeSite | tuple[None, str]:
+    """Where to probe the ioctl() the executable calls: its C library's (`libc` when the
+    command brings its own, as another suite's QEMU run by its own loader does), or its
+    own when it is linked statically; (None, why) when it cannot be found."""
+    if libc is None:
+        p = subprocess.run(["ldd", exe], capture_output=True, text=True)
+        for line in p.stdout.splitlines():
+            m = re.match(r"\s*libc\.so\.\d+ => (\S+)", line)
+            if m:
+                libc = m.group(1)   # the path the loader uses (a lab initramfs has only it)
     target = libc or exe
     vaddr = symbol_address(target, "ioctl")
     if vaddr is None:

@@ -14,7 +14,7 @@ import time
 from .. import hostinfo
 from ..errors import PyvmmError
 from ..results import Saver, envelope, finishing, new_run_dir
-from . import attribute, record, strace
+from . import attribute, probesite, record, strace
 
 SCHEMA = "pyvmm.trace/1"
 SETTLE_S = 0.05             # a pause before every start-up
@@ -110,13 +110,14 @@ class TraceRun:
                  ok_status: set[int] | None = None, host: dict | None = None,
                  hz: int | None = None, use_strace: bool = False,
                  captures_json: bool = False, arguments: bool = True,
-                 stacks: bool = True, timers: bool = False):
+                 stacks: bool = True, timers: bool = False, libc: str | None = None):
         if repeat < 1:
             raise PyvmmError("--repeat must be at least 1")
         self.argv, self.repeat, self.port, self.timeout_s = argv, repeat, port, timeout_s
         self.overhead, self.ok_status, self.use_strace = overhead, ok_status, use_strace
         self.captures_json = captures_json
         self.arguments, self.stacks, self.timers = arguments, stacks, timers
+        self.libc = libc            # the C library the command's ioctl() is in, if not ldd's
         self.host = host or hostinfo.collect(with_kvm=False)
         self.hz = hz if hz is not None else self.host.get("config_hz")
         self.dir = new_run_dir(out, f"trace-{self.host['hostname']}-{self.host['kernel']}")
@@ -146,9 +147,14 @@ class TraceRun:
                     if self.use_strace:
                         rec = strace.record_strace(self.argv, self.timeout_s, out.fileno())
                     else:
+                        site = None
+                        if self.libc and self.arguments:
+                            site = probesite.ioctl_site(self.argv[0], self.libc)
+                            site = site if site[0] is not None else None
                         rec = record.record(self.argv, self.port, self.timeout_s,
                                             out.fileno(), arguments=self.arguments,
-                                            stacks=self.stacks, timers=self.timers)
+                                            stacks=self.stacks, timers=self.timers,
+                                            site=site)
                 self._check(rec.rc, "traced")
                 with open(os.path.join(self.dir, f"trace-{i + 1}.txt"), "w") as f:
                     f.write(rec.text)

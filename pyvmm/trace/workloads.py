@@ -40,6 +40,30 @@ QEMU_PACKAGE = "qemu-system-x86"
 MAX_VIRTIO = 24                 # virtio-mmio transports of QEMU 7.2's microvm
 
 
+def qemu_command(qemu: str | None) -> tuple[list[str], str | None]:
+    """How to start QEMU: a binary (a path, or on PATH), or a launcher directory
+    (launch.json: another suite's QEMU with its own loader and C library, made by `pyvmm
+    lab qemu`). Returns (argv prefix, the C library whose ioctl() it calls, when that is
+    not the one ldd finds)."""
+    launch = os.path.join(qemu, "launch.json") if qemu else ""
+    if qemu and os.path.isdir(qemu) and os.path.exists(launch):
+        import json
+        try:
+            with open(launch) as f:
+                ln = json.load(f)
+            return ([ln["loader"], "--library-path", ln["library_path"], ln["binary"], "-L",
+                     ln["datadir"]], ln["libc"])
+        except (OSError, ValueError, KeyError) as e:
+            raise PyvmmError(f"--qemu {qemu}: its launch.json is unreadable ({e}): make it "
+                             "again with pyvmm lab qemu") from None
+    binary = qemu or shutil.which(QEMU)
+    if not binary or (os.sep in binary and not os.path.exists(binary)):
+        raise PyvmmError(f"{qemu or QEMU} not found: apt-get install {QEMU_PACKAGE} (or sh "
+                         "scripts/lab-tools.sh --install), or give --qemu with a binary or "
+                         "a launcher of pyvmm lab qemu debian:SUITE")
+    return [binary], None
+
+
 class Workload:
     """A command line, the exit statuses that mean it ran to its end, the port whose
     first write is a milestone, and how many devices the guest should bring up."""
@@ -50,6 +74,7 @@ class Workload:
         self.name, self.argv, self.ok_status, self.port = name, argv, ok_status, port
         self.devices, self.spec = devices, spec or name
         self.captures_json = captures_json      # its stdout is a JSON report to keep
+        self.libc: str | None = None            # the C library a launcher's QEMU uses
 
 
 WORKLOADS = {"qemu-microvm": "QEMU microvm, the project's firmware, K virtio-mmio devices "
@@ -82,17 +107,17 @@ def parse(spec: str, qemu: str | None = None) -> Workload:
     if k > MAX_VIRTIO:
         raise PyvmmError(f"workload '{spec}': microvm has {MAX_VIRTIO} virtio-mmio "
                          "transports; give K up to that")
-    binary = qemu or shutil.which(QEMU)
-    if not binary:
-        raise PyvmmError(f"{QEMU} not found: apt-get install {QEMU_PACKAGE} (or "
-                         "sh scripts/lab-tools.sh --install)")
-    return Workload(name, qemu_microvm_argv(binary, k), {1}, layout.MARKER_PORT, k,
-                    f"{name}:{k}")
+    prefix, libc = qemu_command(qemu)
+    w = Workload(name, qemu_microvm_argv(prefix, k), {1}, layout.MARKER_PORT, k, f"{name}:{k}")
+    w.libc = libc
+    return w
 
 
-def qemu_microvm_argv(binary: str, k: int, firmware: str | None = None) -> list[str]:
+def qemu_microvm_argv(qemu, k: int, firmware: str | None = None) -> list[str]:
+    """`qemu`: a binary, or the argv prefix that starts one (qemu_command)."""
     fw = firmware or guests.firmware_path("qemu-microvm-fw")
-    argv = [binary, "-M", "microvm", "-accel", "kvm", "-bios", fw, "-m", "16",
+    prefix = [qemu] if isinstance(qemu, str) else list(qemu)
+    argv = [*prefix, "-M", "microvm", "-accel", "kvm", "-bios", fw, "-m", "16",
             "-nodefaults", "-no-user-config", "-display", "none",
             "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"]
     for _ in range(k):
@@ -123,14 +148,14 @@ def linux_microvm(spec: str, arg: str, qemu: str | None = None,
                          "(pyvmm lab run trace:linux-microvm, pyvmm lab matrix --workload "
                          "linux-microvm), or give PYVMM_TRACE_LINUX_KERNEL and "
                          "PYVMM_TRACE_LINUX_INITRD")
-    binary = qemu or shutil.which(QEMU)
-    if not binary:
-        raise PyvmmError(f"{QEMU} not found: apt-get install {QEMU_PACKAGE}")
-    return Workload("linux-microvm", linux_microvm_argv(binary, kernel, initrd, b, q), {1},
-                    dict(LINUX_MILESTONES), b + 2, f"linux-microvm:{b}x{q}")
+    prefix, libc = qemu_command(qemu)
+    w = Workload("linux-microvm", linux_microvm_argv(prefix, kernel, initrd, b, q), {1},
+                 dict(LINUX_MILESTONES), b + 2, f"linux-microvm:{b}x{q}")
+    w.libc = libc
+    return w
 
 
-def linux_microvm_argv(binary: str, kernel: str, initrd: str, b: int, q: int,
+def linux_microvm_argv(qemu, kernel: str, initrd: str, b: int, q: int,
                        accel: str = "kvm") -> list[str]:
     """QEMU microvm with the Linux guest: no option ROMs, no RTC, the ISA serial port
     (discarded), isa-debug-exit, and the devices on virtio-mmio (QEMU puts them on the
@@ -139,7 +164,8 @@ def linux_microvm_argv(binary: str, kernel: str, initrd: str, b: int, q: int,
     if not os.path.exists(disk):
         with open(disk, "wb") as f:
             f.truncate(1 << 20)
-    argv = [binary, "-M", "microvm,x-option-roms=off,rtc=off,isa-serial=on,acpi=off",
+    prefix = [qemu] if isinstance(qemu, str) else list(qemu)
+    argv = [*prefix, "-M", "microvm,x-option-roms=off,rtc=off,isa-serial=on,acpi=off",
             "-accel", accel, "-m", "256", "-smp", "1", "-nodefaults", "-no-user-config",
             "-display", "none", "-serial", "null", "-kernel", kernel, "-initrd", initrd,
             "-append", "console=ttyS0 loglevel=4 io_delay=none panic=-1 rdinit=/init",

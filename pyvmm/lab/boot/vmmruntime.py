@@ -34,3 +34,12 @@ def build(binary: str, log=print) -> VmmRuntime:
     blob, cached, size = pack(files, "vmmruntime", f"the lab's copy of {os.path.basename(path)}",
                               log)
     return VmmRuntime(path, blob, len(files), size, cached)
+
+
+def build_launcher(launcher: str, files: list[str], log=print) -> VmmRuntime:
+    """Another suite's QEMU (sources/qemus.py): its loader, libraries, binary, firmware and
+    launch.json, packed at their cache paths (the launcher directory is the same inside
+    the lab kernel)."""
+    blob, cached, size = pack(files, "vmmruntime", f"the lab's copy of the QEMU in {launcher}",
+                              log)
+    return VmmRuntime(launcher, blob, len(files), size, cached)

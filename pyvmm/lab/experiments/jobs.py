@@ -10,6 +10,8 @@ QEMU's start to /init and to the first result are recorded.
 
 from __future__ import annotations
 
+import json
+import os
 import time
 
 from ...errors import LabError
@@ -51,7 +53,7 @@ class JobsRun(LabRun):
         timings["runtime_s"] = time.monotonic() - t
         env, extra = [], rt.archive
         if any(j.startswith("trace:") for j in self.jobs):
-            env, self.vmm = _vmm_for_traces(ready.kit, ui)
+            env, self.vmm = _vmm_for_traces(ready.kit, ui, self.opts.qemu)
             extra += self.vmm.archive
         if any(j.startswith("trace:linux-microvm") for j in self.jobs):
             genv, garchive = _linux_guest(ui, self.opts.install, ready.timings)
@@ -73,6 +75,7 @@ class JobsRun(LabRun):
                              "runtime_cached": rt.cached,
                              "traced_vmm": None if vmm is None else {
                                  "binary": vmm.binary, "files": vmm.files,
+                                 "version": getattr(vmm, "version", None),
                                  "bytes": len(vmm.archive), "cached": vmm.cached}})
 
     def qemu_config(self, initrd: str) -> qemu.QemuConfig:
@@ -119,15 +122,29 @@ def run_jobs(opts: LabOptions, jobs: list[str], ui: Ui | None = None) -> Finishe
     return JobsRun(opts, jobs, ui).run()
 
 
-def _vmm_for_traces(kit, ui) -> tuple[list[str], "vmmruntime.VmmRuntime"]:
-    """The QEMU the trace jobs run, copied in with its libraries, and what the inner
-    tracer cannot find out in an initramfs without binutils: the uprobe's site in the
-    C library, and the lab kernel's HZ."""
+def _vmm_for_traces(kit, ui, qemu: str | None = None) \
+        -> tuple[list[str], "vmmruntime.VmmRuntime"]:
+    """The QEMU the trace jobs run (this host's, or with `qemu` = debian:SUITE that suite's
+    with its own loader and libraries), copied in, and what the inner tracer cannot find
+    out in an initramfs without binutils: the uprobe's site in the C library QEMU calls,
+    and the lab kernel's HZ."""
     from ...trace import probesite, workloads
     ui.stage("VMM for the trace")
-    vmm = vmmruntime.build(workloads.QEMU, ui.log)
-    env = [f"PYVMM_TRACE_QEMU={vmm.binary}", f"PYVMM_TRACE_HZ={kit.meta.get('config_hz') or 0}"]
-    site = probesite.ioctl_site(vmm.binary)
+    if qemu:
+        from ..sources import qemus
+        launcher = qemus.fetch(qemu, ui.log)
+        vmm = vmmruntime.build_launcher(launcher, qemus.files(launcher), ui.log)
+        with open(os.path.join(launcher, qemus.LAUNCH)) as f:
+            ln = json.load(f)
+        site = probesite.ioctl_site(ln["loader"], ln["libc"])
+        target = launcher
+    else:
+        vmm = vmmruntime.build(workloads.QEMU, ui.log)
+        site = probesite.ioctl_site(vmm.binary)
+        target = vmm.binary
+    from ..sources.qemus import version_of
+    vmm.version = version_of(target)
+    env = [f"PYVMM_TRACE_QEMU={target}", f"PYVMM_TRACE_HZ={kit.meta.get('config_hz') or 0}"]
     if site[0] is not None:
         env.append(f"PYVMM_TRACE_UPROBE={site.text()}")
     return env, vmm

@@ -87,6 +87,7 @@ def trace_row(variant: Variant, doc: dict, run_dir: str) -> dict:
         "variant": variant.label, "patch": variant.patch,
         "kernel": doc["host"].get("kernel"), "package": doc["host"].get("package"),
         "workload": res[0]["data"]["workload"], "runs": len(runs),
+        "qemu": ((doc.get("lab") or {}).get("traced_vmm") or {}).get("version"),
         "verdict": {"sync": "sync-on-register", "deferred": "deferred-free follow-up",
                     "none": "no SRCU stall", "unknown": "unknown"}[behaviour],
         "behaviour": behaviour, "same_verdict": kinds.count(behaviour),

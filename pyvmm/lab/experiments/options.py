@@ -29,6 +29,8 @@ class LabOptions:
     mem_mb: int = 1024
     # Kernel parameters for the lab kernel (e.g. srcutree.srcu_max_nodelay_phase=0).
     cmdline: str = ""
+    # The QEMU a trace job runs inside the lab kernel: None (this host's) or debian:SUITE.
+    qemu: str | None = None
 
     @property
     def arch(self) -> Arch:
@@ -57,6 +59,9 @@ def check_options(opts: LabOptions) -> None:
     if opts.smp not in (1, 2):
         raise LabError(f"--smp {opts.smp}: the lab runs with 1 or 2 emulated CPUs")
     check_cmdline(opts.cmdline)
+    if opts.qemu:
+        from ..sources.qemus import check_spec
+        check_spec(opts.qemu)
 
 
 def check_cmdline(cmdline: str) -> str:
