@@ -821,3 +821,39 @@ def test_a_dying_lab_kernel_is_named_even_when_its_call_trace_is_long(tmp_path):
     log.write_text("all fine\n")
     assert qemu.kernel_death(str(log)) is None
     assert qemu.kernel_death(str(tmp_path / "missing")) is None
+
+
+@lab_only("build the lab's Linux guest (Debian's 6.1 source, about 3 minutes cold) and boot "
+          "it twice under QEMU microvm inside Debian's 7.3 under QEMU, traced")
+def test_a_linux_guest_boots_to_init_inside_the_lab_and_its_waits_are_placed(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "pyvmm", "lab", "run", "--kernel", "7.3",
+                        "--smp", "1", "--out", str(tmp_path), "trace:linux-microvm:2x1:2"],
+                       capture_output=True, text=True, cwd="/", timeout=1800)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    doc = json.loads((run_dir / "results.json").read_text())
+    (res,) = doc["results"]
+    assert res["ok"], res["error"]
+    assert doc["lab"]["timings"]["linux_guest_s"] is not None
+    for run in res["data"]["runs"]:
+        s = run["summary"]
+        ms = s["milestones_ms"]
+        # the guest ran, printed, and reached /init, in that order, after QEMU's set-up
+        assert ms["first KVM_RUN"] < ms["guest's first output"] < ms["init started"]
+        assert s["time_to_init_ms"] == pytest.approx(ms["init started"])
+        assert all(w["phase"] in ("VMM set-up", "guest boot", "after init")
+                   for w in s["waits"])
+        # 7.3 defers the bus free: QEMU 7.2's probe deassign pays in its set-up
+        assert s["behaviour"] == "deferred"
+        assert any(w["phase"] == "VMM set-up" and w["name"] == "KVM_IOEVENTFD"
+                   for w in s["waits"])
+
+
+def test_kernel_check_knows_srcu_expedite_current():
+    from pyvmm.lab.builds import kcheck
+    kc = kcheck.classify(["kmalloc", "call_srcu", "srcu_expedite_current"],
+                         ["synchronize_srcu_expedited"])
+    assert kc["behaviour"] == "deferred" and kc["mechanism"] == \
+        "call_srcu + srcu_expedite_current"
+    assert kc["stall_expected"] is False and "srcu_expedite_current" in kc["summary"]
+    assert "srcu_expedite_current" in kc["grace_calls"]

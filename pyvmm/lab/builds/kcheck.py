@@ -72,11 +72,14 @@ def classify(calls: list[str], memslot_calls: list[str] | None = None,
     of SRCU's srcu_gp_start_if_needed in a whole image, when given) say about the
     build."""
     waits = any(w in calls for w in WAIT_SYMBOLS)
-    grace = [s for s in calls if s in GRACE_SYMBOLS or s == "call_srcu_expedited"]
+    grace = [s for s in calls if s in GRACE_SYMBOLS or s in ("call_srcu_expedited",
+                                                              "srcu_expedite_current")]
     if waits:
         mechanism = next(w for w in WAIT_SYMBOLS if w in calls)
     elif "call_srcu_expedited" in calls:
         mechanism = "call_srcu_expedited"
+    elif "call_srcu" in calls and "srcu_expedite_current" in calls:
+        mechanism = "call_srcu + srcu_expedite_current"
     elif "call_srcu" in calls:
         mechanism = "call_srcu"
     elif any(w in calls for w in WORK_SYMBOLS):
@@ -107,6 +110,9 @@ def classify(calls: list[str], memslot_calls: list[str] | None = None,
         how = {"call_srcu": "from a call_srcu callback (6.18+)",
                "call_srcu_expedited": "from a call_srcu_expedited callback (the proposed "
                                       "remedy)",
+               "call_srcu + srcu_expedite_current": "from a call_srcu callback, its grace "
+                                                    "period expedited at once with "
+                                                    "srcu_expedite_current()",
                "work item": "by a work item",
                "none": "without a grace-period call in the function"}[mechanism]
         summary = f"{FUNCTION} does not wait: the old bus is freed {how}"

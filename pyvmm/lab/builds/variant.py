@@ -96,6 +96,10 @@ def parse_variant(text: str, patches: dict | None = None, arch: Arch = X86_64,
                            f"{patch}: give one")
         named = patch
     debian.check_spec(kernel)
+    if named and re.fullmatch(r"\d+\.\d+", kernel) and patches[named].series \
+            and kernel not in patches[named].series:
+        raise LabError(f"patch {named} is written for {', '.join(patches[named].series)}, not "
+                       f"{kernel}: {patches[named].summary}")
     if hz and (kernel.endswith(".deb") or os.sep in kernel):
         raise LabError(f"'{kernel}@hz{hz}': a whole-kernel build starts from a Debian "
                        "version (6.1, 7.3, latest), not a package file")
