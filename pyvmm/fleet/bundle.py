@@ -39,7 +39,8 @@ files = sorted({m.__file__ for m in list(sys.modules.values())
 print(json.dumps({"files": files, "package": pyvmm.__path__[0]}))
 """
 LEAVE_OUT = {"pyvmm", "matplotlib", "numpy", "contourpy", "kiwisolver", "fontTools",
-             "cycler", "pyparsing", "dateutil", "mpl_toolkits", "PIL", "pytest", "_pytest", "hypothesis",
+             "cycler", "pyparsing", "dateutil", "mpl_toolkits", "PIL", "pytest", "_pytest",
+             "hypothesis",
              "ansible", "ansible_runner", "pip", "setuptools", "_distutils_hack", "pkg_resources"}
 SKIP_DIRS = {"__pycache__", "tests", "test"}
 

@@ -83,7 +83,8 @@ def stop_play() -> list[dict]:
     """After an interruption: end what the run left on each host."""
     return [{"name": "pyvmm fleet stop", "hosts": "all", "gather_facts": False,
              "become": "{{ pyvmm_become | default(false) | bool }}",
-             "tasks": [_script(f"stop --root {ROOT} --run {{{{ pyvmm_run }}}}", name="pyvmm stop", changed_when=False)]}]
+             "tasks": [_script(f"stop --root {ROOT} --run {{{{ pyvmm_run }}}}",
+                               name="pyvmm stop", changed_when=False)]}]
 
 
 def clean_play() -> list[dict]:

@@ -24,8 +24,16 @@ from .sources.debian import KERNEL_SPEC_FORMS
 
 
 def _sweep_args(o, repeats_default: int) -> None:
-    o.add_argument("--smp", type=int, default=1, choices=[1, 2],
-                   help="emulated CPUs (2 uses single-threaded TCG; default 1)")
+    o.add_argument("--smp", type=int, default=1, choices=[1, 2, 4],
+                   help="emulated CPUs (default 1; 2 share one TCG thread unless --mttcg; "
+                        "4 with --mttcg only)")
+    o.add_argument("--mttcg", action="store_true",
+                   help="multi-threaded TCG: a host thread per emulated CPU, so a grace "
+                        "period's work can run beside the registering thread (with "
+                        "--emulator debian:trixie or sid; recorded with the results)")
+    o.add_argument("--emulator", default=None, metavar="debian:SUITE",
+                   help="the lab's emulator: this host's QEMU (default) or a Debian suite's "
+                        "with its own libraries (pyvmm lab qemu)")
     o.add_argument("--ns", default=",".join(map(str, DEFAULT_NS)),
                    help="registration counts to sweep (default %(default)s)")
     o.add_argument("--recipes", default=",".join(DEFAULT_RECIPES),
@@ -211,6 +219,8 @@ def _sweep_config(args) -> SweepConfig:
 
 def _lab_options(args, variant: Variant, **kw) -> options.LabOptions:
     return options.LabOptions(variant=variant, smp=args.smp, out=args.out,
+                              mttcg=getattr(args, "mttcg", False),
+                              emulator=getattr(args, "emulator", None),
                               retries=max(0, args.retries), total_timeout_s=args.timeout,
                               stall_timeout_s=args.stall_timeout,
                               install=not args.no_install, cmdline=args.cmdline, **kw)

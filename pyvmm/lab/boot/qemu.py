@@ -39,11 +39,16 @@ class QemuConfig:
     total_timeout_s: float = 1800.0
     extra_args: str = ""
     arch: Arch = X86_64
+    # Another QEMU as the emulator: the argv that starts it (a launcher's loader, library
+    # path, binary and -L), None for this host's; and multi-threaded TCG (a thread per
+    # emulated CPU) instead of one thread for all of them.
+    emulator: tuple[str, ...] | None = None
+    mttcg: bool = False
 
 
 def command(cfg: QemuConfig, console_log: str, data_log: str, qemu: str | None = None) \
         -> list[str]:
-    accel = "tcg" if cfg.smp == 1 else "tcg,thread=single"
+    accel = "tcg,thread=multi" if cfg.mttcg else ("tcg" if cfg.smp == 1 else "tcg,thread=single")
     words = [KERNEL_ARGS.format(console=cfg.arch.console), cfg.arch.kernel_args,
              cfg.extra_args]
     append = " ".join(w for w in words if w)
@@ -53,16 +58,18 @@ def command(cfg: QemuConfig, console_log: str, data_log: str, qemu: str | None =
     else:       # a virtio console (the machine has one UART)
         data = ["-device", "virtio-serial-device", "-chardev", f"file,id=data,path={data_log}",
                 "-device", "virtconsole,chardev=data"]
-    return [qemu or cfg.arch.qemu, "-nodefaults", "-no-user-config", *machine[:2],
+    start = list(cfg.emulator) if cfg.emulator and not qemu else [qemu or cfg.arch.qemu]
+    return [*start, "-nodefaults", "-no-user-config", *machine[:2],
             "-accel", accel, *machine[2:], "-smp", str(cfg.smp), "-m", str(cfg.mem_mb),
             "-display", "none", "-monitor", "none",
             "-serial", f"file:{console_log}", *data,
             "-no-reboot", "-kernel", cfg.kernel, "-initrd", cfg.initrd, "-append", append]
 
 
-def qemu_version(qemu: str = QEMU) -> str:
+def qemu_version(qemu: str = QEMU, emulator: tuple[str, ...] | None = None) -> str:
     try:
-        out = subprocess.run([qemu, "--version"], capture_output=True, text=True).stdout
+        out = subprocess.run([*(emulator or [qemu]), "--version"], capture_output=True,
+                             text=True).stdout
     except OSError:
         return "unknown"
     return out.splitlines()[0] if out else "unknown"
@@ -85,9 +92,11 @@ def run(cfg: QemuConfig, workdir: str, on_boot=None, on_stage=None,
     the stage changes ('kernel', 'sweep'). Returns the stream and QEMU's wall time.
     `qemu` overrides the emulator binary (the tests use a stand-in that writes the data
     port file and exits, or hangs)."""
-    qemu = qemu or shutil.which(cfg.arch.qemu)
-    if not qemu:
-        raise LabError(f"{cfg.arch.qemu} not found: apt-get install {cfg.arch.qemu_package}")
+    if not cfg.emulator:
+        qemu = qemu or shutil.which(cfg.arch.qemu)
+        if not qemu:
+            raise LabError(f"{cfg.arch.qemu} not found: apt-get install "
+                           f"{cfg.arch.qemu_package}")
     console_log = os.path.join(workdir, "console.log")
     data_log = os.path.join(workdir, "data.log")
     for p in (console_log, data_log):
@@ -130,7 +139,8 @@ def run(cfg: QemuConfig, workdir: str, on_boot=None, on_stage=None,
                     break
                 why = None
                 if not stream.begun and now - t0 > cfg.boot_timeout_s:
-                    why = f"the kernel did not reach the lab's /init within {cfg.boot_timeout_s:.0f} s"
+                    why = ("the kernel did not reach the lab's /init within "
+                           f"{cfg.boot_timeout_s:.0f} s")
                 elif stream.begun and now - last_data > cfg.stall_timeout_s:
                     why = f"no output from the sweep for {cfg.stall_timeout_s:.0f} s"
                 elif now - t0 > cfg.total_timeout_s:

@@ -48,6 +48,19 @@ def inner_host(kit: kits.Kit, facts: dict[str, str], smp: int, outer: dict) -> d
     }
 
 
+def emulator_argv(spec: str | None, ui: Ui) -> tuple[str, ...] | None:
+    """The argv that starts another suite's QEMU as the lab's emulator, or None."""
+    if not spec:
+        return None
+    import json
+    from ..sources import qemus
+    launcher = qemus.fetch(spec, ui.log)
+    with open(os.path.join(launcher, qemus.LAUNCH)) as f:
+        ln = json.load(f)
+    return (ln["loader"], "--library-path", ln["library_path"], ln["binary"], "-L",
+            ln["datadir"])
+
+
 @dataclass
 class Finished:
     """What a lab run leaves: its document, its directory and its stage timings."""
@@ -87,7 +100,8 @@ class LabRun:
                                boot_timeout_s=o.boot_timeout_s,
                                stall_timeout_s=o.stall_timeout_s,
                                total_timeout_s=o.total_timeout_s,
-                               extra_args=kernel_cmdline(o, kit), arch=kit.arch)
+                               extra_args=kernel_cmdline(o, kit), arch=kit.arch,
+                               emulator=emulator_argv(o.emulator, self.ui), mttcg=o.mttcg)
 
     def boot(self, qcfg: qemu.QemuConfig) -> tuple:
         """QEMU once; (stream, seconds). The sweep retries a hung boot here."""
@@ -111,7 +125,9 @@ class LabRun:
                 "kvm_args": dict(o.kvm_args), "cmdline": o.cmdline,
                 "kvm_patch": None if r.built is None else dict(r.built.meta),
                 "kernel_build": build_meta(r), "package": host["package"], "smp": o.smp,
-                "qemu": qemu.qemu_version(r.kit.arch.qemu),
+                "qemu": qemu.qemu_version(r.kit.arch.qemu, qcfg.emulator),
+                "tcg": ("multi-threaded" if qcfg.mttcg else
+                        "single-threaded" if o.smp > 1 else "one CPU"),
                 "command": qemu.command(qcfg, "console.log", "data.log"),
                 "timings": r.timings}
 

@@ -75,6 +75,11 @@ def trace_row(variant: Variant, doc: dict, run_dir: str) -> dict:
     as_sweep = "sync" if behaviour == "sync" else "deferred"
     stall_ns = (stats.median(longest) * 1e6 if behaviour == "deferred" and longest else None)
     agree = stats.kernel_check_agreement(kc, as_sweep, stall_ns) if kc else {"agrees": None}
+    regs = [r.get("registrations") for r in runs if r.get("registrations") is not None]
+    if behaviour == "none" and regs and stats.median(regs) == 0:
+        # a VMM that registers no ioeventfd at start-up cannot show what the kernel does
+        # with them: the kernel-check is neither confirmed nor contradicted
+        agree = {"agrees": None, "not_exercised": True}
 
     def med(key):
         xs = [r[key] for r in runs if r.get(key) is not None]
@@ -88,8 +93,10 @@ def trace_row(variant: Variant, doc: dict, run_dir: str) -> dict:
         "kernel": doc["host"].get("kernel"), "package": doc["host"].get("package"),
         "workload": res[0]["data"]["workload"], "runs": len(runs),
         "qemu": ((doc.get("lab") or {}).get("traced_vmm") or {}).get("version"),
-        "verdict": {"sync": "sync-on-register", "deferred": "deferred-free follow-up",
+        "verdict": "no registrations" if agree.get("not_exercised") else {
+                    "sync": "sync-on-register", "deferred": "deferred-free follow-up",
                     "none": "no SRCU stall", "unknown": "unknown"}[behaviour],
+        "not_exercised": bool(agree.get("not_exercised")),
         "behaviour": behaviour, "same_verdict": kinds.count(behaviour),
         "startup_ms": med("startup_ms"), "kvm_ioctl_ms": med("kvm_ioctl_ms"),
         "srcu_waits": med("srcu_waits"), "srcu_wait_ms": med("srcu_wait_ms"),
@@ -200,9 +207,15 @@ def trace_table(doc: dict):
                   "-" if r["regression_ms"] is None else
                   f"{r['regression_ms']:.2f} ({r['longest_wait_ms']:.2f}, {j})",
                   r["paid_by"] or "-", r["kernel_check"] or "-",
+                  "n/a" if r.get("not_exercised") else
                   {True: "yes", False: "[bold red]NO[/]", None: "-"}[r["agrees"]])
-    t.caption = ("in the lab kernel under QEMU TCG: every instruction is emulated, so times "
-                 "are long, but grace periods run on wall-clock ticks: waits in ms and "
+    qemus = sorted({r["qemu"].split(" (")[0] for r in doc["rows"] if r.get("qemu")})
+    t.caption = ((f"traced: {', '.join(qemus)}. " if qemus else "")
+                 + ("n/a: the VMM registered no ioeventfd during start-up, so the "
+                    "kernel-check can be neither confirmed nor contradicted. "
+                    if any(r.get("not_exercised") for r in doc["rows"]) else "")
+                 + "in the lab kernel under QEMU TCG: every instruction is emulated, "
+                 "so times are long, but grace periods run on wall-clock ticks: waits in ms and "
                  "jiffies carry over, shares of the start-up do not. regression: the "
                  "registrations' own waits (sync-on-register) or the waits behind the "
                  "grace periods they started (deferred); paid by: which ioctls")
@@ -235,7 +248,8 @@ def table(doc: dict):
                     (f"assign / EEXIST / deassign us, median per op at N="
                      f"{doc['config'].get('control_n', '?')}", False),
                     ("reg. share N=" + "/".join(map(str, SHARE_NS)), False),
-                    ("stall ms (jiffies), p90, predicted; paid by", False), ("first deassign +ms", False),
+                    ("stall ms (jiffies), p90, predicted; paid by", False),
+                    ("first deassign +ms", False),
                     ("boot ms N=0 -> max", False), ("kernel-check", True), ("agree", False)):
         t.add_column(c, justify="left" if left else "right",
                      no_wrap=c in ("variant", "verdict", "kernel"))

@@ -31,6 +31,10 @@ class LabOptions:
     cmdline: str = ""
     # The QEMU a trace job runs inside the lab kernel: None (this host's) or debian:SUITE.
     qemu: str | None = None
+    # The lab's own emulator: None (this host's QEMU) or debian:SUITE; and whether its TCG
+    # runs a thread per emulated CPU (multi-threaded TCG) rather than one for all.
+    emulator: str | None = None
+    mttcg: bool = False
 
     @property
     def arch(self) -> Arch:
@@ -56,12 +60,16 @@ class Ui:
 
 def check_options(opts: LabOptions) -> None:
     """What the variant's parse did not check: CPUs and kernel parameters."""
-    if opts.smp not in (1, 2):
-        raise LabError(f"--smp {opts.smp}: the lab runs with 1 or 2 emulated CPUs")
+    if opts.smp not in (1, 2, 4) or (opts.smp == 4 and not opts.mttcg):
+        raise LabError(f"--smp {opts.smp}: the lab runs with 1 or 2 emulated CPUs, or 4 with "
+                       "--mttcg")
     check_cmdline(opts.cmdline)
-    if opts.qemu:
-        from ..sources.qemus import check_spec
-        check_spec(opts.qemu)
+    from ..sources.qemus import check_spec
+    for spec in (opts.qemu, opts.emulator):
+        if spec:
+            check_spec(spec)
+    if opts.mttcg and opts.smp < 2:
+        raise LabError("--mttcg runs a thread per emulated CPU: give --smp 2 or 4")
 
 
 def check_cmdline(cmdline: str) -> str:
