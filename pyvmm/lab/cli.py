@@ -18,22 +18,27 @@ from .builds import kcheck
 from .builds.patch import load_patches
 from .builds.variant import Variant, parse_variant, parse_variants
 from .experiments import hosts as hosts_mod
-from .experiments import kernel_lab, matrix, options, vcpus
+from .experiments import kernel_lab, matrix, options, remedies, vcpus
 from .experiments.ready import check_available
 from .sources.debian import KERNEL_SPEC_FORMS
 
 
-def _sweep_args(o, repeats_default: int) -> None:
-    o.add_argument("--smp", type=int, default=1, choices=[1, 2, 4],
-                   help="emulated CPUs (default 1; 2 share one TCG thread unless --mttcg; "
-                        "4 with --mttcg only)")
-    o.add_argument("--mttcg", action="store_true",
-                   help="multi-threaded TCG: a host thread per emulated CPU, so a grace "
-                        "period's work can run beside the registering thread (with "
-                        "--emulator debian:trixie or sid; recorded with the results)")
-    o.add_argument("--emulator", default=None, metavar="debian:SUITE",
-                   help="the lab's emulator: this host's QEMU (default) or a Debian suite's "
-                        "with its own libraries (pyvmm lab qemu)")
+def _emulator_arg(o, default=None) -> None:
+    o.add_argument("--emulator", default=default, metavar="debian:SUITE",
+                   help="the lab's emulator: this host's QEMU or a Debian suite's with its "
+                        "own libraries (pyvmm lab qemu; default %(default)s)")
+
+
+def _sweep_args(o, repeats_default: int, cpus: bool = True) -> None:
+    if cpus:
+        o.add_argument("--smp", type=int, default=1, choices=[1, 2, 4],
+                       help="emulated CPUs (default 1; 2 share one TCG thread unless "
+                            "--mttcg; 4 with --mttcg only)")
+        o.add_argument("--mttcg", action="store_true",
+                       help="multi-threaded TCG: a host thread per emulated CPU, so a grace "
+                            "period's work can run beside the registering thread (with "
+                            "--emulator debian:trixie or sid; recorded with the results)")
+        _emulator_arg(o)
     o.add_argument("--ns", default=",".join(map(str, DEFAULT_NS)),
                    help="registration counts to sweep (default %(default)s)")
     o.add_argument("--recipes", default=",".join(DEFAULT_RECIPES),
@@ -52,9 +57,10 @@ def _sweep_args(o, repeats_default: int) -> None:
     o.add_argument("--control-n", type=int, default=32,
                    help="N of the control recipe the verdict reads (assign, EEXIST, "
                         "deassign; 0: no verdict; default %(default)s)")
-    o.add_argument("--fail-on", choices=FAIL_ON, default=None,
-                   help=f"exit {EXIT_FOUND} when the lab kernel (any variant) shows this: "
-                        "sync-on-register, stall (the fix's follow-up) or any")
+    if cpus:
+        o.add_argument("--fail-on", choices=FAIL_ON, default=None,
+                       help=f"exit {EXIT_FOUND} when the lab kernel (any variant) shows "
+                            "this: sync-on-register, stall (the fix's follow-up) or any")
     o.add_argument("--out", default="results", help="parent directory for results")
     o.add_argument("--timeout", type=float, default=1800.0, metavar="S",
                    help="kill QEMU after this many seconds in all (default %(default)s)")
@@ -190,6 +196,31 @@ def add_parsers(sub) -> None:
     _qemu_arg(r)
     _cmdline_arg(r)
     r.set_defaults(func=cmd_run)
+
+    rm = labs.add_parser("remedies", help="every remedy for the fix's follow-up on 7.3 "
+                                          "beside 6.1, at each HZ and CPU count, several lab "
+                                          "boots each: one table (remedies.md)")
+    rm.add_argument("--hz", default=",".join(map(str, remedies.DEFAULT_HZ)),
+                    help="HZ of the whole-kernel builds (default %(default)s)")
+    rm.add_argument("--smp", default=",".join(map(str, remedies.DEFAULT_SMP)),
+                    help="emulated CPU counts; more than one runs multi-threaded TCG "
+                         "(default %(default)s)")
+    rm.add_argument("--lab-boots", type=int, default=3, metavar="K",
+                    help="lab boots per figure, seeds SEED+1..SEED+K; the report shows "
+                         "their spread (default %(default)s)")
+    rm.add_argument("--trace-repeats", type=int, default=3, metavar="R",
+                    help="QEMU start-ups traced per variant and lab boot (0: no trace; "
+                         "default %(default)s)")
+    rm.add_argument("--resume", default=None, metavar="DIR",
+                    help="a remedies run directory: reuse its finished cells, run the rest")
+    rm.add_argument("--build-only", action="store_true",
+                    help="build (or find cached) every variant's kernel and stop")
+    rm.add_argument("--doc", default=None, metavar="PATH",
+                    help="also write the report into this Markdown file, between its "
+                         "markers (e.g. docs/remedies.md)")
+    _emulator_arg(rm, remedies.DEFAULT_EMULATOR)
+    _sweep_args(rm, 10, cpus=False)
+    rm.set_defaults(func=cmd_remedies, ns=",".join(map(str, remedies.DEFAULT_NS)))
 
     q = labs.add_parser("qemu", help="fetch another Debian suite's QEMU with its libraries "
                                      "(run with its own loader) and print its launcher "
@@ -347,6 +378,41 @@ def cmd_matrix(args) -> int:
         say(out_con, f"--fail-on {args.fail_on}: found in {', '.join(hits)} (exit {EXIT_FOUND})")
         return EXIT_FOUND
     return 0
+
+
+def cmd_remedies(args) -> int:
+    hzs, smps = int_list(args.hz), int_list(args.smp)
+    if get_arch(args.arch).name != "x86_64":
+        raise LabError(f"--arch {args.arch}: lab remedies runs on x86_64 (the remedies are "
+                       "built for x86 lab kernels); for arm64 use lab matrix --arch arm64")
+    base = _lab_options(args, parse_variant("7.3"))
+    cfg = _sweep_config(args)
+    remedies.check(hzs, smps, args.lab_boots, args.trace_repeats)
+    n = len(remedies.cells(hzs, smps, args.lab_boots))
+    console.print(f"pyvmm lab remedies: {len(remedies.REMEDIES)} variants x HZ "
+                  f"{args.hz} x CPUs {args.smp} x {args.lab_boots} lab boots ({n} cells, "
+                  f"each a sweep{' and a trace' if args.trace_repeats else ''} of every "
+                  f"variant), emulator {args.emulator}", highlight=False)
+    t0 = time.monotonic()
+    with _progress(console) as prog:
+        doc, out = remedies.run_remedies(hzs, smps, args.lab_boots, cfg, base, RichUi(prog),
+                                         out_dir=args.resume,
+                                         trace_repeats=args.trace_repeats,
+                                         build_only=args.build_only)
+    if args.build_only:
+        built = [b for b in doc["builds"] if not b["cached"]]
+        console.print(f"{len(doc['builds'])} kernels ready ({len(built)} built) in "
+                      f"{time.monotonic() - t0:.1f} s", highlight=False)
+        return 0
+    paths = remedies.write_report(doc, out, args.doc)
+    console.print(remedies.tables(doc), highlight=False, markup=False)
+    for a in remedies.answers(doc):
+        say(console, a)
+    console.print(f"remedies wall time {time.monotonic() - t0:.1f} s; "
+                  f"{os.path.join(out, 'remedies.json')}, {', '.join(paths)}",
+                  highlight=False)
+    return 0 if doc["status"] == "complete" and all(r["agrees"] for r in doc["rows"]) \
+        else EXIT_FAILED
 
 
 def _found(row: dict) -> list[str]:

@@ -107,6 +107,19 @@ def ready(opts: LabOptions, ui: Ui) -> ReadyKernel:
                        kernel_build, deb)
 
 
+def build_kernel(v: Variant, ui: Ui, install: bool = True) -> tuple[bool, float]:
+    """A whole-kernel variant built into the cache ahead of its lab boot (lab remedies
+    builds all of them first): (whether it was cached already, seconds spent)."""
+    t = time.monotonic()
+    kit = kits.build_kit(apt.resolve(v.kernel, log=ui.log, arch=v.arch), log=ui.log,
+                         arch=v.arch)
+    builder = kbuild.KernelBuilder(kit, log=ui.log, install=install)
+    patch = v.get_patch()
+    cached = builder.cached(patch, v.hz) is not None
+    builder.build(patch, v.hz)
+    return cached, time.monotonic() - t
+
+
 def image_check(kit: kits.Kit, busybox: bytes, opts: LabOptions, ui: Ui) -> dict:
     """kernel-check of an image without symbols (Debian's arm64): one short boot of the
     kit reads /proc/kallsyms for the addresses the check needs (cached per kit), then the

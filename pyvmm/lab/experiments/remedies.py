@@ -1,0 +1,407 @@
+"""`pyvmm lab remedies`: every candidate remedy for the fix's follow-up on one base (7.3),
+beside the kernel before the fix (6.1), at each HZ and each emulated CPU count, every
+figure from several lab boots with the spread between them.
+
+A cell is (HZ, CPUs, lab boot k). Each cell runs two lab matrices over the five
+variants, all whole-kernel builds at that HZ so they share one config: the seeded sweep
+(registration cost, the registrant's CPU time, the stall and who paid it) and QEMU's
+start-up traced (the SRCU wait its ioeventfd probe pays). Lab boot k uses seed + k, so
+the lab boots differ in plan and in where the kernel's ticks fall, and the spread
+between them is the spread a reader should expect from one more. Two CPUs and more run
+under multi-threaded TCG (a host thread per emulated CPU) in a newer QEMU; one CPU runs
+under the same QEMU, single-threaded. Every cell's matrices stay in the run directory;
+`--resume DIR` reuses the cells DIR finished, so an interrupted report goes on where it
+stopped. remedies.json holds the rows; remedies.md the tables and the answers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, replace
+
+from ...analysis import stats
+from ...analysis.plan import SweepConfig
+from ...errors import LabError
+from ...results import envelope, finishing, new_run_dir, write_json_atomic
+from ..builds.variant import Variant, parse_variant
+from . import ready
+from .matrix import run_matrix
+from .multi import check_variants
+from .options import LabOptions, Ui
+
+SCHEMA = "pyvmm-lab-remedies/1"
+# (base variant, short name, what it does): built at each HZ as BASE@hzN
+REMEDIES = (
+    ("6.1", "before the fix", "every registration waits (synchronize_srcu_expedited)"),
+    ("7.3", "the fix", "call_srcu: registration cheap, the next synchronous SRCU step waits"),
+    ("7.3+srcu-expedited", "the RFC", "call_srcu_expedited() for the replaced bus"),
+    ("7.3+srcu-expedite-current", "expedite current",
+     "call_srcu, then srcu_expedite_current() on the grace period it started"),
+    ("7.3+srcu-kick", "the kick",
+     "call_srcu; an expedited waiter runs a pending grace period's work at once"),
+)
+DEFAULT_HZ = (100, 250, 1000)
+DEFAULT_SMP = (1, 2)
+DEFAULT_NS = (0, 1, 32)
+DEFAULT_EMULATOR = "debian:trixie"
+TRACE_WORKLOAD = "qemu-microvm:0"
+BEGIN, END = "<!-- pyvmm lab remedies: begin -->", "<!-- pyvmm lab remedies: end -->"
+
+
+@dataclass(frozen=True)
+class Cell:
+    hz: int
+    smp: int
+    boot: int
+
+    @property
+    def key(self) -> str:
+        return f"hz{self.hz}-smp{self.smp}-b{self.boot}"
+
+
+def variants_at(hz: int) -> list[Variant]:
+    return [parse_variant(f"{base}@hz{hz}") for base, _, _ in REMEDIES]
+
+
+def cells(hzs, smps, lab_boots: int) -> list[Cell]:
+    """Lab boot 1 of every (HZ, CPUs) first, then boot 2...: an interrupted report has
+    every configuration once before it has any twice."""
+    return [Cell(hz, smp, k) for k in range(1, lab_boots + 1) for hz in hzs for smp in smps]
+
+
+def check(hzs, smps, lab_boots: int, trace_repeats: int) -> None:
+    if not hzs:
+        raise LabError("--hz is empty: give HZ values, e.g. 100,250,1000")
+    for hz in hzs:
+        variants_at(hz)                 # an HZ the builds do not know fails here
+    bad = [s for s in smps if s not in (1, 2, 4)]
+    if not smps or bad:
+        raise LabError(f"--smp {','.join(map(str, smps))}: give CPU counts among 1, 2, 4")
+    if lab_boots < 1:
+        raise LabError(f"--lab-boots {lab_boots}: give at least 1 (3 to see the spread)")
+    if trace_repeats < 0:
+        raise LabError(f"--trace-repeats {trace_repeats}: give 0 (no trace) or more")
+
+
+def options_for(base: LabOptions, smp: int) -> LabOptions:
+    return replace(base, smp=smp, mttcg=smp > 1)
+
+
+def _resumed_config(out_dir: str, cfg: SweepConfig) -> SweepConfig:
+    """The sweep settings of the run being resumed: its seed, and a refusal when the
+    rest differ (its cells would not compare with the new ones)."""
+    path = os.path.join(out_dir, "remedies.json")
+    if not os.path.isdir(out_dir):
+        raise LabError(f"--resume {out_dir}: no such directory (give a remedies run's "
+                       "directory, results/remedies-<time>)")
+    try:
+        with open(path) as f:
+            old = json.load(f)["config"]
+    except (OSError, ValueError, KeyError):
+        raise LabError(f"--resume {out_dir}: no remedies.json there (give a remedies run's "
+                       "directory)") from None
+    cfg = replace(cfg, seed=old["seed"])
+    new = cfg.to_dict()
+    diff = [k for k in new if k in old and old[k] != new[k]]
+    if diff:
+        raise LabError(f"--resume {out_dir}: that run used other settings ("
+                       + ", ".join(f"{k} {old[k]} here {new[k]}" for k in diff)
+                       + "): give the same options, or start a new run")
+    return cfg
+
+
+def _finished(path: str) -> dict | None:
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return doc if doc.get("status") == "complete" else None
+
+
+def build_all(hzs, ui: Ui, install: bool = True) -> list[dict]:
+    """Every variant's whole kernel at every HZ, built (or found in the cache) before the
+    first lab boot, so that the cells run back to back."""
+    out = []
+    todo = [v for hz in hzs for v in variants_at(hz)]
+    for i, v in enumerate(todo):
+        ui.stage(f"kernel build {i + 1}/{len(todo)} ({v.label})")
+        cached, secs = ready.build_kernel(v, ui, install)
+        ui.log(f"kernel {v.label}: " + ("cached" if cached else f"built in {secs:.0f} s"))
+        out.append({"variant": v.label, "cached": cached, "s": round(secs, 1)})
+    return out
+
+
+def run_remedies(hzs, smps, lab_boots: int, cfg: SweepConfig, base: LabOptions,
+                 ui: Ui | None = None, out_dir: str | None = None,
+                 trace_repeats: int = 3, build_only: bool = False) -> tuple[dict, str]:
+    """Every kernel built, then every cell (reusing the ones `out_dir` already finished);
+    returns the document and its directory. The document is rewritten after every
+    matrix. `build_only`: the kernels, no cell."""
+    ui = ui or Ui()
+    check(hzs, smps, lab_boots, trace_repeats)
+    for hz in hzs:
+        for smp in smps:
+            check_variants(variants_at(hz), options_for(base, smp), ui)
+    if out_dir:
+        cfg = _resumed_config(out_dir, cfg)
+    out_dir = out_dir or new_run_dir(base.out, "remedies")
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "remedies.json")
+    doc = envelope(SCHEMA, None, status="running", finished=None, hz=list(hzs),
+                   smp=list(smps), lab_boots=lab_boots, emulator=base.emulator,
+                   trace_workload=TRACE_WORKLOAD if trace_repeats else None,
+                   trace_repeats=trace_repeats, config=cfg.to_dict(),
+                   remedies=[{"variant": b, "name": n, "what": w} for b, n, w in REMEDIES],
+                   cells=[], rows=[], timings={})
+
+    def save():
+        doc["rows"] = rows(doc["cells"])
+        write_json_atomic(path, doc)
+    todo = [] if build_only else cells(hzs, smps, lab_boots)
+    with finishing(doc, save, doc["timings"], time.monotonic()):
+        t = time.monotonic()
+        doc["builds"] = build_all(hzs, ui, base.install)
+        doc["timings"]["builds_s"] = round(time.monotonic() - t, 1)
+        save()
+        for i, c in enumerate(todo):
+            opts = options_for(base, c.smp)
+            entry = {"hz": c.hz, "smp": c.smp, "boot": c.boot,
+                     "tcg": "multi-threaded" if opts.mttcg else "single-threaded"}
+            doc["cells"].append(entry)
+            for kind in ("sweep", "trace") if trace_repeats else ("sweep",):
+                d = os.path.join(out_dir, c.key, kind)
+                m = os.path.join(d, "matrix.json")
+                done = _finished(m)
+                if done is None:
+                    ui.log(f"[{i + 1}/{len(todo)}] {c.key} {kind}")
+                    seeded = replace(cfg, seed=(cfg.seed + c.boot) & 0xFFFFFFFF)
+                    run = run_matrix(variants_at(c.hz), seeded, opts, ui, out_dir=d,
+                                     workload=TRACE_WORKLOAD if kind == "trace" else None,
+                                     repeats=trace_repeats)
+                    done = run.doc
+                else:
+                    ui.log(f"[{i + 1}/{len(todo)}] {c.key} {kind}: reused")
+                entry[kind] = os.path.relpath(m, out_dir)
+                entry[f"{kind}_rows"] = [_cell_row(r, kind, out_dir) for r in done["rows"]]
+                entry[f"{kind}_failed"] = done.get("failed", [])
+                save()
+        failed = any(c.get(f"{k}_failed") for c in doc["cells"] for k in ("sweep", "trace"))
+        doc["status"] = ("failed" if failed else "built" if build_only else "complete")
+    return doc, out_dir
+
+
+# --- the figures of one lab boot ---------------------------------------------------------
+
+def registration_times(run_json: str) -> dict:
+    """From a sweep's run.json: the registrant's wall and CPU time per registration in the
+    control recipe (its ioeventfd phase over its count; CLOCK_THREAD_CPUTIME_ID of the
+    registering thread), medians and means over the boots."""
+    with open(run_json) as f:
+        doc = json.load(f)
+    wall, cpu = [], []
+    for s in doc["samples"]:
+        r = s.get("result") or {}
+        if s.get("recipe") != "control" or not r.get("ok"):
+            continue
+        for p in r["phases"]:
+            if p["op"] == "ioev" and p["count"]:
+                wall.append(p["wall_ns"] / p["count"] / 1e3)
+                cpu.append(p["cpu_ns"] / p["count"] / 1e3)
+    if not wall:
+        return {}
+    return {"reg_wall_us": stats.median(wall), "reg_cpu_us": stats.median(cpu),
+            "reg_cpu_mean_us": sum(cpu) / len(cpu)}
+
+
+def _cell_row(r: dict, kind: str, out_dir: str) -> dict:
+    base = r["variant"].split("@", 1)[0]
+    if kind == "trace":
+        return {"variant": base, "behaviour": r.get("behaviour"), "agrees": r.get("agrees"),
+                "qemu_wait_ms": r.get("regression_ms") or 0.0,
+                "qemu_paid_by": r.get("paid_by"), "qemu_srcu_ms": r.get("srcu_wait_ms"),
+                "qemu_startup_ms": r.get("startup_ms"), "qemu": r.get("qemu")}
+    a = (r.get("per_op_us") or {}).get("assign") or {}
+    run_json = r["run"] if os.path.isabs(r["run"]) else os.path.join(out_dir, r["run"])
+    return {"variant": base, "verdict": r.get("verdict"), "agrees": r.get("agrees"),
+            "kernel_check": r.get("kernel_check"),
+            "assign_us": a.get("median"), "assign_mean_us": a.get("mean"),
+            "assign_p90_us": a.get("p90"), "eexist_us": r.get("eexist_us"),
+            "stall_ms": r.get("stall_ms") or 0.0, "stalled": r.get("stall_ms") is not None,
+            "stall_jiffies": r.get("stall_jiffies") or 0.0, "stall_phase": r.get("stall_phase"),
+            **registration_times(run_json)}
+
+
+# --- rows: one per (remedy, HZ, CPUs), over the lab boots --------------------------------
+
+SPREAD_KEYS = ("assign_us", "assign_mean_us", "assign_p90_us", "eexist_us", "reg_wall_us",
+               "reg_cpu_us", "reg_cpu_mean_us", "stall_ms", "stall_jiffies",
+               "qemu_wait_ms", "qemu_srcu_ms")
+
+
+def spread(xs: list[float]) -> dict | None:
+    """The median of the lab boots' figures, and their least and greatest."""
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return None
+    return {"median": stats.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
+
+
+def rows(cells_: list[dict]) -> list[dict]:
+    out = []
+    keys = sorted({(c["hz"], c["smp"]) for c in cells_})
+    for base, name, _ in REMEDIES:
+        for hz, smp in keys:
+            mine = [c for c in cells_ if (c["hz"], c["smp"]) == (hz, smp)]
+            sweep = [r for c in mine for r in c.get("sweep_rows", []) if r["variant"] == base]
+            trace = [r for c in mine for r in c.get("trace_rows", []) if r["variant"] == base]
+            if not sweep and not trace:
+                continue
+            row = {"variant": base, "name": name, "hz": hz, "smp": smp,
+                   "tcg": mine[0]["tcg"], "lab_boots": len(sweep),
+                   "trace_lab_boots": len(trace),
+                   "verdicts": sorted({r["verdict"] for r in sweep if r.get("verdict")}),
+                   "stalled_boots": sum(1 for r in sweep if r["stalled"]),
+                   "stall_phase": next((r["stall_phase"] for r in sweep if r["stalled"]), None),
+                   "qemu_paid_by": next((r["qemu_paid_by"] for r in trace
+                                         if r.get("qemu_paid_by")), None),
+                   "qemu_behaviours": sorted({r["behaviour"] for r in trace
+                                              if r.get("behaviour")}),
+                   "kernel_check": next((r["kernel_check"] for r in sweep), None),
+                   "agrees": all(r.get("agrees") is not False for r in sweep + trace)}
+            for k in SPREAD_KEYS:
+                row[k] = spread([r.get(k) for r in sweep + trace if k in r])
+            out.append(row)
+    return out
+
+
+# --- the report ----------------------------------------------------------------------------
+
+def _s(sp: dict | None, fmt: str = "{:.2f}") -> str:
+    """'median (least-greatest)' over the lab boots; one figure when there is one boot."""
+    if sp is None:
+        return "-"
+    if sp["n"] == 1 or sp["min"] == sp["max"]:
+        return fmt.format(sp["median"])
+    return f"{fmt.format(sp['median'])} ({fmt.format(sp['min'])}-{fmt.format(sp['max'])})"
+
+
+def _find(doc: dict, variant: str, hz: int, smp: int) -> dict | None:
+    return next((r for r in doc["rows"] if (r["variant"], r["hz"], r["smp"]) ==
+                 (variant, hz, smp)), None)
+
+
+def _med(sp: dict | None) -> float | None:
+    return None if sp is None else sp["median"]
+
+
+def tables(doc: dict) -> str:
+    out = []
+    for hz in doc["hz"]:
+        mine = [r for r in doc["rows"] if r["hz"] == hz]
+        if not mine:
+            continue
+        out += [f"### HZ={hz} ({1000 / hz:g} ms jiffies)", "",
+                "| remedy | CPUs | lab boots | assign us: median, mean, p90 | registrant CPU "
+                "us per registration (mean) | stall ms (jiffies); boots with one | QEMU "
+                "start-up: wait ms, paid by | verdict; kernel-check |",
+                "|---|---|---|---|---|---|---|---|"]
+        for r in mine:
+            stall = ("none" if not r["stalled_boots"] else
+                     f"{_s(r['stall_ms'])} ({_s(r['stall_jiffies'], '{:.1f}')}); "
+                     f"{r['stalled_boots']} of {r['lab_boots']}")
+            qemu = ("-" if r["qemu_wait_ms"] is None else
+                    "none" if not _med(r["qemu_wait_ms"]) and r["qemu_wait_ms"]["max"] == 0
+                    else f"{_s(r['qemu_wait_ms'])}, {r['qemu_paid_by'] or '?'}")
+            agree = "agrees" if r["agrees"] else "**disagrees**"
+            out.append(
+                f"| {r['variant']} ({r['name']}) | {r['smp']} ({r['tcg']}) | "
+                f"{r['lab_boots']} | {_s(r['assign_us'])}, {_s(r['assign_mean_us'])}, "
+                f"{_s(r['assign_p90_us'])} | {_s(r['reg_cpu_mean_us'])} | {stall} | {qemu} | "
+                f"{', '.join(r['verdicts']) or '-'}; {r['kernel_check'] or '-'}, {agree} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def answers(doc: dict) -> list[str]:
+    """The two questions the report was asked, answered from its rows."""
+    out = []
+    multi = [s for s in doc["smp"] if s > 1]
+    for smp in multi:
+        for hz in doc["hz"]:
+            rfc = _find(doc, "7.3+srcu-expedited", hz, smp)
+            fix = _find(doc, "7.3", hz, smp)
+            one = _find(doc, "7.3+srcu-expedited", hz, 1)
+            if not (rfc and fix) or _med(rfc["reg_cpu_mean_us"]) is None \
+                    or not _med(fix["reg_cpu_mean_us"]):
+                continue
+            ratio = _med(rfc["reg_cpu_mean_us"]) / _med(fix["reg_cpu_mean_us"])
+            pays = "still pays" if ratio >= 3 else "no longer pays"
+            was = (f" (on one CPU: {_med(one['reg_cpu_mean_us']):.2f} us)"
+                   if one and _med(one["reg_cpu_mean_us"]) is not None else "")
+            out.append(f"With {smp} CPUs at HZ={hz}, call_srcu_expedited() {pays} for grace "
+                       f"periods in the registrant's CPU time: "
+                       f"{_med(rfc['reg_cpu_mean_us']):.2f} us of CPU per registration "
+                       f"(mean) against the fix's {_med(fix['reg_cpu_mean_us']):.2f} us, "
+                       f"{ratio:.1f}x{was}.")
+    for smp in doc["smp"]:
+        cur = _find(doc, "7.3+srcu-expedite-current", 100, smp)
+        fix = _find(doc, "7.3", 100, smp)
+        if not cur:
+            continue
+        if cur["stalled_boots"] == 0:
+            verdict = "removes the stall"
+        else:
+            verdict = (f"leaves a stall of {_s(cur['stall_ms'])} ms in "
+                       f"{cur['stalled_boots']} of {cur['lab_boots']} lab boots")
+        base = (f" (the fix: {_s(fix['stall_ms'])} ms)" if fix and fix["stalled_boots"]
+                else "")
+        out.append(f"At HZ=100 with {smp} CPU{'s' if smp > 1 else ''}, "
+                   f"srcu_expedite_current() {verdict}{base}.")
+    return out
+
+
+def render(doc: dict) -> str:
+    boots = doc["lab_boots"]
+    head = (f"Measured by `pyvmm lab remedies` (HZ {', '.join(map(str, doc['hz']))}; "
+            f"CPUs {', '.join(map(str, doc['smp']))}; {boots} lab boot"
+            f"{'s' if boots != 1 else ''} per figure; emulator "
+            f"{doc.get('emulator') or 'this host QEMU'}; created {doc['created'][:10]}; "
+            f"status {doc['status']}). Each figure is the median of the lab boots' own "
+            "medians, with their least and greatest in brackets. assign: one KVM_IOEVENTFD "
+            "assign's wall time in the control recipe (single-op samples); registrant CPU: "
+            "the registering thread's CPU clock over the control recipe's registrations; "
+            "stall: the step after the registrations less the same step with none; QEMU "
+            "start-up: the SRCU wait the regression cost QEMU's start-up in the lab "
+            "kernel (its probe's ioeventfds).")
+    text = [BEGIN, "", head, "", tables(doc)]
+    ans = answers(doc)
+    if ans:
+        text += ["Answers, from the rows above:", ""] + [f"- {a}" for a in ans] + [""]
+    text.append(END)
+    return "\n".join(text) + "\n"
+
+
+def write_report(doc: dict, out_dir: str, doc_path: str | None = None) -> list[str]:
+    """remedies.md in the run directory; with `doc_path`, the same block replaced in that
+    file between its markers (written whole, with a title, when it has none)."""
+    block = render(doc)
+    paths = [os.path.join(out_dir, "remedies.md")]
+    with open(paths[0], "w") as f:
+        f.write("# Remedies\n\n" + block)
+    if doc_path:
+        try:
+            with open(doc_path) as f:
+                old = f.read()
+        except FileNotFoundError:
+            old = "# Remedies for the fix's follow-up, side by side\n\n"
+        if BEGIN in old and END in old:
+            new = old[:old.index(BEGIN)] + block.rstrip("\n") + old[old.index(END) + len(END):]
+        else:
+            new = old.rstrip("\n") + "\n\n" + block
+        with open(doc_path, "w") as f:
+            f.write(new)
+        paths.append(doc_path)
+    return paths

@@ -1,0 +1,150 @@
+"""lab remedies: the pure parts (its cells, the rows over lab boots, the answers, the
+report's markers, resuming). The lab runs themselves are lab matrices, tested in
+test_lab.py."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pyvmm.analysis.plan import SweepConfig
+from pyvmm.errors import LabError
+from pyvmm.lab.experiments import remedies as rem
+
+
+def sweep_row(variant, stall=None, cpu=3.0, assign=4.0, agrees=True):
+    return {"variant": variant, "verdict": "deferred-free", "agrees": agrees,
+            "kernel_check": "call_srcu", "assign_us": assign, "assign_mean_us": assign * 2,
+            "assign_p90_us": assign * 1.5, "eexist_us": 2.0, "stall_ms": stall or 0.0,
+            "stalled": stall is not None, "stall_jiffies": (stall or 0.0) / 10,
+            "stall_phase": "memslot" if stall else None, "reg_wall_us": cpu + 1,
+            "reg_cpu_us": cpu, "reg_cpu_mean_us": cpu}
+
+
+def trace_row(variant, wait=0.0):
+    return {"variant": variant, "behaviour": "deferred" if wait else "none", "agrees": True,
+            "qemu_wait_ms": wait, "qemu_paid_by": "KVM_IOEVENTFD deassign" if wait else None,
+            "qemu_srcu_ms": wait + 0.5, "qemu_startup_ms": 300.0, "qemu": "QEMU 7.2"}
+
+
+def cells_at(hz, smp, stalls, rfc_cpu, cur_stall=None):
+    """Three lab boots of one (HZ, CPUs): the fix stalls `stalls[k]` ms in boot k."""
+    out = []
+    for k, s in enumerate(stalls, 1):
+        out.append({"hz": hz, "smp": smp, "boot": k, "tcg": "multi-threaded",
+                    "sweep_rows": [sweep_row("6.1", assign=50.0),
+                                   sweep_row("7.3", stall=s),
+                                   sweep_row("7.3+srcu-expedited", cpu=rfc_cpu),
+                                   sweep_row("7.3+srcu-expedite-current", stall=cur_stall),
+                                   sweep_row("7.3+srcu-kick")],
+                    "trace_rows": [trace_row("7.3", wait=s), trace_row("7.3+srcu-kick")]})
+    return out
+
+
+def doc_of(cells):
+    return {"hz": sorted({c["hz"] for c in cells}), "smp": sorted({c["smp"] for c in cells}),
+            "lab_boots": 3, "emulator": "debian:trixie", "created": "2026-12-06T00:00:00",
+            "status": "complete", "cells": cells, "rows": rem.rows(cells)}
+
+
+def test_cells_put_every_configuration_once_before_any_twice():
+    cs = rem.cells((100, 250), (1, 2), 2)
+    assert len(cs) == 8 and [c.boot for c in cs[:4]] == [1] * 4
+    assert cs[0].key == "hz100-smp1-b1"
+    assert [v.label for v in rem.variants_at(100)] == [
+        "6.1@hz100", "7.3@hz100", "7.3+srcu-expedited@hz100",
+        "7.3+srcu-expedite-current@hz100", "7.3+srcu-kick@hz100"]
+
+
+@pytest.mark.parametrize("args,match", [
+    (((), (1,), 3, 3), "--hz is empty"),
+    (((123,), (1,), 3, 3), "123"),
+    (((100,), (3,), 3, 3), "--smp 3"),
+    (((100,), (1,), 0, 3), "--lab-boots 0"),
+    (((100,), (1,), 3, -1), "--trace-repeats -1"),
+])
+def test_bad_settings_are_named(args, match):
+    with pytest.raises(LabError, match=match):
+        rem.check(*args)
+
+
+def test_rows_give_the_spread_between_lab_boots():
+    doc = doc_of(cells_at(100, 2, [11.6, 17.7, 14.0], rfc_cpu=3.5))
+    fix = next(r for r in doc["rows"] if r["variant"] == "7.3")
+    assert fix["lab_boots"] == 3 and fix["stalled_boots"] == 3
+    assert fix["stall_ms"] == {"median": 14.0, "min": 11.6, "max": 17.7, "n": 3}
+    assert fix["qemu_wait_ms"]["median"] == 14.0 and fix["qemu_paid_by"]
+    kick = next(r for r in doc["rows"] if r["variant"] == "7.3+srcu-kick")
+    assert kick["stalled_boots"] == 0 and kick["qemu_wait_ms"]["max"] == 0
+    text = rem.tables(doc)
+    assert "| 7.3 (the fix) | 2 (multi-threaded) | 3 |" in text
+    assert "14.00 (11.60-17.70) (1.4 (1.2-1.8)); 3 of 3" in text
+
+
+def test_a_disagreeing_boot_marks_the_row():
+    cells = cells_at(250, 1, [5.0, 5.0, 5.0], rfc_cpu=3.0)
+    cells[1]["sweep_rows"][1]["agrees"] = False
+    row = next(r for r in rem.rows(cells) if r["variant"] == "7.3")
+    assert row["agrees"] is False
+    assert "**disagrees**" in rem.tables(doc_of(cells))
+
+
+def test_the_answers_come_from_the_rows():
+    cells = (cells_at(100, 1, [12.0] * 3, rfc_cpu=40.0)
+             + cells_at(100, 2, [12.0] * 3, rfc_cpu=4.0, cur_stall=3.0))
+    ans = rem.answers(doc_of(cells))
+    rfc = [a for a in ans if "call_srcu_expedited" in a]
+    assert len(rfc) == 1 and "no longer pays" in rfc[0] and "1.3x" in rfc[0]
+    assert "on one CPU: 40.00 us" in rfc[0]
+    cur = [a for a in ans if "srcu_expedite_current" in a]
+    assert "with 1 CPU, srcu_expedite_current() removes the stall" in cur[0]
+    assert "leaves a stall of 3.00 ms in 3 of 3 lab boots (the fix: 12.00 ms)" in cur[1]
+    cells = cells_at(250, 2, [5.0] * 3, rfc_cpu=30.0)
+    assert "still pays" in rem.answers(doc_of(cells))[0]
+
+
+def test_the_report_replaces_only_its_block(tmp_path):
+    doc = doc_of(cells_at(100, 1, [12.0] * 3, rfc_cpu=3.0))
+    target = tmp_path / "remedies.md"
+    target.write_text("# Title\n\nwritten by hand before\n\n" + rem.BEGIN + "\nold\n"
+                      + rem.END + "\n\nwritten by hand after\n")
+    (tmp_path / "run").mkdir()
+    paths = rem.write_report(doc, str(tmp_path / "run"), str(target))
+    text = target.read_text()
+    assert "old" not in text and "written by hand before" in text
+    assert text.endswith("written by hand after\n") and text.count(rem.BEGIN) == 1
+    assert "### HZ=100 (10 ms jiffies)" in text
+    assert (tmp_path / "run" / "remedies.md").read_text().startswith("# Remedies")
+    assert paths[1] == str(target)
+
+
+def test_registration_times_read_the_control_recipe(tmp_path):
+    def sample(recipe, wall, cpu, count=32):
+        return {"recipe": recipe, "result": {"ok": True, "phases": [
+            {"op": "vm", "count": 1, "wall_ns": 1, "cpu_ns": 1},
+            {"op": "ioev", "count": count, "wall_ns": wall, "cpu_ns": cpu}]}}
+    run = tmp_path / "run.json"
+    run.write_text(json.dumps({"samples": [
+        sample("control", 32_000, 16_000), sample("control", 64_000, 64_000),
+        sample("during-boot", 999_000, 999_000), sample("control", 1, 1, count=0)]}))
+    t = rem.registration_times(str(run))
+    assert t["reg_wall_us"] == pytest.approx(1.5) and t["reg_cpu_us"] == pytest.approx(1.25)
+    assert t["reg_cpu_mean_us"] == pytest.approx(1.25)
+    run.write_text(json.dumps({"samples": []}))
+    assert rem.registration_times(str(run)) == {}
+
+
+def test_resuming_takes_the_runs_seed_and_refuses_other_settings(tmp_path):
+    old = SweepConfig(ns=(0, 1, 32), repeats=10, warmup=2, seed=77)
+    (tmp_path / "remedies.json").write_text(json.dumps({"config": old.to_dict()}))
+    new = rem._resumed_config(str(tmp_path), SweepConfig(ns=(0, 1, 32), repeats=10,
+                                                         warmup=2))
+    assert new.seed == 77
+    with pytest.raises(LabError, match="repeats 10 here 5"):
+        rem._resumed_config(str(tmp_path), SweepConfig(ns=(0, 1, 32), repeats=5, warmup=2))
+    with pytest.raises(LabError, match="no such directory"):
+        rem._resumed_config(str(tmp_path / "nope"), old)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(LabError, match="no remedies.json"):
+        rem._resumed_config(str(tmp_path / "empty"), old)
