@@ -1,5 +1,6 @@
-"""CLI: `pyvmm lab kernel` (alias `lab oldkernel`), `pyvmm lab matrix` and
-`pyvmm kernel-check`."""
+"""CLI: `pyvmm lab kernel` (alias `lab oldkernel`), `lab matrix`, `lab vcpus`, `lab
+remedies`, `lab run`, `lab hosts`, `lab qemu` and `pyvmm kernel-check`. The arguments the
+experiments share, and how they become options, are in experiments/arguments.py."""
 
 from __future__ import annotations
 
@@ -7,95 +8,18 @@ import json
 import os
 import time
 
-
 from ..analysis import report
-from ..analysis.plan import DEFAULT_NS, DEFAULT_RECIPES, SweepConfig
-from ..analysis.stats import FAIL_ON, fails_on
+from ..analysis.stats import fails_on
 from ..errors import EXIT_FAILED, EXIT_FOUND, LabError, PyvmmError
-from ..ui import console, err_console, int_list, progress, recipes_arg, say
+from ..ui import console, err_console, int_list, progress, say
 from .arch import get_arch
 from .builds import kcheck
 from .builds.patch import load_patches
-from .builds.variant import Variant, parse_variant, parse_variants
+from .builds.variant import parse_variant, parse_variants
 from .experiments import hosts as hosts_mod
-from .experiments import kernel_lab, matrix, options, remedies, vcpus
+from .experiments import arguments, kernel_lab, matrix, options, remedies, vcpus
 from .experiments.ready import check_available
 from .sources.debian import KERNEL_SPEC_FORMS
-
-
-def _emulator_arg(o, default=None) -> None:
-    o.add_argument("--emulator", default=default, metavar="debian:SUITE",
-                   help="the lab's emulator: this host's QEMU or a Debian suite's with its "
-                        "own libraries (pyvmm lab qemu; default %(default)s)")
-
-
-def _sweep_args(o, repeats_default: int, cpus: bool = True) -> None:
-    if cpus:
-        o.add_argument("--smp", type=int, default=1, choices=[1, 2, 4],
-                       help="emulated CPUs (default 1; 2 share one TCG thread unless "
-                            "--mttcg; 4 with --mttcg only)")
-        o.add_argument("--mttcg", action="store_true",
-                       help="multi-threaded TCG: a host thread per emulated CPU, so a grace "
-                            "period's work can run beside the registering thread (with "
-                            "--emulator debian:trixie or sid; recorded with the results)")
-        _emulator_arg(o)
-    o.add_argument("--ns", default=",".join(map(str, DEFAULT_NS)),
-                   help="registration counts to sweep (default %(default)s)")
-    o.add_argument("--recipes", default=",".join(DEFAULT_RECIPES),
-                   help="preset names separated by ',' (before-vcpu, during-boot, "
-                        "after-vcpu) or recipe templates separated by ';' "
-                        "(default %(default)s)")
-    o.add_argument("--repeats", type=int, default=repeats_default,
-                   help="boots per cell (default %(default)s)")
-    o.add_argument("--warmup", type=int, default=kernel_lab.LAB_WARMUP,
-                   help="boots run first and discarded (default %(default)s)")
-    o.add_argument("--seed", type=int, default=None,
-                   help="seed of the interleaved boot order (default: random, recorded)")
-    o.add_argument("--ioev-len", type=int, default=4, choices=[0, 1, 2, 4, 8],
-                   help="length of each MMIO ioeventfd; 0 registers it on the FAST_MMIO "
-                        "bus too (default 4)")
-    o.add_argument("--control-n", type=int, default=32,
-                   help="N of the control recipe the verdict reads (assign, EEXIST, "
-                        "deassign; 0: no verdict; default %(default)s)")
-    if cpus:
-        o.add_argument("--fail-on", choices=FAIL_ON, default=None,
-                       help=f"exit {EXIT_FOUND} when the lab kernel (any variant) shows "
-                            "this: sync-on-register, stall (the fix's follow-up) or any")
-    o.add_argument("--out", default="results", help="parent directory for results")
-    o.add_argument("--timeout", type=float, default=1800.0, metavar="S",
-                   help="kill QEMU after this many seconds in all (default %(default)s)")
-    o.add_argument("--stall-timeout", type=float, default=90.0, metavar="S",
-                   help="kill QEMU when the sweep prints nothing for this long")
-    o.add_argument("--retries", type=int, default=1,
-                   help="boot again this many times after a hang (each retry is reported)")
-    o.add_argument("--no-install", action="store_true",
-                   help="fail instead of installing qemu-system-x86 / busybox-static")
-    _arch_arg(o)
-    _cmdline_arg(o)
-
-
-def _arch_arg(o) -> None:
-    o.add_argument("--arch", default="x86_64", metavar="ARCH",
-                   help="the lab's architecture: x86_64 (default) or arm64 (Debian's arm64 "
-                        "kernels under qemu-system-aarch64, KVM built in; also as a variant "
-                        "prefix, e.g. arm64:6.1)")
-
-
-def _qemu_arg(o) -> None:
-    o.add_argument("--qemu", default=None, metavar="debian:SUITE",
-                   help="the QEMU a trace job runs in the lab kernel: this host's (default) "
-                        "or a Debian suite's, with its own libraries (debian:trixie, "
-                        "debian:sid)")
-
-
-def _cmdline_arg(o) -> None:
-    o.add_argument("--cmdline", default="", metavar="ARGS",
-                   help="kernel parameters for the lab kernel (every variant), e.g. "
-                        "srcutree.srcu_max_nodelay_phase=0; recorded with the results")
-
-
-BUILD_HELP = ("; KERNEL@hzN builds the whole kernel from Debian's source of that version "
-              "with the lab's config at N Hz (100, 250, 300, 1000), KVM built in")
 
 
 def add_parsers(sub) -> None:
@@ -109,19 +33,19 @@ def add_parsers(sub) -> None:
                        "show the same table and verdict" + (" (old name of 'lab kernel')"
                                                             if name == "oldkernel" else ""))
         o.add_argument("--kernel", default="6.1",
-                       help=f"{KERNEL_SPEC_FORMS} (default %(default)s){BUILD_HELP}")
+                       help=f"{KERNEL_SPEC_FORMS} (default %(default)s){arguments.BUILD_HELP}")
         o.add_argument("--kvm-patch", default=None, metavar="NAME",
                        help="rebuild kvm.ko and kvm-amd.ko from the kernel's Debian source "
                             "with this patch of the project's (pyvmm/lab/builds/patches/INDEX: "
                             f"{', '.join(load_patches())})")
-        _sweep_args(o, kernel_lab.LAB_REPEATS)
+        arguments.sweep_args(o, kernel_lab.LAB_REPEATS)
         o.set_defaults(func=cmd_kernel)
 
     m = labs.add_parser("matrix", help="the same seeded sweep on several kernels and patched "
                                        "KVM builds, one table with a row per variant")
     m.add_argument("--variants", default=",".join(matrix.DEFAULT_VARIANTS),
                    help="comma-separated KERNEL[+PATCH][@hzN] (default %(default)s)"
-                        + BUILD_HELP)
+                        + arguments.BUILD_HELP)
     m.add_argument("--json", action="store_true",
                    help="print the table as one JSON object on stdout (progress on stderr)")
     m.add_argument("--workload", default=None, metavar="WORKLOAD",
@@ -132,8 +56,8 @@ def add_parsers(sub) -> None:
                         "time to init), KVM ioctl time, SRCU waits and who paid them")
     m.add_argument("--trace-repeats", type=int, default=3, metavar="R",
                    help="with --workload: start-ups traced per variant (default 3)")
-    _qemu_arg(m)
-    _sweep_args(m, kernel_lab.LAB_REPEATS)
+    arguments.qemu_arg(m)
+    arguments.sweep_args(m, kernel_lab.LAB_REPEATS)
     m.set_defaults(func=cmd_matrix)
 
     vc = labs.add_parser("vcpus", help="arm64: the registration share of a tiny boot against "
@@ -144,7 +68,7 @@ def add_parsers(sub) -> None:
                     help="comma-separated kernels, arm64 by default (default %(default)s)")
     vc.add_argument("--vcpus", default=",".join(map(str, vcpus.DEFAULT_VCPUS)),
                     help="vCPU counts (default %(default)s)")
-    _sweep_args(vc, kernel_lab.LAB_REPEATS)
+    arguments.sweep_args(vc, kernel_lab.LAB_REPEATS)
     vc.set_defaults(func=cmd_vcpus, ns=",".join(map(str, vcpus.DEFAULT_NS)), arch="arm64")
 
     h = labs.add_parser("hosts", help="boot lab variants under QEMU as SSH hosts and write an "
@@ -152,7 +76,7 @@ def add_parsers(sub) -> None:
                                       "(--stop ends them)")
     h.add_argument("--variants", default=",".join(hosts_mod.DEFAULT_VARIANTS),
                    help="comma-separated KERNEL[+PATCH][@hzN], x86_64 (default %(default)s)"
-                        + BUILD_HELP)
+                        + arguments.BUILD_HELP)
     h.add_argument("--stop", nargs="?", const="", default=None, metavar="DIR",
                    help="stop the hosts of the last lab hosts run (or of DIR)")
     h.add_argument("--smp", type=int, default=1, choices=[1, 2],
@@ -165,7 +89,7 @@ def add_parsers(sub) -> None:
                    help="parent directory of results/lab-hosts-<time>/ (default %(default)s)")
     h.add_argument("--no-install", action="store_true",
                    help="fail instead of installing QEMU / busybox-static when missing")
-    _cmdline_arg(h)
+    arguments.cmdline_arg(h)
     h.set_defaults(func=cmd_hosts)
 
     r = labs.add_parser("run", help="run pyvmm's Python workloads (ptwrite, checks, stress, "
@@ -179,7 +103,7 @@ def add_parsers(sub) -> None:
                         "traced R times), trace:linux-microvm[:BxQ[:R]] (that QEMU booting "
                         "the lab's Linux guest to /init with B virtio-blk devices of Q "
                         "queues)")
-    r.add_argument("--kernel", default="6.1", help=f"{KERNEL_SPEC_FORMS}{BUILD_HELP}")
+    r.add_argument("--kernel", default="6.1", help=f"{KERNEL_SPEC_FORMS}{arguments.BUILD_HELP}")
     r.add_argument("--kvm-patch", default=None, metavar="NAME",
                    help="rebuild KVM with this patch of the project's (as lab kernel)")
     r.add_argument("--kvm-arg", action="append", default=[], metavar="MODULE:NAME=VALUE",
@@ -193,8 +117,8 @@ def add_parsers(sub) -> None:
     r.add_argument("--no-install", action="store_true",
                    help="fail instead of installing QEMU / busybox-static when missing")
     r.add_argument("--json", action="store_true", help="print results.json on stdout")
-    _qemu_arg(r)
-    _cmdline_arg(r)
+    arguments.qemu_arg(r)
+    arguments.cmdline_arg(r)
     r.set_defaults(func=cmd_run)
 
     rm = labs.add_parser("remedies", help="every remedy for the fix's follow-up on 7.3 "
@@ -218,8 +142,8 @@ def add_parsers(sub) -> None:
     rm.add_argument("--doc", default=None, metavar="PATH",
                     help="also write the report into this Markdown file, between its "
                          "markers (e.g. docs/remedies.md)")
-    _emulator_arg(rm, remedies.DEFAULT_EMULATOR)
-    _sweep_args(rm, 10, cpus=False)
+    arguments.emulator_arg(rm, remedies.DEFAULT_EMULATOR)
+    arguments.sweep_args(rm, 10, cpus=False)
     rm.set_defaults(func=cmd_remedies, ns=",".join(map(str, remedies.DEFAULT_NS)))
 
     q = labs.add_parser("qemu", help="fetch another Debian suite's QEMU with its libraries "
@@ -242,56 +166,14 @@ def add_kernel_check_parser(sub) -> None:
     k.set_defaults(func=cmd_kernel_check)
 
 
-def _sweep_config(args) -> SweepConfig:
-    return SweepConfig(ns=int_list(args.ns), recipes=recipes_arg(args.recipes),
-                       repeats=args.repeats, warmup=args.warmup, seed=args.seed,
-                       ioev_len=args.ioev_len, control_n=args.control_n)
-
-
-def _lab_options(args, variant: Variant, **kw) -> options.LabOptions:
-    return options.LabOptions(variant=variant, smp=args.smp, out=args.out,
-                              mttcg=getattr(args, "mttcg", False),
-                              emulator=getattr(args, "emulator", None),
-                              retries=max(0, args.retries), total_timeout_s=args.timeout,
-                              stall_timeout_s=args.stall_timeout,
-                              install=not args.no_install, cmdline=args.cmdline, **kw)
-
-
-class ConsoleUi(options.Ui):
-    """The lab's reports as plain lines (before a progress display exists)."""
-
-    def __init__(self, con):
-        self.con = con
-
-    def log(self, msg: str) -> None:
-        self.con.print(msg, highlight=False)
-
-
-class RichUi(options.Ui):
-    def __init__(self, prog):
-        self.prog = prog
-        self.task = prog.add_task("starting", total=None)
-        self.t_stage = time.monotonic()
-
-    def log(self, msg: str) -> None:
-        self.prog.console.print(msg, highlight=False)
-
-    def stage(self, name: str, total: int | None = None) -> None:
-        self.prog.reset(self.task, total=total, description=name)
-
-    def boot(self, done: int, total: int, label: str) -> None:
-        self.prog.update(self.task, completed=done, total=total,
-                         description=f"sweep: {label.split('/', 1)[1]}")
-
-
 def cmd_kernel(args) -> int:
     # --kernel is a whole variant name ([arm64:]KERNEL[+PATCH][@hzN]); --kvm-patch gives
     # the patch too (both at once must agree)
     v = parse_variant(args.kernel, arch=get_arch(args.arch), patch=args.kvm_patch)
-    opts = _lab_options(args, v)
+    opts = arguments.lab_options(args, v)
     options.check_options(opts)      # bad arguments fail before any tool or download
-    cfg = _sweep_config(args)
-    check_available([v], ConsoleUi(console))
+    cfg = arguments.sweep_config(args)
+    check_available([v], options.ConsoleUi(console))
     boots = len(kernel_lab.make_plan(cfg)) - cfg.warmup
     variant = opts.variant.label
     console.print(f"pyvmm lab kernel: {variant}, {boots} boots "
@@ -300,7 +182,7 @@ def cmd_kernel(args) -> int:
                   highlight=False)
     t0 = time.monotonic()
     with _progress(console) as prog:
-        run = kernel_lab.run_lab(opts, cfg, RichUi(prog))
+        run = kernel_lab.run_lab(opts, cfg, options.RichUi(prog))
     doc, out = run.doc, run.out_dir
     report.write_all(console, doc, out)
     t = run.timings
@@ -333,8 +215,8 @@ def _progress(con):
 
 def cmd_matrix(args) -> int:
     variants = parse_variants(args.variants, get_arch(args.arch))
-    base = _lab_options(args, variants[0], qemu=args.qemu)
-    cfg = _sweep_config(args)
+    base = arguments.lab_options(args, variants[0], qemu=args.qemu)
+    cfg = arguments.sweep_config(args)
     out_con = console
     if args.json:                       # stdout carries only the JSON object
         out_con = err_console
@@ -358,7 +240,7 @@ def cmd_matrix(args) -> int:
                   f"({', '.join(v.label for v in variants)}), {what} each", highlight=False)
     t0 = time.monotonic()
     with _progress(out_con) as prog:
-        run = matrix.run_matrix(variants, cfg, base, RichUi(prog), workload=workload,
+        run = matrix.run_matrix(variants, cfg, base, options.RichUi(prog), workload=workload,
                                 repeats=args.trace_repeats)
     doc = run.doc
     paths = matrix.plot(doc, run.out_dir) if doc["rows"] else []
@@ -385,8 +267,8 @@ def cmd_remedies(args) -> int:
     if get_arch(args.arch).name != "x86_64":
         raise LabError(f"--arch {args.arch}: lab remedies runs on x86_64 (the remedies are "
                        "built for x86 lab kernels); for arm64 use lab matrix --arch arm64")
-    base = _lab_options(args, parse_variant("7.3"))
-    cfg = _sweep_config(args)
+    base = arguments.lab_options(args, parse_variant("7.3"), smp=1)
+    cfg = arguments.sweep_config(args)
     remedies.check(hzs, smps, args.lab_boots, args.trace_repeats)
     n = len(remedies.cells(hzs, smps, args.lab_boots))
     console.print(f"pyvmm lab remedies: {len(remedies.REMEDIES)} variants x HZ "
@@ -395,7 +277,7 @@ def cmd_remedies(args) -> int:
                   f"variant), emulator {args.emulator}", highlight=False)
     t0 = time.monotonic()
     with _progress(console) as prog:
-        doc, out = remedies.run_remedies(hzs, smps, args.lab_boots, cfg, base, RichUi(prog),
+        doc, out = remedies.run_remedies(hzs, smps, args.lab_boots, cfg, base, options.RichUi(prog),
                                          out_dir=args.resume,
                                          trace_repeats=args.trace_repeats,
                                          build_only=args.build_only)
@@ -427,14 +309,14 @@ def cmd_vcpus(args) -> int:
     ks = vcpus.check_vcpus(int_list(args.vcpus))
     cfg = vcpus.sweep_config(ks, int_list(args.ns), args.repeats, args.warmup, args.seed,
                              args.control_n)
-    base = _lab_options(args, variants[0])
+    base = arguments.lab_options(args, variants[0])
     boots = len(kernel_lab.make_plan(cfg)) - cfg.warmup
     console.print(f"pyvmm lab vcpus: {', '.join(v.label for v in variants)}; vCPUs "
                   f"{','.join(map(str, ks))}, N {','.join(map(str, cfg.ns))}; {boots} boots "
                   f"each (seed {cfg.seed})", highlight=False)
     t0 = time.monotonic()
     with _progress(console) as prog:
-        run = vcpus.run_vcpus(variants, ks, cfg, base, RichUi(prog))
+        run = vcpus.run_vcpus(variants, ks, cfg, base, options.RichUi(prog))
     doc = run.doc
     console.print(vcpus.table(doc))
     for line in vcpus.notes(doc):
@@ -463,13 +345,13 @@ def cmd_run(args) -> int:
     con = console
     if args.json:
         con = err_console
-    check_available([v], ConsoleUi(con))
+    check_available([v], options.ConsoleUi(con))
     variant = opts.variant.label
     extra = " ".join(f"{m}:{p}" for m, p in opts.kvm_args.items())
     con.print(f"pyvmm lab run: {variant}{' ' + extra if extra else ''}, jobs "
               f"{' '.join(args.jobs)}, QEMU TCG -smp {args.smp}", highlight=False)
     with _progress(con) as prog:
-        run = jobs.run_jobs(opts, args.jobs, RichUi(prog))
+        run = jobs.run_jobs(opts, args.jobs, options.RichUi(prog))
     doc = run.doc
     from ..ptwrite.table import ptwrite_table
     for r in doc["results"]:
@@ -523,7 +405,7 @@ def cmd_run(args) -> int:
 
 def cmd_hosts(args) -> int:
     if args.stop is not None:
-        stopped = hosts_mod.stop(args.stop or None, ConsoleUi(console))
+        stopped = hosts_mod.stop(args.stop or None, options.ConsoleUi(console))
         say(console, f"{len(stopped)} lab host(s) stopped")
         return 0
     variants = parse_variants(args.variants)
@@ -535,7 +417,7 @@ def cmd_hosts(args) -> int:
                               total_timeout_s=args.timeout)
     t0 = time.monotonic()
     with _progress(console) as prog:
-        doc, out = hosts_mod.start(variants, base, RichUi(prog), args.mem, args.timeout)
+        doc, out = hosts_mod.start(variants, base, options.RichUi(prog), args.mem, args.timeout)
     for h in doc["hosts"]:
         say(console, f"{h['name']}: {h['variant']}, kernel {h['kernel']}, ssh root@127.0.0.1 "
             f"-p {h['port']}; kernel-check: {h['kernel_check']['summary']}")

@@ -1,10 +1,11 @@
 """What a lab experiment is asked to do, checked before any tool is installed or
 anything downloaded: the options of one lab boot (a Variant, CPUs, memory, bounds,
 kernel parameters, module parameters), the checks on them, and the Ui the lab reports
-its progress through."""
+its progress through (plain lines, or a rich progress display's)."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field, replace
 
 from ...errors import LabError
@@ -118,3 +119,30 @@ def module_args(kit: kits.Kit, args: dict[str, str]) -> dict[str, str]:
                            f"{', '.join(names)}")
         out[names[key]] = params
     return out
+
+
+class ConsoleUi(Ui):
+    """The lab's reports as plain lines (before a progress display exists)."""
+
+    def __init__(self, con):
+        self.con = con
+
+    def log(self, msg: str) -> None:
+        self.con.print(msg, highlight=False)
+
+
+class RichUi(Ui):
+    def __init__(self, prog):
+        self.prog = prog
+        self.task = prog.add_task("starting", total=None)
+        self.t_stage = time.monotonic()
+
+    def log(self, msg: str) -> None:
+        self.prog.console.print(msg, highlight=False)
+
+    def stage(self, name: str, total: int | None = None) -> None:
+        self.prog.reset(self.task, total=total, description=name)
+
+    def boot(self, done: int, total: int, label: str) -> None:
+        self.prog.update(self.task, completed=done, total=total,
+                         description=f"sweep: {label.split('/', 1)[1]}")
