@@ -146,3 +146,51 @@ def test_a_planted_upward_import_is_caught(tmp_path, victim, planted):
     with open(DOC) as f:
         bad = violations(str(tmp_path), f.read())
     assert bad and any(victim.replace("/", ".")[:-3] in b for b in bad), bad
+
+
+# The sizes the house keeps (issue 27): a file a reader can hold, a function a reader can
+# follow. drivers/floor.py's make() is flat on purpose (the floor; boot() is nested in it).
+MAX_FILE_LINES, MAX_FUNCTION_LINES = 500, 120
+LONG_ON_PURPOSE = {"pyvmm/drivers/floor.py:make", "pyvmm/drivers/floor.py:boot"}
+
+
+def sizes(root: str) -> tuple[list[str], list[str]]:
+    files, funcs = [], []
+    pkg = os.path.join(root, "pyvmm")
+    for dirpath, _, names in os.walk(pkg):
+        for name in names:
+            if not name.endswith(".py"):
+                continue
+            path = os.path.join(dirpath, name)
+            rel = os.path.relpath(path, root)
+            with open(path) as f:
+                src = f.read()
+            if src.count("\n") > MAX_FILE_LINES:
+                files.append(f"{rel}: {src.count(chr(10))} lines")
+            for node in ast.walk(ast.parse(src)):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    n = node.end_lineno - node.lineno + 1
+                    if n > MAX_FUNCTION_LINES and f"{rel}:{node.name}" not in LONG_ON_PURPOSE:
+                        funcs.append(f"{rel}:{node.name}: {n} lines")
+    return files, funcs
+
+
+def test_no_file_or_function_outgrows_the_house():
+    files, funcs = sizes(ROOT)
+    assert not files, f"files over {MAX_FILE_LINES} lines (split them by what they hold): " \
+        + ", ".join(files)
+    assert not funcs, f"functions over {MAX_FUNCTION_LINES} lines (name their steps): " \
+        + ", ".join(funcs)
+
+
+def test_the_size_check_is_not_vacuous(tmp_path):
+    shutil.copytree(os.path.join(ROOT, "pyvmm"), tmp_path / "pyvmm",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.so", "bin", "guests"))
+    path = tmp_path / "pyvmm" / "ui.py"
+    body = "".join(f"    x{i} = {i}\n" for i in range(MAX_FUNCTION_LINES + 1))
+    path.write_text(path.read_text() + "\n\ndef _planted():\n" + body)
+    files, funcs = sizes(str(tmp_path))
+    assert any("pyvmm/ui.py:_planted" in f for f in funcs), funcs
+    (tmp_path / "pyvmm" / "planted.py").write_text("x = 0\n" * (MAX_FILE_LINES + 1))
+    files, _ = sizes(str(tmp_path))
+    assert any(f.startswith("pyvmm/planted.py") for f in files), files

@@ -26,6 +26,12 @@ def add_parsers(sub) -> None:
     lab = sub.add_parser("lab", help="labs that need more than this host (another kernel, "
                                      "rebuilt KVM modules)")
     labs = lab.add_subparsers(dest="lab", required=True)
+    for add in (_kernel_parsers, _matrix_parser, _vcpus_parser, _hosts_parser, _run_parser,
+                _remedies_parser, _qemu_parser, add_kernel_check_parser):
+        add(labs)
+
+
+def _kernel_parsers(labs) -> None:
     for name in ("kernel", "oldkernel"):
         o = labs.add_parser(
             name, help="run the registration sweep on a Debian kernel (6.1 ... latest) under "
@@ -41,6 +47,8 @@ def add_parsers(sub) -> None:
         arguments.sweep_args(o, kernel_lab.LAB_REPEATS)
         o.set_defaults(func=cmd_kernel)
 
+
+def _matrix_parser(labs) -> None:
     m = labs.add_parser("matrix", help="the same seeded sweep on several kernels and patched "
                                        "KVM builds, one table with a row per variant")
     m.add_argument("--variants", default=",".join(matrix.DEFAULT_VARIANTS),
@@ -60,6 +68,8 @@ def add_parsers(sub) -> None:
     arguments.sweep_args(m, kernel_lab.LAB_REPEATS)
     m.set_defaults(func=cmd_matrix)
 
+
+def _vcpus_parser(labs) -> None:
     vc = labs.add_parser("vcpus", help="arm64: the registration share of a tiny boot against "
                                        "its vCPU count (one GICv3 redistributor per vCPU on the "
                                        "KVM MMIO bus), and the memslot stall after it, one "
@@ -71,6 +81,8 @@ def add_parsers(sub) -> None:
     arguments.sweep_args(vc, kernel_lab.LAB_REPEATS)
     vc.set_defaults(func=cmd_vcpus, ns=",".join(map(str, vcpus.DEFAULT_NS)), arch="arm64")
 
+
+def _hosts_parser(labs) -> None:
     h = labs.add_parser("hosts", help="boot lab variants under QEMU as SSH hosts and write an "
                                       "Ansible inventory of them, for pyvmm fleet run "
                                       "(--stop ends them)")
@@ -92,6 +104,8 @@ def add_parsers(sub) -> None:
     arguments.cmdline_arg(h)
     h.set_defaults(func=cmd_hosts)
 
+
+def _run_parser(labs) -> None:
     r = labs.add_parser("run", help="run pyvmm's Python workloads (ptwrite, checks, stress, "
                                     "the Xen seed) inside a lab kernel, with a Python "
                                     "runtime in the initramfs")
@@ -121,6 +135,8 @@ def add_parsers(sub) -> None:
     arguments.cmdline_arg(r)
     r.set_defaults(func=cmd_run)
 
+
+def _remedies_parser(labs) -> None:
     rm = labs.add_parser("remedies", help="every remedy for the fix's follow-up on 7.3 "
                                           "beside 6.1, at each HZ and CPU count, several lab "
                                           "boots each: one table (remedies.md)")
@@ -146,14 +162,14 @@ def add_parsers(sub) -> None:
     arguments.sweep_args(rm, 10, cpus=False)
     rm.set_defaults(func=cmd_remedies, ns=",".join(map(str, remedies.DEFAULT_NS)))
 
+
+def _qemu_parser(labs) -> None:
     q = labs.add_parser("qemu", help="fetch another Debian suite's QEMU with its libraries "
                                      "(run with its own loader) and print its launcher "
                                      "directory, for pyvmm trace --qemu")
     q.add_argument("suite", metavar="debian:SUITE",
                    help="debian:trixie (QEMU 10.0), debian:sid (11.x) or debian:bookworm")
     q.set_defaults(func=cmd_qemu)
-
-    add_kernel_check_parser(labs)
 
 
 def add_kernel_check_parser(sub) -> None:
