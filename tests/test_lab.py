@@ -296,6 +296,20 @@ def test_a_patch_can_be_written_per_series_and_knows_when_it_needs_the_whole_ker
     assert patches["defer-free"].for_series("7.3") == patches["defer-free"]
 
 
+def test_a_killed_builds_temporary_tree_is_removed_by_the_next_build_of_that_entry(tmp_path):
+    """A build killed outright leaves its temporary tree; the next build of the same
+    entry (holding its lock) removes it, and leaves other entries' trees alone."""
+    from pyvmm.lab.builds import kernel
+    mine = tmp_path / ".kernel-stock-hz100-abc-x1y2"
+    other = tmp_path / ".kernel-stock-hz1000-def-q9"
+    for d in (mine, other, tmp_path / "stock-hz100-abc"):
+        (d / "tree").mkdir(parents=True)
+    said = []
+    kernel._remove_leftovers(str(tmp_path), ".kernel-stock-hz100-abc-", said.append)
+    assert not mine.exists() and other.exists() and (tmp_path / "stock-hz100-abc").exists()
+    assert len(said) == 1 and mine.name in said[0]
+
+
 def test_the_lab_config_is_tinyconfig_plus_ours_plus_debians_timing_and_the_hz():
     from pyvmm.lab.builds import kernel as kbuild
     debian = ("CONFIG_HZ_250=y\nCONFIG_HZ=250\nCONFIG_NO_HZ_FULL=y\nCONFIG_PREEMPT_DYNAMIC=y\n"

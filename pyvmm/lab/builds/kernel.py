@@ -232,7 +232,9 @@ class KernelBuilder(AptUser):
         os.makedirs(parent, exist_ok=True)
         with locked(final, f"building the lab kernel {job.label}", self.log):
             if self.cached(patch, hz) is None:
-                tmp = tempfile.mkdtemp(prefix=".kernel-", dir=parent)
+                prefix = f".kernel-{os.path.basename(final)}-"
+                _remove_leftovers(parent, prefix, self.log)
+                tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
                 try:
                     job.fill(tmp, final)
                 finally:
@@ -260,6 +262,15 @@ class KernelBuilder(AptUser):
                 shutil.copystat(os.path.join(src, rel), path)
         apply_patch(patch, tree, tmp)
         return tree
+
+
+def _remove_leftovers(parent: str, prefix: str, log) -> None:
+    """Temporary trees of this entry that a killed build left (SIGKILL, a machine
+    restart): the caller holds the entry's lock, so no live build owns them."""
+    for name in os.listdir(parent):
+        if name.startswith(prefix):
+            log(f"removing {name}, left by an earlier build that did not finish")
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
 
 
 class _Job:
