@@ -310,6 +310,23 @@ def test_a_killed_builds_temporary_tree_is_removed_by_the_next_build_of_that_ent
     assert len(said) == 1 and mine.name in said[0]
 
 
+def test_a_patch_written_per_series_has_one_cache_key_however_it_is_passed(tmp_path):
+    """srcu-expedited has a text of its own for 7.3: asking whether it is cached with the
+    patch as loaded and building it with the 7.3 text find the same entry (lab remedies
+    had said "built in 7 s" of a cached kernel)."""
+    import types
+    from pyvmm.lab.arch import X86_64
+    from pyvmm.lab.builds import kernel
+    from pyvmm.lab.builds.patch import load_patches
+    (tmp_path / "config").write_text("CONFIG_HZ_250=y\nCONFIG_HZ=250\n")
+    kit = types.SimpleNamespace(arch=X86_64, series="7.3", meta={"version": "7.3.4-1"},
+                                path=str(tmp_path))
+    b = kernel.KernelBuilder(kit, log=lambda *_: None)
+    p = load_patches()["srcu-expedited"]
+    assert p.text != p.for_series("7.3").text
+    assert b.key(p, 100) == b.key(p.for_series("7.3"), 100) != b.key(None, 100)
+
+
 def test_the_lab_config_is_tinyconfig_plus_ours_plus_debians_timing_and_the_hz():
     from pyvmm.lab.builds import kernel as kbuild
     debian = ("CONFIG_HZ_250=y\nCONFIG_HZ=250\nCONFIG_NO_HZ_FULL=y\nCONFIG_PREEMPT_DYNAMIC=y\n"

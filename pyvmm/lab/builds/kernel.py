@@ -182,6 +182,8 @@ class KernelBuilder(AptUser):
         return text
 
     def key(self, patch: Patch | None, hz: int) -> str:
+        if patch is not None:
+            patch = patch.for_series(self.series)   # the text this series builds from
         h = hashlib.sha256()
         h.update(f"recipe {RECIPE}\n".encode())
         h.update(self.fragment(patch, hz).encode())
