@@ -148,3 +148,18 @@ def test_resuming_takes_the_runs_seed_and_refuses_other_settings(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(LabError, match="no remedies.json"):
         rem._resumed_config(str(tmp_path / "empty"), old)
+
+
+def test_agreement_is_judged_by_todays_kernel_check():
+    """A cell written when kernel-check predicted no stall for srcu_expedite_current() is
+    judged by today's prediction (a stall where the memslot swap waits); the RFC's
+    measured sync-on-register still disagrees with its deferred code."""
+    from pyvmm.lab.builds import kcheck
+    cur = kcheck.classify(["call_srcu", "srcu_expedite_current"], ["synchronize_srcu"])
+    written = dict(cur, stall_expected=False)
+    assert rem._agrees(written, "deferred", 15.6) is True
+    assert rem._agrees(written, "deferred", None) is False
+    rfc = kcheck.classify(["call_srcu_expedited"], ["synchronize_srcu"])
+    assert rem._agrees(rfc, "sync", None) is False
+    assert rem._agrees(rfc, "deferred", None) is True
+    assert rem._agrees(None, "deferred", 1.0) is None

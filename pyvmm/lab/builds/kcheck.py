@@ -66,6 +66,31 @@ SRCU_API = ("call_srcu", "call_srcu_expedited", "synchronize_srcu_expedited",
             "srcu_expedite_current")
 
 
+def expected_stall(mechanism: str, memslot_waits: bool | None, kick: bool) -> bool | None:
+    """Whether the next synchronous SRCU waiter should wait behind what registration left.
+    A normal grace period left pending by call_srcu is what it waits behind, unless
+    srcu-kick runs that grace period's work at once for the expedited request. So does
+    one followed by srcu_expedite_current(): that call queues an expedited callback but
+    does not shorten the delay the grace period's work is already queued with (the
+    kernel's comment: a grace period that is sleeping finishes its sleep first), and the
+    work is queued a jiffy out. call_srcu_expedited starts an expedited one: nothing
+    slow is left. A work item: the check cannot see what the worker does."""
+    if mechanism in ("call_srcu", "call_srcu + srcu_expedite_current") and not kick:
+        return bool(memslot_waits) if memslot_waits is not None else None
+    if mechanism == "work item":
+        return None
+    return False
+
+
+def refreshed(kc: dict) -> dict:
+    """A kernel-check dict written by an older pyvmm with today's prediction of the stall
+    (from the facts it kept: the mechanism, whether the memslot swap waits, the kick)."""
+    if "mechanism" not in kc:
+        return kc
+    return dict(kc, stall_expected=expected_stall(kc["mechanism"], kc.get("memslot_swap_waits"),
+                                                  bool(kc.get("srcu_kick"))))
+
+
 def classify(calls: list[str], memslot_calls: list[str] | None = None,
              srcu_calls: list[str] | None = None) -> dict:
     """What the calls of kvm_io_bus_register_dev (and of kvm_swap_active_memslots, and
@@ -88,19 +113,8 @@ def classify(calls: list[str], memslot_calls: list[str] | None = None,
         mechanism = "none"
     memslot_waits = None if memslot_calls is None else any(
         w in memslot_calls for w in WAIT_SYMBOLS)
-    # A normal grace period left pending by call_srcu is what a later synchronous one
-    # waits behind; an expedited one (or none) leaves nothing slow. A work item: the
-    # check cannot see what the worker does, so it does not predict.
-    # srcu-kick: an expedited request runs a pending grace period's work at once
     kick = srcu_calls is not None and KICK_SYMBOL in srcu_calls
-    if mechanism == "call_srcu" and kick:
-        stall = False
-    elif mechanism == "call_srcu":
-        stall = bool(memslot_waits) if memslot_waits is not None else None
-    elif mechanism == "work item":
-        stall = None
-    else:
-        stall = False
+    stall = expected_stall(mechanism, memslot_waits, kick)
     if waits:
         behaviour = "sync"
         summary = (f"{FUNCTION} calls {mechanism}: every registration waits for a grace "
@@ -121,6 +135,9 @@ def classify(calls: list[str], memslot_calls: list[str] | None = None,
                                                  else "does not synchronize"))
     if stall is True:
         summary += ", so the next memslot change waits for the pending grace period"
+        if mechanism == "call_srcu + srcu_expedite_current":
+            summary += (" (srcu_expedite_current() does not shorten the jiffy its work is "
+                        "queued for)")
     if kick:
         summary += ("; SRCU runs a pending grace period's work at once for an expedited "
                     "request (srcu-kick), so nothing waits behind it")

@@ -25,6 +25,7 @@ from ...analysis import stats
 from ...analysis.plan import SweepConfig
 from ...errors import LabError
 from ...results import envelope, finishing, new_run_dir, write_json_atomic
+from ..builds import kcheck
 from ..builds.variant import Variant, parse_variant
 from . import ready
 from .matrix import run_matrix
@@ -167,6 +168,7 @@ def run_remedies(hzs, smps, lab_boots: int, cfg: SweepConfig, base: LabOptions,
         doc["timings"]["builds_s"] = round(time.monotonic() - t, 1)
         save()
         for i, c in enumerate(todo):
+            kcs: dict[str, dict] = {}       # variant -> its kernel-check, from the sweep
             opts = options_for(base, c.smp)
             entry = {"hz": c.hz, "smp": c.smp, "boot": c.boot,
                      "tcg": "multi-threaded" if opts.mttcg else "single-threaded"}
@@ -185,7 +187,8 @@ def run_remedies(hzs, smps, lab_boots: int, cfg: SweepConfig, base: LabOptions,
                 else:
                     ui.log(f"[{i + 1}/{len(todo)}] {c.key} {kind}: reused")
                 entry[kind] = os.path.relpath(m, out_dir)
-                entry[f"{kind}_rows"] = [_cell_row(r, kind, out_dir) for r in done["rows"]]
+                entry[f"{kind}_rows"] = [_cell_row(r, kind, out_dir, kcs)
+                                         for r in done["rows"]]
                 entry[f"{kind}_failed"] = done.get("failed", [])
                 save()
         failed = any(c.get(f"{k}_failed") for c in doc["cells"] for k in ("sweep", "trace"))
@@ -216,16 +219,40 @@ def registration_times(run_json: str) -> dict:
             "reg_cpu_mean_us": sum(cpu) / len(cpu)}
 
 
-def _cell_row(r: dict, kind: str, out_dir: str) -> dict:
+def _agrees(kc: dict | None, behaviour: str | None, stall_ms: float | None):
+    """Measured against today's kernel-check (kcheck.refreshed: a run written before a
+    prediction was corrected is judged by the corrected one)."""
+    if not kc or behaviour is None:
+        return None
+    as_sweep = "sync" if behaviour == "sync" else "deferred"
+    return stats.kernel_check_agreement(kcheck.refreshed(kc), as_sweep,
+                                        None if stall_ms is None else stall_ms * 1e6)["agrees"]
+
+
+def _cell_row(r: dict, kind: str, out_dir: str, kcs: dict) -> dict:
+    """One variant's figures from one matrix of a cell. `kcs`: the kernel-checks the
+    cell's sweep read (the sweep runs first; the trace boots the same builds)."""
     base = r["variant"].split("@", 1)[0]
     if kind == "trace":
-        return {"variant": base, "behaviour": r.get("behaviour"), "agrees": r.get("agrees"),
+        agrees = r.get("agrees")
+        if agrees is not None and base in kcs:
+            stall = r.get("longest_wait_ms") if r.get("behaviour") == "deferred" else None
+            agrees = _agrees(kcs[base], r.get("behaviour"), stall)
+        return {"variant": base, "behaviour": r.get("behaviour"), "agrees": agrees,
                 "qemu_wait_ms": r.get("regression_ms") or 0.0,
                 "qemu_paid_by": r.get("paid_by"), "qemu_srcu_ms": r.get("srcu_wait_ms"),
                 "qemu_startup_ms": r.get("startup_ms"), "qemu": r.get("qemu")}
     a = (r.get("per_op_us") or {}).get("assign") or {}
     run_json = r["run"] if os.path.isabs(r["run"]) else os.path.join(out_dir, r["run"])
-    return {"variant": base, "verdict": r.get("verdict"), "agrees": r.get("agrees"),
+    with open(run_json) as f:
+        kc = json.load(f).get("kernel_check")
+    agrees = r.get("agrees")
+    if kc:
+        kcs[base] = kc
+        if kc.get("behaviour_agrees") is not None and "stall_seen" in kc:
+            pred = kcheck.refreshed(kc)["stall_expected"]
+            agrees = kc["behaviour_agrees"] and (pred is None or pred == kc["stall_seen"])
+    return {"variant": base, "verdict": r.get("verdict"), "agrees": agrees,
             "kernel_check": r.get("kernel_check"),
             "assign_us": a.get("median"), "assign_mean_us": a.get("mean"),
             "assign_p90_us": a.get("p90"), "eexist_us": r.get("eexist_us"),
