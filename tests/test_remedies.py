@@ -13,12 +13,13 @@ from pyvmm.errors import LabError
 from pyvmm.lab.experiments import remedies as rem
 
 
-def sweep_row(variant, stall=None, cpu=3.0, assign=4.0, agrees=True):
+def sweep_row(variant, stall=None, cpu=3.0, assign=4.0, agrees=True, wall=None):
     return {"variant": variant, "verdict": "deferred-free", "agrees": agrees,
             "kernel_check": "call_srcu", "assign_us": assign, "assign_mean_us": assign * 2,
             "assign_p90_us": assign * 1.5, "eexist_us": 2.0, "stall_ms": stall or 0.0,
             "stalled": stall is not None, "stall_jiffies": (stall or 0.0) / 10,
-            "stall_phase": "memslot" if stall else None, "reg_wall_us": cpu + 1,
+            "stall_phase": "memslot" if stall else None,
+            "reg_wall_us": cpu + 1 if wall is None else wall,
             "reg_cpu_us": cpu, "reg_cpu_mean_us": cpu}
 
 
@@ -33,7 +34,7 @@ def cells_at(hz, smp, stalls, rfc_cpu, cur_stall=None):
     out = []
     for k, s in enumerate(stalls, 1):
         out.append({"hz": hz, "smp": smp, "boot": k, "tcg": "multi-threaded",
-                    "sweep_rows": [sweep_row("6.1", assign=50.0),
+                    "sweep_rows": [sweep_row("6.1", assign=50.0, wall=40.0),
                                    sweep_row("7.3", stall=s),
                                    sweep_row("7.3+srcu-expedited", cpu=rfc_cpu),
                                    sweep_row("7.3+srcu-expedite-current", stall=cur_stall),
@@ -95,13 +96,19 @@ def test_the_answers_come_from_the_rows():
              + cells_at(100, 2, [12.0] * 3, rfc_cpu=4.0, cur_stall=3.0))
     ans = rem.answers(doc_of(cells))
     rfc = [a for a in ans if "call_srcu_expedited" in a]
-    assert len(rfc) == 1 and "no longer pays" in rfc[0] and "1.3x" in rfc[0]
-    assert "on one CPU: 40.00 us" in rfc[0]
+    assert len(rfc) == 2
+    assert rfc[0].startswith("With 1 CPU at HZ=100") and "still pays" in rfc[0]
+    assert "41.0 us of wall time per registration against the fix's 4.0 us and 6.1's " \
+        "40.0 us" in rfc[0]
+    assert "With 2 CPUs at HZ=100" in rfc[1] and "no longer pays" in rfc[1]
+    assert "own CPU clock 4.0 us against the fix's 3.0 us" in rfc[1]
     cur = [a for a in ans if "srcu_expedite_current" in a]
     assert "with 1 CPU, srcu_expedite_current() removes the stall" in cur[0]
     assert "leaves a stall of 3.00 ms in 3 of 3 lab boots (the fix: 12.00 ms)" in cur[1]
     cells = cells_at(250, 2, [5.0] * 3, rfc_cpu=30.0)
     assert "still pays" in rem.answers(doc_of(cells))[0]
+    cells = cells_at(250, 2, [5.0] * 3, rfc_cpu=15.0)     # 16 us: under half of 6.1's 36
+    assert "no longer pays" in rem.answers(doc_of(cells))[0]
 
 
 def test_the_report_replaces_only_its_block(tmp_path):
