@@ -170,3 +170,19 @@ def test_agreement_is_judged_by_todays_kernel_check():
     assert rem._agrees(rfc, "sync", None) is False
     assert rem._agrees(rfc, "deferred", None) is True
     assert rem._agrees(None, "deferred", 1.0) is None
+
+
+def test_the_console_tables_fit_80_columns_without_cutting_a_value():
+    import io
+
+    from rich.console import Console
+    doc = doc_of(cells_at(100, 1, [12.0] * 3, rfc_cpu=40.0)
+                 + cells_at(100, 2, [12.0, 15.5, 17.25], rfc_cpu=4.0, cur_stall=3.0))
+    buf = io.StringIO()
+    con = Console(file=buf, width=80)
+    for g in rem.grids(doc):
+        con.print(g)
+    out = buf.getvalue()
+    assert max(len(line) for line in out.splitlines()) <= 80 and "…" not in out
+    # the fix's stall over its three lab boots: median and greatest, each whole
+    assert "15.50" in out and "17.25" in out

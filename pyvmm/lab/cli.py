@@ -303,7 +303,8 @@ def cmd_remedies(args) -> int:
                       f"{time.monotonic() - t0:.1f} s", highlight=False)
         return 0
     paths = remedies.write_report(doc, out, args.doc)
-    console.print(remedies.tables(doc), highlight=False, markup=False)
+    for g in remedies.grids(doc):
+        console.print(g)
     for a in remedies.answers(doc):
         say(console, a)
     console.print(f"remedies wall time {time.monotonic() - t0:.1f} s; "

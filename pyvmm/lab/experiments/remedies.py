@@ -25,6 +25,7 @@ from ...analysis import stats
 from ...analysis.plan import SweepConfig
 from ...errors import LabError
 from ...results import envelope, finishing, new_run_dir, write_json_atomic
+from ...tables import Grid
 from ..builds import kcheck
 from ..builds.variant import Variant, parse_variant
 from . import ready
@@ -203,7 +204,10 @@ def registration_times(run_json: str) -> dict:
     control recipe (its ioeventfd phase over its count; CLOCK_THREAD_CPUTIME_ID of the
     registering thread), medians and means over the boots."""
     with open(run_json) as f:
-        doc = json.load(f)
+        return _registration_times(json.load(f))
+
+
+def _registration_times(doc: dict) -> dict:
     wall, cpu = [], []
     for s in doc["samples"]:
         r = s.get("result") or {}
@@ -245,7 +249,8 @@ def _cell_row(r: dict, kind: str, out_dir: str, kcs: dict) -> dict:
     a = (r.get("per_op_us") or {}).get("assign") or {}
     run_json = r["run"] if os.path.isabs(r["run"]) else os.path.join(out_dir, r["run"])
     with open(run_json) as f:
-        kc = json.load(f).get("kernel_check")
+        run = json.load(f)
+    kc = run.get("kernel_check")
     agrees = r.get("agrees")
     if kc:
         kcs[base] = kc
@@ -258,7 +263,7 @@ def _cell_row(r: dict, kind: str, out_dir: str, kcs: dict) -> dict:
             "assign_p90_us": a.get("p90"), "eexist_us": r.get("eexist_us"),
             "stall_ms": r.get("stall_ms") or 0.0, "stalled": r.get("stall_ms") is not None,
             "stall_jiffies": r.get("stall_jiffies") or 0.0, "stall_phase": r.get("stall_phase"),
-            **registration_times(run_json)}
+            **_registration_times(run)}
 
 
 # --- rows: one per (remedy, HZ, CPUs), over the lab boots --------------------------------
@@ -324,33 +329,59 @@ def _med(sp: dict | None) -> float | None:
     return None if sp is None else sp["median"]
 
 
+HEADERS = ("remedy", "CPUs", "lab boots", "assign us: median, mean, p90",
+           "per registration us: wall, registrant's CPU", "stall ms (jiffies); boots with one",
+           "QEMU start-up: wait ms, paid by", "verdict; kernel-check")
+
+
+def _cells(r: dict) -> list[str]:
+    """One row's values, as the Markdown table and the console's table show them."""
+    stall = ("none" if not r["stalled_boots"] else
+             f"{_s(r['stall_ms'])} ({_s(r['stall_jiffies'], '{:.1f}')}); "
+             f"{r['stalled_boots']} of {r['lab_boots']}")
+    qemu = ("-" if r["qemu_wait_ms"] is None else
+            "none" if not _med(r["qemu_wait_ms"]) and r["qemu_wait_ms"]["max"] == 0
+            else f"{_s(r['qemu_wait_ms'])}, {r['qemu_paid_by'] or '?'}")
+    agree = "agrees" if r["agrees"] else "**disagrees**"
+    return [f"{r['variant']} ({r['name']})", f"{r['smp']} ({r['tcg']})", str(r["lab_boots"]),
+            f"{_s(r['assign_us'])}, {_s(r['assign_mean_us'])}, {_s(r['assign_p90_us'])}",
+            f"{_s(r['reg_wall_us'], '{:.1f}')}, {_s(r['reg_cpu_us'], '{:.1f}')}", stall, qemu,
+            f"{', '.join(r['verdicts']) or '-'}; {r['kernel_check'] or '-'}, {agree}"]
+
+
+def _hz_title(hz: int) -> str:
+    return f"HZ={hz} ({1000 / hz:g} ms jiffies)"
+
+
 def tables(doc: dict) -> str:
+    """The Markdown tables, one per HZ."""
     out = []
     for hz in doc["hz"]:
         mine = [r for r in doc["rows"] if r["hz"] == hz]
         if not mine:
             continue
-        out += [f"### HZ={hz} ({1000 / hz:g} ms jiffies)", "",
-                "| remedy | CPUs | lab boots | assign us: median, mean, p90 | per registration "
-                "us: wall, registrant's CPU | stall ms (jiffies); boots with one | QEMU "
-                "start-up: wait ms, paid by | verdict; kernel-check |",
-                "|---|---|---|---|---|---|---|---|"]
-        for r in mine:
-            stall = ("none" if not r["stalled_boots"] else
-                     f"{_s(r['stall_ms'])} ({_s(r['stall_jiffies'], '{:.1f}')}); "
-                     f"{r['stalled_boots']} of {r['lab_boots']}")
-            qemu = ("-" if r["qemu_wait_ms"] is None else
-                    "none" if not _med(r["qemu_wait_ms"]) and r["qemu_wait_ms"]["max"] == 0
-                    else f"{_s(r['qemu_wait_ms'])}, {r['qemu_paid_by'] or '?'}")
-            agree = "agrees" if r["agrees"] else "**disagrees**"
-            out.append(
-                f"| {r['variant']} ({r['name']}) | {r['smp']} ({r['tcg']}) | "
-                f"{r['lab_boots']} | {_s(r['assign_us'])}, {_s(r['assign_mean_us'])}, "
-                f"{_s(r['assign_p90_us'])} | {_s(r['reg_wall_us'], '{:.1f}')}, "
-                f"{_s(r['reg_cpu_us'], '{:.1f}')} | {stall} | {qemu} | "
-                f"{', '.join(r['verdicts']) or '-'}; {r['kernel_check'] or '-'}, {agree} |")
+        out += [f"### {_hz_title(hz)}", "", "| " + " | ".join(HEADERS) + " |",
+                "|" + "---|" * len(HEADERS)]
+        out += ["| " + " | ".join(_cells(r)) + " |" for r in mine]
         out.append("")
     return "\n".join(out)
+
+
+def grids(doc: dict) -> list[Grid]:
+    """The same tables for the console: laid out at its width, no value cut."""
+    out = []
+    for hz in doc["hz"]:
+        mine = [r for r in doc["rows"] if r["hz"] == hz]
+        if not mine:
+            continue
+        g = Grid(title=f"lab remedies, {_hz_title(hz)}", keys=2,
+                 continued=f"lab remedies, HZ={hz} (continued)")
+        for h in HEADERS:
+            g.add_column(h)
+        for r in mine:
+            g.add_row(*[c.replace("**", "") for c in _cells(r)])
+        out.append(g)
+    return out
 
 
 def answers(doc: dict) -> list[str]:
