@@ -56,7 +56,7 @@ def row(state: dict, host_dir: str, hostvars: dict | None = None) -> dict:
          "hz": None, "preemption": None, "backend": None, "cpu_model": None,
          "verdict": None, "answer": None, "regressions": None, "assign_us": None,
          "eexist_us": None, "stall_ms": None, "stall_jiffies": None, "stall_phase": None,
-         "boots": None, "qemu_srcu_share": None, "qemu_srcu_ms": None,
+         "first_deassign_excess_ms": None, "boots": None, "qemu_srcu_share": None, "qemu_srcu_ms": None,
          "qemu_startup_ms": None, "qemu_verdict": None, "qemu_paid_by": None,
          "checks": None, "flags": [], "dir": os.path.basename(host_dir),
          "variant": None, "kernel_check": None, "agrees": None}
@@ -76,12 +76,17 @@ def row(state: dict, host_dir: str, hostvars: dict | None = None) -> dict:
     kc = hv.get("pyvmm_kernel_check")
     if kc:
         stall = str(hv.get("pyvmm_kernel_check_stall", "")).lower()
+        from ..lab.builds.kcheck import runs_gp_at_once
+        mech = hv.get("pyvmm_kernel_check_mechanism")
         r["kernel_check"] = {"behaviour": kc, "stall_expected": {"true": True, "false": False}
-                             .get(stall), "mechanism": hv.get("pyvmm_kernel_check_mechanism")}
+                             .get(stall), "mechanism": mech,
+                             "gp_work_at_once": runs_gp_at_once(str(mech))}
         measured = {"sync-on-register": "sync", "deferred-free": "deferred"}.get(r["verdict"])
+        first = r.get("first_deassign_excess_ms")
         r["agrees"] = None if measured is None else stats.kernel_check_agreement(
             r["kernel_check"], measured,
-            None if r["stall_ms"] is None else r["stall_ms"] * 1e6)["agrees"]
+            None if r["stall_ms"] is None else r["stall_ms"] * 1e6,
+            None if first is None else first * 1e6)["agrees"]
     if r["status"] in ("running", "pending", "ok"):
         bad = [(n, j) for n, j in r["jobs"].items() if j["status"] not in OK_STATES]
         if bad:
@@ -112,7 +117,7 @@ def _read_job(r: dict, name: str, job_dir: str) -> None:
         f = findings.findings(load_run(path))
         r["jobs"][name]["run"] = _rel(path, job_dir)
         for k in ("verdict", "answer", "regressions", "assign_us", "eexist_us", "stall_ms",
-                  "stall_jiffies", "stall_phase", "boots"):
+                  "stall_jiffies", "stall_phase", "first_deassign_excess_ms", "boots"):
             r[k] = f.get(k)
         r["hz"] = r["hz"] or f.get("hz")
     elif name.startswith("trace"):

@@ -123,7 +123,8 @@ class SweepRun(LabRun):
         a = findings.analyze(doc)
         kc = doc["kernel_check"]
         kc.update(stats.kernel_check_agreement(kc, a["verdict"].behaviour,
-                                               a["verdict"].stall_ns))
+                                               a["verdict"].stall_ns,
+                                               a["verdict"].first_deassign_excess_ns))
         doc["analysis"] = findings.findings(doc, a)
 
 

@@ -223,14 +223,16 @@ def _registration_times(doc: dict) -> dict:
             "reg_cpu_mean_us": sum(cpu) / len(cpu)}
 
 
-def _agrees(kc: dict | None, behaviour: str | None, stall_ms: float | None):
-    """Measured against today's kernel-check (kcheck.refreshed: a run written before a
-    prediction was corrected is judged by the corrected one)."""
+def _agrees(kc: dict | None, behaviour: str | None, stall_ms: float | None,
+            first_deassign_ms: float | None = None):
+    """Measured against today's kernel-check and agreement rule (kcheck.refreshed: a run
+    written before a prediction was corrected is judged by the corrected one)."""
     if not kc or behaviour is None:
         return None
     as_sweep = "sync" if behaviour == "sync" else "deferred"
-    return stats.kernel_check_agreement(kcheck.refreshed(kc), as_sweep,
-                                        None if stall_ms is None else stall_ms * 1e6)["agrees"]
+    return stats.kernel_check_agreement(
+        kcheck.refreshed(kc), as_sweep, None if stall_ms is None else stall_ms * 1e6,
+        None if first_deassign_ms is None else first_deassign_ms * 1e6)["agrees"]
 
 
 def _cell_row(r: dict, kind: str, out_dir: str, kcs: dict) -> dict:
@@ -254,9 +256,12 @@ def _cell_row(r: dict, kind: str, out_dir: str, kcs: dict) -> dict:
     agrees = r.get("agrees")
     if kc:
         kcs[base] = kc
-        if kc.get("behaviour_agrees") is not None and "stall_seen" in kc:
-            pred = kcheck.refreshed(kc)["stall_expected"]
-            agrees = kc["behaviour_agrees"] and (pred is None or pred == kc["stall_seen"])
+        an = run.get("analysis") or {}
+        measured = {"sync-on-register": "sync", "deferred-free": "deferred"}.get(
+            an.get("verdict"))
+        if measured:
+            agrees = _agrees(kc, measured, an.get("stall_ms"),
+                             an.get("first_deassign_excess_ms"))
     return {"variant": base, "verdict": r.get("verdict"), "agrees": agrees,
             "kernel_check": r.get("kernel_check"),
             "assign_us": a.get("median"), "assign_mean_us": a.get("mean"),

@@ -31,6 +31,12 @@ SOURCES = [
 ]
 SUITES = "bookworm, trixie, trixie-backports, sid"
 LISTS_MAX_AGE_S = 24 * 3600
+# what this process already asked apt (keyed by the lists' update stamp), as text and as
+# records, and the .debs it found sound: `lab remedies` readies its kernels some 200
+# times in one run
+_ASKED: dict[tuple, str] = {}
+_SHOWN: dict[tuple, list[dict[str, str]]] = {}
+_SOUND: set[tuple] = set()
 
 
 class Apt:
@@ -110,20 +116,56 @@ class Apt:
                 raise
             self.log("  update failed; using the lists from the last update")
 
+    def _lists_key(self) -> tuple:
+        try:
+            return (self.root, os.stat(self._stamp).st_mtime_ns)
+        except OSError:
+            return (self.root, None)
+
+    def query(self, args: list[str], what: str) -> str:
+        """The output of a read-only apt command (apt-cache show, apt-get --simulate),
+        remembered in this process until the lists change: each one reads every
+        suite's lists, over a second, and `lab remedies` asks the same ones some 200
+        times in a run."""
+        key = (*self._lists_key(), *args)
+        if key not in _ASKED:
+            _ASKED[key] = self._run(args, what)
+        return _ASKED[key]
+
+    def _show(self, args: list[str], what: str) -> list[dict[str, str]]:
+        """`apt-cache show ARGS` as records (remembered, see `query`)."""
+        key = (*self._lists_key(), "show", *args)
+        if key not in _SHOWN:
+            _SHOWN[key] = parse_records(self.query(["apt-cache", "show", *args], what))
+        return [dict(r) for r in _SHOWN[key]]
+
     def metapackage_records(self) -> list[dict[str, str]]:
         meta = self.arch.image_metapackage
-        return parse_records(self._run(["apt-cache", "show", meta],
-                                       f"find {meta} in the package lists"))
+        return self._show([meta], f"find {meta} in the package lists")
 
     def records(self, name: str) -> list[dict[str, str]]:
         """Every version of package NAME the lists hold."""
-        return parse_records(self._run(["apt-cache", "show", name],
-                                       f"find {name} in the package lists"))
+        return self._show([name], f"find {name} in the package lists")
+
+    def prefetch(self, pairs: list[tuple[str, str]]) -> None:
+        """The records of several NAME=VERSION in one apt-cache call, remembered for
+        `record` (a 7.x kernel is four packages)."""
+        todo = [(n, v) for n, v in pairs
+                if (*self._lists_key(), "show", f"{n}={v}") not in _SHOWN]
+        if len(todo) < 2:
+            return
+        recs = self._show([f"{n}={v}" for n, v in todo],
+                          "find " + ", ".join(f"{n} {v}" for n, v in todo)
+                          + " in the package lists")
+        for n, v in todo:
+            mine = [r for r in recs if r.get("Package") == n and r.get("Version") == v]
+            if mine:
+                _SHOWN[(*self._lists_key(), "show", f"{n}={v}")] = mine
 
     def record(self, name: str, version: str) -> dict[str, str]:
         """The package record of NAME at VERSION."""
-        recs = parse_records(self._run(["apt-cache", "show", f"{name}={version}"],
-                                       f"find {name} {version} in the package lists"))
+        recs = self._show([f"{name}={version}"],
+                          f"find {name} {version} in the package lists")
         if not recs:
             raise LabError(f"{name} {version} is not in the package lists")
         return recs[0]
@@ -151,7 +193,12 @@ class Apt:
             return path
 
     def check_deb(self, path: str, name: str, version: str) -> str | None:
-        """What is wrong with a .deb against the index's Size and SHA256, or None."""
+        """What is wrong with a .deb against the index's Size and SHA256, or None. A file
+        found sound is not hashed again in this process while its size and mtime hold."""
+        st = os.stat(path)
+        seen = (os.path.abspath(path), st.st_size, st.st_mtime_ns, name, version)
+        if seen in _SOUND:
+            return None
         try:
             rec = self.record(name, version)
         except LabError:
@@ -162,6 +209,7 @@ class Apt:
             return f"{have} bytes, the index says {size}"
         if digest and sha256_file(path) != digest:
             return "its SHA-256 is not the index's"
+        _SOUND.add(seen)
         return None
 
     def _download(self, name: str, version: str, dest_dir: str) -> str:
@@ -229,6 +277,7 @@ def resolve(spec: str, log=print, arch: Arch = X86_64) -> KernelDebs:
     rec = apt.record(pkg.name, pkg.version)
     parts = split_parts(rec.get("Depends", ""), pkg.version)
     names = [pkg.name] + parts
+    apt.prefetch([(n, pkg.version) for n in parts])
     cached = all(cached_deb(debs, n, pkg.version) for n in names)
     log(f"kernel {spec}: {pkg.name} {pkg.version}" + (f" + {len(parts)} parts" if parts else "")
         + (" (cached)" if cached else " (downloading)"))

@@ -42,7 +42,7 @@ def check_spec(spec: str) -> str:
 def closure(apt: Apt, suite: str) -> list[tuple[str, str]]:
     """(package, version) of qemu-system-x86 from `suite` and everything it depends on,
     as apt would install them on an empty system (no recommends)."""
-    out = apt._run(["apt-get", "install", "--simulate", "--no-install-recommends", "-t", suite,
+    out = apt.query(["apt-get", "install", "--simulate", "--no-install-recommends", "-t", suite,
                     f"{PACKAGE}/{suite}"], f"resolve {PACKAGE} from {suite}")
     pkgs = []
     for line in out.splitlines():
