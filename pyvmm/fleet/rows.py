@@ -56,7 +56,8 @@ def row(state: dict, host_dir: str, hostvars: dict | None = None) -> dict:
          "hz": None, "preemption": None, "backend": None, "cpu_model": None,
          "verdict": None, "answer": None, "regressions": None, "assign_us": None,
          "eexist_us": None, "stall_ms": None, "stall_jiffies": None, "stall_phase": None,
-         "first_deassign_excess_ms": None, "boots": None, "qemu_srcu_share": None, "qemu_srcu_ms": None,
+         "first_deassign_excess_ms": None, "boots": None, "qemu_srcu_share": None,
+         "qemu_srcu_ms": None,
          "qemu_startup_ms": None, "qemu_verdict": None, "qemu_paid_by": None,
          "checks": None, "flags": [], "dir": os.path.basename(host_dir),
          "variant": None, "kernel_check": None, "agrees": None}
