@@ -581,3 +581,65 @@ def test_a_wait_for_interrupt_routing_is_kvm_irq_srcu_not_the_regressions():
                            "kvm_io_bus_unregister_dev", "kvm_vm_ioctl"])
     assert attribute.classify(routing).kind == "irq_srcu"
     assert attribute.classify(bus).kind == "srcu"
+
+
+# --- where SRCU's grace-period work runs (pyvmm.trace.gpwork) -------------------------------
+
+GPWORK_TRACE = """\
+# tracer: nop
+         python3-100     (  100) [000] ..... 10.000000: tracing_mark_write: pyvmm-gpwork-begin 0
+         python3-100     (  100) [000] d.h.. 10.000010: workqueue_queue_work: work struct=0000000011112222 function=process_srcu workqueue=rcu_gp req_cpu=8192 cpu=0
+         python3-100     (  100) [000] d.... 10.000012: sched_switch: prev_comm=python3 prev_pid=100 prev_prio=120 prev_state=R+ ==> next_comm=kworker/0:1 next_pid=7 next_prio=120
+     kworker/0:1-7       (    7) [000] ..... 10.000013: workqueue_execute_start: work struct 0000000011112222: function process_srcu
+     kworker/0:1-7       (    7) [000] ..... 10.000033: workqueue_execute_end: work struct 0000000011112222: function process_srcu
+     kworker/0:1-7       (    7) [000] d.... 10.000035: sched_switch: prev_comm=kworker/0:1 prev_pid=7 prev_prio=120 prev_state=I ==> next_comm=python3 next_pid=100 next_prio=120
+     kworker/1:2-9       (    9) [001] ..... 10.000040: workqueue_execute_start: work struct 00000000aaaabbbb: function srcu_invoke_callbacks
+     kworker/1:2-9       (    9) [001] ..... 10.000045: workqueue_execute_end: work struct 00000000aaaabbbb: function srcu_invoke_callbacks
+     kworker/1:2-9       (    9) [001] ..... 10.000046: workqueue_execute_start: work struct 00000000cccc0000: function vmstat_update
+     kworker/1:2-9       (    9) [001] ..... 10.000050: workqueue_execute_end: work struct 00000000cccc0000: function vmstat_update
+         python3-100     (  100) [000] d.... 10.000060: sched_switch: prev_comm=python3 prev_pid=100 prev_prio=120 prev_state=S ==> next_comm=swapper/0 next_pid=0 next_prio=120
+          <idle>-0       (-------) [000] d.... 10.000070: sched_switch: prev_comm=swapper/0 prev_pid=0 prev_prio=120 prev_state=R ==> next_comm=python3 next_pid=100 next_prio=120
+         python3-100     (  100) [000] ..... 10.000080: tracing_mark_write: pyvmm-gpwork-end 0
+         python3-100     (  100) [000] ..... 10.000100: tracing_mark_write: pyvmm-gpwork-begin 1
+         python3-100     (  100) [000] ..... 10.000110: tracing_mark_write: pyvmm-gpwork-end 1
+"""
+
+
+def test_gpwork_places_srcu_work_and_the_registrants_switches():
+    """Hand-written trace text: the grace period's work on the registrant's CPU after it
+    was preempted, callbacks on the other CPU, an unrelated work item ignored, a sleep
+    counted apart, and a second window with nothing in it."""
+    from pyvmm.trace import gpwork
+    events = tracefs.parse_events(GPWORK_TRACE)
+    w0, w1 = gpwork.summarize(events, tid=100, cpu=0, scale=1e9)
+    assert w0["window"] == 0 and w0["window_ns"] == pytest.approx(80_000)
+    work = w0["srcu_work"]
+    assert (work["here"], work["elsewhere"]) == (1, 1)
+    assert work["here_ns"] == pytest.approx(20_000) and work["elsewhere_ns"] == \
+        pytest.approx(5_000)
+    assert w0["srcu_functions"] == {"process_srcu": 1, "srcu_invoke_callbacks": 1}
+    assert w0["srcu_queued"] == {"here": 1, "elsewhere": 0, "workqueues": ["rcu_gp"]}
+    sw = w0["switches"]
+    assert (sw["preempted"], sw["slept"]) == (1, 1)
+    assert sw["to"] == {"kworker/N:N": 1, "swapper/N": 1}
+    assert sw["off_cpu_ns"] == pytest.approx(23_000 + 10_000)
+    assert w1["srcu_work"]["here"] == 0 and w1["switches"]["preempted"] == 0
+
+
+@pytest.mark.kvm
+def test_gpwork_traces_registrations_on_this_host():
+    problem = _no_tracing()
+    if problem:
+        pytest.skip(problem)
+    from pyvmm.trace import gpwork
+    before = os.sched_getaffinity(0)
+    r = gpwork.run(8, 2)
+    assert os.sched_getaffinity(0) == before
+    assert r["n"] == 8 and len(r["windows"]) == 2 and r["cpu"] in before
+    for w in r["windows"]:
+        assert w["burst_wall_ns"] > 0 and 0 < w["reg_wall_ns"] <= w["burst_wall_ns"]
+        assert set(w["srcu_functions"]) <= set(gpwork.SRCU_FUNCTIONS)
+    inst = os.path.join(tracefs.TRACEFS, "instances")
+    assert not [n for n in os.listdir(inst) if n == f"pyvmm-gpwork-{os.getpid()}"]
+    with pytest.raises(Exception, match="N >= 1"):
+        gpwork.run(0, 1)

@@ -116,7 +116,8 @@ def _run_parser(labs) -> None:
                         "trace:qemu-microvm[:K[:R]] (the host's QEMU with K virtio devices, "
                         "traced R times), trace:linux-microvm[:BxQ[:R]] (that QEMU booting "
                         "the lab's Linux guest to /init with B virtio-blk devices of Q "
-                        "queues)")
+                        "queues), gpwork:N[:R] (N ioeventfds registered R times, traced: "
+                        "where SRCU's grace-period work ran)")
     r.add_argument("--kernel", default="6.1", help=f"{KERNEL_SPEC_FORMS}{arguments.BUILD_HELP}")
     r.add_argument("--kvm-patch", default=None, metavar="NAME",
                    help="rebuild KVM with this patch of the project's (as lab kernel)")
@@ -124,6 +125,10 @@ def _run_parser(labs) -> None:
                    help="module parameter, e.g. kvm_amd:npt=0 (shadow paging); repeatable")
     r.add_argument("--smp", type=int, default=2, choices=[1, 2],
                    help="emulated CPUs (default 2: the jobs run several vCPU threads)")
+    r.add_argument("--mttcg", action="store_true",
+                   help="multi-threaded TCG: a host thread per emulated CPU (with "
+                        "--emulator debian:trixie or sid)")
+    arguments.emulator_arg(r)
     r.add_argument("--out", default="results",
                    help="parent directory for results (default %(default)s)")
     r.add_argument("--timeout", type=float, default=1800.0, metavar="S",
@@ -357,7 +362,7 @@ def cmd_run(args) -> int:
     opts = options.LabOptions(variant=v, kvm_args=options.parse_kvm_args(args.kvm_arg),
                               smp=args.smp, out=args.out, total_timeout_s=args.timeout,
                               install=not args.no_install, cmdline=args.cmdline,
-                              qemu=args.qemu)
+                              qemu=args.qemu, emulator=args.emulator, mttcg=args.mttcg)
     options.check_options(opts)
     con = console
     if args.json:
@@ -366,7 +371,8 @@ def cmd_run(args) -> int:
     variant = opts.variant.label
     extra = " ".join(f"{m}:{p}" for m, p in opts.kvm_args.items())
     con.print(f"pyvmm lab run: {variant}{' ' + extra if extra else ''}, jobs "
-              f"{' '.join(args.jobs)}, QEMU TCG -smp {args.smp}", highlight=False)
+              f"{' '.join(args.jobs)}, QEMU TCG -smp {args.smp}"
+              f"{' multi-threaded' if args.mttcg else ''}", highlight=False)
     with _progress(con) as prog:
         run = jobs.run_jobs(opts, args.jobs, options.RichUi(prog))
     doc = run.doc
@@ -379,6 +385,10 @@ def cmd_run(args) -> int:
             con.print(ptwrite_table(d, f"ptwrite in the lab: {doc['host']['kernel']} "
                                        f"{extra or ''}, {d['count']} writes per phase, median "
                                        f"of {d['repeats']} boots"))
+        elif r["job"].startswith("gpwork") and r["data"]:
+            from ..trace.gpwork import table as gpwork_table
+            con.print(gpwork_table(r["data"], f"gpwork in the lab: {doc['host']['kernel']}, "
+                                              f"{variant}"))
         elif r["job"].startswith("xen") and r["data"]:
             hangs = [x["hang_after_s"] for x in r["data"]["runs"] if x["hang"]]
             if hangs:

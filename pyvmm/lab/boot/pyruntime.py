@@ -33,7 +33,7 @@ import importlib.machinery, traceback, linecache, tokenize
 import pyvmm.lab.experiments.inside, pyvmm.ptwrite, pyvmm.checks.races, pyvmm.checks.gmem
 import pyvmm.stress, pyvmm.vmm.vcpu, pyvmm.vmm.vm, pyvmm.vmm.kvm, pyvmm.vmm.kvmstats, pyvmm.vmm.memory
 import pyvmm.recipe, pyvmm.vmm.guests, pyvmm.stress.xen
-import pyvmm.trace.record, pyvmm.trace.runs, pyvmm.trace.workloads
+import pyvmm.trace.record, pyvmm.trace.runs, pyvmm.trace.workloads, pyvmm.trace.gpwork
 pyvmm.vmm.guests.load("ptwrite"); pyvmm.vmm.guests.helper_path()
 for bad in ("rich", "matplotlib", "numpy"):
     if bad in sys.modules:

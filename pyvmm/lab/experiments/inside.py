@@ -17,6 +17,8 @@ to the data port:
   trace:linux-microvm[:BxQ[:R]]  the same QEMU booting the lab's Linux guest to its /init
                                with B virtio-blk devices of Q queues (the guest is copied
                                in too)
+  gpwork:N[:REPEATS]           N ioeventfd registrations per burst, traced: where SRCU's
+                               grace-period work ran and what it took from the registrant
 
 Nothing here imports rich, matplotlib or numpy: the lab's initramfs carries only what
 these jobs need (pyvmm.lab.boot.pyruntime collects it by importing this module's JOBS).
@@ -111,8 +113,15 @@ def _trace(workload: str = "qemu-microvm", k: str = "", repeats: str = "1") -> d
     return {"workload": w.spec, "runs": runs}
 
 
+def _gpwork(n: str = "32", repeats: str = "5") -> dict:
+    """N ioeventfd registrations, REPEATS bursts, traced: where SRCU's grace-period work
+    ran and what it took from the registrant (pyvmm.trace.gpwork)."""
+    from ...trace import gpwork
+    return gpwork.run(int(n), int(repeats))
+
+
 JOBS = {"ptwrite": _ptwrite, "check": _check, "stress": _stress, "xen": _xen,
-        "trace": _trace}
+        "trace": _trace, "gpwork": _gpwork}
 
 
 def parse_job(text: str) -> tuple[str, list[str]]:
@@ -121,12 +130,12 @@ def parse_job(text: str) -> tuple[str, list[str]]:
     if name not in JOBS:
         raise PyvmmError(f"unknown lab job '{name}': {', '.join(JOBS)} "
                          "(e.g. ptwrite:2000, check:memslot-coherence, stress:30, xen:30:3, "
-                         "trace:qemu-microvm:2)")
+                         "trace:qemu-microvm:2, gpwork:32:5)")
     for a in args:
         if not a or any(c.isspace() for c in a):
             raise PyvmmError(f"lab job '{text}': empty or spaced argument")
-    if name in ("ptwrite", "stress", "xen") and not all(a.replace(".", "", 1).isdigit()
-                                                        for a in args):
+    if name in ("ptwrite", "stress", "xen", "gpwork") and not all(
+            a.replace(".", "", 1).isdigit() for a in args):
         raise PyvmmError(f"lab job '{text}': {name} takes numbers")
     if name == "trace":
         ok = args and len(args) <= 3 and all(a.isdigit() for a in args[2:3])
