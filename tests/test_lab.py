@@ -296,18 +296,32 @@ def test_a_patch_can_be_written_per_series_and_knows_when_it_needs_the_whole_ker
     assert patches["defer-free"].for_series("7.3") == patches["defer-free"]
 
 
-def test_a_killed_builds_temporary_tree_is_removed_by_the_next_build_of_that_entry(tmp_path):
-    """A build killed outright leaves its temporary tree; the next build of the same
-    entry (holding its lock) removes it, and leaves other entries' trees alone."""
-    from pyvmm.lab.builds import kernel
-    mine = tmp_path / ".kernel-stock-hz100-abc-x1y2"
-    other = tmp_path / ".kernel-stock-hz1000-def-q9"
-    for d in (mine, other, tmp_path / "stock-hz100-abc"):
-        (d / "tree").mkdir(parents=True)
+def test_a_killed_fills_temporary_tree_is_removed_by_the_next_fill_of_that_entry(tmp_path):
+    """A build or cache fill killed outright leaves its temporary tree; the next fill of
+    the same entry (holding its lock) removes it, and leaves alone other entries' trees,
+    one whose name starts with this entry's among them."""
+    import tempfile
+    from pyvmm.lab.sources import cache
+    mine = tempfile.mkdtemp(prefix=".source-7.3-", dir=tmp_path)
+    near = tempfile.mkdtemp(prefix=".source-7.3-rc1-", dir=tmp_path)
+    other = tempfile.mkdtemp(prefix=".kernel-stock-hz1000-def-", dir=tmp_path)
+    for d in (mine, near, other):
+        os.makedirs(os.path.join(d, "tree"))
     said = []
-    kernel._remove_leftovers(str(tmp_path), ".kernel-stock-hz100-abc-", said.append)
-    assert not mine.exists() and other.exists() and (tmp_path / "stock-hz100-abc").exists()
-    assert len(said) == 1 and mine.name in said[0]
+
+    def fill(tmp):
+        assert os.path.basename(tmp).startswith(".source-7.3-")
+        with open(os.path.join(tmp, "ok"), "w") as f:
+            f.write("whole")
+    final = cache.fill_dir(str(tmp_path), str(tmp_path / "7.3"), fill, ".source-",
+                           said.append)
+    assert open(os.path.join(final, "ok")).read() == "whole"
+    assert not os.path.exists(mine) and os.path.isdir(near) and os.path.isdir(other)
+    assert len(said) == 1 and os.path.basename(mine) in said[0]
+    assert sorted(os.listdir(tmp_path)) == sorted(["7.3", os.path.basename(near),
+                                                   os.path.basename(other)])
+    cache.remove_leftovers(str(tmp_path), ".kernel-stock-hz1000-def-", said.append)
+    assert not os.path.exists(other) and len(said) == 2
 
 
 def test_a_patch_written_per_series_has_one_cache_key_however_it_is_passed(tmp_path):

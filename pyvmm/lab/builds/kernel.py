@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from ...errors import LabError
 from ..arch import X86_64, Arch
 from ..sources.hostpkgs import apt_install, missing_packages
-from ..sources.cache import atomic_dir, cache_dir, locked, manifest
+from ..sources.cache import atomic_dir, cache_dir, locked, manifest, remove_leftovers
 from ..sources.kits import Kit
 from .modules import (AptUser, apply_patch, entry_meta, extract_source,
                       source_deb)
@@ -235,7 +235,7 @@ class KernelBuilder(AptUser):
         with locked(final, f"building the lab kernel {job.label}", self.log):
             if self.cached(patch, hz) is None:
                 prefix = f".kernel-{os.path.basename(final)}-"
-                _remove_leftovers(parent, prefix, self.log)
+                remove_leftovers(parent, prefix, self.log)
                 tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
                 try:
                     job.fill(tmp, final)
@@ -264,15 +264,6 @@ class KernelBuilder(AptUser):
                 shutil.copystat(os.path.join(src, rel), path)
         apply_patch(patch, tree, tmp)
         return tree
-
-
-def _remove_leftovers(parent: str, prefix: str, log) -> None:
-    """Temporary trees of this entry that a killed build left (SIGKILL, a machine
-    restart): the caller holds the entry's lock, so no live build owns them."""
-    for name in os.listdir(parent):
-        if name.startswith(prefix):
-            log(f"removing {name}, left by an earlier build that did not finish")
-            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
 
 
 class _Job:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from ...errors import LabError, disk_full
 from ..arch import X86_64, Arch
-from .cache import cache_dir, locked, sha256_file
+from .cache import cache_dir, locked, remove_leftovers, sha256_file
 from .debian import KernelPackage, check_spec, parse_records, pick_kernel, split_parts
 
 MIRROR = "http://deb.debian.org/debian"
@@ -213,7 +213,10 @@ class Apt:
         return None
 
     def _download(self, name: str, version: str, dest_dir: str) -> str:
-        tmp = tempfile.mkdtemp(prefix=".download-", dir=dest_dir)
+        # called under the package's lock (download_named): see cache.fill_dir
+        stem = f".download-{name}_{version.replace(':', '%3a')}-"
+        remove_leftovers(dest_dir, stem, self.log)
+        tmp = tempfile.mkdtemp(prefix=stem, dir=dest_dir)
         try:
             self._run(["apt-get", "download", "-q", f"{name}={version}"],
                       f"download {name} {version}", cwd=tmp)

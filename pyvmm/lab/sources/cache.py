@@ -20,6 +20,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 
@@ -127,11 +128,34 @@ def atomic_dir(parent: str, final: str, fill, prefix: str, what: str = "filling 
     with locked(final, what, log):
         if os.path.isdir(final):
             return final
-        return fill_dir(parent, final, fill, prefix)
+        return fill_dir(parent, final, fill, prefix, log)
 
 
-def fill_dir(parent: str, final: str, fill, prefix: str) -> str:
-    tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
+# what tempfile.mkdtemp appends to a prefix
+_MKDTEMP_TAIL = re.compile(r"[a-z0-9_]{8}")
+
+
+def remove_leftovers(parent: str, stem: str, log=print) -> None:
+    """Temporary siblings named STEM + mkdtemp's 8 characters that a killed fill left
+    (SIGKILL, a machine restart). The caller holds the entry's lock, so no live fill owns
+    them; another entry whose name starts with this one's is not matched."""
+    try:
+        names = os.listdir(parent)
+    except FileNotFoundError:
+        return
+    for name in names:
+        if name.startswith(stem) and _MKDTEMP_TAIL.fullmatch(name[len(stem):]):
+            log(f"removing {name}, left by an earlier fill of the cache that did not finish")
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+
+
+def fill_dir(parent: str, final: str, fill, prefix: str, log=print) -> str:
+    """`final` made by fill(tmp) in a temporary sibling named after it (PREFIX + the
+    entry's name), then renamed. Called with the entry's lock held: what an earlier fill
+    of the same entry left when it was killed is removed first."""
+    stem = f"{prefix}{os.path.basename(final)}-"
+    remove_leftovers(parent, stem, log)
+    tmp = tempfile.mkdtemp(prefix=stem, dir=parent)
     try:
         fill(tmp)
         try:
@@ -157,7 +181,8 @@ def made_entry(final: str, meta_name: str, what: str, fill, log=print) -> dict:
         if meta is None:
             if os.path.exists(final):
                 shutil.rmtree(final)
-            fill_dir(os.path.dirname(final), final, fill, f".{meta_name.split('.')[0]}-")
+            fill_dir(os.path.dirname(final), final, fill, f".{meta_name.split('.')[0]}-",
+                     log)
             with open(os.path.join(final, meta_name)) as f:
                 meta = json.load(f)
     return meta

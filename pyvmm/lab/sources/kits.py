@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from ...errors import LabError
 from ..arch import X86_64, Arch
 from .apt import KernelDebs
-from .cache import cache_dir, locked, manifest, whole_entry
+from .cache import cache_dir, locked, manifest, remove_leftovers, whole_entry
 from .elf import MODULE_EXTS, decompress_module, load_order, modinfo, module_depends, norm_module
 
 
@@ -97,7 +97,9 @@ def _cached_kit(final: str, arch: Arch, log) -> Kit | None:
 
 
 def _unpack_kit(debs, final: str, kits: str, name: str, version: str, arch: Arch, log) -> Kit:
-    tmp = tempfile.mkdtemp(prefix=".kit-", dir=kits)
+    stem = f".kit-{os.path.basename(final)}-"      # under the kit's lock: see fill_dir
+    remove_leftovers(kits, stem, log)
+    tmp = tempfile.mkdtemp(prefix=stem, dir=kits)
     try:
         x = os.path.join(tmp, "x")
         for d in debs.all:
