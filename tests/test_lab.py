@@ -871,6 +871,27 @@ def test_lab_xen_seed_deadlocks_on_6_1_and_not_with_the_fix(tmp_path):
     assert "synchronize_srcu" in filt["stack"] and filt["state"] == "D"
 
 
+@lab_only("trace where SRCU's grace-period work runs while pyvmm registers ioeventfds "
+          "inside Debian's 6.1")
+def test_lab_gpwork_finds_each_registrations_grace_period_worked_on_its_cpu(tmp_path):
+    """6.1 waits for an expedited grace period in every registration; SRCU's work for it
+    is queued on the per-CPU rcu_gp workqueue from the registrant's CPU, so the trace
+    must find at least one SRCU work item per registration there."""
+    r = subprocess.run([sys.executable, "-m", "pyvmm", "lab", "run", "--kernel", "6.1",
+                        "gpwork:16:3", "--out", str(tmp_path), "--json"],
+                       capture_output=True, text=True, cwd="/", timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    doc = json.loads(r.stdout)
+    (res,) = doc["results"]
+    data = res["data"]
+    assert res["ok"] and data["n"] == 16 and len(data["windows"]) == 3 and data["lost"] == 0
+    s = data["summary"]
+    assert s["srcu_work_here"] >= 16 and s["srcu_work_here_us_per_reg"] > 0
+    assert "rcu_gp" in s["workqueues"] and any(t.startswith("kworker") for t in
+                                               s["switched_to"])
+    assert "gpwork in the lab" in r.stderr
+
+
 @lab_only("trace QEMU microvm's start-up inside Debian's "
           "6.1, stock and with the defer-free KVM rebuilt (needs "
           "qemu-system-x86 on the host: scripts/lab-tools.sh)")
