@@ -197,3 +197,26 @@ def test_with_hz_known_a_stall_of_half_a_jiffy_that_doubled_the_step_counts():
     # a big step that grew by little stays noise at any HZ
     assert stats.attribute_stall({"x/teardown": [4.0e6] * 5}, {"x/teardown": [3.4e6] * 5},
                                  hz=1000)[0] is None
+
+
+def test_an_old_kernel_check_is_read_with_todays_predictions():
+    """A run.json written before kernel-check knew that call_srcu_expedited works its
+    grace period at once (and before the first deassign counted as the stall's
+    evidence) is judged today as a new one would be; `pyvmm report` rewrites it."""
+    from pyvmm.analysis import findings, predictions
+    sync = stats.verdict([40e3] * 5, [2e3] * 5, [50e3] * 5)
+    assert sync.behaviour == "sync"
+    old_rfc = {"behaviour": "deferred", "mechanism": "call_srcu_expedited",
+               "memslot_swap_waits": True, "srcu_kick": False, "stall_expected": False,
+               "agrees": False}
+    assert predictions.agreement(old_rfc, sync)["agrees"] is True
+    assert findings._agrees(old_rfc, sync) is True
+    fix = {"behaviour": "deferred", "mechanism": "call_srcu", "memslot_swap_waits": True,
+           "srcu_kick": False, "stall_expected": True, "agrees": False}
+    first_only = stats.verdict([4e3] * 5, [2e3] * 5, [9e3] * 5,
+                               deassigns_per_boot=[[600e3, 9e3, 9e3]] * 3)
+    assert first_only.stall_ns is None
+    assert findings._agrees(fix, first_only) is True
+    assert findings._agrees(fix, stats.verdict([4e3] * 5, [2e3] * 5, [9e3] * 5)) is False
+    # nothing to compare: the stored word stands
+    assert findings._agrees({"agrees": True}, sync) is True

@@ -9,7 +9,7 @@ from ..results import save_figure
 from ..tables import Grid
 from ..ui import say
 
-from . import stats
+from . import predictions, stats
 from .findings import PHASE_ORDER, analyze, findings, refresh
 
 
@@ -147,10 +147,9 @@ def render(console, doc: dict, driver: str = "c") -> dict:
     if doc.get("kernel_check"):
         kc = doc["kernel_check"]
         say(console, f"  kernel-check ({kc.get('path', '?')}): {kc.get('summary', kc)}")
-        if a["verdict"].behaviour in ("sync", "deferred") and "behaviour" in kc:
-            agree = kc.get("agrees")
-            if agree is None:
-                agree = kc["behaviour"] == a["verdict"].behaviour
+        now = predictions.agreement(kc, a["verdict"])
+        if now is not None:
+            agree = now["agrees"]
             say(console, "  kernel-check and measured verdict: " +
                 ("agree" if agree else "[bold red]DISAGREE[/]"), markup=True)
     if a["failures"]:

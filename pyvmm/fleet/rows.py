@@ -14,6 +14,7 @@ import tarfile
 
 from ..analysis import findings, stats
 from ..analysis.plan import load_run
+from ..analysis.predictions import runs_gp_at_once
 from ..errors import PyvmmError
 
 OK_STATES = ("ok", "no QEMU")           # a host in either state finished its run
@@ -77,7 +78,6 @@ def row(state: dict, host_dir: str, hostvars: dict | None = None) -> dict:
     kc = hv.get("pyvmm_kernel_check")
     if kc:
         stall = str(hv.get("pyvmm_kernel_check_stall", "")).lower()
-        from ..lab.builds.kcheck import runs_gp_at_once
         mech = hv.get("pyvmm_kernel_check_mechanism")
         r["kernel_check"] = {"behaviour": kc, "stall_expected": {"true": True, "false": False}
                              .get(stall), "mechanism": mech,
