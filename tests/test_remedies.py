@@ -11,6 +11,7 @@ import pytest
 from pyvmm.analysis.plan import SweepConfig
 from pyvmm.errors import LabError
 from pyvmm.lab.experiments import remedies as rem
+from pyvmm.lab.experiments import remedies_report as rep
 
 
 def sweep_row(variant, stall=None, cpu=3.0, assign=4.0, agrees=True, wall=None):
@@ -78,7 +79,7 @@ def test_rows_give_the_spread_between_lab_boots():
     assert fix["qemu_wait_ms"]["median"] == 14.0 and fix["qemu_paid_by"]
     kick = next(r for r in doc["rows"] if r["variant"] == "7.3+srcu-kick")
     assert kick["stalled_boots"] == 0 and kick["qemu_wait_ms"]["max"] == 0
-    text = rem.tables(doc)
+    text = rep.tables(doc)
     assert "| 7.3 (the fix) | 2 (multi-threaded) | 3 |" in text
     assert "14.00 (11.60-17.70) (1.4 (1.2-1.8)); 3 of 3" in text
 
@@ -88,13 +89,13 @@ def test_a_disagreeing_boot_marks_the_row():
     cells[1]["sweep_rows"][1]["agrees"] = False
     row = next(r for r in rem.rows(cells) if r["variant"] == "7.3")
     assert row["agrees"] is False
-    assert "**disagrees**" in rem.tables(doc_of(cells))
+    assert "**disagrees**" in rep.tables(doc_of(cells))
 
 
 def test_the_answers_come_from_the_rows():
     cells = (cells_at(100, 1, [12.0] * 3, rfc_cpu=40.0)
              + cells_at(100, 2, [12.0] * 3, rfc_cpu=3.0, cur_stall=3.0))
-    ans = rem.answers(doc_of(cells))
+    ans = rep.answers(doc_of(cells))
     rfc = [a for a in ans if "call_srcu_expedited" in a]
     assert len(rfc) == 2
     assert rfc[0].startswith("With 1 CPU at HZ=100") and \
@@ -113,24 +114,24 @@ def test_paying_is_judged_on_the_registrants_cpu_clock_over_every_lab_boot():
     cells = cells_at(100, 2, [15.0] * 3, rfc_cpu=25.0)
     for c in cells:
         c["sweep_rows"][0]["reg_wall_us"] = 80.0
-    assert "still makes registrations pay, in every lab boot" in rem.answers(doc_of(cells))[0]
+    assert "still makes registrations pay, in every lab boot" in rep.answers(doc_of(cells))[0]
     cells = cells_at(100, 2, [15.0] * 3, rfc_cpu=25.0)
     cells[0]["sweep_rows"][2]["reg_cpu_us"] = 2.5       # one lab boot under the fix's 3.0
-    assert "pay in the median lab boot (not in all 3)" in rem.answers(doc_of(cells))[0]
+    assert "pay in the median lab boot (not in all 3)" in rep.answers(doc_of(cells))[0]
     cells[1]["sweep_rows"][2]["reg_cpu_us"] = 2.9
-    assert "does not make registrations pay" in rem.answers(doc_of(cells))[0]
+    assert "does not make registrations pay" in rep.answers(doc_of(cells))[0]
 
 
 def test_the_report_replaces_only_its_block(tmp_path):
     doc = doc_of(cells_at(100, 1, [12.0] * 3, rfc_cpu=3.0))
     target = tmp_path / "remedies.md"
-    target.write_text("# Title\n\nwritten by hand before\n\n" + rem.BEGIN + "\nold\n"
-                      + rem.END + "\n\nwritten by hand after\n")
+    target.write_text("# Title\n\nwritten by hand before\n\n" + rep.BEGIN + "\nold\n"
+                      + rep.END + "\n\nwritten by hand after\n")
     (tmp_path / "run").mkdir()
-    paths = rem.write_report(doc, str(tmp_path / "run"), str(target))
+    paths = rep.write_report(doc, str(tmp_path / "run"), str(target))
     text = target.read_text()
     assert "old" not in text and "written by hand before" in text
-    assert text.endswith("written by hand after\n") and text.count(rem.BEGIN) == 1
+    assert text.endswith("written by hand after\n") and text.count(rep.BEGIN) == 1
     assert "### HZ=100 (10 ms jiffies)" in text
     assert (tmp_path / "run" / "remedies.md").read_text().startswith("# Remedies")
     assert paths[1] == str(target)
@@ -197,7 +198,7 @@ def test_the_console_tables_fit_80_columns_without_cutting_a_value():
                  + cells_at(100, 2, [12.0, 15.5, 17.25], rfc_cpu=4.0, cur_stall=3.0))
     buf = io.StringIO()
     con = Console(file=buf, width=80)
-    for g in rem.grids(doc):
+    for g in rep.grids(doc):
         con.print(g)
     out = buf.getvalue()
     assert max(len(line) for line in out.splitlines()) <= 80 and "…" not in out

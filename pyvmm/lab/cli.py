@@ -17,7 +17,7 @@ from .builds import kcheck
 from .builds.patch import load_patches
 from .builds.variant import parse_variant, parse_variants
 from .experiments import hosts as hosts_mod
-from .experiments import arguments, kernel_lab, matrix, options, remedies, vcpus
+from .experiments import arguments, kernel_lab, matrix, options, remedies, remedies_report, vcpus
 from .experiments.ready import check_available
 from .sources.debian import KERNEL_SPEC_FORMS
 
@@ -307,10 +307,10 @@ def cmd_remedies(args) -> int:
         console.print(f"{len(doc['builds'])} kernels ready ({len(built)} built) in "
                       f"{time.monotonic() - t0:.1f} s", highlight=False)
         return 0
-    paths = remedies.write_report(doc, out, args.doc)
-    for g in remedies.grids(doc):
+    paths = remedies_report.write_report(doc, out, args.doc)
+    for g in remedies_report.grids(doc):
         console.print(g)
-    for a in remedies.answers(doc):
+    for a in remedies_report.answers(doc):
         say(console, a)
     console.print(f"remedies wall time {time.monotonic() - t0:.1f} s; "
                   f"{os.path.join(out, 'remedies.json')}, {', '.join(paths)}",
