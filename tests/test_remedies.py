@@ -166,6 +166,49 @@ def test_resuming_takes_the_runs_seed_and_refuses_other_settings(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(LabError, match="no remedies.json"):
         rem._resumed_config(str(tmp_path / "empty"), old)
+    # a run without the Linux guest is not resumed with it (its traces have none)
+    with pytest.raises(LabError, match="linux_guest 0 here 2"):
+        rem._resumed_config(str(tmp_path), old, {"trace_repeats": 3, "linux_guest": 2})
+    (tmp_path / "remedies.json").write_text(json.dumps({"config": old.to_dict(),
+                                                        "trace_repeats": 3}))
+    assert rem._resumed_config(str(tmp_path), old, {"trace_repeats": 3,
+                                                    "linux_guest": 0}).seed == 77
+
+
+def test_the_linux_guests_boots_join_the_rows_and_the_tables():
+    """--linux-guest: the trace's lab boot also boots the Linux guest; its wait, who paid
+    it and its SRCU waits to /init join the row over lab boots, in a column of their own,
+    and a guest boot that disagrees with kernel-check marks the row."""
+    fix_kc = {"behaviour": "deferred", "mechanism": "call_srcu", "memslot_swap_waits": True,
+              "srcu_kick": False, "stall_expected": True}
+    kcs = {"7.3": fix_kc}
+    cells = []
+    for k, w in enumerate((4.4, 4.8, 5.1), 1):
+        guest = {"behaviour": "deferred", "agrees": True, "regression_ms": w,
+                 "longest_wait_ms": w, "paid_by": "KVM_IOEVENTFD deassign",
+                 "srcu_wait_to_init_ms": w + 0.2, "time_to_init_ms": 2400.0 + k}
+        tr = rem._cell_row({"variant": "7.3@hz100", "behaviour": "deferred", "agrees": True,
+                            "regression_ms": 15.0, "longest_wait_ms": 15.0,
+                            "paid_by": "KVM_IOEVENTFD deassign", "also": guest},
+                           "trace", "/", kcs)
+        assert tr["linux_wait_ms"] == w and "linux_agrees" not in tr and tr["agrees"]
+        cells.append({"hz": 100, "smp": 1, "boot": k, "tcg": "single-threaded",
+                      "sweep_rows": [sweep_row("7.3", stall=15.0)], "trace_rows": [tr]})
+    doc = dict(doc_of(cells), linux_guest=1, linux_workload=rem.LINUX_WORKLOAD)
+    (row,) = doc["rows"]
+    assert row["linux_wait_ms"] == {"median": 4.8, "min": 4.4, "max": 5.1, "n": 3}
+    assert row["linux_paid_by"] == "KVM_IOEVENTFD deassign"
+    text = rep.tables(doc)
+    assert rep.LINUX_HEADER in text and "4.80 (4.40-5.10), KVM_IOEVENTFD deassign" in text
+    assert "Linux guest" in rep.render(doc)
+    assert rep.LINUX_HEADER not in rep.tables(doc_of(cells_at(100, 1, [12.0] * 3, 3.0)))
+    # the guest measured no wait where kernel-check predicts one: the row disagrees
+    quiet = {"behaviour": "none", "agrees": True, "regression_ms": None,
+             "srcu_wait_to_init_ms": 0.1, "time_to_init_ms": 2400.0}
+    tr = rem._cell_row({"variant": "7.3@hz100", "behaviour": "deferred", "agrees": True,
+                        "regression_ms": 15.0, "longest_wait_ms": 15.0, "also": quiet},
+                       "trace", "/", kcs)
+    assert tr["agrees"] is False
 
 
 def test_agreement_is_judged_by_todays_kernel_check():

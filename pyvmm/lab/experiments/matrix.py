@@ -29,19 +29,27 @@ SHARE_NS = (100, 300, 1000)
 
 def run_matrix(variants: list[Variant], cfg: SweepConfig, base: LabOptions,
                ui: Ui | None = None, out_dir: str | None = None,
-               workload: str | None = None, repeats: int = 3) -> MultiRun:
+               workload: str | None = None, repeats: int = 3,
+               also: tuple[str, int] | None = None) -> MultiRun:
     """Run every variant with the same plan (or, with `workload`, trace that VMM's
-    start-up `repeats` times in each); returns the matrix document."""
+    start-up `repeats` times in each; `also`, (WORKLOAD, R): a second workload traced R
+    times in the same lab boot, its row under the key "also"); returns the matrix
+    document."""
     ui = ui or Ui()
+    traces = [f"trace:{workload}:{repeats}"] + ([f"trace:{also[0]}:{also[1]}"] if also else [])
 
     def run_one(opts: LabOptions) -> Finished:
         if workload:
-            return jobs.run_jobs(opts, [f"trace:{workload}:{repeats}"], ui)
+            return jobs.run_jobs(opts, traces, ui)
         return kernel_lab.run_lab(opts, cfg, ui)
 
     def row_of(v: Variant, run: Finished) -> dict:
         if workload:
-            return trace_row(v, run.doc, run.out_dir)
+            row = trace_row(v, run.doc, run.out_dir)
+            if also:
+                second = [r for r in run.doc["results"] if r["job"] == traces[1]]
+                row["also"] = trace_row(v, {**run.doc, "results": second}, run.out_dir)
+            return row
         # The run's evidence, as every row of a comparison shows it; the variant's name,
         # its patch and where its run.json lives around it.
         return {"variant": v.label, "patch": v.patch,
@@ -51,7 +59,8 @@ def run_matrix(variants: list[Variant], cfg: SweepConfig, base: LabOptions,
 
     return run_each(variants, base, ui, "matrix", SCHEMA, run_one, row_of, out_dir,
                     config=cfg.to_dict(), workload=workload,
-                    trace_repeats=repeats if workload else None)
+                    trace_repeats=repeats if workload else None,
+                    also=list(also) if also else None)
 
 
 def trace_row(variant: Variant, doc: dict, run_dir: str) -> dict:

@@ -48,6 +48,9 @@ DEFAULT_SMP = (1, 2)
 DEFAULT_NS = (0, 1, 32)
 DEFAULT_EMULATOR = "debian:trixie"
 TRACE_WORKLOAD = "qemu-microvm:0"
+# --linux-guest R: the lab's Linux guest booted to /init by the same QEMU, R times, in
+# the trace's lab boot (two virtio-blk devices of one queue each, as docs/linux-guest.md)
+LINUX_WORKLOAD = "linux-microvm:2x1"
 
 
 @dataclass(frozen=True)
@@ -71,7 +74,7 @@ def cells(hzs, smps, lab_boots: int) -> list[Cell]:
     return [Cell(hz, smp, k) for k in range(1, lab_boots + 1) for hz in hzs for smp in smps]
 
 
-def check(hzs, smps, lab_boots: int, trace_repeats: int) -> None:
+def check(hzs, smps, lab_boots: int, trace_repeats: int, linux_guest: int = 0) -> None:
     if not hzs:
         raise LabError("--hz is empty: give HZ values, e.g. 100,250,1000")
     for hz in hzs:
@@ -83,28 +86,38 @@ def check(hzs, smps, lab_boots: int, trace_repeats: int) -> None:
         raise LabError(f"--lab-boots {lab_boots}: give at least 1 (3 to see the spread)")
     if trace_repeats < 0:
         raise LabError(f"--trace-repeats {trace_repeats}: give 0 (no trace) or more")
+    if linux_guest < 0 or (linux_guest and not trace_repeats):
+        raise LabError(f"--linux-guest {linux_guest}: give 0 (none) or more, with "
+                       "--trace-repeats 1 or more (the guest boots in the trace's lab boot)")
 
 
 def options_for(base: LabOptions, smp: int) -> LabOptions:
     return replace(base, smp=smp, mttcg=smp > 1)
 
 
-def _resumed_config(out_dir: str, cfg: SweepConfig) -> SweepConfig:
+def _resumed_config(out_dir: str, cfg: SweepConfig, traces: dict | None = None) \
+        -> SweepConfig:
     """The sweep settings of the run being resumed: its seed, and a refusal when the
-    rest differ (its cells would not compare with the new ones)."""
+    rest differ, the traces' settings (`traces`) among them (its cells would not
+    compare with the new ones)."""
     path = os.path.join(out_dir, "remedies.json")
     if not os.path.isdir(out_dir):
         raise LabError(f"--resume {out_dir}: no such directory (give a remedies run's "
                        "directory, results/remedies-<time>)")
     try:
         with open(path) as f:
-            old = json.load(f)["config"]
+            whole = json.load(f)
+        old = whole["config"]
     except (OSError, ValueError, KeyError):
         raise LabError(f"--resume {out_dir}: no remedies.json there (give a remedies run's "
                        "directory)") from None
     cfg = replace(cfg, seed=old["seed"])
     new = cfg.to_dict()
     diff = [k for k in new if k in old and old[k] != new[k]]
+    for k, v in (traces or {}).items():
+        if whole.get(k, 0) != v:
+            old[k], new[k] = whole.get(k, 0), v
+            diff.append(k)
     if diff:
         raise LabError(f"--resume {out_dir}: that run used other settings ("
                        + ", ".join(f"{k} {old[k]} here {new[k]}" for k in diff)
@@ -136,24 +149,29 @@ def build_all(hzs, ui: Ui, install: bool = True) -> list[dict]:
 
 def run_remedies(hzs, smps, lab_boots: int, cfg: SweepConfig, base: LabOptions,
                  ui: Ui | None = None, out_dir: str | None = None,
-                 trace_repeats: int = 3, build_only: bool = False) -> tuple[dict, str]:
+                 trace_repeats: int = 3, build_only: bool = False,
+                 linux_guest: int = 0) -> tuple[dict, str]:
     """Every kernel built, then every cell (reusing the ones `out_dir` already finished);
     returns the document and its directory. The document is rewritten after every
-    matrix. `build_only`: the kernels, no cell."""
+    matrix. `build_only`: the kernels, no cell. `linux_guest` R: the lab's Linux guest
+    booted R times in each trace's lab boot too."""
     ui = ui or Ui()
-    check(hzs, smps, lab_boots, trace_repeats)
+    check(hzs, smps, lab_boots, trace_repeats, linux_guest)
     for hz in hzs:
         for smp in smps:
             check_variants(variants_at(hz), options_for(base, smp), ui)
     if out_dir:
-        cfg = _resumed_config(out_dir, cfg)
+        cfg = _resumed_config(out_dir, cfg, {"trace_repeats": trace_repeats,
+                                             "linux_guest": linux_guest})
     out_dir = out_dir or new_run_dir(base.out, "remedies")
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "remedies.json")
     doc = envelope(SCHEMA, None, status="running", finished=None, hz=list(hzs),
                    smp=list(smps), lab_boots=lab_boots, emulator=base.emulator,
                    trace_workload=TRACE_WORKLOAD if trace_repeats else None,
-                   trace_repeats=trace_repeats, config=cfg.to_dict(),
+                   trace_repeats=trace_repeats, linux_guest=linux_guest,
+                   linux_workload=LINUX_WORKLOAD if linux_guest else None,
+                   config=cfg.to_dict(),
                    remedies=[{"variant": b, "name": n, "what": w} for b, n, w in REMEDIES],
                    cells=[], rows=[], timings={})
 
@@ -181,7 +199,9 @@ def run_remedies(hzs, smps, lab_boots: int, cfg: SweepConfig, base: LabOptions,
                     seeded = replace(cfg, seed=(cfg.seed + c.boot) & 0xFFFFFFFF)
                     run = run_matrix(variants_at(c.hz), seeded, opts, ui, out_dir=d,
                                      workload=TRACE_WORKLOAD if kind == "trace" else None,
-                                     repeats=trace_repeats)
+                                     repeats=trace_repeats,
+                                     also=((LINUX_WORKLOAD, linux_guest)
+                                           if linux_guest and kind == "trace" else None))
                     done = run.doc
                 else:
                     ui.log(f"[{i + 1}/{len(todo)}] {c.key} {kind}: reused")
@@ -242,10 +262,15 @@ def _cell_row(r: dict, kind: str, out_dir: str, kcs: dict) -> dict:
         if agrees is not None and base in kcs:
             stall = r.get("longest_wait_ms") if r.get("behaviour") == "deferred" else None
             agrees = _agrees(kcs[base], r.get("behaviour"), stall)
-        return {"variant": base, "behaviour": r.get("behaviour"), "agrees": agrees,
-                "qemu_wait_ms": r.get("regression_ms") or 0.0,
-                "qemu_paid_by": r.get("paid_by"), "qemu_srcu_ms": r.get("srcu_wait_ms"),
-                "qemu_startup_ms": r.get("startup_ms"), "qemu": r.get("qemu")}
+        out = {"variant": base, "behaviour": r.get("behaviour"), "agrees": agrees,
+               "qemu_wait_ms": r.get("regression_ms") or 0.0,
+               "qemu_paid_by": r.get("paid_by"), "qemu_srcu_ms": r.get("srcu_wait_ms"),
+               "qemu_startup_ms": r.get("startup_ms"), "qemu": r.get("qemu")}
+        if r.get("also"):
+            out.update(_linux_row(r["also"], kcs.get(base)))
+            if out.pop("linux_agrees") is False:
+                out["agrees"] = False
+        return out
     a = (r.get("per_op_us") or {}).get("assign") or {}
     run_json = r["run"] if os.path.isabs(r["run"]) else os.path.join(out_dir, r["run"])
     with open(run_json) as f:
@@ -269,11 +294,25 @@ def _cell_row(r: dict, kind: str, out_dir: str, kcs: dict) -> dict:
             **_registration_times(run)}
 
 
+def _linux_row(g: dict, kc: dict | None) -> dict:
+    """The Linux guest's boots in a trace's lab boot: the regression's wait and who paid
+    it, every SRCU wait before /init, time to init, and agreement with kernel-check."""
+    agrees = g.get("agrees")
+    if agrees is not None and kc:
+        stall = g.get("longest_wait_ms") if g.get("behaviour") == "deferred" else None
+        agrees = _agrees(kc, g.get("behaviour"), stall)
+    init = g.get("time_to_init_ms")
+    return {"linux_wait_ms": g.get("regression_ms") or 0.0, "linux_paid_by": g.get("paid_by"),
+            "linux_srcu_to_init_ms": g.get("srcu_wait_to_init_ms"),
+            "linux_init_s": None if init is None else init / 1e3, "linux_agrees": agrees}
+
+
 # --- rows: one per (remedy, HZ, CPUs), over the lab boots --------------------------------
 
 SPREAD_KEYS = ("assign_us", "assign_mean_us", "assign_p90_us", "eexist_us", "reg_wall_us",
                "reg_cpu_us", "reg_cpu_mean_us", "stall_ms", "stall_jiffies",
-               "qemu_wait_ms", "qemu_srcu_ms")
+               "qemu_wait_ms", "qemu_srcu_ms", "linux_wait_ms", "linux_srcu_to_init_ms",
+               "linux_init_s")
 
 
 def spread(xs: list[float]) -> dict | None:
@@ -304,6 +343,8 @@ def rows(cells_: list[dict]) -> list[dict]:
                                          if r.get("qemu_paid_by")), None),
                    "qemu_behaviours": sorted({r["behaviour"] for r in trace
                                               if r.get("behaviour")}),
+                   "linux_paid_by": next((r["linux_paid_by"] for r in trace
+                                          if r.get("linux_paid_by")), None),
                    "kernel_check": next((r["kernel_check"] for r in sweep), None),
                    "agrees": all(r.get("agrees") is not False for r in sweep + trace)}
             for k in SPREAD_KEYS:

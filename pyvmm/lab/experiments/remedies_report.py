@@ -33,10 +33,22 @@ def _med(sp: dict | None) -> float | None:
 HEADERS = ("remedy", "CPUs", "lab boots", "assign us: median, mean, p90",
            "per registration us: wall, registrant's CPU", "stall ms (jiffies); boots with one",
            "QEMU start-up: wait ms, paid by", "verdict; kernel-check")
+LINUX_HEADER = ("Linux guest to /init: the regression's wait ms, paid by; every SRCU wait "
+                "ms; time to init s")
 
 
-def _cells(r: dict) -> list[str]:
-    """One row's values, as the Markdown table and the console's table show them."""
+def _linux(doc: dict) -> bool:
+    """Whether the run booted the Linux guest (lab remedies --linux-guest)."""
+    return any(r.get("linux_srcu_to_init_ms") for r in doc["rows"])
+
+
+def _headers(doc: dict) -> tuple[str, ...]:
+    return HEADERS + ((LINUX_HEADER,) if _linux(doc) else ())
+
+
+def _cells(r: dict, linux: bool = False) -> list[str]:
+    """One row's values, as the Markdown table and the console's table show them;
+    `linux`: with the Linux guest's column."""
     stall = ("none" if not r["stalled_boots"] else
              f"{_s(r['stall_ms'])} ({_s(r['stall_jiffies'], '{:.1f}')}); "
              f"{r['stalled_boots']} of {r['lab_boots']}")
@@ -47,7 +59,16 @@ def _cells(r: dict) -> list[str]:
     return [f"{r['variant']} ({r['name']})", f"{r['smp']} ({r['tcg']})", str(r["lab_boots"]),
             f"{_s(r['assign_us'])}, {_s(r['assign_mean_us'])}, {_s(r['assign_p90_us'])}",
             f"{_s(r['reg_wall_us'], '{:.1f}')}, {_s(r['reg_cpu_us'], '{:.1f}')}", stall, qemu,
-            f"{', '.join(r['verdicts']) or '-'}; {r['kernel_check'] or '-'}, {agree}"]
+            f"{', '.join(r['verdicts']) or '-'}; {r['kernel_check'] or '-'}, {agree}"] + (
+                [_linux_cell(r)] if linux else [])
+
+
+def _linux_cell(r: dict) -> str:
+    w = r.get("linux_wait_ms")
+    wait = ("-" if w is None else "none" if not w["median"] and w["max"] == 0
+            else f"{_s(w)}, {r.get('linux_paid_by') or '?'}")
+    return (f"{wait}; {_s(r.get('linux_srcu_to_init_ms'))}; "
+            f"{_s(r.get('linux_init_s'), '{:.1f}')}")
 
 
 def _hz_title(hz: int) -> str:
@@ -61,9 +82,10 @@ def tables(doc: dict) -> str:
         mine = [r for r in doc["rows"] if r["hz"] == hz]
         if not mine:
             continue
-        out += [f"### {_hz_title(hz)}", "", "| " + " | ".join(HEADERS) + " |",
-                "|" + "---|" * len(HEADERS)]
-        out += ["| " + " | ".join(_cells(r)) + " |" for r in mine]
+        heads = _headers(doc)
+        out += [f"### {_hz_title(hz)}", "", "| " + " | ".join(heads) + " |",
+                "|" + "---|" * len(heads)]
+        out += ["| " + " | ".join(_cells(r, _linux(doc))) + " |" for r in mine]
         out.append("")
     return "\n".join(out)
 
@@ -77,10 +99,10 @@ def grids(doc: dict) -> list[Grid]:
             continue
         g = Grid(title=f"lab remedies, {_hz_title(hz)}", keys=2,
                  continued=f"lab remedies, HZ={hz} (continued)")
-        for h in HEADERS:
+        for h in _headers(doc):
             g.add_column(h)
         for r in mine:
-            g.add_row(*[c.replace("**", "") for c in _cells(r)])
+            g.add_row(*[c.replace("**", "") for c in _cells(r, _linux(doc))])
         out.append(g)
     return out
 
@@ -147,6 +169,11 @@ def render(doc: dict) -> str:
             "stall: the step after the registrations less the same step with none; QEMU "
             "start-up: the SRCU wait the regression cost QEMU's start-up in the lab "
             "kernel (its probe's ioeventfds).")
+    if _linux(doc):
+        head += (f" Linux guest: the lab's Linux guest ({doc.get('linux_workload')}) booted "
+                 f"to /init {doc.get('linux_guest')} time(s) per lab boot by the same QEMU: "
+                 "the regression's wait and the ioctl that paid it, every kvm->srcu wait "
+                 "before /init, and the time to /init (TCG's, so noise: docs/linux-guest.md).")
     text = [BEGIN, "", head, "", tables(doc)]
     ans = answers(doc)
     if ans:
