@@ -107,14 +107,21 @@ def grids(doc: dict) -> list[Grid]:
     return out
 
 
+# a registration pays for its grace period when the registrant's own CPU clock is more
+# than this much above the fix's greatest over the lab boots (noise between lab boots of
+# one kernel is a few percent)
+PAYS_MARGIN = 1.1
+
+
 def _pays(rfc_cpu: dict, fix_cpu: dict) -> str:
     """Whether registrations pay for their grace period's work, judged on the registering
     thread's own CPU clock (the question asked: CPU time, which a slow or bimodal wall
-    time on two emulated CPUs does not blur) against the fix's, over the lab boots: more
-    than the fix's greatest in every lab boot, in the median one, or not."""
-    if rfc_cpu["min"] > fix_cpu["max"]:
+    time on two emulated CPUs does not blur) against the fix's greatest over the lab
+    boots, with a 10% margin: in every lab boot, in the median one, or not."""
+    bar = fix_cpu["max"] * PAYS_MARGIN
+    if rfc_cpu["min"] > bar:
         return "still makes registrations pay, in every lab boot"
-    if rfc_cpu["median"] > fix_cpu["max"]:
+    if rfc_cpu["median"] > bar:
         return (f"still makes registrations pay in the median lab boot (not in all "
                 f"{rfc_cpu['n']})")
     return "does not make registrations pay"
