@@ -59,6 +59,19 @@ def test_cells_put_every_configuration_once_before_any_twice():
         "7.3+srcu-expedite-current@hz100", "7.3+srcu-kick@hz100"]
 
 
+def test_the_arm64_remedies_are_the_same_five_and_run_without_the_trace():
+    from pyvmm.lab.arch import get_arch
+    arm = get_arch("arm64")
+    assert [v.label for v in rem.variants_at(250, arm)][:2] == ["arm64:6.1@hz250",
+                                                                 "arm64:7.3@hz250"]
+    with pytest.raises(LabError, match="--trace-repeats 0"):
+        rem.check((250,), (2,), 3, 3, 0, arm)
+    rem.check((250,), (1, 2), 3, 0, 0, arm)
+    row = rem._cell_row({"variant": "arm64:7.3+srcu-kick@hz250", "behaviour": "none",
+                         "agrees": None}, "trace", "/", {})
+    assert row["variant"] == "7.3+srcu-kick"
+
+
 @pytest.mark.parametrize("args,match", [
     (((), (1,), 3, 3), "--hz is empty"),
     (((123,), (1,), 3, 3), "123"),

@@ -289,18 +289,23 @@ def cmd_matrix(args) -> int:
 
 def cmd_remedies(args) -> int:
     hzs, smps = int_list(args.hz), int_list(args.smp)
-    if get_arch(args.arch).name != "x86_64":
-        raise LabError(f"--arch {args.arch}: lab remedies runs on x86_64 (the remedies are "
-                       "built for x86 lab kernels); for arm64 use lab matrix --arch arm64")
-    base = arguments.lab_options(args, parse_variant("7.3"), smp=1)
+    arch = get_arch(args.arch)
+    if arch.cross_prefix:
+        # arm64: this host's qemu-system-aarch64 (multi-threaded TCG is its default for an
+        # aarch64 guest); a Debian suite's QEMU is fetched for x86 only
+        if args.emulator not in (None, remedies.DEFAULT_EMULATOR):
+            raise LabError(f"--emulator {args.emulator}: the arm64 lab runs this host's "
+                           "qemu-system-aarch64; leave --emulator out")
+        args.emulator = None
+    base = arguments.lab_options(args, parse_variant("7.3", arch=arch), smp=1)
     cfg = arguments.sweep_config(args)
-    remedies.check(hzs, smps, args.lab_boots, args.trace_repeats, args.linux_guest)
+    remedies.check(hzs, smps, args.lab_boots, args.trace_repeats, args.linux_guest, arch)
     n = len(remedies.cells(hzs, smps, args.lab_boots))
     console.print(f"pyvmm lab remedies: {len(remedies.REMEDIES)} variants x HZ "
                   f"{args.hz} x CPUs {args.smp} x {args.lab_boots} lab boots ({n} cells, "
                   f"each a sweep{' and a trace' if args.trace_repeats else ''}"
                   f"{' with the Linux guest' if args.linux_guest else ''} of every "
-                  f"variant), emulator {args.emulator}", highlight=False)
+                  f"variant), emulator {args.emulator or arch.qemu}", highlight=False)
     t0 = time.monotonic()
     with _progress(console) as prog:
         doc, out = remedies.run_remedies(hzs, smps, args.lab_boots, cfg, base, options.RichUi(prog),

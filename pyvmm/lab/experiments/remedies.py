@@ -26,6 +26,7 @@ from ...analysis.plan import SweepConfig
 from ...errors import LabError
 from ...results import envelope, finishing, new_run_dir, write_json_atomic
 from ..builds import kcheck
+from ..arch import X86_64, Arch
 from ..builds.variant import Variant, parse_variant
 from . import ready
 from .matrix import run_matrix
@@ -64,8 +65,8 @@ class Cell:
         return f"hz{self.hz}-smp{self.smp}-b{self.boot}"
 
 
-def variants_at(hz: int) -> list[Variant]:
-    return [parse_variant(f"{base}@hz{hz}") for base, _, _ in REMEDIES]
+def variants_at(hz: int, arch: Arch = X86_64) -> list[Variant]:
+    return [parse_variant(f"{base}@hz{hz}", arch=arch) for base, _, _ in REMEDIES]
 
 
 def cells(hzs, smps, lab_boots: int) -> list[Cell]:
@@ -74,7 +75,8 @@ def cells(hzs, smps, lab_boots: int) -> list[Cell]:
     return [Cell(hz, smp, k) for k in range(1, lab_boots + 1) for hz in hzs for smp in smps]
 
 
-def check(hzs, smps, lab_boots: int, trace_repeats: int, linux_guest: int = 0) -> None:
+def check(hzs, smps, lab_boots: int, trace_repeats: int, linux_guest: int = 0,
+          arch: Arch = X86_64) -> None:
     if not hzs:
         raise LabError("--hz is empty: give HZ values, e.g. 100,250,1000")
     for hz in hzs:
@@ -86,12 +88,19 @@ def check(hzs, smps, lab_boots: int, trace_repeats: int, linux_guest: int = 0) -
         raise LabError(f"--lab-boots {lab_boots}: give at least 1 (3 to see the spread)")
     if trace_repeats < 0:
         raise LabError(f"--trace-repeats {trace_repeats}: give 0 (no trace) or more")
+    if arch.cross_prefix and trace_repeats:
+        raise LabError(f"lab remedies --arch {arch.debian}: the QEMU start-up trace runs "
+                       "pyvmm inside the lab kernel, which needs a Python runtime of the "
+                       "lab's architecture: give --trace-repeats 0 (the sweep alone)")
     if linux_guest < 0 or (linux_guest and not trace_repeats):
         raise LabError(f"--linux-guest {linux_guest}: give 0 (none) or more, with "
                        "--trace-repeats 1 or more (the guest boots in the trace's lab boot)")
 
 
 def options_for(base: LabOptions, smp: int) -> LabOptions:
+    """More than one CPU runs multi-threaded TCG: for x86 under a Debian suite's QEMU
+    (the emulator), for arm64 under this host's qemu-system-aarch64, where it is QEMU's
+    own default for an aarch64 guest."""
     return replace(base, smp=smp, mttcg=smp > 1)
 
 
@@ -134,11 +143,11 @@ def _finished(path: str) -> dict | None:
     return doc if doc.get("status") == "complete" else None
 
 
-def build_all(hzs, ui: Ui, install: bool = True) -> list[dict]:
+def build_all(hzs, ui: Ui, install: bool = True, arch: Arch = X86_64) -> list[dict]:
     """Every variant's whole kernel at every HZ, built (or found in the cache) before the
     first lab boot, so that the cells run back to back."""
     out = []
-    todo = [v for hz in hzs for v in variants_at(hz)]
+    todo = [v for hz in hzs for v in variants_at(hz, arch)]
     for i, v in enumerate(todo):
         ui.stage(f"kernel build {i + 1}/{len(todo)} ({v.label})")
         cached, secs = ready.build_kernel(v, ui, install)
@@ -156,10 +165,11 @@ def run_remedies(hzs, smps, lab_boots: int, cfg: SweepConfig, base: LabOptions,
     matrix. `build_only`: the kernels, no cell. `linux_guest` R: the lab's Linux guest
     booted R times in each trace's lab boot too."""
     ui = ui or Ui()
-    check(hzs, smps, lab_boots, trace_repeats, linux_guest)
+    arch = base.variant.arch
+    check(hzs, smps, lab_boots, trace_repeats, linux_guest, arch)
     for hz in hzs:
         for smp in smps:
-            check_variants(variants_at(hz), options_for(base, smp), ui)
+            check_variants(variants_at(hz, arch), options_for(base, smp), ui)
     if out_dir:
         cfg = _resumed_config(out_dir, cfg, {"trace_repeats": trace_repeats,
                                              "linux_guest": linux_guest})
@@ -168,6 +178,7 @@ def run_remedies(hzs, smps, lab_boots: int, cfg: SweepConfig, base: LabOptions,
     path = os.path.join(out_dir, "remedies.json")
     doc = envelope(SCHEMA, None, status="running", finished=None, hz=list(hzs),
                    smp=list(smps), lab_boots=lab_boots, emulator=base.emulator,
+                   arch=arch.debian,
                    trace_workload=TRACE_WORKLOAD if trace_repeats else None,
                    trace_repeats=trace_repeats, linux_guest=linux_guest,
                    linux_workload=LINUX_WORKLOAD if linux_guest else None,
@@ -181,7 +192,7 @@ def run_remedies(hzs, smps, lab_boots: int, cfg: SweepConfig, base: LabOptions,
     todo = [] if build_only else cells(hzs, smps, lab_boots)
     with finishing(doc, save, doc["timings"], time.monotonic()):
         t = time.monotonic()
-        doc["builds"] = build_all(hzs, ui, base.install)
+        doc["builds"] = build_all(hzs, ui, base.install, arch)
         doc["timings"]["builds_s"] = round(time.monotonic() - t, 1)
         save()
         for i, c in enumerate(todo):
@@ -197,7 +208,7 @@ def run_remedies(hzs, smps, lab_boots: int, cfg: SweepConfig, base: LabOptions,
                 if done is None:
                     ui.log(f"[{i + 1}/{len(todo)}] {c.key} {kind}")
                     seeded = replace(cfg, seed=(cfg.seed + c.boot) & 0xFFFFFFFF)
-                    run = run_matrix(variants_at(c.hz), seeded, opts, ui, out_dir=d,
+                    run = run_matrix(variants_at(c.hz, arch), seeded, opts, ui, out_dir=d,
                                      workload=TRACE_WORKLOAD if kind == "trace" else None,
                                      repeats=trace_repeats,
                                      also=((LINUX_WORKLOAD, linux_guest)
@@ -256,7 +267,7 @@ def _agrees(kc: dict | None, behaviour: str | None, stall_ms: float | None,
 def _cell_row(r: dict, kind: str, out_dir: str, kcs: dict) -> dict:
     """One variant's figures from one matrix of a cell. `kcs`: the kernel-checks the
     cell's sweep read (the sweep runs first; the trace boots the same builds)."""
-    base = r["variant"].split("@", 1)[0]
+    base = r["variant"].split("@", 1)[0].split(":")[-1]      # arm64:7.3@hz250 -> 7.3
     if kind == "trace":
         agrees = r.get("agrees")
         if agrees is not None and base in kcs:
