@@ -59,6 +59,16 @@ def test_cells_put_every_configuration_once_before_any_twice():
         "7.3+srcu-expedite-current@hz100", "7.3+srcu-kick@hz100"]
 
 
+def test_a_run_without_the_trace_has_no_qemu_column():
+    doc = dict(doc_of(cells_at(250, 2, [6.5] * 3, rfc_cpu=40.0)), trace_repeats=0)
+    text = rep.tables(doc)
+    assert "QEMU start-up" not in text and "no QEMU start-up trace" in rep.render(doc)
+    header = next(line for line in text.splitlines() if line.startswith("| remedy"))
+    row = next(line for line in text.splitlines() if line.startswith("| 7.3 (the fix)"))
+    assert header.count("|") == row.count("|") == len(rep.HEADERS)
+    assert "QEMU start-up" in rep.tables(doc_of(cells_at(250, 2, [6.5] * 3, rfc_cpu=4.0)))
+
+
 def test_the_arm64_remedies_are_the_same_five_and_run_without_the_trace():
     from pyvmm.lab.arch import get_arch
     arm = get_arch("arm64")

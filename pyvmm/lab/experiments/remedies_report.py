@@ -42,8 +42,23 @@ def _linux(doc: dict) -> bool:
     return any(r.get("linux_srcu_to_init_ms") for r in doc["rows"])
 
 
+QEMU_COLUMN = HEADERS.index("QEMU start-up: wait ms, paid by")
+
+
+def _traced(doc: dict) -> bool:
+    """Whether the run traced QEMU's start-up (not with --trace-repeats 0, nor on arm64)."""
+    return bool(doc.get("trace_repeats", 1))
+
+
 def _headers(doc: dict) -> tuple[str, ...]:
-    return HEADERS + ((LINUX_HEADER,) if _linux(doc) else ())
+    heads = HEADERS + ((LINUX_HEADER,) if _linux(doc) else ())
+    return heads if _traced(doc) else heads[:QEMU_COLUMN] + heads[QEMU_COLUMN + 1:]
+
+
+def _row(doc: dict, r: dict) -> list[str]:
+    """A row's cells for this run's columns."""
+    cells = _cells(r, _linux(doc))
+    return cells if _traced(doc) else cells[:QEMU_COLUMN] + cells[QEMU_COLUMN + 1:]
 
 
 def _cells(r: dict, linux: bool = False) -> list[str]:
@@ -85,7 +100,7 @@ def tables(doc: dict) -> str:
         heads = _headers(doc)
         out += [f"### {_hz_title(hz)}", "", "| " + " | ".join(heads) + " |",
                 "|" + "---|" * len(heads)]
-        out += ["| " + " | ".join(_cells(r, _linux(doc))) + " |" for r in mine]
+        out += ["| " + " | ".join(_row(doc, r)) + " |" for r in mine]
         out.append("")
     return "\n".join(out)
 
@@ -102,7 +117,7 @@ def grids(doc: dict) -> list[Grid]:
         for h in _headers(doc):
             g.add_column(h)
         for r in mine:
-            g.add_row(*[c.replace("**", "") for c in _cells(r, _linux(doc))])
+            g.add_row(*[c.replace("**", "") for c in _row(doc, r)])
         out.append(g)
     return out
 
@@ -173,9 +188,10 @@ def render(doc: dict) -> str:
             "assign's wall time in the control recipe (single-op samples); per registration: "
             "the control recipe's ioeventfd phase over its registrations, in wall time and "
             "in the registering thread's CPU clock; "
-            "stall: the step after the registrations less the same step with none; QEMU "
-            "start-up: the SRCU wait the regression cost QEMU's start-up in the lab "
-            "kernel (its probe's ioeventfds).")
+            "stall: the step after the registrations less the same step with none"
+            + ("; QEMU start-up: the SRCU wait the regression cost QEMU's start-up in the "
+               "lab kernel (its probe's ioeventfds)." if _traced(doc) else
+               " (no QEMU start-up trace in this run)."))
     if _linux(doc):
         head += (f" Linux guest: the lab's Linux guest ({doc.get('linux_workload')}) booted "
                  f"to /init {doc.get('linux_guest')} time(s) per lab boot by the same QEMU: "
