@@ -60,10 +60,30 @@ def sys_exit(body: str) -> tuple[int, int] | None:
     return (int(e.group(1)), int(e.group(2))) if e else None
 
 
+# sched_switch's body: "prev_comm=C prev_pid=P ... prev_state=S ==> next_comm=C next_pid=P"
+_SWITCH = re.compile(r"(?:prev_comm=(.*?) )?prev_pid=(\d+) .*?prev_state=(\S+) ==> "
+                     r"next_comm=(.*?) next_pid=(\d+)")
+
+
+def sched_switch(body: str) -> tuple[str | None, int, str, str, int] | None:
+    """A sched_switch body -> (prev_comm, prev_pid, prev_state, next_comm, next_pid)."""
+    m = _SWITCH.search(body)
+    if not m:
+        return None
+    return m.group(1), int(m.group(2)), m.group(3), m.group(4), int(m.group(5))
+
+
 def calibration_mark(body: str) -> tuple[int, int] | None:
     """A trace_marker write of Session.mark -> (k, CLOCK_MONOTONIC ns)."""
     k = _MARK.search(body)
     return (int(k.group(1)), int(k.group(2))) if k else None
+
+
+def calibration_marks(events) -> list[tuple[int, float, int]]:
+    """(k, trace timestamp, CLOCK_MONOTONIC ns) of each calibration mark among parsed
+    events (parse_events), for ns_per_tick."""
+    return [(k[0], e.ts, k[1]) for e in events if e.name == "tracing_mark_write"
+            for k in [calibration_mark(e.body)] if k]
 
 
 def ns_per_tick(clock: str, marks) -> float:

@@ -39,8 +39,6 @@ _FUNC = re.compile(r"function[= ](\w+)")
 _WORK = re.compile(r"work struct[= ]?(?:0x)?([0-9a-f]+)")
 _QCPU = re.compile(r"\bcpu=(\d+)")
 _WQ = re.compile(r"workqueue=(\S+)")
-_SWITCH = re.compile(r"prev_comm=(.*?) prev_pid=(\d+) .*?prev_state=(\S+) ==> "
-                     r"next_comm=(.*?) next_pid=(\d+)")
 _MARK = re.compile(rf"({BEGIN}|{END}) (\d+)")
 
 
@@ -94,16 +92,16 @@ def _window(evs: list, k: int, tid: int, cpu: int, scale: float) -> dict:
                 work[f"{where}_ns"] += (e.ts - start[0]) * scale
                 functions[start[1]] = functions.get(start[1], 0) + 1
         elif e.name == "sched_switch":
-            s = _SWITCH.search(e.body)
-            if not s:
+            sw = tracefs.sched_switch(e.body)
+            if not sw:
                 continue
-            if int(s.group(2)) == tid:
-                preempted = s.group(3).startswith("R")
-                switches["preempted" if preempted else "slept"] += 1
-                to = _kind(s.group(4))
+            _, prev, state, nxt_comm, nxt = sw
+            if prev == tid:
+                switches["preempted" if state.startswith("R") else "slept"] += 1
+                to = _kind(nxt_comm)
                 switches["to"][to] = switches["to"].get(to, 0) + 1
                 out_since = e.ts
-            elif int(s.group(5)) == tid and out_since is not None:
+            elif nxt == tid and out_since is not None:
                 switches["off_cpu_ns"] += (e.ts - out_since) * scale
                 out_since = None
     for (c, _), (start, fn) in running.items():     # still running at the window's end
@@ -149,9 +147,7 @@ def run(n: int = 32, repeats: int = 5, cpu: int | None = None) -> dict:
     finally:
         os.sched_setaffinity(0, old)
     events = tracefs.parse_events(text)
-    marks = [(c[0], e.ts, c[1]) for e in events if e.name == "tracing_mark_write"
-             for c in [tracefs.calibration_mark(e.body)] if c]
-    scale = tracefs.ns_per_tick(inst.clock, marks)
+    scale = tracefs.ns_per_tick(inst.clock, tracefs.calibration_marks(events))
     windows = summarize(events, tid, cpu, scale)
     if len(windows) != repeats:
         raise PyvmmError(f"gpwork: {len(windows)} of {repeats} traced windows came back "

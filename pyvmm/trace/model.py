@@ -17,7 +17,6 @@ from . import ioctls
 
 NR_CLOSE, NR_IOCTL = 3, 16
 
-_SWITCH = re.compile(r"prev_pid=(\d+) .*?prev_state=(\S+) ==> next_comm=.*? next_pid=(\d+)")
 _PID = re.compile(r"\bpid=(\d+)")
 _CHILD = re.compile(r"child_pid=(\d+)")
 _EXEC = re.compile(r"filename=(\S+) pid=(\d+)")
@@ -265,10 +264,10 @@ class _Builder:
             self.first_run = call.t_in
 
     def switch(self, ev, t, tid, tgid) -> None:
-        m = _SWITCH.search(ev.body)
-        if not m:
+        sw = tracefs.sched_switch(ev.body)
+        if not sw:
             return
-        prev, state, nxt = int(m.group(1)), m.group(2), int(m.group(3))
+        _, prev, state, _, nxt = sw
         call = self.open_call.get(prev)
         if call is not None and prev not in self.asleep:
             self.asleep[prev] = (call, Sleep(t, state.rstrip("+")[:1] or "R", ev.stack), ev)

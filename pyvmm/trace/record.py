@@ -179,12 +179,7 @@ def _model(rec: Recording, port: int | None, released: int) -> None:
     """The start-up from the recorded text: events, clock scale, the model, the release
     and reap milestones, and a note when the uprobe saw nothing."""
     rec.events = tracefs.parse_events(rec.text)
-    marks = []
-    for e in rec.events:
-        if e.name == "tracing_mark_write":
-            k = tracefs.calibration_mark(e.body)
-            if k:
-                marks.append((k[0], e.ts, k[1]))
+    marks = tracefs.calibration_marks(rec.events)
     rec.scale = tracefs.ns_per_tick(rec.clock, marks)
     rec.startup = model.build(rec.events, rec.scale, rec.pid, port)
     cal = [(ts, mono) for k, ts, mono in marks if k == 0]

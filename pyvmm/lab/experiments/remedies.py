@@ -269,11 +269,8 @@ def _cell_row(r: dict, kind: str, out_dir: str, kcs: dict) -> dict:
     cell's sweep read (the sweep runs first; the trace boots the same builds)."""
     base = r["variant"].split("@", 1)[0].split(":")[-1]      # arm64:7.3@hz250 -> 7.3
     if kind == "trace":
-        agrees = r.get("agrees")
-        if agrees is not None and base in kcs:
-            stall = r.get("longest_wait_ms") if r.get("behaviour") == "deferred" else None
-            agrees = _agrees(kcs[base], r.get("behaviour"), stall)
-        out = {"variant": base, "behaviour": r.get("behaviour"), "agrees": agrees,
+        out = {"variant": base, "behaviour": r.get("behaviour"),
+               "agrees": _trace_agrees(r, kcs.get(base)),
                "qemu_wait_ms": r.get("regression_ms") or 0.0,
                "qemu_paid_by": r.get("paid_by"), "qemu_srcu_ms": r.get("srcu_wait_ms"),
                "qemu_startup_ms": r.get("startup_ms"), "qemu": r.get("qemu")}
@@ -308,14 +305,21 @@ def _cell_row(r: dict, kind: str, out_dir: str, kcs: dict) -> dict:
 def _linux_row(g: dict, kc: dict | None) -> dict:
     """The Linux guest's boots in a trace's lab boot: the regression's wait and who paid
     it, every SRCU wait before /init, time to init, and agreement with kernel-check."""
-    agrees = g.get("agrees")
-    if agrees is not None and kc:
-        stall = g.get("longest_wait_ms") if g.get("behaviour") == "deferred" else None
-        agrees = _agrees(kc, g.get("behaviour"), stall)
     init = g.get("time_to_init_ms")
     return {"linux_wait_ms": g.get("regression_ms") or 0.0, "linux_paid_by": g.get("paid_by"),
             "linux_srcu_to_init_ms": g.get("srcu_wait_to_init_ms"),
-            "linux_init_s": None if init is None else init / 1e3, "linux_agrees": agrees}
+            "linux_init_s": None if init is None else init / 1e3,
+            "linux_agrees": _trace_agrees(g, kc)}
+
+
+def _trace_agrees(r: dict, kc: dict | None):
+    """A traced start-up's row (matrix.trace_row) judged again against the kernel-check
+    the cell's sweep read, by today's rule; the row's own word when there is none (or it
+    had nothing to compare: a VMM that registered no ioeventfd)."""
+    if r.get("agrees") is None or not kc:
+        return r.get("agrees")
+    stall = r.get("longest_wait_ms") if r.get("behaviour") == "deferred" else None
+    return _agrees(kc, r.get("behaviour"), stall)
 
 
 # --- rows: one per (remedy, HZ, CPUs), over the lab boots --------------------------------
