@@ -617,6 +617,24 @@ def test_a_stall_paid_by_the_first_deassign_counts_for_the_agreement():
     assert stats.regressions(v) == ["stall"] and v.stall_ns is None
 
 
+def test_a_slow_first_deassign_on_a_sync_kernel_is_not_a_stall():
+    """6.1 waits for a grace period in every assign and every deassign, so nothing is left
+    pending for the first deassign. Two lab runs at once on a loaded host gave 6.1 a first
+    deassign 2.17 ms over the later ones; that is the wait's noise, not the fix's stall,
+    and kernel-check (no stall predicted) still agrees."""
+    old = {"behaviour": "sync", "stall_expected": False}
+    noisy = 2_173_000
+    got = stats.kernel_check_agreement(old, "sync", None, noisy)
+    assert got["agrees"] and got["stall_seen"] is False
+    # a step's stall still counts on a sync kernel, and the rule for a deferred one stands
+    assert not stats.kernel_check_agreement(old, "sync", 5e6, None)["agrees"]
+    assert not stats.kernel_check_agreement(
+        {"behaviour": "deferred", "stall_expected": False}, "deferred", None, noisy)["agrees"]
+    v = stats.verdict([40e3] * 5, [2e3] * 5, [35e3] * 5,
+                      deassigns_per_boot=[[noisy + 35e3, 35e3, 35e3]] * 3)
+    assert v.behaviour == "sync" and stats.regressions(v) == ["sync-on-register"]
+
+
 def test_kernel_check_of_a_whole_image_sees_a_kicked_grace_period():
     deferred = ["__kmalloc", "kvm_io_bus_cmp", "call_srcu"]
     memslot = ["mutex_unlock", "synchronize_srcu_expedited"]

@@ -148,8 +148,8 @@ def analyze(doc: dict, driver: str = "c") -> dict:
                 for r in cells.get((verdict.stall_recipe, positive[0]), [])]
         prediction = stats.predict_stall(hz, gaps)
     first_prediction = None
-    if verdict.first_deassign_excess_ns is not None and \
-            verdict.first_deassign_excess_ns >= stats.STALL_MIN_NS:
+    if verdict.behaviour == "deferred" and verdict.first_deassign_excess_ns is not None \
+            and verdict.first_deassign_excess_ns >= stats.STALL_MIN_NS:
         first_prediction = stats.predict_stall(hz, [gap_to(r, "deassign") for r in ctrl])
     # Per-op cost against bus occupancy (position of the registration in its boot).
     occupancy = defaultdict(list)
