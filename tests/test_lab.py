@@ -883,6 +883,8 @@ def test_lab_xen_seed_deadlocks_on_6_1_and_not_with_the_fix(tmp_path):
     (stuck,) = run("xen", "xen:60:1:3")
     assert stuck["hang"], "no deadlock within 60 s on the unfixed build"
     sides = {s["operation"]: s["kernel"] for s in stuck["hang"]["stuck"]}
+    assert {"KVM_RUN (EVTCHNOP_send hypercalls)", "KVM_X86_SET_MSR_FILTER"} <= set(sides), \
+        stuck["hang"]
     vcpu = sides["KVM_RUN (EVTCHNOP_send hypercalls)"]
     filt = sides["KVM_X86_SET_MSR_FILTER"]
     assert "kvm_xen_set_evtchn" in vcpu["stack"] and vcpu["state"] == "D"

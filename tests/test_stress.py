@@ -41,6 +41,43 @@ def test_watchdog_reports_a_blocked_call_with_the_kernel_view():
     assert tracker.lat["read(eventfd)"].max >= 0.3e9
 
 
+def test_watchdog_waits_for_the_second_side_of_a_hang_before_reporting():
+    """A deadlock's two calls begin at different times: the report names both, not only
+    the one that outlived the bound first (CI once saw only the vCPU's side of the Xen
+    seed's deadlock). The second blocked call begins 0.2 s after the first, with a bound
+    of 0.3 s and the watchdog polling every 0.075 s: when the first is overdue the
+    second is in progress but is not yet."""
+    tracker = OpTracker()
+    reports = []
+    efds = [os.eventfd(0), os.eventfd(0)]
+    started = threading.Event()
+
+    def stuck(i):
+        if i:
+            started.wait(5)
+            time.sleep(0.2)
+        with tracker.op(f"read(eventfd {i})"):
+            started.set()
+            os.read(efds[i], 8)
+    ts = [threading.Thread(target=stuck, args=(i,), daemon=True) for i in (0, 1)]
+    for t in ts:
+        t.start()
+    dog = Watchdog(tracker, 0.3, reports.append)
+    dog.start()
+    deadline = time.monotonic() + 10
+    while not reports and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for efd in efds:
+        os.eventfd_write(efd, 1)
+    for t in ts:
+        t.join(5)
+    for efd in efds:
+        os.close(efd)
+    assert reports, "the watchdog did not report the blocked reads"
+    assert sorted(s["operation"] for s in reports[0]["stuck"]) == \
+        ["read(eventfd 0)", "read(eventfd 1)"], reports[0]
+
+
 def test_task_facts_of_this_thread():
     f = task_facts(threading.get_native_id())
     assert f["state"] == "R" and "wchan" in f

@@ -100,7 +100,12 @@ class OpTracker:
 
 
 class Watchdog(threading.Thread):
-    """Calls on_hang(report) once when an operation outlives `bound_s`."""
+    """Calls on_hang(report) once when an operation outlives `bound_s`.
+
+    The report waits until every call still in progress has outlived the bound too, or
+    one more `bound_s` has passed: the two sides of a deadlock start their calls at
+    different times (a KVM_RUN may have begun well before the ioctl that then takes the
+    lock it needs), and a report taken at the first overdue call would name one side."""
 
     def __init__(self, tracker: OpTracker, bound_s: float, on_hang):
         super().__init__(daemon=True, name="pyvmm-watchdog")
@@ -110,8 +115,11 @@ class Watchdog(threading.Thread):
 
     def run(self):
         while not self.stop.wait(min(0.2, self.bound_s / 4)):
-            late = self.tracker.overdue(self.bound_s)
-            if late:
+            if self.tracker.overdue(self.bound_s):
+                self._settle()
+                late = self.tracker.overdue(self.bound_s)
+                if not late:        # it returned while the others were waited for
+                    continue
                 now = time.monotonic()
                 self.report = {
                     "bound_s": self.bound_s,
@@ -124,6 +132,14 @@ class Watchdog(threading.Thread):
                 }
                 self.on_hang(self.report)
                 return
+
+    def _settle(self) -> None:
+        until = time.monotonic() + self.bound_s
+        while time.monotonic() < until and not self.stop.is_set():
+            now = time.monotonic()
+            if all(now - c.t0 > self.bound_s for c in list(self.tracker.current.values())):
+                return
+            time.sleep(0.05)
 
 
 @dataclass
