@@ -10,6 +10,14 @@ import pytest
 from pyvmm.stress import EXPECTED_OPS, OpTracker, Stress, StressConfig, Watchdog, task_facts
 
 
+def _watch(tracker, bound_s, reports, timeout_s=10.0):
+    """Start a watchdog and wait (bounded) for its report to land in `reports`."""
+    Watchdog(tracker, bound_s, reports.append).start()
+    deadline = time.monotonic() + timeout_s
+    while not reports and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def test_watchdog_reports_a_blocked_call_with_the_kernel_view():
     tracker = OpTracker()
     reports = []
@@ -20,11 +28,7 @@ def test_watchdog_reports_a_blocked_call_with_the_kernel_view():
             os.read(efd, 8)
     t = threading.Thread(target=stuck, name="stuck-reader", daemon=True)
     t.start()
-    dog = Watchdog(tracker, 0.3, reports.append)
-    dog.start()
-    deadline = time.monotonic() + 10
-    while not reports and time.monotonic() < deadline:
-        time.sleep(0.05)
+    _watch(tracker, 0.3, reports)
     os.eventfd_write(efd, 1)
     t.join(5)
     os.close(efd)
@@ -62,11 +66,7 @@ def test_watchdog_waits_for_the_second_side_of_a_hang_before_reporting():
     ts = [threading.Thread(target=stuck, args=(i,), daemon=True) for i in (0, 1)]
     for t in ts:
         t.start()
-    dog = Watchdog(tracker, 0.3, reports.append)
-    dog.start()
-    deadline = time.monotonic() + 10
-    while not reports and time.monotonic() < deadline:
-        time.sleep(0.05)
+    _watch(tracker, 0.3, reports)
     for efd in efds:
         os.eventfd_write(efd, 1)
     for t in ts:
