@@ -555,8 +555,13 @@ def test_kernel_check_reads_the_calls_of_the_function_only(tmp_path, source, beh
     assert stats.kernel_check_agreement(res, other, want_stall_ns)["agrees"] is \
         res["gp_work_at_once"]
     if stall is not None:
-        assert not stats.kernel_check_agreement(res, behaviour, None if stall else 5e6)["agrees"]
-        assert not stats.kernel_check_agreement(res, other, None if stall else 5e6)["agrees"]
+        # the stall is judged where the free was measured deferred ...
+        assert not stats.kernel_check_agreement(res, "deferred",
+                                                None if stall else 5e6)["agrees"]
+        # ... and where the registration calls a wait and was measured waiting nothing is
+        # left pending: a later step's excess is the host's noise and decides nothing (the
+        # RFC measured sync-on-register is still judged on its stall)
+        assert stats.kernel_check_agreement(res, "sync", 5e6)["agrees"] is (behaviour == "sync")
 
 
 @pytest.mark.skipif(not shutil.which("objdump"), reason="objdump not installed")
@@ -617,19 +622,29 @@ def test_a_stall_paid_by_the_first_deassign_counts_for_the_agreement():
     assert stats.regressions(v) == ["stall"] and v.stall_ns is None
 
 
-def test_a_slow_first_deassign_on_a_sync_kernel_is_not_a_stall():
+def test_a_slow_step_on_a_sync_kernel_is_not_a_stall():
     """6.1 waits for a grace period in every assign and every deassign, so nothing is left
-    pending for the first deassign. Two lab runs at once on a loaded host gave 6.1 a first
-    deassign 2.17 ms over the later ones; that is the wait's noise, not the fix's stall,
-    and kernel-check (no stall predicted) still agrees."""
+    pending for a later step. On a loaded host, 6.1 gave a first deassign 2.17 ms over the
+    later ones (two lab runs at once) and a KVM_CREATE_VCPU 5.92 ms over the one without
+    registrations (two CPU hogs beside the tests; 2 boots a cell): that is the host's
+    noise, not the fix's stall, and kernel-check (no stall predicted) still agrees."""
     old = {"behaviour": "sync", "stall_expected": False}
     noisy = 2_173_000
-    got = stats.kernel_check_agreement(old, "sync", None, noisy)
-    assert got["agrees"] and got["stall_seen"] is False
-    # a step's stall still counts on a sync kernel, and the rule for a deferred one stands
-    assert not stats.kernel_check_agreement(old, "sync", 5e6, None)["agrees"]
-    assert not stats.kernel_check_agreement(
-        {"behaviour": "deferred", "stall_expected": False}, "deferred", None, noisy)["agrees"]
+    for stall, first in ((None, noisy), (5_923_750, None), (5_923_750, noisy)):
+        got = stats.kernel_check_agreement(old, "sync", stall, first)
+        assert got["agrees"] and got["stall_seen"] is False, (stall, first)
+    # the rule for a deferred free stands: both kinds of evidence count there, and for
+    # the RFC (its grace period worked at once) whichever way its wall times read
+    kick = {"behaviour": "deferred", "stall_expected": False}
+    assert not stats.kernel_check_agreement(kick, "deferred", None, noisy)["agrees"]
+    assert not stats.kernel_check_agreement(kick, "deferred", 5_923_750, None)["agrees"]
+    rfc = dict(kick, gp_work_at_once=True)
+    for measured in ("sync", "deferred"):
+        assert stats.kernel_check_agreement(rfc, measured, None, None)["agrees"]
+        assert not stats.kernel_check_agreement(rfc, measured, None, noisy)["agrees"]
+    # and a kernel-check that predicts a deferred free still disagrees with a sync one
+    fix = {"behaviour": "deferred", "stall_expected": True}
+    assert not stats.kernel_check_agreement(fix, "sync", 5_923_750, None)["agrees"]
     v = stats.verdict([40e3] * 5, [2e3] * 5, [35e3] * 5,
                       deassigns_per_boot=[[noisy + 35e3, 35e3, 35e3]] * 3)
     assert v.behaviour == "sync" and stats.regressions(v) == ["sync-on-register"]

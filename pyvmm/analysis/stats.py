@@ -341,14 +341,16 @@ def kernel_check_agreement(kc: dict, behaviour: str, stall_ns: float | None,
     assigns waiting STALL_MIN_NS or more (the evidence `regressions` counts). A check
     that finds each registration's grace period worked at once on its CPU
     (gp_work_at_once) cannot say which verdict the wall times give: either agrees, and
-    the stall decides. The first deassign is evidence only where the free was measured
-    deferred (as in `regressions`): where every registration waited for its own grace
-    period none is left pending, and each deassign waits for one of its own, so the first
-    one's excess is how long that wait happened to take (under a loaded host, a few ms)."""
+    the stall decides. Where the registration calls a synchronous wait and was measured
+    waiting (6.1), no grace period is left pending, so a later step's excess, or the
+    first deassign's (each deassign waits for a grace period of its own), is how long the
+    host kept that step from running (a few ms on a loaded host): no stall is seen there,
+    as `regressions` reports none."""
     same = kc.get("behaviour") == behaviour or (
         bool(kc.get("gp_work_at_once")) and behaviour in ("sync", "deferred"))
-    stall_seen = stall_ns is not None or (
-        behaviour == "deferred" and (first_deassign_ns or 0) >= STALL_MIN_NS)
+    nothing_pending = behaviour == "sync" and kc.get("behaviour") == "sync"
+    stall_seen = not nothing_pending and (
+        stall_ns is not None or (first_deassign_ns or 0) >= STALL_MIN_NS)
     predicted = kc.get("stall_expected")
     stall_ok = predicted is None or predicted == stall_seen
     return {"agrees": same and stall_ok, "behaviour_agrees": same,
