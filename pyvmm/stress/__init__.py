@@ -117,6 +117,8 @@ class Watchdog(threading.Thread):
         while not self.stop.wait(min(0.2, self.bound_s / 4)):
             if self.tracker.overdue(self.bound_s):
                 self._settle()
+                if self.stop.is_set():      # the run ended while it waited
+                    return
                 late = self.tracker.overdue(self.bound_s)
                 if not late:        # it returned while the others were waited for
                     continue
