@@ -237,6 +237,31 @@ def _lab_cache(tmp_path) -> str:
     return str(empty)
 
 
+def _new_apt_state(root, barrier):
+    from pyvmm.lab.sources.apt import Apt
+    barrier.wait()
+    Apt(root=root, log=lambda m: None)      # an error ends the process with exit code 1
+
+
+def test_lab_runs_starting_at_once_on_an_empty_cache_each_set_up_apt(tmp_path):
+    """CI once saw one of two lab runs, started together on an empty cache, die in Apt()
+    with FileNotFoundError: both wrote the same temporary sources.list and one rename
+    took the other's. Eight processes released together by a barrier, 25 times, each
+    time on a new empty root: every one sets up the lab's apt state."""
+    import multiprocessing
+    ctx = multiprocessing.get_context("fork")
+    for k in range(25):
+        root = str(tmp_path / f"apt{k}")
+        barrier = ctx.Barrier(8)
+        procs = [ctx.Process(target=_new_apt_state, args=(root, barrier)) for _ in range(8)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(60)
+        assert [p.exitcode for p in procs] == [0] * 8, f"round {k}"
+        assert os.path.isfile(os.path.join(root, "etc", "sources.list"))
+
+
 @pytest.mark.lab
 @pytest.mark.skipif(not LAB, reason="set PYVMM_LAB=1 to download a Debian package, damage "
                                     "the cached copy and see it fetched again")

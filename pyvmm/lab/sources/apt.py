@@ -52,9 +52,12 @@ class Apt:
         self.sources = os.path.join(self.root, "etc", "sources.list")
         text = "".join(f"deb [signed-by={KEYRING}] {url} {suite} main\n" for url, suite in SOURCES)
         if not os.path.exists(self.sources) or open(self.sources).read() != text:
-            with open(self.sources + ".tmp", "w") as f:
+            # a name of this process's own: two lab runs starting on an empty cache write
+            # it at once, and one's rename must not take the other's file away
+            tmp = f"{self.sources}.tmp{os.getpid()}"
+            with open(tmp, "w") as f:
                 f.write(text)
-            os.replace(self.sources + ".tmp", self.sources)
+            os.replace(tmp, self.sources)
             try:                # new suites: the lists must be fetched again
                 os.unlink(self._stamp)
             except FileNotFoundError:
