@@ -50,15 +50,18 @@ def _traced(doc: dict) -> bool:
     return bool(doc.get("trace_repeats", 1))
 
 
+def _columns(doc: dict, xs):
+    """Headers or cells without the QEMU column when the run did not trace."""
+    return xs if _traced(doc) else xs[:QEMU_COLUMN] + xs[QEMU_COLUMN + 1:]
+
+
 def _headers(doc: dict) -> tuple[str, ...]:
-    heads = HEADERS + ((LINUX_HEADER,) if _linux(doc) else ())
-    return heads if _traced(doc) else heads[:QEMU_COLUMN] + heads[QEMU_COLUMN + 1:]
+    return _columns(doc, HEADERS + ((LINUX_HEADER,) if _linux(doc) else ()))
 
 
 def _row(doc: dict, r: dict) -> list[str]:
     """A row's cells for this run's columns."""
-    cells = _cells(r, _linux(doc))
-    return cells if _traced(doc) else cells[:QEMU_COLUMN] + cells[QEMU_COLUMN + 1:]
+    return _columns(doc, _cells(r, _linux(doc)))
 
 
 def _cells(r: dict, linux: bool = False) -> list[str]:
